@@ -1,0 +1,529 @@
+"""Oxford-IIIT Pet: breeds, sources, splits, images, captions, batches.
+
+source (Hub id | official-layout folder | save_to_disk folder)
+  -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
+  -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
+
+Also writes a synthetic pet set in the official layout for the demo and the tests.
+"""
+
+import io
+import logging
+import os
+import random
+import re
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from config import UserError, hub_reachable, offline_hint
+
+logger = logging.getLogger(__name__)
+
+# The 37 breeds in the official class-id order (class id = index + 1). Cat breeds
+# are capitalised in the official file names, dogs are not.
+BREEDS = [
+    "Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
+    "Bengal", "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau",
+    "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees", "havanese",
+    "japanese_chin", "keeshond", "leonberger", "Maine_Coon", "miniature_pinscher", "newfoundland",
+    "Persian", "pomeranian", "pug", "Ragdoll", "Russian_Blue", "saint_bernard", "samoyed",
+    "scottish_terrier", "shiba_inu", "Siamese", "Sphynx", "staffordshire_bull_terrier",
+    "wheaten_terrier", "yorkshire_terrier",
+]
+BREED_NAMES = [b.replace("_", " ").title() for b in BREEDS]  # "American Pit Bull Terrier"
+SPECIES = ["cat" if b[0].isupper() else "dog" for b in BREEDS]
+NUM_BREEDS = len(BREEDS)
+_BREED_INDEX = {}
+for _i, _b in enumerate(BREEDS):
+    for _key in (_b, _b.lower(), BREED_NAMES[_i].lower(), _b.lower().replace("_", "")):
+        _BREED_INDEX[_key] = _i
+
+
+def breed_index(label: Any) -> int:
+    """Class index 0-36 from an int or any spelling of a breed name; ValueError if unknown."""
+    if isinstance(label, (int, np.integer)):
+        if 0 <= int(label) < NUM_BREEDS:
+            return int(label)
+        raise ValueError(f"breed index {label} is outside 0-{NUM_BREEDS - 1}")
+    key = str(label).strip().lower().replace("-", "_").replace(" ", "_")
+    for candidate in (key, key.replace("_", "")):
+        if candidate in _BREED_INDEX:
+            return _BREED_INDEX[candidate]
+    raise ValueError(f"unknown breed {label!r}")
+
+
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def caption_for(label: int, template: str) -> str:
+    name = BREED_NAMES[label]
+    return template.format(breed=name, article=article(name))
+
+
+# ---------------------------------------------------------------------------
+# Records and images
+
+
+@dataclass
+class Record:
+    image_id: str
+    label: int
+    source: Any  # a file path, or (datasets.Dataset, row) for Hub and save_to_disk sources
+    trimap: Optional[str] = None  # path of the official trimap (1 pet, 2 background, 3 border)
+
+
+class BadImage(Exception):
+    pass
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB from any mode the real data set has: RGBA, LA, P, L, I;16, CMYK."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float images: scale to 8 bits instead of clipping at 255
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(arr.astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels often hold black RGB: composite on white, as a viewer shows them
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(record: Record) -> Image.Image:
+    """Decoded RGB image, or BadImage with the reason."""
+    src = record.source
+    try:
+        if isinstance(src, tuple):
+            dataset, row = src
+            value = dataset[row]["image"]
+            if isinstance(value, Image.Image):
+                image = value
+            elif value.get("bytes"):
+                image = Image.open(io.BytesIO(value["bytes"]))
+            else:
+                image = Image.open(value["path"])
+        elif isinstance(src, Image.Image):
+            image = src
+        else:
+            image = Image.open(src)
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises at twice that: treat both as bad
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()  # decode now, so truncated files fail here and not inside a batch
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{record.image_id}: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+
+def _is_official_layout(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "annotations", "list.txt"))
+
+
+def _is_save_to_disk(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def _read_official_list(path: str):
+    """Lines 'NAME CLASS-ID SPECIES BREED-ID' -> {name: label}; bad lines are counted and reported."""
+    labels, bad = {}, []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split()
+            try:
+                class_id = int(parts[1])
+                if not 1 <= class_id <= NUM_BREEDS:
+                    raise ValueError
+                labels[parts[0]] = class_id - 1
+            except (IndexError, ValueError):
+                bad.append(f"{os.path.basename(path)}:{n}")
+    if bad:
+        logger.warning("Skipped %d malformed annotation lines (first: %s)", len(bad), ", ".join(bad[:5]))
+    return labels
+
+
+def load_official_layout(root: str) -> dict:
+    """The official release: images/, annotations/{list,trainval,test}.txt, annotations/trimaps/."""
+    ann = os.path.join(root, "annotations")
+    labels = _read_official_list(os.path.join(ann, "list.txt"))
+    splits, missing = {}, []
+    for split, fname in (("trainval", "trainval.txt"), ("test", "test.txt")):
+        path = os.path.join(ann, fname)
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: the official layout needs annotations/trainval.txt and test.txt")
+        records = []
+        for name, label in _read_official_list(path).items():
+            image = os.path.join(root, "images", f"{name}.jpg")
+            if not os.path.isfile(image):
+                missing.append(name)
+                continue
+            trimap = os.path.join(ann, "trimaps", f"{name}.png")
+            records.append(Record(name, labels.get(name, label), image, trimap if os.path.isfile(trimap) else None))
+        splits[split] = records
+    if missing:
+        logger.warning("Skipped %d listed images that are missing (first: %s)", len(missing), ", ".join(missing[:5]))
+    return splits
+
+
+def _records_from_hf(dataset, split: str) -> list:
+    """Records for a datasets.Dataset with an `image` column and an int or string `label`."""
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
+
+    if "image" not in dataset.column_names or "label" not in dataset.column_names:
+        raise UserError(f"the {split!r} split needs columns 'image' and 'label', it has {dataset.column_names}")
+    # Decode ourselves so a broken image is skipped, not raised inside datasets
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    feature = dataset.features["label"]
+    raw = dataset["label"]
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    ids = dataset["image_id"] if "image_id" in dataset.column_names else (
+        [os.path.splitext(os.path.basename(p))[0] for p in dataset["path"]] if "path" in dataset.column_names else None
+    )
+    records = []
+    for row, value in enumerate(raw):
+        try:
+            label = breed_index(names[value] if names is not None else value)
+        except (ValueError, IndexError):
+            raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from None
+        records.append(Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)))
+    return records
+
+
+def _hf_splits(dataset_dict, seed: int) -> dict:
+    from datasets import Dataset
+
+    if isinstance(dataset_dict, Dataset):
+        dataset_dict = {"train": dataset_dict}
+    names = list(dataset_dict.keys())
+    train_name = next((n for n in ("train", "trainval") if n in names), names[0])
+    trainval = _records_from_hf(dataset_dict[train_name], train_name)
+    if "test" in names:
+        return {"trainval": trainval, "test": _records_from_hf(dataset_dict["test"], "test")}
+    # pcuenq/oxford-pets has one split: hold out half, stratified, like the official 50/50 split
+    logger.warning("Dataset has no 'test' split: holding out a stratified half of %r as test (seed %d)", train_name, seed)
+    trainval, test = stratified_split(trainval, 0.5, seed)
+    return {"trainval": trainval, "test": test}
+
+
+def _load_hub(name: str, seed: int) -> dict:
+    import datasets
+
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not os.path.exists(name):
+            raise UserError(f"dataset folder {name!r} does not exist")
+        return _hf_splits(datasets.load_dataset(name), seed)  # a local folder of data files
+    if not hub_reachable():
+        # Only the local cache can help; datasets reads this flag at call time
+        datasets.config.HF_HUB_OFFLINE = True
+        try:
+            return _hf_splits(datasets.load_dataset(name), seed)
+        except Exception:
+            raise UserError(offline_hint("dataset", name, "--dataset")) from None
+    return _hf_splits(datasets.load_dataset(name), seed)
+
+
+def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict:
+    """{"train", "validation", "test"} record lists from any supported source.
+
+    The official test split is held out for evaluation; validation is a stratified,
+    seeded share of trainval.
+    """
+    if os.path.isdir(dataset) and _is_official_layout(dataset):
+        splits = load_official_layout(dataset)
+    elif os.path.isdir(dataset) and _is_save_to_disk(dataset):
+        import datasets
+
+        splits = _hf_splits(datasets.load_from_disk(dataset), seed)
+    else:
+        splits = _load_hub(dataset, seed)
+    train, validation = stratified_split(splits["trainval"], val_fraction, seed)
+    return {"train": train, "validation": validation, "test": splits["test"]}
+
+
+def stratified_split(records: list, fraction: float, seed: int):
+    """(rest, held_out): `fraction` of each breed held out, at least one where a breed has two or more."""
+    by_label = defaultdict(list)
+    for r in records:
+        by_label[r.label].append(r)
+    rng = random.Random(seed)
+    rest, held = [], []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: r.image_id)
+        rng.shuffle(group)
+        k = min(len(group) - 1, max(1, round(len(group) * fraction))) if fraction > 0 and len(group) > 1 else 0
+        held += group[:k]
+        rest += group[k:]
+    return rest, held
+
+
+def subsample(records: list, n: Optional[int], seed: int) -> list:
+    """A seeded random subset of n records (all when n is None); order is kept stable."""
+    if n is None or n >= len(records):
+        return records
+    if n <= 0:
+        raise UserError(f"a max_*_samples value must be positive, got {n}")
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------
+# Dataset and collator
+
+
+class PetCaptionDataset(torch.utils.data.Dataset):
+    """(image, breed) -> pixel_values and the templated caption.
+
+    An unreadable image is recorded in `bad_images` (warned once) and, for training, replaced
+    by the next readable record so a batch is never short; with substitute_bad=False (evaluation)
+    it comes back as None and the collator drops it, so nothing is counted twice.
+    """
+
+    def __init__(self, records: list, image_processor, template: str, substitute_bad: bool = True):
+        self.records = records
+        self.image_processor = image_processor
+        self.template = template
+        self.substitute_bad = substitute_bad
+        self.bad_images = {}
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        for step in range(len(self.records)):
+            record = self.records[(i + step) % len(self.records)]
+            if record.image_id in self.bad_images:
+                if not self.substitute_bad:
+                    return None
+                continue
+            try:
+                image = load_image(record)
+            except BadImage as e:
+                self.bad_images[record.image_id] = str(e)
+                logger.warning("Skipping unreadable image %s", e)
+                if not self.substitute_bad:
+                    return None
+                continue
+            pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+            return {"pixel_values": pixel_values, "caption": caption_for(record.label, self.template), "label": record.label}
+        raise UserError("no readable image in the data set")
+
+
+class CaptionCollator:
+    """Tokenise a batch of captions for teacher-forced training.
+
+    - pad to the batch's longest caption (never to the checkpoint's 512),
+    - first token = bos `[DEC]`, the token `generate` starts from (the tokenizer puts [CLS] there),
+    - labels = input_ids with padding set to -100 (BLIP's loss does not mask padding itself).
+    """
+
+    def __init__(self, tokenizer):
+        if tokenizer.bos_token_id is None:
+            raise UserError("the tokenizer has no bos token; BLIP's decoder starts captions from [DEC]")
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list) -> dict:
+        items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
+        if not items:
+            raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
+        enc = self.tokenizer([it["caption"] for it in items], padding="longest", return_tensors="pt")
+        input_ids = enc["input_ids"]
+        input_ids[:, 0] = self.tokenizer.bos_token_id
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": enc["attention_mask"],
+            "labels": input_ids.masked_fill(enc["attention_mask"] == 0, -100),
+        }
+        for key in ("pixel_values", "image_embeds"):
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+
+def read_images(records: list):
+    """Yield (record, image) for readable records; returns the {image_id: reason} of the rest via .bad."""
+    bad = {}
+
+    def gen():
+        for r in records:
+            try:
+                yield r, load_image(r)
+            except BadImage as e:
+                bad[r.image_id] = str(e)
+
+    return gen(), bad
+
+
+def report_bad_images(bad: dict, what: str = "images") -> None:
+    if bad:
+        logger.warning("Skipped %d unreadable %s (first: %s)", len(bad), what, ", ".join(list(bad)[:5]))
+
+
+# ---------------------------------------------------------------------------
+# Synthetic pets in the official layout
+
+# One colour per breed (cycled) and a pattern on top; cats get pointed ears, dogs floppy ones.
+_PALETTE = [
+    (220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 30), (150, 60, 190),
+    (250, 130, 20), (30, 190, 200), (120, 70, 30), (240, 110, 180), (90, 90, 90),
+]
+_PATTERNS = ["solid", "stripes", "spots", "half"]
+
+
+def _draw_pet(label: int, size: int, rng: random.Random):
+    """(RGB image, pet mask) of one synthetic pet of breed `label`."""
+    bg = tuple(rng.randint(150, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), bg)
+    noise = np.asarray(image, dtype=np.int16) + np.random.default_rng(rng.randint(0, 2**31)).integers(-25, 26, (size, size, 3))
+    image = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    color = _PALETTE[label % len(_PALETTE)]
+    pattern = _PATTERNS[(label // len(_PALETTE)) % len(_PATTERNS)]
+    r = rng.uniform(0.22, 0.32) * size
+    cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 0.2 * size, size - r - 2)
+    body = [cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r]
+    hr = 0.55 * r
+    hx, hy = cx + rng.choice([-0.6, 0.6]) * r, cy - 0.9 * r
+    head = [hx - hr, hy - hr, hx + hr, hy + hr]
+    if SPECIES[label] == "cat":
+        ears = [[(hx - hr, hy - 0.3 * hr), (hx - 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)],
+                [(hx + hr, hy - 0.3 * hr), (hx + 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)]]
+    else:
+        ears = [[(hx - 1.3 * hr, hy - 0.4 * hr), (hx - 0.7 * hr, hy - 0.6 * hr), (hx - 0.8 * hr, hy + 0.9 * hr)],
+                [(hx + 1.3 * hr, hy - 0.4 * hr), (hx + 0.7 * hr, hy - 0.6 * hr), (hx + 0.8 * hr, hy + 0.9 * hr)]]
+    for canvas, fill in ((image, color), (mask, 255)):
+        d = ImageDraw.Draw(canvas)
+        d.ellipse(body, fill=fill)
+        d.ellipse(head, fill=fill)
+        for ear in ears:
+            d.polygon(ear, fill=fill)
+    dark = tuple(c // 3 for c in color)
+    pet = Image.new("RGB", (size, size), dark)
+    d = ImageDraw.Draw(pet)
+    if pattern == "stripes":
+        d.rectangle([0, 0, size, size], fill=color)
+        for x in range(0, size, max(3, size // 12)):
+            d.rectangle([x, 0, x + max(1, size // 36), size], fill=dark)
+    elif pattern == "spots":
+        d.rectangle([0, 0, size, size], fill=color)
+        for _ in range(12):
+            x, y, s = rng.uniform(0, size), rng.uniform(0, size), size / 20
+            d.ellipse([x - s, y - s, x + s, y + s], fill=dark)
+    elif pattern == "half":
+        d.rectangle([0, 0, size, size], fill=color)
+        d.rectangle([0, cy, size, size], fill=dark)
+    if pattern != "solid":
+        image.paste(pet, (0, 0), mask)
+    return image, mask
+
+
+def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, test_per_breed: int = 10,
+                         size: int = 96, seed: int = 0) -> str:
+    """Write a synthetic Oxford-IIIT Pet in the official layout and return `root`.
+
+    breeds: class indices to include (default: all 37). Pets differ visibly by breed
+    (colour, pattern) and species (ear shape); trimaps mark pet (1), background (2), border (3).
+    """
+    breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations", "trimaps"), exist_ok=True)
+    rows = {"trainval": [], "test": []}
+    for label in breeds:
+        for k in range(1, trainval_per_breed + test_per_breed + 1):
+            name = f"{BREEDS[label]}_{k}"
+            image, mask = _draw_pet(label, size, rng)
+            image.save(os.path.join(root, "images", f"{name}.jpg"), quality=92)
+            inner = mask.filter(ImageFilter.MinFilter(3))
+            outer = mask.filter(ImageFilter.MaxFilter(3))
+            trimap = np.full((size, size), 2, np.uint8)
+            trimap[np.asarray(outer) > 0] = 3
+            trimap[np.asarray(inner) > 0] = 1
+            Image.fromarray(trimap).save(os.path.join(root, "annotations", "trimaps", f"{name}.png"))
+            species_id = 1 if SPECIES[label] == "cat" else 2
+            same_species = [b for b in range(NUM_BREEDS) if SPECIES[b] == SPECIES[label]]
+            line = f"{name} {label + 1} {species_id} {same_species.index(label) + 1}"
+            rows["trainval" if k <= trainval_per_breed else "test"].append(line)
+    header = "\n".join(["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog",
+                        "#BREED ID: 1-25:Dog 1:12:Cat", "#All images with 1st letter as captial are cat images",
+                        "#images with small first letter are dog images"])
+    with open(os.path.join(root, "annotations", "list.txt"), "w") as f:
+        f.write(header + "\n" + "\n".join(rows["trainval"] + rows["test"]) + "\n")
+    for split, lines in rows.items():
+        with open(os.path.join(root, "annotations", f"{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Breed named in a caption
+
+UNKNOWN = -1  # the caption names no breed
+
+# Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
+# it names breeds outside the 37 and would credit a guess.
+_ALIASES = {
+    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
+    "yorkshire_terrier": ["yorkie", "yorkshire"],
+    "saint_bernard": ["st bernard", "st bernards"],
+    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
+    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
+    "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
+    "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
+    "shiba_inu": ["shiba", "shiba inus"],
+    "english_cocker_spaniel": ["cocker spaniel", "cocker"],
+    "great_pyrenees": ["pyrenees", "pyrenean mountain dog"],
+    "newfoundland": ["newfie"],
+    "miniature_pinscher": ["min pin", "minpin", "mini pinscher", "zwergpinscher"],
+    "basset_hound": ["basset"],
+    "british_shorthair": ["british blue", "british short hair"],
+    "maine_coon": ["mainecoon", "maine coon cat"],
+    "sphynx": ["sphinx cat", "sphynx cat", "hairless cat"],
+    "ragdoll": ["rag doll"],
+    "egyptian_mau": ["mau"],
+    "japanese_chin": ["japanese spaniel"],
+    "keeshond": ["keeshonden"],
+}
+
+
+def _normalise(text: str) -> str:
+    text = text.lower().replace("st.", "st ").replace("-", " ")
+    return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
+
+
+_PHRASES = sorted(
+    [(_normalise(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
+    + [(_normalise(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
+    key=lambda p: -len(p[0]),
+)
+
+
+def breed_from_caption(caption: str) -> int:
+    """Index of the breed a caption names, UNKNOWN if none; the longest matching name wins.
+
+    Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
+    "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
+    """
+    text = _normalise(caption)
+    for phrase, label in _PHRASES:  # longest first
+        if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
+            return label
+    return UNKNOWN

@@ -1,0 +1,44 @@
+"""Shared fixtures: everything is generated offline (tiny BLIP, synthetic pets), nothing downloaded."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from config import DEMO_DIR, PetConfig  # noqa: E402
+from model import prepare_demo  # noqa: E402
+
+
+def run_script(args, cwd, timeout=600, env=None):
+    """Run `python <script> ...` from the repository in `cwd`; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(tiny model folder, synthetic data folder), built once for the session."""
+    root = tmp_path_factory.mktemp("demo")
+    return prepare_demo(str(root), PetConfig().caption_template)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`python train.py --demo` run once as a subprocess in a fresh folder; returns (cwd, completed process)."""
+    cwd = tmp_path_factory.mktemp("demo_run")
+    proc = run_script(["train.py", "--demo"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(demo_run):
+    cwd, _ = demo_run
+    return os.path.join(cwd, DEMO_DIR, "blip-lora")

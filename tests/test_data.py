@@ -1,0 +1,193 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import PetConfig, UserError
+from data import (BREED_NAMES, BREEDS, SPECIES, BadImage, CaptionCollator, PetCaptionDataset, Record, breed_index,
+                  caption_for, load_image, load_splits, stratified_split, write_synthetic_pets)
+from model import load_processor
+
+TEMPLATE = PetConfig().caption_template
+
+
+@pytest.fixture(scope="module")
+def small_pets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pets")
+    return write_synthetic_pets(str(root), breeds=[0, 1, 2, 5, 23], trainval_per_breed=6, test_per_breed=3, size=48)
+
+
+def test_breed_table():
+    assert len(BREEDS) == 37 and SPECIES.count("cat") == 12 and SPECIES.count("dog") == 25
+    assert BREED_NAMES[2] == "American Pit Bull Terrier" and BREED_NAMES[0] == "Abyssinian"
+    assert SPECIES[BREEDS.index("Sphynx")] == "cat" and SPECIES[BREEDS.index("pug")] == "dog"
+    for spelling in ("american_pit_bull_terrier", "American Pit Bull Terrier", "AMERICAN-PIT-BULL-TERRIER", 2):
+        assert breed_index(spelling) == 2
+    with pytest.raises(ValueError):
+        breed_index("labrador")
+
+
+def test_caption_template_uses_an_before_vowels():
+    assert caption_for(0, TEMPLATE) == "A photo of an Abyssinian, a type of pet."
+    assert caption_for(BREEDS.index("Egyptian_Mau"), TEMPLATE) == "A photo of an Egyptian Mau, a type of pet."
+    assert caption_for(BREEDS.index("pug"), TEMPLATE) == "A photo of a Pug, a type of pet."
+
+
+def test_official_layout_records(small_pets):
+    splits = load_splits(small_pets, val_fraction=0.2, seed=1)
+    assert len(splits["test"]) == 15 and len(splits["train"]) + len(splits["validation"]) == 30
+    # stratified: every breed in validation, none shared with train
+    assert {r.label for r in splits["validation"]} == {0, 1, 2, 5, 23}
+    assert not {r.image_id for r in splits["train"]} & {r.image_id for r in splits["validation"]}
+    for r in splits["test"]:
+        assert BREEDS[r.label] == r.image_id.rsplit("_", 1)[0]  # label from list.txt matches the file name
+        assert r.trimap and os.path.isfile(r.trimap)
+    # the split is seeded
+    again = load_splits(small_pets, val_fraction=0.2, seed=1)
+    assert [r.image_id for r in again["validation"]] == [r.image_id for r in splits["validation"]]
+
+
+def _as_hf(records, label_as_string):
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rows = {"image": [r.source for r in records], "image_id": [r.image_id for r in records]}
+    if label_as_string:  # pcuenq/oxford-pets: breed name as a string
+        rows["label"] = [BREEDS[r.label] for r in records]
+        features = Features({"image": ImageFeature(), "image_id": Value("string"), "label": Value("string")})
+    else:  # timm/oxford-iiit-pet: ClassLabel with lower-case snake names
+        rows["label"] = [r.label for r in records]
+        features = Features({"image": ImageFeature(), "image_id": Value("string"),
+                             "label": ClassLabel(names=[b.lower() for b in BREEDS])})
+    return Dataset.from_dict(rows, features=features)
+
+
+def _key(splits):
+    return {k: sorted((r.image_id, r.label) for r in v) for k, v in splits.items()}
+
+
+def test_every_source_gives_the_same_records(small_pets, tmp_path):
+    from datasets import DatasetDict
+
+    official = load_splits(small_pets, 0.2, seed=3)
+    raw = {"train": official["train"] + official["validation"], "test": official["test"]}
+    # save_to_disk folder
+    disk = tmp_path / "disk"
+    DatasetDict({k: _as_hf(v, False) for k, v in raw.items()}).save_to_disk(str(disk))
+    from_disk = load_splits(str(disk), 0.2, seed=3)
+    # a Hub-style repository of parquet files (what load_dataset(<hub id>) reads), string labels
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    for k, v in raw.items():
+        _as_hf(v, True).to_parquet(str(hub / "data" / f"{k}-00000-of-00001.parquet"))
+    from_hub = load_splits(str(hub), 0.2, seed=3)
+    assert _key(from_disk) == _key(official) == _key(from_hub)
+    # and the same pixels
+    a = next(r for r in official["test"] if r.image_id == from_hub["test"][0].image_id)
+    assert np.array_equal(np.asarray(load_image(a)), np.asarray(load_image(from_hub["test"][0])))
+
+
+def test_single_split_source_holds_out_a_stratified_test_split(small_pets, tmp_path):
+    official = load_splits(small_pets, 0.0, seed=0)
+    everything = official["train"] + official["test"]
+    _as_hf(everything, True).save_to_disk(str(tmp_path / "one"))
+    splits = load_splits(str(tmp_path / "one"), 0.2, seed=0)
+    assert sum(len(v) for v in splits.values()) == len(everything)
+    assert {r.label for r in splits["test"]} == {r.label for r in everything}
+    assert abs(len(splits["test"]) - len(everything) / 2) <= 5
+
+
+def test_unknown_label_is_a_clear_error(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"image": [None], "label": ["labrador"]}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(UserError, match="not one of the 37"):
+        load_splits(str(tmp_path / "bad"))
+
+
+def test_unreachable_hub_dataset_is_one_clear_error():
+    with pytest.raises(UserError, match="--demo"):
+        load_splits("someone/no-such-pets")
+
+
+def test_stratified_split_holds_out_each_breed():
+    recs = [Record(f"{b}_{i}", b, None) for b in range(5) for i in range(20)]
+    rest, held = stratified_split(recs, 0.1, seed=0)
+    assert len(held) == 10 and all(sum(r.label == b for r in held) == 2 for b in range(5))
+
+
+def _img_record(tmp_path, name, image=None, raw=None):
+    path = tmp_path / f"{name}.jpg"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        fmt = "PNG" if image.mode in ("RGBA", "P", "LA") else "JPEG"
+        image.save(path, format=fmt)
+    return Record(name, 0, str(path))
+
+
+def test_odd_images_become_rgb_and_broken_ones_are_reported(tmp_path):
+    rgb = Image.new("RGB", (20, 10), (200, 30, 40))
+    gray = _img_record(tmp_path, "gray", rgb.convert("L"))
+    rgba_img = rgb.convert("RGBA")
+    rgba_img.putpixel((0, 0), (0, 0, 0, 0))  # a transparent pixel is shown white, not black
+    rgba = _img_record(tmp_path, "rgba", rgba_img)
+    palette = _img_record(tmp_path, "palette", rgb.convert("P"))
+    broken = _img_record(tmp_path, "broken", raw=b"\xff\xd8\xff\xe0 not really a jpeg")
+    for rec in (gray, rgba, palette):
+        img = load_image(rec)
+        assert img.mode == "RGB" and img.size == (20, 10)
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(palette).getpixel((5, 5)) == rgb.convert("P").convert("RGB").getpixel((5, 5))
+    with pytest.raises(BadImage, match="broken"):
+        load_image(broken)
+
+
+def test_broken_image_never_enters_a_batch(tmp_path, demo_assets):
+    processor = load_processor(demo_assets[0])
+    good = [_img_record(tmp_path, f"ok{i}", Image.new("RGB", (30, 30), (i * 40, 0, 0))) for i in range(3)]
+    broken = _img_record(tmp_path, "broken", raw=b"")
+    for r, label in zip(good, (1, 2, 3)):
+        r.label = label
+    records = [good[0], broken, good[1], good[2]]
+    train = PetCaptionDataset(records, processor.image_processor, TEMPLATE)
+    items = [train[i] for i in range(len(train))]
+    assert list(train.bad_images) == ["broken"]
+    assert [it["label"] for it in items] == [1, 2, 2, 3]  # the broken one is replaced by the next
+    evaluation = PetCaptionDataset(records, processor.image_processor, TEMPLATE, substitute_bad=False)
+    batch = CaptionCollator(processor.tokenizer)([evaluation[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] == 3
+
+
+def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(demo_assets):
+    processor = load_processor(demo_assets[0])
+    tok = processor.tokenizer
+    collate = CaptionCollator(tok)
+    captions = [caption_for(BREEDS.index("pug"), TEMPLATE), caption_for(2, TEMPLATE)]
+    items = [{"pixel_values": torch.zeros(3, 64, 64), "caption": c, "label": 0} for c in captions]
+    batch = collate(items)
+    lengths = [len(tok(c)["input_ids"]) for c in captions]
+    assert batch["input_ids"].shape == (2, max(lengths)) and max(lengths) < 512
+    assert (batch["input_ids"][:, 0] == tok.convert_tokens_to_ids("[DEC]")).all()
+    short = int(np.argmin(lengths))
+    assert (batch["labels"][short, lengths[short]:] == -100).all()
+    assert (batch["labels"][short, :lengths[short]] != -100).all()
+    # labels equal the input ids wherever they are not padding (the model shifts them itself)
+    keep = batch["attention_mask"] == 1
+    assert torch.equal(batch["labels"][keep], batch["input_ids"][keep])
+    assert batch["input_ids"][short, lengths[short] - 1] == tok.sep_token_id
+
+
+def test_synthetic_breeds_differ_visibly(small_pets):
+    # mean colour inside the pet mask differs between breeds far more than within one
+    def pet_colour(name):
+        img = np.asarray(Image.open(os.path.join(small_pets, "images", f"{name}.jpg")), dtype=float)
+        tri = np.asarray(Image.open(os.path.join(small_pets, "annotations", "trimaps", f"{name}.png")))
+        assert set(np.unique(tri)) <= {1, 2, 3} and (tri == 1).mean() > 0.05
+        return img[tri == 1].mean(0)
+
+    a1, a2, b1 = pet_colour("Abyssinian_1"), pet_colour("Abyssinian_2"), pet_colour("american_bulldog_1")
+    assert np.linalg.norm(a1 - b1) > 3 * np.linalg.norm(a1 - a2)

@@ -1,0 +1,133 @@
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from config import DEMO_DIR, PetConfig, UserError
+from data import breed_from_caption, load_image, load_splits
+from model import generate_caption, load_base_model, load_lora_for_inference, load_processor
+
+from conftest import run_script
+
+EXPECTED_FILES = ["adapter_model.safetensors", "adapter_config.json", "processor_config.json", "tokenizer_config.json",
+                  "README.md", "run_config.json", "train_history.json", "training_curves.png"]
+
+
+def _accuracy(model, processor, records):
+    images = [load_image(r) for r in records]
+    captions = generate_caption(model, processor, images, max_new_tokens=16)
+    return sum(breed_from_caption(c) == r.label for c, r in zip(captions, records)) / len(records), captions
+
+
+def test_train_demo_subprocess_writes_everything(demo_run, demo_adapter):
+    _, proc = demo_run
+    for name in EXPECTED_FILES:
+        assert os.path.isfile(os.path.join(demo_adapter, name)), name
+    assert f"Adapter saved to {DEMO_DIR}/blip-lora/" in proc.stdout.strip().splitlines()[-1]
+    history = json.load(open(os.path.join(demo_adapter, "train_history.json")))
+    val = history["validation"]
+    assert len(val) == 20 and all("loss" in e and "breed_accuracy" in e for e in val)
+    assert history["train"][-1]["loss"] < history["train"][0]["loss"]
+    run_config = json.load(open(os.path.join(demo_adapter, "run_config.json")))
+    assert "train.py --demo" in run_config["command"]
+    assert run_config["PetConfig"]["lora_target_modules"] == "query,value,key,dense"
+    card = open(os.path.join(demo_adapter, "README.md")).read()
+    best = max(e["breed_accuracy"] for e in val)
+    assert f"**{best:.3f}**" in card and "base_model:" in card
+    from PIL import Image
+    assert Image.open(os.path.join(demo_adapter, "training_curves.png")).size[0] > 500
+
+
+def test_demo_learns_breeds_on_held_out_images(demo_run, demo_adapter):
+    cwd, _ = demo_run
+    test = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"]
+    model, processor = load_lora_for_inference(demo_adapter)
+    tuned, captions = _accuracy(model, processor, test)
+    base = load_base_model(os.path.join(cwd, DEMO_DIR, "tiny-blip")).eval()
+    untrained, _ = _accuracy(base, processor, test)
+    chance = 1 / len({r.label for r in test})
+    assert tuned >= 0.8, captions[:5]
+    assert untrained <= 2 * chance
+
+
+def test_reload_gives_the_same_captions_merged_or_not(demo_run, demo_adapter, tmp_path):
+    cwd, _ = demo_run
+    test = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::7]
+    images = [load_image(r) for r in test]
+    unmerged, processor = load_lora_for_inference(demo_adapter, merge=False)
+    before = generate_caption(unmerged, processor, images)
+    unmerged.save_pretrained(str(tmp_path / "again"))
+    processor.save_pretrained(str(tmp_path / "again"))
+    reloaded, _ = load_lora_for_inference(str(tmp_path / "again"), merge=False)
+    merged, _ = load_lora_for_inference(str(tmp_path / "again"), merge=True)
+    assert generate_caption(reloaded, processor, images) == before
+    assert generate_caption(merged, processor, images) == before
+    assert not any("lora" in n for n, _ in merged.named_modules())
+    # and the adapter really changes the model: its captions differ from the base model's
+    base = load_base_model(json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"])
+    assert generate_caption(base.eval(), processor, images) != before
+
+
+def _logged_loss(demo_assets, tmp_path, batch, accumulation, patch=True, monkeypatch=None):
+    model_dir, data_dir = demo_assets
+    args = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(tmp_path),
+            "--max_steps", "2", "--learning_rate", "0", "--logging_steps", "1", "--eval_strategy", "no",
+            "--save_strategy", "no", "--load_best_model_at_end", "False", "--max_train_samples", "64",
+            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation)]
+    result = train.main(args)
+    return [e["loss"] for e in result["history"]["train"]]
+
+
+def test_logged_loss_does_not_grow_with_gradient_accumulation(demo_assets, tmp_path):
+    plain = _logged_loss(demo_assets, tmp_path / "a", batch=8, accumulation=1)
+    accumulated = _logged_loss(demo_assets, tmp_path / "b", batch=2, accumulation=4)
+    # the same 8 images per optimizer step: mean of 4 micro-batch means vs one mean, so close, not equal
+    assert accumulated == pytest.approx(plain, rel=0.05)
+
+
+def test_gradient_accumulation_test_catches_the_trainer_bug(demo_assets, tmp_path, monkeypatch):
+    """Without `accepts_loss_kwargs = False` the logged loss is ~4x larger: the patch is needed."""
+    import model as model_module
+    real = model_module.load_base_model
+
+    def unpatched(*a, **kw):
+        m = real(*a, **kw)
+        del m.accepts_loss_kwargs
+        return m
+
+    monkeypatch.setattr(train, "load_base_model", unpatched)
+    monkeypatch.setattr(model_module, "create_lora_model", _create_without_patch(model_module.create_lora_model))
+    monkeypatch.setattr(train, "create_lora_model", _create_without_patch(model_module.create_lora_model))
+    plain = _logged_loss(demo_assets, tmp_path / "a", batch=8, accumulation=1)
+    accumulated = _logged_loss(demo_assets, tmp_path / "b", batch=2, accumulation=4)
+    assert accumulated[0] == pytest.approx(4 * plain[0], rel=0.1)
+
+
+def _create_without_patch(create):
+    def wrapped(model, *a, **kw):
+        peft_model = create(model, *a, **kw)
+        if "accepts_loss_kwargs" in vars(model):
+            del model.accepts_loss_kwargs
+        return peft_model
+    return wrapped
+
+
+def test_offline_without_local_copy_is_one_clear_line(tmp_path):
+    for extra, env in (([], {"HF_HUB_OFFLINE": "1"}),
+                       ([], {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})):
+        proc = run_script(["train.py", "--output_dir", str(tmp_path / "x"), *extra], cwd=tmp_path, timeout=120, env=env)
+        assert proc.returncode == 2
+        last = proc.stderr.strip().splitlines()
+        assert len(last) == 1 and last[0].startswith("error:") and "--demo" in last[0] and "--dataset" in last[0], proc.stderr[-2000:]
+
+
+def test_bad_options_fail_before_heavy_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        train.parse_args(["--demo", "--output_dir", str(tmp_path / "file")])
+    with pytest.raises(UserError, match="no_such_flag"):
+        train.parse_args(["--no_such_flag", "1"])
+    with pytest.raises(UserError, match="batch"):
+        train.parse_args(["--per_device_train_batch_size", "0"])
