@@ -1,0 +1,26 @@
+# make demo   install into .venv, then train, evaluate and explain on the offline demo
+# make test   install into .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+demo: install
+	$(PY) train.py --demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf outputs
