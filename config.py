@@ -89,6 +89,10 @@ class TrainConfig(TrainingArguments):
     remove_unused_columns: bool = False  # our collator builds the batch, keep every column
     prediction_loss_only: bool = True  # eval logits are (B, T, 30524): never gather them
     dataloader_num_workers: int = 0
+    # The frozen vision encoder's outputs, computed once per image and memory-mapped from disk.
+    use_embedding_cache: bool = field(default=True, metadata={"help": "cache image embeddings (off when LoRA targets the vision encoder)"})
+    embedding_cache_dir: str = "outputs/cache"
+    embedding_cache_dtype: str = field(default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"})
 
 
 DEMO_TRAIN_OVERRIDES = dict(
@@ -99,6 +103,7 @@ DEMO_TRAIN_OVERRIDES = dict(
     warmup_steps=0.0,
     weight_decay=0.0,
     logging_steps=5,
+    embedding_cache_dir=f"{DEMO_DIR}/cache",
 )
 
 

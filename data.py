@@ -527,3 +527,115 @@ def breed_from_caption(caption: str) -> int:
         if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
             return label
     return UNKNOWN
+
+
+# ---------------------------------------------------------------------------
+# Image-embedding cache: the frozen vision encoder runs once per image, not once per epoch
+
+
+def image_key(record: Record) -> str:
+    """Identifies an image's content source: path + size + mtime, or the dataset fingerprint + row."""
+    src = record.source
+    if isinstance(src, tuple):
+        dataset, row = src
+        return f"{dataset._fingerprint}:{row}"
+    st = os.stat(src)
+    return f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class EmbeddingCache:
+    """Vision-encoder outputs on disk, memory-mapped, keyed by model and image.
+
+    cache_dir/<model_key>/index.json maps image keys to (chunk, row); each build appends one
+    chunk file (N, tokens, hidden) holding only the images not cached yet. Unreadable images are
+    recorded in `bad` and never cached.
+    """
+
+    def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
+        if dtype not in ("float16", "float32"):
+            raise UserError(f"--embedding_cache_dtype must be float16 or float32, not {dtype!r}")
+        self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}")
+        self.dtype = dtype
+        self.index_path = os.path.join(self.dir, "index.json")
+        self.index = {}
+        if os.path.isfile(self.index_path):
+            import json
+
+            with open(self.index_path) as f:
+                self.index = json.load(f)
+        self._chunks = {}
+        self.bad = {}
+
+    def build(self, records: list, encode, image_processor, batch_size: int = 32) -> int:
+        """Encode and store every record not cached yet; returns how many were encoded."""
+        import json
+
+        from tqdm.auto import tqdm
+
+        todo = [r for r in records if image_key(r) not in self.index]
+        if not todo:
+            return 0
+        os.makedirs(self.dir, exist_ok=True)
+        chunk = f"chunk-{len({c for c, _ in self.index.values()}):05d}.npy"
+        rows, out = {}, None
+        images, pending = read_images(todo)
+        batch, keys = [], []
+
+        def flush():
+            nonlocal out
+            pixels = image_processor(batch, return_tensors="pt")["pixel_values"]
+            emb = encode(pixels).float().cpu().numpy().astype(self.dtype)
+            if out is None:  # shape known after the first batch; sized for every image still to do
+                out = np.lib.format.open_memmap(os.path.join(self.dir, chunk + ".tmp"), mode="w+", dtype=self.dtype,
+                                                shape=(len(todo),) + emb.shape[1:])
+            start = len(rows)
+            out[start:start + len(emb)] = emb
+            for k, key in enumerate(keys):
+                rows[key] = start + k
+            batch.clear()
+            keys.clear()
+
+        for record, image in tqdm(images, total=len(todo), desc="caching image embeddings", unit="img"):
+            batch.append(image)
+            keys.append(image_key(record))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        self.bad.update(pending)
+        if out is None:
+            return 0
+        out.flush()
+        del out
+        os.replace(os.path.join(self.dir, chunk + ".tmp"), os.path.join(self.dir, chunk))  # complete or absent
+        self.index.update({key: [chunk, row] for key, row in rows.items()})
+        tmp = self.index_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.index, f)
+        os.replace(tmp, self.index_path)
+        return len(rows)
+
+    def get(self, record: Record) -> Optional[torch.Tensor]:
+        entry = self.index.get(image_key(record))
+        if entry is None:
+            return None
+        chunk, row = entry
+        if chunk not in self._chunks:
+            self._chunks[chunk] = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
+        return torch.from_numpy(np.array(self._chunks[chunk][row], dtype=np.float32))
+
+
+class CachedEmbeddingDataset(torch.utils.data.Dataset):
+    """Like PetCaptionDataset, but yields cached `image_embeds` instead of pixel_values."""
+
+    def __init__(self, records: list, cache: EmbeddingCache, template: str):
+        self.records = [r for r in records if image_key(r) in cache.index]  # unreadable ones were never cached
+        self.cache, self.template = cache, template
+        self.bad_images = {r.image_id: "unreadable" for r in records if image_key(r) not in cache.index}
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        return {"image_embeds": self.cache.get(r), "caption": caption_for(r.label, self.template), "label": r.label}

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip import BlipImageProcessorPil
+from transformers.models.blip.modeling_blip import BlipForConditionalGenerationModelOutput
 
 from config import UserError, hub_reachable, offline_hint
 
@@ -36,19 +37,38 @@ def load_processor(name_or_path: str) -> BlipProcessor:
     return BlipProcessor(image_processor, tokenizer)
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForConditionalGeneration:
+class BlipForPetCaptioning(BlipForConditionalGeneration):
+    """BlipForConditionalGeneration with the two changes this project needs, nothing else.
+
+    1. `accepts_loss_kwargs = False`. BLIP's forward takes **kwargs, so Trainer believes the
+       model normalises the loss by num_items_in_batch itself and skips dividing it by
+       gradient_accumulation_steps: the loss and the gradients would grow with accumulation.
+    2. `forward(image_embeds=...)` as an alternative to pixel_values: the frozen vision encoder's
+       output, cached once per image, so a training step runs only the decoder (the encoder is
+       ~85% of BLIP's compute). It goes through forward, not around it, so PEFT, Trainer and DDP
+       see an ordinary call.
+    The weights and config are the stock checkpoint's; from_pretrained loads them unchanged.
+    """
+
+    accepts_loss_kwargs = False
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_embeds=None, **kwargs):
+        if image_embeds is None:
+            return super().forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+        out = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                labels=labels, reduction="mean", **kwargs)
+        return BlipForConditionalGenerationModelOutput(loss=out.loss, logits=out.logits, image_embeds=image_embeds)
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForPetCaptioning:
     kwargs = _local_or_cached(name_or_path)
     try:
-        model = BlipForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        return BlipForPetCaptioning.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except OSError:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
         raise UserError(f"no BLIP captioning model (config.json + safetensors weights) found at {name_or_path!r}") from None
-    # BLIP's forward takes **kwargs, so Trainer believes the model normalises the loss by
-    # num_items_in_batch itself and skips dividing by gradient_accumulation_steps: the loss
-    # and the gradients would grow with accumulation. This one flag is the whole patch.
-    model.accepts_loss_kwargs = False
-    return model
 
 
 def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
@@ -60,7 +80,6 @@ def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise UserError(f"--lora_target_modules {','.join(unknown)} match no module of this model; e.g. query,value,key,dense")
-    model.accepts_loss_kwargs = False
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
 
@@ -101,6 +120,24 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
 def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision encoder's last hidden state (B, 1 + patches, hidden): what the decoder attends to."""
     return model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+def vision_fingerprint(model, processor) -> str:
+    """A short key that changes when the image embeddings would: vision config, preprocessing, weights."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(model.config.vision_config.to_json_string().encode())
+    h.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
+    vision = model.vision_model
+    for t in (vision.embeddings.patch_embedding.weight, vision.embeddings.position_embedding, vision.post_layernorm.weight,
+              vision.encoder.layers[-1].mlp.fc2.weight):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def has_vision_lora(model) -> bool:
+    return any("vision_model" in n and "lora_" in n for n, _ in model.named_parameters())
 
 
 @torch.no_grad()

@@ -18,9 +18,10 @@ from transformers import HfArgumentParser, Trainer, set_seed
 
 from config import (DEMO_DIR, DEMO_OVERRIDES, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError,
                     apply_overrides, pick_dtype, run_main, save_run_config)
-from data import (BREED_NAMES, CaptionCollator, PetCaptionDataset, breed_from_caption, load_splits,
-                  report_bad_images, subsample)
-from model import captions_from_embeddings, create_lora_model, load_base_model, load_processor, prepare_demo
+from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
+                  load_splits, report_bad_images, subsample)
+from model import (captions_from_embeddings, create_lora_model, has_vision_lora, image_embeddings, load_base_model,
+                   load_processor, prepare_demo, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -74,9 +75,11 @@ class PetTrainer(Trainer):
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         correct = total = 0
         for batch, truth in loader:
-            pixels = batch["pixel_values"].to(self.args.device)
             with torch.autocast(self.args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+                if "image_embeds" in batch:
+                    embeds = batch["image_embeds"].to(self.args.device)
+                else:
+                    embeds = image_embeddings(model, batch["pixel_values"].to(self.args.device))
                 captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
             correct += sum(breed_from_caption(c) == t for c, t in zip(captions, truth))
             total += len(truth)
@@ -157,6 +160,31 @@ print(generate_caption(model, processor, [image]))
         f.write(card)
 
 
+def make_datasets(model, processor, splits, cfg, args):
+    """Training and validation datasets: from cached image embeddings when the encoder is frozen, else pixels."""
+    if args.use_embedding_cache and has_vision_lora(model):
+        logger.info("LoRA targets the vision encoder: image embeddings change during training, so they are not cached")
+    elif args.use_embedding_cache:
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+        def encode(pixels):
+            with torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return image_embeddings(model, pixels.to(args.device))
+
+        key = vision_fingerprint(model, processor)
+        with args.main_process_first(desc="embedding cache"):
+            # the main process encodes what is missing; the others wait, then read its files
+            cache = EmbeddingCache(args.embedding_cache_dir, key, args.embedding_cache_dtype)
+            if args.process_index == 0:
+                model.vision_model.to(args.device).eval()
+                cache.build(splits["train"] + splits["validation"], encode, processor.image_processor,
+                            args.per_device_eval_batch_size)
+        return (CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
+                CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template))
+    return (PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template),
+            PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False))
+
+
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     cfg, args = parse_args(argv)
@@ -175,8 +203,7 @@ def main(argv=None):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.print_trainable_parameters()
 
-    train_set = PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template)
-    val_set = PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False)
+    train_set, val_set = make_datasets(model, processor, splits, cfg, args)
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          data_collator=CaptionCollator(processor.tokenizer), processor=processor, pet_config=cfg)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

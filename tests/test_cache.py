@@ -1,0 +1,86 @@
+import os
+import time
+
+import pytest
+import torch
+
+from config import PetConfig
+from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_splits)
+from model import create_lora_model, has_vision_lora, image_embeddings, load_base_model, load_processor, vision_fingerprint
+
+TEMPLATE = PetConfig().caption_template
+
+
+@pytest.fixture(scope="module")
+def setup(demo_assets):
+    model_dir, data_dir = demo_assets
+    model = load_base_model(model_dir).eval()
+    processor = load_processor(model_dir)
+    records = load_splits(data_dir)["validation"][:12]
+    return model, processor, records
+
+
+def _build(cache_dir, model, processor, records, dtype):
+    cache = EmbeddingCache(str(cache_dir), vision_fingerprint(model, processor), dtype)
+    n = cache.build(records, lambda px: image_embeddings(model, px), processor.image_processor, batch_size=5)
+    return cache, n
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
+def test_cached_loss_equals_stock_loss(setup, tmp_path, dtype, tol):
+    model, processor, records = setup
+    lora = create_lora_model(model, 4, 8, 0.0, "query,value")
+    cache, n = _build(tmp_path, model, processor, records, dtype)
+    assert n == len(records)
+    collate = CaptionCollator(processor.tokenizer)
+    stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(len(records))])
+    cached = collate([CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(len(records))])
+    assert "pixel_values" not in cached and cached["image_embeds"].shape[0] == len(records)
+    assert torch.equal(stock["input_ids"], cached["input_ids"])
+    with torch.no_grad():
+        a = lora(**stock).loss
+        b = lora(**cached).loss
+    assert abs(a.item() - b.item()) <= tol * abs(a.item())
+    # gradients of the LoRA weights agree too
+    grads = []
+    for batch in (stock, cached):
+        lora.zero_grad()
+        lora(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], rtol=50 * tol, atol=50 * tol * grads[0].abs().max().item())
+    lora.unload()
+
+
+def test_cache_is_reused_and_invalidated_by_image_changes(setup, tmp_path):
+    model, processor, records = setup
+    _, n = _build(tmp_path, model, processor, records[:6], "float16")
+    cache, n2 = _build(tmp_path, model, processor, records, "float16")
+    assert (n, n2) == (6, len(records) - 6)  # only the new images are encoded
+    assert len(os.listdir(cache.dir)) == 3  # index + two chunks
+    path = records[0].source
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: its key changes
+    _, n3 = _build(tmp_path, model, processor, records, "float16")
+    assert n3 == 1
+
+
+def test_unreadable_images_are_never_cached(setup, tmp_path):
+    model, processor, records = setup
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    bad = Record("broken", 0, str(broken))
+    cache, n = _build(tmp_path / "c", model, processor, records[:3] + [bad], "float16")
+    assert n == 3 and list(cache.bad) == ["broken"]
+    dataset = CachedEmbeddingDataset(records[:3] + [bad], cache, TEMPLATE)
+    assert len(dataset) == 3 and list(dataset.bad_images) == ["broken"]
+
+
+def test_vision_lora_disables_the_cache_and_fingerprint_tracks_weights(setup):
+    model, processor, _ = setup
+    before = vision_fingerprint(model, processor)
+    fresh = load_base_model(model.name_or_path)
+    assert vision_fingerprint(fresh, processor) == before
+    with torch.no_grad():
+        fresh.vision_model.post_layernorm.weight.add_(0.01)
+    assert vision_fingerprint(fresh, processor) != before
+    assert not has_vision_lora(create_lora_model(load_base_model(model.name_or_path), 4, 8, 0.0, "query,value"))
+    assert has_vision_lora(create_lora_model(load_base_model(model.name_or_path), 4, 8, 0.0, "qkv"))
