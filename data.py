@@ -156,7 +156,8 @@ def _read_official_list(path: str):
             except (IndexError, ValueError):
                 bad.append(f"{os.path.basename(path)}:{n}")
     if bad:
-        logger.warning("Skipped %d malformed annotation lines (first: %s)", len(bad), ", ".join(bad[:5]))
+        logger.warning("Skipped %d malformed annotation lines or unknown class ids (first: %s)", len(bad),
+                       ", ".join(bad[:5]))
     return labels
 
 
@@ -180,6 +181,13 @@ def load_official_layout(root: str) -> dict:
         splits[split] = records
     if missing:
         logger.warning("Skipped %d listed images that are missing (first: %s)", len(missing), ", ".join(missing[:5]))
+    listed = {r.image_id for records in splits.values() for r in records}
+    image_dir = os.path.join(root, "images")
+    unlisted = sorted(n[:-4] for n in (os.listdir(image_dir) if os.path.isdir(image_dir) else [])
+                      if n.endswith(".jpg") and n[:-4] not in listed)
+    if unlisted:
+        logger.info("%d images are in neither trainval.txt nor test.txt and are not used (first: %s)", len(unlisted),
+                    ", ".join(unlisted[:5]))
     return splits
 
 
@@ -247,7 +255,10 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
     The official test split is held out for evaluation; validation is a stratified,
     seeded share of trainval.
     """
-    if os.path.isdir(dataset) and _is_official_layout(dataset):
+    if os.path.isdir(dataset) and (_is_official_layout(dataset) or os.path.isdir(os.path.join(dataset, "annotations"))):
+        if not _is_official_layout(dataset):
+            raise UserError(f"{dataset}/annotations/list.txt is missing: the official layout needs it "
+                            "(from annotations.tar.gz of the Oxford-IIIT Pet release)")
         splits = load_official_layout(dataset)
     elif os.path.isdir(dataset) and _is_save_to_disk(dataset):
         import datasets

@@ -95,18 +95,28 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     if not os.path.isfile(config_path):
         raise UserError(f"{adapter_dir!r} has no adapter_config.json; is it the output folder of train.py?")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors (only safetensors adapters are loaded)")
-    with open(config_path) as f:
-        base = base_model or json.load(f).get("base_model_name_or_path")
+        if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+            raise UserError(f"{adapter_dir!r} holds only adapter_model.bin, a pickle that can run code when loaded; "
+                            "refused: only safetensors adapters load (re-save it with save_pretrained where you trust it)")
+        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors; is it the output folder of train.py?")
+    try:
+        with open(config_path) as f:
+            base = base_model or json.load(f)["base_model_name_or_path"]
+    except (ValueError, KeyError):
+        raise UserError(f"{config_path} is not a valid adapter config (JSON with base_model_name_or_path)") from None
     saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
-    processor_dir = adapter_dir if saved else base
-    processor = load_processor(processor_dir)
+    processor = load_processor(adapter_dir if saved else base)
     model = load_base_model(base, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"adapter {adapter_dir!r} does not fit base model {base!r}: {first[:300]}") from None
+    except Exception as e:  # safetensors, torch and peft each raise their own types here
+        text = str(e)
+        if "size mismatch" in text:
+            raise UserError(f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
+                            "(size mismatch); pass the right --model_name_or_path") from None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:200]}); "
+                        "the file may be corrupt or truncated: re-save or re-train it") from None
     if merge:
         model = model.merge_and_unload()
     return model.to(device).eval(), processor
@@ -186,11 +196,13 @@ def _word_pieces(word: str) -> list:
     return [word[:4]] + ["##" + word[i:i + 4] for i in range(4, len(word), 4)]
 
 
-def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int = 0) -> str:
+def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int = 0, base_sized: bool = False) -> str:
     """Save a small random BLIP and an offline processor to `out_dir` in the real checkpoint format.
 
     The vocabulary covers `words` (lower-cased), so captions built from them tokenise without
     [UNK]. It loads through the same from_pretrained path as Salesforce/blip-image-captioning-base.
+    base_sized=True gives the shapes of blip-image-captioning-base instead (224M parameters,
+    384 px, a 30,524-token vocabulary padded with [unusedN]), random weights: for benchmarks.
     """
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     vocab = list(specials)
@@ -201,16 +213,23 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
     for p in ".,'-":
         if p not in vocab:
             vocab.append(p)
+    if base_sized:
+        image_size = 384
+        vocab += [f"[unused{i}]" for i in range(30524 - len(vocab))]
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, bos_token="[DEC]", model_max_length=64)
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = BlipProcessor(image_processor, tokenizer)
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=vocab.index("[DEC]"),
-                         sep_token_id=vocab.index("[SEP]"), pad_token_id=0, eos_token_id=vocab.index("[SEP]")),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=16, initializer_range=0.02),
-    )
+    ids = dict(bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
+               eos_token_id=vocab.index("[SEP]"))
+    if base_sized:  # DESIGN.md: the base checkpoint's shapes from a config
+        config = BlipConfig(text_config=dict(num_attention_heads=12, **ids), vision_config=dict(initializer_range=0.02))
+    else:
+        config = BlipConfig(
+            text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64, **ids),
+            vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=image_size, patch_size=16, initializer_range=0.02),
+        )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)
     model.save_pretrained(out_dir)

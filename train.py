@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import torch
 from transformers import HfArgumentParser, Trainer, set_seed
@@ -56,6 +57,15 @@ class PetTrainer(Trainer):
     def __init__(self, *a, processor, pet_config, **kw):
         super().__init__(*a, **kw)
         self.processor, self.pet_config = processor, pet_config
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if not torch.isfinite(loss.detach()).all():
+            hint = " fp16 overflows easily: try --bf16 or --precision fp32." if self.args.fp16 else ""
+            raise UserError(f"the loss became {loss.item()} at step {self.state.global_step}; stopped without saving an "
+                            f"adapter.{hint} A lower --learning_rate may help.")
+        return out
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -160,6 +170,23 @@ print(generate_caption(model, processor, [image]))
         f.write(card)
 
 
+def resume_point(args):
+    """--resume_from_checkpoint PATH, or True/last for the newest checkpoint-N in --output_dir."""
+    value = args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no", "none", ""):
+        return None
+    if value.lower() in ("true", "last", "latest"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {args.output_dir!r}")
+        return last
+    if not os.path.isdir(value):
+        raise UserError(f"--resume_from_checkpoint {value!r} is not a folder; pass a checkpoint-N folder or True")
+    return value
+
+
 def make_datasets(model, processor, splits, cfg, args):
     """Training and validation datasets: from cached image embeddings when the encoder is frozen, else pixels."""
     if args.use_embedding_cache and has_vision_lora(model):
@@ -206,20 +233,27 @@ def main(argv=None):
     train_set, val_set = make_datasets(model, processor, splits, cfg, args)
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          data_collator=CaptionCollator(processor.tokenizer), processor=processor, pet_config=cfg)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(args))
     report_bad_images({**train_set.bad_images, **val_set.bad_images})
 
-    # The best epoch is loaded back (load_best_model_at_end); save it next to everything else
+    # The best epoch is loaded back (load_best_model_at_end). Write everything into a temporary
+    # folder first and move it into place file by file, so a kill while saving never leaves a
+    # half-written adapter where the previous good one was.
     out = args.output_dir
-    trainer.model.save_pretrained(out)
-    processor.save_pretrained(out)
     history = history_from_logs(trainer.state.log_history)
-    with open(os.path.join(out, "train_history.json"), "w") as f:
-        json.dump(history, f, indent=2)
-    plot_curves(history, os.path.join(out, "training_curves.png"))
     best = trainer.state.best_metric
-    write_model_card(os.path.join(out, "README.md"), cfg, args, splits, history, best, trainable)
-    save_run_config(os.path.join(out, "run_config.json"), cfg, args)
+    if args.process_index == 0:
+        tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
+        trainer.model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "train_history.json"), "w") as f:
+            json.dump(history, f, indent=2)
+        plot_curves(history, os.path.join(tmp, "training_curves.png"))
+        write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable)
+        save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config goes last
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        os.rmdir(tmp)
     print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 

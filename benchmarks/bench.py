@@ -1,0 +1,244 @@
+"""Benchmark: each fast path against its baseline, as ratios measured in one run.
+
+    python benchmarks/bench.py                       # CPU: base-sized random BLIP and the tiny demo model
+    python benchmarks/bench.py --models tiny         # seconds instead of minutes
+    python benchmarks/bench.py --device cuda --dtype bf16
+
+Every figure is the median over --repeats runs, with the baseline and the fast path
+interleaved in the same process (these machines are noisy; ratios taken together are not).
+Writes bench.json (--out) and prints a table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from config import PetConfig  # noqa: E402
+from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
+                  load_splits, write_synthetic_pets)
+from model import (build_tiny_blip, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
+                   vision_fingerprint)
+
+TEMPLATE = PetConfig().caption_template
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device) -> dict:
+    """Median seconds per call of each fn, calling them in turn `repeats` times after one warm-up each."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def build_model(kind: str, workdir: str) -> str:
+    path = os.path.join(workdir, f"{kind}-blip")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        words = " ".join(caption_for(i, TEMPLATE) for i in range(37)).replace(",", " ").replace(".", " ").split()
+        build_tiny_blip(path, words, base_sized=(kind == "base"))
+    return path
+
+
+def setup(kind, workdir, device, dtype, n_images, lora_targets):
+    model_dir = build_model(kind, workdir)
+    data_dir = os.path.join(workdir, "pets")
+    if not os.path.isdir(data_dir):
+        write_synthetic_pets(data_dir, breeds=range(8), trainval_per_breed=8, test_per_breed=4, size=96)
+    processor = load_processor(model_dir)
+    model = create_lora_model(load_base_model(model_dir), target_modules=lora_targets).to(device)
+    records = load_splits(data_dir, 0.0)["train"][:n_images]
+    return model, processor, records
+
+
+def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
+    """1. A LoRA training step from pixels (stock) against one from cached image embeddings."""
+    model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
+    collate = CaptionCollator(processor.tokenizer)
+    cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
+    cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
+    stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(batch)])
+    cached = collate([CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(batch)])
+    stock = {k: v.to(device) for k, v in stock.items()}
+    cached = {k: v.to(device) for k, v in cached.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+
+    def step(batch_):
+        def run():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(**batch_).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    t = interleaved({"stock": step(stock), "cached": step(cached)}, repeats, device)
+    return {"batch": batch, "stock_img_s": batch / t["stock"], "cached_img_s": batch / t["cached"],
+            "speedup": t["stock"] / t["cached"]}
+
+
+def training_memory(kind, workdir, device, dtype, batch, mode, lora_targets):
+    """Peak memory of a few training steps in `mode` (stock|cached), measured in this process alone."""
+    model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
+    collate = CaptionCollator(processor.tokenizer)
+    if mode == "cached":
+        cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
+        cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
+        items = [CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(batch)]
+    else:
+        items = [PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(batch)]
+    b = {k: v.to(device) for k, v in collate(items).items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.train()
+    for _ in range(2):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**b).loss
+        loss.backward()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # growth of peak RSS, MiB
+
+
+def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
+    """2. The Trainer loop (dataset, collation, Trainer) against bare forward+backward+step on batches in memory."""
+    from transformers import Trainer, TrainerCallback
+
+    from config import TrainConfig
+
+    model, processor, records = setup(kind, workdir, device, dtype, batch * 2, lora_targets)
+    cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
+    cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
+    dataset = CachedEmbeddingDataset(records, cache, TEMPLATE)
+    collate = CaptionCollator(processor.tokenizer)
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:  # skip the first step (warm-up, optimizer state)
+                sync(device)
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            sync(device)
+            self.seconds = time.perf_counter() - self.t0
+
+    args = TrainConfig(output_dir=os.path.join(workdir, "trainer"), max_steps=steps, per_device_train_batch_size=batch,
+                       eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**6,
+                       learning_rate=1e-5, disable_tqdm=True, bf16=dtype == torch.bfloat16,
+                       fp16=dtype == torch.float16, use_cpu=device.type == "cpu", dataloader_pin_memory=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batches = [{k: v.to(device) for k, v in collate([dataset[i] for i in range(s * batch, (s + 1) * batch)]).items()}
+               for s in range(len(dataset) // batch)]
+
+    def trainer_loop():
+        timer = StepTimer()
+        Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[timer]).train()
+        trainer_loop.per_step.append(timer.seconds / (steps - 1))
+
+    trainer_loop.per_step = []
+
+    def bare_loop():
+        model.train()
+        for s in range(steps - 1):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(**batches[s % len(batches)]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t = interleaved({"trainer": trainer_loop, "bare": bare_loop}, repeats, device)
+    trainer_step = statistics.median(trainer_loop.per_step[1:])  # the first call was the warm-up
+    bare_step = t["bare"] / (steps - 1)
+    return {"batch": batch, "trainer_img_s": batch / trainer_step, "bare_img_s": batch / bare_step,
+            "ratio": bare_step / trainer_step}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="base,tiny", help="comma-separated: base (224M, random) and/or tiny (demo)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU for base, 32 on GPU)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lora_target_modules", default="query,value")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "petcaption-bench"))
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe per process
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    os.makedirs(a.workdir, exist_ok=True)
+    torch.manual_seed(0)
+
+    if a._memory:
+        kind, mode, batch = a._memory.split(":")
+        print(json.dumps(training_memory(kind, os.path.join(a.workdir, kind), device, dtype, int(batch), mode,
+                                         a.lora_target_modules)))
+        return
+
+    results = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+                           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
+                           "repeats": a.repeats}}
+    for kind in a.models.split(","):
+        workdir = os.path.join(a.workdir, kind)
+        os.makedirs(workdir, exist_ok=True)
+        batch = a.batch or (32 if device.type == "cuda" else 4 if kind == "base" else 32)
+        print(f"[{kind}] training step, stock vs cached embeddings (batch {batch}) ...", flush=True)
+        r = {"training": training(kind, workdir, device, dtype, batch, a.repeats, a.lora_target_modules)}
+        for mode in ("stock", "cached"):
+            out = subprocess.run([sys.executable, __file__, "--device", a.device, "--dtype", a.dtype, "--workdir", a.workdir,
+                                  "--lora_target_modules", a.lora_target_modules, "--_memory", f"{kind}:{mode}:{batch}"],
+                                 capture_output=True, text=True, check=True)
+            r["training"][f"{mode}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[{kind}] training loop vs bare forward+backward ...", flush=True)
+        r["pipeline"] = pipeline(kind, workdir, device, dtype, batch, 6, max(3, a.repeats // 2), a.lora_target_modules)
+        results[kind] = r
+        print_table(kind, r)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+def print_table(kind, r):
+    t, p = r["training"], r["pipeline"]
+    rows = [
+        ("training step, img/s", f"stock {t['stock_img_s']:.2f}", f"cached {t['cached_img_s']:.2f}", f"{t['speedup']:.2f}x"),
+        ("training peak memory, MiB", f"stock {t['stock_peak_mib']:.0f}", f"cached {t['cached_peak_mib']:.0f}",
+         f"{t['cached_peak_mib'] / max(t['stock_peak_mib'], 1e-9):.2f}x"),
+        ("training loop, img/s", f"Trainer {p['trainer_img_s']:.2f}", f"bare {p['bare_img_s']:.2f}", f"{p['ratio']:.2f} of limit"),
+    ]
+    if "evaluation" in r:
+        e = r["evaluation"]
+        rows.append(("evaluation, img/s", f"naive {e['naive_img_s']:.3f}", f"project {e['fast_img_s']:.3f}", f"{e['speedup']:.1f}x"))
+    print(f"\n== {kind} ==")
+    for row in rows:
+        print(f"{row[0]:<28}{row[1]:<20}{row[2]:<20}{row[3]}")
+    print()
+
+
+if __name__ == "__main__":
+    main()
