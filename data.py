@@ -527,3 +527,17 @@ def breed_from_caption(caption: str) -> int:
         if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
             return label
     return UNKNOWN
+
+
+_CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
+_DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
+
+
+def species_from_caption(caption: str) -> Optional[str]:
+    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
+    label = breed_from_caption(caption)
+    if label != UNKNOWN:
+        return SPECIES[label]
+    words = set(_normalise(caption).split())
+    cat, dog = bool(words & _CAT_WORDS), bool(words & _DOG_WORDS)
+    return "cat" if cat and not dog else "dog" if dog and not cat else None
