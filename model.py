@@ -294,3 +294,13 @@ def rank_breeds(model, image_embeds: torch.Tensor, candidates) -> tuple:
     """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first."""
     scores = caption_log_likelihoods(model, image_embeds, *candidates)
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def check_fits(model, processor, adapter_dir: str) -> None:
+    """UserError when the adapter's processor does not fit the base model (an adapter made for another base)."""
+    vocab, image_size = model.config.text_config.vocab_size, model.config.vision_config.image_size
+    height = (processor.image_processor.size or {}).get("height")
+    if len(processor.tokenizer) > vocab or (height is not None and height != image_size):
+        raise UserError(f"adapter {adapter_dir!r} was made for another base model: its processor has "
+                        f"{len(processor.tokenizer)} tokens and {height}px images, the base model {vocab} tokens and "
+                        f"{image_size}px images; pass the right --model_name_or_path")
