@@ -93,7 +93,8 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
     from tqdm.auto import tqdm
 
     candidates = breed_candidates(processor.tokenizer, cfg.caption_template)
-    results = {"image_id": [], "label": [], "record": []}
+    # tokens scored per candidate ([SEP] included): for the per-token ranking
+    results = {"image_id": [], "label": [], "record": [], "candidate_tokens": candidates[1][:, 1:].sum(-1).numpy()}
     for name in models:
         results[name] = {"captions": [], "scores": []}
     images, bad = read_images(records)
@@ -199,8 +200,13 @@ def rouge_l(hypotheses: list, references: list) -> float:
     return float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]))
 
 
-def model_metrics(labels, captions, scores, template, samples, seed) -> dict:
-    """Every number for one model: caption accuracy, species, unknown share, ranking, per breed, BLEU, ROUGE-L."""
+def model_metrics(labels, captions, scores, template, samples, seed, candidate_tokens=None) -> dict:
+    """Every number for one model: caption accuracy, species, unknown share, ranking, per breed, BLEU, ROUGE-L.
+
+    The ranking uses the summed log-likelihood of each breed's caption; with candidate_tokens it is also
+    reported per token (mean log-likelihood), which does not favour breeds with short names when the
+    model is unsure (the tiny demo model spreads its probability thinly over the vocabulary).
+    """
     labels = np.asarray(labels)
     pred = np.array([breed_from_caption(c) for c in captions], dtype=int)
     correct = pred == labels
@@ -210,12 +216,15 @@ def model_metrics(labels, captions, scores, template, samples, seed) -> dict:
     top5 = (order[:, :5] == labels[:, None]).any(axis=1)
     references = [caption_for(t, template) for t in labels]
     f1 = per_breed_scores(labels, pred)
+    tokens = np.ones(scores.shape[1]) if candidate_tokens is None else np.asarray(candidate_tokens, float)
+    top1_per_token = np.argmax(scores / tokens, axis=1) == labels
     return {
         "breed_accuracy": float(correct.mean()), "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
         "species_accuracy": float(species_ok.mean()), "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
         "no_breed_rate": float((pred == UNKNOWN).mean()),
         "likelihood_top1": float(top1.mean()), "likelihood_top1_ci95": bootstrap_ci(top1, samples, seed),
         "likelihood_top5": float(top5.mean()),
+        "likelihood_top1_per_token": float(top1_per_token.mean()),
         "macro_f1": float(np.mean([v["f1"] for v in f1.values()])) if f1 else 0.0,
         "bleu": bleu(captions, references), "rougeL": rouge_l(captions, references),
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])),
@@ -230,7 +239,8 @@ def compute_metrics(results: dict, template: str, samples: int = 1000, seed: int
     labels = results["label"]
     metrics = {"num_samples": len(labels)}
     for name in MODELS:
-        metrics[name] = model_metrics(labels, results[name]["captions"], results[name]["scores"], template, samples, seed)
+        metrics[name] = model_metrics(labels, results[name]["captions"], results[name]["scores"], template, samples, seed,
+                                      results.get("candidate_tokens"))
     zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
     metrics["mcnemar_caption"] = mcnemar(zs["_correct"], ft["_correct"])
     metrics["mcnemar_likelihood_top1"] = mcnemar(zs["_top1"], ft["_top1"])
@@ -251,6 +261,7 @@ KEY_ROWS = [  # (label, key, format)
     ("captions naming no breed", "no_breed_rate", "f"),
     ("likelihood ranking top-1", "likelihood_top1", "ci"),
     ("likelihood ranking top-5", "likelihood_top5", "f"),
+    ("likelihood ranking top-1, per-token mean", "likelihood_top1_per_token", "f"),
     ("macro F1 over breeds (captions)", "macro_f1", "f"),
     ("BLEU (0-100)", "bleu", "f1"),
     ("ROUGE-L F", "rougeL", "f"),
@@ -406,7 +417,7 @@ def plot_failures(results, failures, path: str, limit: int = 16) -> None:
             ax.set_title(f"true: {row['true_breed']}\npredicted: {row['predicted_breed']}", fontsize=9)
             ax.text(0.5, -0.03, f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}', transform=ax.transAxes,
                     ha="center", va="top", fontsize=8)
-        fig.suptitle("Worst failures of the fine-tuned model (true breed ranked lowest by caption likelihood)")
+        fig.suptitle("Worst failures, fine-tuned model\n(true breed ranked lowest by likelihood first)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -462,7 +473,9 @@ by likelihood top-1, {mr['only_second_correct']} vs {mr['only_first_correct']} (
 
 The **likelihood ranking** scores the templated caption of each of the 37 breeds under the model given
 the image and ranks the breeds by it, so it names a breed for every image; it is the fair zero-shot
-baseline, because zero-shot captions rarely name a breed at all.
+baseline, because zero-shot captions rarely name a breed at all. The score is the summed log-probability of
+the caption's tokens; the per-token row divides it by the number of tokens, which matters when a model is
+unsure of every token (then long breed names lose to short ones).
 
 ## Most confused breed pairs (fine-tuned captions)
 
