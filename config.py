@@ -107,6 +107,21 @@ DEMO_TRAIN_OVERRIDES = dict(
 )
 
 
+@dataclass
+class EvalConfig:
+    """evaluate.py's own options (the shared ones are in PetConfig)."""
+
+    adapter: str = field(default=OUTPUT_DIR, metadata={"help": "LoRA adapter folder written by train.py"})
+    split: str = field(default="test", metadata={"help": "test (the official held-out split), validation or train"})
+    per_device_eval_batch_size: int = 32
+    output_dir: str = field(default="outputs/eval", metadata={"help": "metrics, predictions, figures and report.md"})
+    seed: int = field(default=SEED, metadata={"help": "subset (--max_eval_samples), bootstrap and data split"})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% confidence intervals"})
+
+
+DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
+
+
 def apply_overrides(obj, overrides, defaults):
     """Set each override on `obj` unless the user changed that field from its default."""
     for key, value in overrides.items():

@@ -650,3 +650,16 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         return {"image_embeds": self.cache.get(r), "caption": caption_for(r.label, self.template), "label": r.label}
+
+_CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
+_DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
+
+
+def species_from_caption(caption: str) -> Optional[str]:
+    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
+    label = breed_from_caption(caption)
+    if label != UNKNOWN:
+        return SPECIES[label]
+    words = set(_normalise(caption).split())
+    cat, dog = bool(words & _CAT_WORDS), bool(words & _DOG_WORDS)
+    return "cat" if cat and not dog else "dog" if dog and not cat else None

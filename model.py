@@ -262,3 +262,101 @@ def prepare_demo(demo_dir: str, template: str):
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
     return model_dir, data_dir
+
+
+# ---------------------------------------------------------------------------
+# Evaluation helpers: adapter checks, shared image embeddings, caption likelihoods
+
+
+def check_adapter(adapter_dir: str) -> dict:
+    """adapter_config.json of a complete, readable adapter folder; otherwise one clear UserError."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(adapter_dir):
+        raise UserError(f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter")
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{adapter_dir!r} has no adapter_config.json; is it the output folder of train.py?")
+    if not os.path.isfile(weights):
+        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors (only safetensors adapters are loaded)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        with safe_open(weights, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # broken JSON, truncated or corrupt safetensors
+        raise UserError(f"adapter {adapter_dir!r} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
+        raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
+    if not keys:
+        raise UserError(f"{weights} holds no tensors")
+    return config
+
+
+def same_vision_encoder(a, b) -> bool:
+    """True when two BLIP models have identical vision encoders, so image embeddings can be shared."""
+    pa, pb = dict(a.vision_model.named_parameters()), dict(b.vision_model.named_parameters())
+    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def tokenize_captions(tokenizer, captions: list):
+    """(input_ids, attention_mask) padded to the longest caption, first token bos [DEC] as in training."""
+    enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
+    input_ids = enc["input_ids"].clone()
+    input_ids[:, 0] = tokenizer.bos_token_id
+    return input_ids, enc["attention_mask"]
+
+
+@torch.no_grad()
+def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            max_rows: int = 128) -> torch.Tensor:
+    """log p(caption | image) of C candidate captions for B images: a (B, C) float32 tensor.
+
+    image_embeds (B, N, H) come from image_embeddings(); input_ids / attention_mask (C, T) from
+    tokenize_captions (bos first). The score is the sum of the log-probabilities of tokens 1..T-1
+    ([SEP] included, padding excluded), from the raw logits: BLIP's training loss smooths labels,
+    this does not. Images are repeated C times and sent through the decoder together, at most
+    max_rows sequences at a time (the logits are rows x T x vocab floats).
+    """
+    device = image_embeds.device
+    num_candidates = input_ids.shape[0]
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    targets, weights = input_ids[:, 1:], attention_mask[:, 1:].float()
+    per_chunk = max(1, max_rows // num_candidates)
+    scores = []
+    for start in range(0, image_embeds.shape[0], per_chunk):
+        emb = image_embeds[start:start + per_chunk]
+        n = emb.shape[0]
+        emb = emb.unsqueeze(1).expand(n, num_candidates, *emb.shape[1:]).reshape(n * num_candidates, *emb.shape[1:])
+        logits = model.text_decoder(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
+                                    encoder_hidden_states=emb, use_cache=False).logits[:, :-1].float()
+        # log_softmax gathered at the targets, without materialising a second rows x T x vocab tensor
+        token_logp = logits.gather(-1, targets.repeat(n, 1).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        scores.append((token_logp * weights.repeat(n, 1)).sum(-1).view(n, num_candidates))
+    return torch.cat(scores)
+
+
+def breed_candidates(tokenizer, template: str, breeds=None):
+    """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds."""
+    from data import NUM_BREEDS, caption_for
+
+    breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
+    return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds])
+
+
+@torch.no_grad()
+def rank_breeds(model, image_embeds: torch.Tensor, candidates) -> tuple:
+    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first."""
+    scores = caption_log_likelihoods(model, image_embeds, *candidates)
+    return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def check_fits(model, processor, adapter_dir: str) -> None:
+    """UserError when the adapter's processor does not fit the base model (an adapter made for another base)."""
+    vocab, image_size = model.config.text_config.vocab_size, model.config.vision_config.image_size
+    height = (processor.image_processor.size or {}).get("height")
+    if len(processor.tokenizer) > vocab or (height is not None and height != image_size):
+        raise UserError(f"adapter {adapter_dir!r} was made for another base model: its processor has "
+                        f"{len(processor.tokenizer)} tokens and {height}px images, the base model {vocab} tokens and "
+                        f"{image_size}px images; pass the right --model_name_or_path")
