@@ -187,3 +187,28 @@ def run_main(main) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@dataclass
+class ExplainConfig:
+    """Options of explainability.py (on top of PetConfig)."""
+
+    adapter: str = field(default=OUTPUT_DIR, metadata={"help": "folder of the LoRA adapter written by train.py"})
+    split: str = field(default="test", metadata={"help": "data set split to draw images from: train, validation or test"})
+    num_images: Optional[int] = field(
+        default=None,
+        metadata={"help": "images drawn (seeded) from --split; default 8, or none when --image is given"},
+    )
+    image: list[str] = field(
+        default_factory=list,
+        metadata={"help": "your own image files (repeatable: --image a.jpg --image b.png)", "action": "extend"},
+    )
+    layers: str = field(
+        default="all",
+        metadata={"help": "decoder layers whose cross-attention is averaged: 'all' or indices, e.g. '-1' or '8,9,10,11'"},
+    )
+    output_dir: str = field(default="outputs/explain", metadata={"help": "where figures, metrics and index.md go"})
+    seed: int = SEED
+
+
+DEMO_EXPLAIN_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/explain")

@@ -360,3 +360,73 @@ def check_fits(model, processor, adapter_dir: str) -> None:
         raise UserError(f"adapter {adapter_dir!r} was made for another base model: its processor has "
                         f"{len(processor.tokenizer)} tokens and {height}px images, the base model {vocab} tokens and "
                         f"{image_size}px images; pass the right --model_name_or_path")
+
+# Cross-attention: where the caption decoder looks (explainability.py)
+#
+# generate(output_attentions=True) returns the decoder's self-attentions only. The maps come
+# from a second, teacher-forced pass of the text decoder over the generated ids, whose output
+# has one cross-attention tensor per layer, (B, heads, T, 1 + patches). Position 0 of the last
+# axis is the vision CLS token; the rest is the patch grid, row-major. Row i is the query at
+# token i, i.e. the step that predicts token i + 1.
+
+
+def patch_grid(model) -> tuple:
+    """(rows, cols) of the vision encoder's patch grid: 24x24 for the 384 px, patch 16 base model."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    return side, side
+
+
+@torch.no_grad()
+def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
+    """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
+    text_config = model.config.text_config
+    batch = image_embeds.shape[0]
+    input_ids = torch.full((batch, 1), text_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
+    ids = model.text_decoder.generate(
+        input_ids=input_ids,
+        eos_token_id=text_config.sep_token_id,
+        pad_token_id=text_config.pad_token_id,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=False,
+    )
+    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
+    is_sep = (ids == text_config.sep_token_id).long()
+    after_sep = (is_sep.cumsum(1) - is_sep) > 0
+    return ids, (~after_sep).long()
+
+
+@torch.no_grad()
+def cross_attention_maps(model, pixel_values_or_embeds: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None, layers=None) -> torch.Tensor:
+    """Decoder cross-attention over the image patches, (B, T, grid_rows, grid_cols), float32.
+
+    Teacher-forced over `input_ids`; averaged over heads and the chosen `layers` (indices into the
+    decoder's layers, negative allowed; None = all); the vision CLS token is dropped and each
+    row renormalised, so every map is a distribution over patches (sums to 1). Row i is the
+    attention of the step that predicts token i + 1.
+    """
+    embeds = pixel_values_or_embeds
+    if embeds.dim() == 4:  # pixel values (B, 3, H, W)
+        embeds = image_embeddings(model, embeds)
+    num_layers = model.config.text_config.num_hidden_layers
+    chosen = list(range(num_layers)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in chosen if not -num_layers <= i < num_layers]
+    if not chosen or bad:
+        raise UserError(f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers (0-{num_layers - 1}, or negative from the end)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    out = model.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=embeds,
+                             output_attentions=True, return_dict=True)
+    if out.cross_attentions is None:
+        raise RuntimeError("the text decoder returned no cross_attentions; it needs eager attention")
+    attn = torch.stack([out.cross_attentions[i].float() for i in chosen]).mean(dim=(0, 2))  # (B, T, 1 + patches)
+    patches = attn[..., 1:]
+    patches = patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+    rows, cols = patch_grid(model)
+    if patches.shape[-1] != rows * cols:
+        raise RuntimeError(f"expected {rows}x{cols} patches from the model config, got {patches.shape[-1]}")
+    return patches.reshape(*patches.shape[:2], rows, cols)

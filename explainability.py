@@ -1,0 +1,398 @@
+"""Where does the caption decoder look? Cross-attention heatmaps, zero-shot BLIP vs the LoRA model.
+
+    python explainability.py                                  # 8 test images, adapter in outputs/blip-lora-pets
+    python explainability.py --image my_cat.jpg --image dog.png
+    python explainability.py --demo                           # offline: tiny BLIP + synthetic pets
+    python explainability.py --layers 8,9,10,11 --num_images 20
+
+Each caption is generated, then run again teacher-forced through the text decoder to read its
+cross-attention (see model.cross_attention_maps). Per image, one figure: the original, the map of
+the breed name (all its word pieces together) and maps of the other words, for both models.
+Where the data set has trimaps, attention_metrics.json says how much of the breed-token
+attention falls on the pet and how often its peak does (pointing game). Writes to --output_dir:
+one PNG per image, attention_metrics.json, attention_metrics.png, index.md, run_config.json.
+"""
+
+import json
+import logging
+import os
+import re
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from transformers import HfArgumentParser, set_seed
+
+from config import (BASE_MODEL, DEMO_DIR, DEMO_EXPLAIN_OVERRIDES, DEMO_OVERRIDES, ExplainConfig, PetConfig,
+                    UserError, apply_overrides, pick_device, pick_dtype, run_main, save_run_config)
+from data import _PHRASES, BREED_NAMES, BadImage, Record, _normalise, load_image, load_splits, report_bad_images, subsample
+from model import (caption_ids_from_embeddings, cross_attention_maps, image_embeddings, load_base_model,
+                   load_lora_for_inference, prepare_demo)
+
+logger = logging.getLogger("explain")
+
+MODELS = ("zero-shot", "fine-tuned")
+MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
+STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
+ANIMAL_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "dog", "dogs", "puppy", "puppies", "pet", "pets", "animal"}
+BREED_PHRASES = dict(_PHRASES)  # normalised breed name or alias -> class index
+
+
+def parse_layers(text: str):
+    """'all' -> None (every layer); '-1' or '8,9,10,11' -> list of ints."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--layers must be 'all' or comma-separated integers like '-1' or '8,9,10,11', not {text!r}") from None
+
+
+def parse_args(argv=None):
+    cfg, ex = HfArgumentParser((PetConfig, ExplainConfig)).parse_args_into_dataclasses(args=argv)
+    if cfg.demo:
+        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
+        apply_overrides(ex, DEMO_EXPLAIN_OVERRIDES, ExplainConfig())
+        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
+        apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+    if ex.split not in ("train", "validation", "test"):
+        raise UserError(f"--split must be train, validation or test, not {ex.split!r}")
+    if ex.num_images is None:
+        ex.num_images = 0 if ex.image else 8
+    if ex.num_images < 0:
+        raise UserError("--num_images must be 0 or more")
+    if os.path.isfile(ex.output_dir):
+        raise UserError(f"--output_dir {ex.output_dir!r} is a file; pass a folder")
+    parse_layers(ex.layers)  # fail before loading anything
+    return cfg, ex
+
+
+# ---------------------------------------------------------------------------
+# Tokens -> words -> maps
+
+
+def word_spans(tokens: list, special: set) -> list:
+    """[(word, start, end)]: word pieces (##xx) joined to their word; token positions [start, end)."""
+    words = []
+    for i, tok in enumerate(tokens):
+        if tok in special:
+            continue
+        if tok.startswith("##") and words and words[-1][2] == i:
+            word, start, _ = words[-1]
+            words[-1] = (word + tok[2:], start, i + 1)
+        else:
+            words.append((tok, i, i + 1))
+    return words
+
+
+def _is_word(text: str) -> bool:
+    return bool(re.search(r"[a-z0-9]", text.lower()))
+
+
+def subject_span(words: list):
+    """(first word, end word, kind) of what the caption says the pet is.
+
+    kind "breed": the longest run of words that is a breed name or alias (plural allowed);
+    else "animal": the first word like cat/dog/puppy; else None.
+    """
+    for n in range(min(6, len(words)), 0, -1):
+        for s in range(len(words) - n + 1):
+            run = words[s:s + n]
+            if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
+                continue
+            text = _normalise(" ".join(w for w, _, _ in run)).strip()
+            if any(t in BREED_PHRASES for t in (text, re.sub(r"e?s$", "", text))):
+                return s, s + n, "breed"
+    for s, (w, _, _) in enumerate(words):
+        if w.lower() in ANIMAL_WORDS:
+            return s, s + 1, "animal"
+    return None
+
+
+def span_map(maps: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Map of the tokens at positions [start, end): the mean of the steps that predict them.
+
+    maps[i] is the attention of the query at token i, which predicts token i + 1, so token j
+    was written by step j - 1. The mean of distributions is a distribution.
+    """
+    return maps[start - 1:end - 1].mean(axis=0)
+
+
+def pet_share(grid_map: np.ndarray, mask: np.ndarray):
+    """(share of the attention inside the pet, share of the image the pet covers).
+
+    The mask (H, W, bool) is averaged over each patch's area, so a patch half on the pet counts half.
+    """
+    rows, cols = grid_map.shape
+    fraction = cv2.resize(mask.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA)
+    return float((grid_map * fraction).sum() / grid_map.sum()), float(mask.mean())
+
+
+def pointing_hit(grid_map: np.ndarray, mask: np.ndarray) -> bool:
+    """Pointing game: is the centre of the most-attended patch on the pet?"""
+    rows, cols = grid_map.shape
+    r, c = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
+    h, w = mask.shape
+    return bool(mask[min(h - 1, int((r + 0.5) * h / rows)), min(w - 1, int((c + 0.5) * w / cols))])
+
+
+def load_pet_mask(trimap_path: str, size) -> np.ndarray:
+    """Pet mask from an official trimap (1 pet, 2 background, 3 border): pet and its border band."""
+    trimap = np.asarray(Image.open(trimap_path))
+    if trimap.ndim == 3:
+        trimap = trimap[..., 0]
+    mask = trimap != 2
+    if mask.shape != (size[1], size[0]):
+        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return mask
+
+
+def overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The patch map upsampled to the image (H, W, 3 uint8 RGB), coloured with JET, blended in."""
+    h, w = image.shape[:2]
+    heat = np.clip(cv2.resize(grid_map.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC), 0, None)
+    # Each panel stretched to its own range (min blue, max red); the title gives the contrast
+    heat = (heat - heat.min()) / (heat.max() - heat.min()) if heat.max() > heat.min() else np.zeros_like(heat)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    return cv2.addWeighted(image, 1 - alpha, np.ascontiguousarray(colour), alpha, 0)
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+@torch.no_grad()
+def explain(model, processor, embeds, cfg, layers) -> list:
+    """Per image: caption, word panels [(label, grid map)], subject (kind, map) from one model."""
+    ids, mask = caption_ids_from_embeddings(model, embeds, cfg.max_new_tokens, cfg.num_beams)
+    maps = cross_attention_maps(model, embeds, ids, mask, layers).cpu().numpy()
+    special = set(processor.tokenizer.all_special_tokens)
+    results = []
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        tokens = processor.tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
+        words = word_spans(tokens, special)
+        subject = subject_span(words)
+        panels, subject_map, kind = [], None, None
+        if subject is not None:
+            s, e, kind = subject
+            subject_map = span_map(maps[b], words[s][1], words[e - 1][2])
+            panels.append((f"{kind}: {' '.join(w for w, _, _ in words[s:e])}", subject_map))
+        skip = set(range(subject[0], subject[1])) if subject else set()
+        for k, (w, start, end) in enumerate(words):
+            if k not in skip and _is_word(w) and w.lower() not in STOPWORDS and len(panels) <= MAX_OTHER_WORDS:
+                panels.append((w, span_map(maps[b], start, end)))
+        caption = processor.tokenizer.decode(ids[b, :n].tolist(), skip_special_tokens=True).strip()
+        results.append({"caption": caption, "panels": panels, "subject_map": subject_map, "subject_kind": kind})
+    return results
+
+
+def load_models(cfg, ex, device, dtype):
+    """(zero-shot base, merged fine-tuned model, processor, base name, vision encoders identical?)."""
+    given_base = cfg.model_name_or_path if cfg.model_name_or_path != BASE_MODEL or cfg.demo else None
+    tuned, processor = load_lora_for_inference(ex.adapter, base_model=given_base, dtype=dtype, device=device)
+    with open(os.path.join(ex.adapter, "adapter_config.json")) as f:
+        base_name = given_base or json.load(f).get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{ex.adapter}/adapter_config.json names no base model; pass --model_name_or_path")
+    base = load_base_model(base_name, dtype=dtype).to(device).eval()
+    # LoRA on the text decoder only leaves the vision encoder untouched: embed each image once
+    a, b = base.vision_model.state_dict(), tuned.vision_model.state_dict()
+    shared = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return base, tuned, processor, base_name, shared
+
+
+def collect_images(cfg, ex):
+    """[(name, PIL image, Record or None, true label or None)]: data set samples, then --image files."""
+    items = []
+    if ex.num_images > 0:
+        records = subsample(load_splits(cfg.dataset, cfg.val_fraction, ex.seed)[ex.split], ex.num_images, ex.seed)
+        bad = {}
+        for r in records:
+            try:
+                items.append((r.image_id, load_image(r), r))
+            except BadImage as e:
+                bad[r.image_id] = str(e)
+        report_bad_images(bad)
+    for path in ex.image:
+        if not os.path.isfile(path):
+            logger.warning("skipping --image %s: no such file", path)
+            continue
+        try:
+            image = load_image(Record(path, -1, path))
+        except BadImage as e:
+            logger.warning("skipping --image %s: not a readable image (%s)", path, str(e).split(": ", 1)[-1])
+            continue
+        items.append((os.path.splitext(os.path.basename(path))[0], image, None))
+    if not items:
+        raise UserError("no readable image to explain: pass --num_images N or --image PATH (see the warnings above)")
+    return items
+
+
+# ---------------------------------------------------------------------------
+# Figures and report
+
+
+def draw_figure(path: str, name: str, image: Image.Image, rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = np.asarray(image)
+    cols = 1 + max(len(r["panels"]) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.3 * cols, 2.9 * len(rows) + 0.6), squeeze=False)
+    for ax_row, (label, r) in zip(axes, rows.items()):
+        ax_row[0].imshow(rgb)
+        ax_row[0].set_title(label, fontsize=10, fontweight="bold")
+        for ax, (word, grid_map) in zip(ax_row[1:], r["panels"]):
+            ax.imshow(overlay(rgb, grid_map))
+            # peak / mean: 1.0 is a flat map, whatever the colours suggest
+            colour = "darkred" if word.startswith(("breed:", "animal:")) else "black"
+            ax.set_title(f"{word}\npeak {grid_map.max() * grid_map.size:.1f}x uniform", fontsize=9, color=colour)
+        if not r["panels"]:
+            ax_row[1].text(0.5, 0.5, "no words", ha="center", va="center")
+        for ax in ax_row:
+            ax.axis("off")
+    title = "\n".join(f"{label}: \u201c{r['caption']}\u201d" for label, r in rows.items())
+    fig.suptitle(f"{name}\n{title}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarise(per_image: list) -> dict:
+    """Mean pet-attention share, mean mask share and pointing-game hit rate per model."""
+    summary = {}
+    for m in MODELS:
+        rows = [r[m] for r in per_image if r[m].get("pet_attention_share") is not None]
+        kinds = [r[m]["subject_kind"] or "none" for r in per_image if r["has_trimap"]]
+        mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
+        summary[m] = {
+            "images_with_trimap": sum(r["has_trimap"] for r in per_image),
+            "images_scored": len(rows),
+            "mean_pet_attention_share": mean("pet_attention_share"),
+            "mean_mask_share": mean("mask_share"),
+            "pointing_game_hits": sum(r["pointing_hit"] for r in rows),
+            "pointing_game_hit_rate": mean("pointing_hit"),
+            "subject_kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+        }
+    return summary
+
+
+def plot_metrics(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("mean_pet_attention_share", "attention on pet"), ("mean_mask_share", "pet area (chance)"),
+            ("pointing_game_hit_rate", "pointing game")]
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for k, m in enumerate(MODELS):
+        values = [summary[m][key] or 0.0 for key, _ in keys]
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{m} (n={summary[m]['images_scored']})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, [label for _, label in keys])
+    ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title="Breed-token cross-attention on the pet (trimap)")
+    if not any(summary[m]["images_scored"] for m in MODELS):
+        ax.text(1, 0.55, "no image with a trimap and a breed or animal word", ha="center", color="gray")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_index(path: str, cfg, ex, base_name, summary: dict, per_image: list) -> None:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "# Where the caption decoder looks", "",
+        f"Cross-attention of the text decoder over the image patches (layers `{ex.layers}`, heads averaged), "
+        f"teacher-forced over each generated caption. Zero-shot: `{base_name}`; fine-tuned: adapter `{ex.adapter}`. "
+        "Red is where the step that writes the word attends most; each panel is stretched to its own range, "
+        "so read its contrast from the title (peak / uniform: 1.0 is a flat map).", "",
+        "## How much attention falls on the pet", "",
+        "| model | images scored | attention on pet | pet area (chance) | pointing game | breed / animal word / none |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in MODELS:
+        s = summary[m]
+        kinds = s["subject_kinds"]
+        lines.append(f"| {m} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
+                     f"{fmt(s['pointing_game_hit_rate'])} | {kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |")
+    lines += ["", "![attention metrics](attention_metrics.png)", "", "## Images", ""]
+    for r in per_image:
+        truth = f" (true breed: {r['true_breed']})" if r["true_breed"] else ""
+        lines += [f"### {r['name']}{truth}", ""]
+        lines += [f"- {m}: \u201c{r[m]['caption']}\u201d" for m in MODELS]
+        lines += ["", f"![{r['name']}]({r['figure']})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cfg, ex = parse_args(argv)
+    set_seed(ex.seed)
+    layers = parse_layers(ex.layers)
+    device = pick_device()
+    dtype = pick_dtype(device, cfg.precision)
+
+    base, tuned, processor, base_name, shared = load_models(cfg, ex, device, dtype)
+    items = collect_images(cfg, ex)
+    os.makedirs(ex.output_dir, exist_ok=True)
+    logger.info("explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers)
+
+    per_image = []
+    for k, (name, image, record) in enumerate(items, 1):
+        pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"].to(device, dtype)
+        base_embeds = image_embeddings(base, pixels)
+        tuned_embeds = base_embeds if shared else image_embeddings(tuned, pixels)
+        rows = {MODELS[0]: explain(base, processor, base_embeds, cfg, layers)[0],
+                MODELS[1]: explain(tuned, processor, tuned_embeds, cfg, layers)[0]}
+        figure = f"{k:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+        draw_figure(os.path.join(ex.output_dir, figure), name, image, rows)
+
+        mask = load_pet_mask(record.trimap, image.size) if record is not None and record.trimap else None
+        entry = {"name": name, "figure": figure, "has_trimap": mask is not None,
+                 "true_breed": BREED_NAMES[record.label] if record is not None else None}
+        for m, r in rows.items():
+            entry[m] = {"caption": r["caption"], "subject_kind": r["subject_kind"]}
+            if mask is not None and r["subject_map"] is not None:
+                share, area = pet_share(r["subject_map"], mask)
+                entry[m].update(pet_attention_share=share, mask_share=area, pointing_hit=pointing_hit(r["subject_map"], mask))
+        per_image.append(entry)
+        logger.info("%d/%d %s: zero-shot %r, fine-tuned %r", k, len(items), name, rows[MODELS[0]]["caption"], rows[MODELS[1]]["caption"])
+
+    summary = summarise(per_image)
+    metrics = {
+        "summary": summary,
+        "definitions": {
+            "subject": "the breed-name tokens (all word pieces), or the first cat/dog-like word when no breed is named",
+            "pet_attention_share": "share of the subject's cross-attention over patches that falls on the pet (trimap pet + border)",
+            "mask_share": "share of the image the pet covers: what attention spread evenly would score",
+            "pointing_game": "the centre of the most-attended patch lies on the pet",
+        },
+        "layers": ex.layers, "zero_shot_model": base_name, "adapter": ex.adapter, "images": per_image,
+    }
+    with open(os.path.join(ex.output_dir, "attention_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    plot_metrics(summary, os.path.join(ex.output_dir, "attention_metrics.png"))
+    write_index(os.path.join(ex.output_dir, "index.md"), cfg, ex, base_name, summary, per_image)
+    save_run_config(os.path.join(ex.output_dir, "run_config.json"), cfg, ex)
+    for m in MODELS:
+        s = summary[m]
+        if s["images_scored"]:
+            print(f"{m}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
+                  f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)")
+    print(f"Wrote {len(per_image)} figures, attention_metrics.json and index.md to {ex.output_dir}/")
+    return {"output_dir": ex.output_dir, "metrics": metrics}
+
+
+if __name__ == "__main__":
+    run_main(main)
