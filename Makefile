@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 demo: install
 	$(PY) train.py --demo
+	$(PY) evaluate.py --demo
+	$(PY) explainability.py --demo
 
 test: install
 	$(PY) -m pytest -q tests
