@@ -316,24 +316,37 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     image_embeds (B, N, H) come from image_embeddings(); input_ids / attention_mask (C, T) from
     tokenize_captions (bos first). The score is the sum of the log-probabilities of tokens 1..T-1
     ([SEP] included, padding excluded), from the raw logits: BLIP's training loss smooths labels,
-    this does not. Images are repeated C times and sent through the decoder together, at most
-    max_rows sequences at a time (the logits are rows x T x vocab floats).
+    this does not.
+
+    The C candidates of an image are packed into ONE sequence of C*T tokens with a block-diagonal
+    causal mask and positions restarting at 0 for each candidate. Each candidate sees only itself,
+    exactly as if decoded alone, but the image-side cross-attention keys and values (577 x 768
+    per layer, most of the decoder's work) are computed once per image instead of once per
+    candidate. At most max_rows // C images go through the decoder at a time.
     """
     device = image_embeds.device
-    num_candidates = input_ids.shape[0]
+    num_candidates, length = input_ids.shape
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    packed_ids = input_ids.reshape(1, -1)
+    positions = torch.arange(length, device=device).repeat(num_candidates).unsqueeze(0)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+    allowed = torch.block_diag(*[causal] * num_candidates) & attention_mask.reshape(1, -1).bool()
+    allowed |= torch.eye(allowed.shape[0], dtype=torch.bool, device=device)  # padding rows see themselves: no empty softmax
+    dtype = image_embeds.dtype if image_embeds.dtype.is_floating_point else torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     targets, weights = input_ids[:, 1:], attention_mask[:, 1:].float()
     per_chunk = max(1, max_rows // num_candidates)
     scores = []
     for start in range(0, image_embeds.shape[0], per_chunk):
         emb = image_embeds[start:start + per_chunk]
         n = emb.shape[0]
-        emb = emb.unsqueeze(1).expand(n, num_candidates, *emb.shape[1:]).reshape(n * num_candidates, *emb.shape[1:])
-        logits = model.text_decoder(input_ids=input_ids.repeat(n, 1), attention_mask=attention_mask.repeat(n, 1),
-                                    encoder_hidden_states=emb, use_cache=False).logits[:, :-1].float()
-        # log_softmax gathered at the targets, without materialising a second rows x T x vocab tensor
-        token_logp = logits.gather(-1, targets.repeat(n, 1).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-        scores.append((token_logp * weights.repeat(n, 1)).sum(-1).view(n, num_candidates))
+        logits = model.text_decoder(input_ids=packed_ids.expand(n, -1), position_ids=positions.expand(n, -1),
+                                    attention_mask=mask.expand(n, 1, -1, -1), encoder_hidden_states=emb,
+                                    use_cache=False).logits
+        logits = logits.view(n, num_candidates, length, -1)[:, :, :-1].float()
+        # log_softmax gathered at the targets, without materialising a second logits-sized tensor
+        token_logp = logits.gather(-1, targets.expand(n, -1, -1).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        scores.append((token_logp * weights).sum(-1))
     return torch.cat(scores)
 
 

@@ -62,11 +62,16 @@ def build_model(kind: str, workdir: str) -> str:
     return path
 
 
-def setup(kind, workdir, device, dtype, n_images, lora_targets):
-    model_dir = build_model(kind, workdir)
+def pets(workdir) -> str:
     data_dir = os.path.join(workdir, "pets")
     if not os.path.isdir(data_dir):
         write_synthetic_pets(data_dir, breeds=range(8), trainval_per_breed=8, test_per_breed=4, size=96)
+    return data_dir
+
+
+def setup(kind, workdir, device, dtype, n_images, lora_targets):
+    model_dir = build_model(kind, workdir)
+    data_dir = pets(workdir)
     processor = load_processor(model_dir)
     model = create_lora_model(load_base_model(model_dir), target_modules=lora_targets).to(device)
     records = load_splits(data_dir, 0.0)["train"][:n_images]
@@ -177,6 +182,64 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
             "ratio": bare_step / trainer_step}
 
 
+def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=12):
+    """3. Everything evaluate.py needs per image, the naive way against the project's path; same predictions."""
+    from evaluate import evaluate_batch
+    from model import breed_candidates
+
+    model_dir = build_model(kind, workdir)
+    processor = load_processor(model_dir)
+    base = load_base_model(model_dir, dtype=dtype).to(device).eval()
+    tuned = create_lora_model(load_base_model(model_dir, dtype=dtype), target_modules="query,value").to(device).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter: LoRA's B starts at zero, which would change nothing
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    merged = create_lora_model(load_base_model(model_dir, dtype=dtype), target_modules="query,value")
+    merged.load_state_dict(tuned.state_dict())
+    merged = merged.merge_and_unload().to(device).eval()
+    records = load_splits(pets(workdir), 0.0)["test"][:n_images]
+    images = [load_image(r) for r in records]
+    captions = [caption_for(b, TEMPLATE) for b in range(37)]
+    tok = processor.tokenizer
+
+    @torch.no_grad()
+    def naive():
+        """One image at a time; each model, and each of the 37 candidate captions, runs the full model from pixels."""
+        preds = []
+        for image in images:
+            pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"].to(device, dtype)
+            for model in (base, tuned):
+                ids = model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+                caption = tok.decode(ids[0], skip_special_tokens=True).strip()
+                scores = []
+                for text in captions:
+                    enc = tok(text, return_tensors="pt").to(device)
+                    input_ids = enc["input_ids"].clone()
+                    input_ids[:, 0] = tok.bos_token_id
+                    logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=enc["attention_mask"]).logits
+                    logp = logits[0, :-1].float().log_softmax(-1).gather(-1, input_ids[0, 1:, None]).sum()
+                    scores.append(logp.item())
+                preds.append((caption, int(torch.tensor(scores).argmax())))
+        return preds
+
+    cfg = PetConfig(max_new_tokens=max_new_tokens)
+    candidates = breed_candidates(tok, TEMPLATE)
+
+    @torch.no_grad()
+    def project():
+        out = evaluate_batch({"zero_shot": base, "fine_tuned": merged}, processor, images, candidates, cfg, True)
+        return [(out[m]["captions"][i], int(out[m]["scores"][i].argmax())) for i in range(len(images))
+                for m in ("zero_shot", "fine_tuned")]
+
+    slow, fast = naive(), project()
+    t = interleaved({"naive": naive, "project": project}, repeats, device)
+    return {"images": n_images, "naive_img_s": n_images / t["naive"], "fast_img_s": n_images / t["project"],
+            "speedup": t["naive"] / t["project"], "same_captions": [c for c, _ in slow] == [c for c, _ in fast],
+            "same_top1_breed": [b for _, b in slow] == [b for _, b in fast]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="base,tiny", help="comma-separated: base (224M, random) and/or tiny (demo)")
@@ -187,6 +250,7 @@ def main():
     p.add_argument("--lora_target_modules", default="query,value")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "petcaption-bench"))
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--sections", default="training,pipeline,evaluation")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe per process
     a = p.parse_args()
     device = torch.device(a.device)
@@ -207,15 +271,22 @@ def main():
         workdir = os.path.join(a.workdir, kind)
         os.makedirs(workdir, exist_ok=True)
         batch = a.batch or (32 if device.type == "cuda" else 4 if kind == "base" else 32)
-        print(f"[{kind}] training step, stock vs cached embeddings (batch {batch}) ...", flush=True)
-        r = {"training": training(kind, workdir, device, dtype, batch, a.repeats, a.lora_target_modules)}
-        for mode in ("stock", "cached"):
-            out = subprocess.run([sys.executable, __file__, "--device", a.device, "--dtype", a.dtype, "--workdir", a.workdir,
-                                  "--lora_target_modules", a.lora_target_modules, "--_memory", f"{kind}:{mode}:{batch}"],
-                                 capture_output=True, text=True, check=True)
-            r["training"][f"{mode}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"[{kind}] training loop vs bare forward+backward ...", flush=True)
-        r["pipeline"] = pipeline(kind, workdir, device, dtype, batch, 6, max(3, a.repeats // 2), a.lora_target_modules)
+        sections, r = a.sections.split(","), {}
+        if "training" in sections:
+            print(f"[{kind}] training step, stock vs cached embeddings (batch {batch}) ...", flush=True)
+            r["training"] = training(kind, workdir, device, dtype, batch, a.repeats, a.lora_target_modules)
+            for mode in ("stock", "cached"):
+                out = subprocess.run([sys.executable, __file__, "--device", a.device, "--dtype", a.dtype, "--workdir",
+                                      a.workdir, "--lora_target_modules", a.lora_target_modules,
+                                      "--_memory", f"{kind}:{mode}:{batch}"], capture_output=True, text=True, check=True)
+                r["training"][f"{mode}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
+        if "pipeline" in sections:
+            print(f"[{kind}] training loop vs bare forward+backward ...", flush=True)
+            r["pipeline"] = pipeline(kind, workdir, device, dtype, batch, 6, max(3, a.repeats // 2), a.lora_target_modules)
+        if "evaluation" in sections:
+            n_eval = 2 if kind == "base" and device.type == "cpu" else 8
+            print(f"[{kind}] evaluation, naive vs project path ({n_eval} images) ...", flush=True)
+            r["evaluation"] = evaluation(kind, workdir, device, dtype, n_eval, max(1, a.repeats // 2))
         results[kind] = r
         print_table(kind, r)
     with open(a.out, "w") as f:
@@ -224,16 +295,21 @@ def main():
 
 
 def print_table(kind, r):
-    t, p = r["training"], r["pipeline"]
-    rows = [
-        ("training step, img/s", f"stock {t['stock_img_s']:.2f}", f"cached {t['cached_img_s']:.2f}", f"{t['speedup']:.2f}x"),
-        ("training peak memory, MiB", f"stock {t['stock_peak_mib']:.0f}", f"cached {t['cached_peak_mib']:.0f}",
-         f"{t['cached_peak_mib'] / max(t['stock_peak_mib'], 1e-9):.2f}x"),
-        ("training loop, img/s", f"Trainer {p['trainer_img_s']:.2f}", f"bare {p['bare_img_s']:.2f}", f"{p['ratio']:.2f} of limit"),
-    ]
+    rows = []
+    if "training" in r:
+        t = r["training"]
+        rows.append(("training step, img/s", f"stock {t['stock_img_s']:.2f}", f"cached {t['cached_img_s']:.2f}",
+                     f"{t['speedup']:.2f}x"))
+        rows.append(("training peak memory, MiB", f"stock {t['stock_peak_mib']:.0f}", f"cached {t['cached_peak_mib']:.0f}",
+                     f"{t['cached_peak_mib'] / max(t['stock_peak_mib'], 1e-9):.2f}x"))
+    if "pipeline" in r:
+        p = r["pipeline"]
+        rows.append(("training loop, img/s", f"Trainer {p['trainer_img_s']:.2f}", f"bare {p['bare_img_s']:.2f}",
+                     f"{p['ratio']:.2f} of limit"))
     if "evaluation" in r:
         e = r["evaluation"]
-        rows.append(("evaluation, img/s", f"naive {e['naive_img_s']:.3f}", f"project {e['fast_img_s']:.3f}", f"{e['speedup']:.1f}x"))
+        rows.append(("evaluation, img/s", f"naive {e['naive_img_s']:.3f}", f"project {e['fast_img_s']:.3f}",
+                     f"{e['speedup']:.1f}x, same predictions: {e['same_captions'] and e['same_top1_breed']}"))
     print(f"\n== {kind} ==")
     for row in rows:
         print(f"{row[0]:<28}{row[1]:<20}{row[2]:<20}{row[3]}")

@@ -197,8 +197,10 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter)
     assert scores.shape == (len(records), 37)
     expected = torch.tensor([[_one_by_one(model, pixels[i:i + 1], caption_for(b, TEMPLATE), processor.tokenizer)
                               for b in breeds] for i in range(len(records))])
-    assert torch.allclose(scores.double(), expected, atol=1e-3)
-    assert torch.equal(order[:, 0], expected.argmax(-1))
+    assert torch.allclose(scores, expected.float(), atol=1e-3)
+    # the top-ranked breed has the best one-by-one score (ties within float noise may swap)
+    best = expected.gather(1, order[:, :1]).squeeze(1).float()
+    assert torch.all(best >= expected.max(-1).values.float() - 1e-4)
     # chunking (a few images per decoder call) does not change the numbers
     assert torch.allclose(caption_log_likelihoods(model, embeds, *candidates, max_rows=37), scores, atol=1e-5)
 
@@ -304,7 +306,7 @@ def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, m
     with pytest.raises(UserError, match="made for another base model"):
         evaluate.main(["--demo", "--model_name_or_path", other, "--output_dir", str(tmp_path / "o")])
     # ... and one whose layers have other shapes
-    with pytest.raises(UserError, match="does not fit base model"):
+    with pytest.raises(UserError, match="another shape"):
         evaluate.main(["--demo", "--model_name_or_path", _narrow_blip(tmp_path / "narrow"), "--output_dir", str(tmp_path / "o")])
     # and through the script: one line on stderr, exit code 2
     proc = run_script(["evaluate.py", "--demo", "--adapter", str(truncated)], cwd=cwd, timeout=120)
