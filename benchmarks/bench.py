@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from config import PetConfig  # noqa: E402
-from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
+from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for, load_image,  # noqa: E402
                   load_splits, write_synthetic_pets)
 from model import (build_tiny_blip, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
                    vision_fingerprint)
