@@ -338,6 +338,14 @@ class PetCaptionDataset(torch.utils.data.Dataset):
         raise UserError("no readable image in the data set")
 
 
+def tokenize_captions(tokenizer, captions: list):
+    """(input_ids, attention_mask) padded to the longest caption, first token bos [DEC] as in training."""
+    enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
+    input_ids = enc["input_ids"].clone()
+    input_ids[:, 0] = tokenizer.bos_token_id
+    return input_ids, enc["attention_mask"]
+
+
 class CaptionCollator:
     """Tokenise a batch of captions for teacher-forced training.
 
@@ -355,13 +363,11 @@ class CaptionCollator:
         items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
         if not items:
             raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
-        enc = self.tokenizer([it["caption"] for it in items], padding="longest", return_tensors="pt")
-        input_ids = enc["input_ids"]
-        input_ids[:, 0] = self.tokenizer.bos_token_id
+        input_ids, attention_mask = tokenize_captions(self.tokenizer, [it["caption"] for it in items])
         batch = {
             "input_ids": input_ids,
-            "attention_mask": enc["attention_mask"],
-            "labels": input_ids.masked_fill(enc["attention_mask"] == 0, -100),
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
         }
         for key in ("pixel_values", "image_embeds"):
             if key in items[0]:
@@ -633,7 +639,8 @@ class EmbeddingCache:
         chunk, row = entry
         if chunk not in self._chunks:
             self._chunks[chunk] = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
-        return torch.from_numpy(np.array(self._chunks[chunk][row], dtype=np.float32))
+        # stays in the stored (half) precision: half the bytes to copy and move; the model casts on its device
+        return torch.from_numpy(np.array(self._chunks[chunk][row]))
 
 
 class CachedEmbeddingDataset(torch.utils.data.Dataset):

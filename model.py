@@ -56,6 +56,7 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
         if image_embeds is None:
             return super().forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
+        image_embeds = image_embeds.to(self.text_decoder.dtype)  # the cache stores half precision
         out = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                 labels=labels, reduction="mean", **kwargs)
         return BlipForConditionalGenerationModelOutput(loss=out.loss, logits=out.logits, image_embeds=image_embeds)
@@ -89,21 +90,8 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False."""
     from peft import PeftModel
 
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isdir(adapter_dir):
-        raise UserError(f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{adapter_dir!r} has no adapter_config.json; is it the output folder of train.py?")
-    if not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
-            raise UserError(f"{adapter_dir!r} holds only adapter_model.bin, a pickle that can run code when loaded; "
-                            "refused: only safetensors adapters load (re-save it with save_pretrained where you trust it)")
-        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors; is it the output folder of train.py?")
-    try:
-        with open(config_path) as f:
-            base = base_model or json.load(f)["base_model_name_or_path"]
-    except (ValueError, KeyError):
-        raise UserError(f"{config_path} is not a valid adapter config (JSON with base_model_name_or_path)") from None
+    adapter_config = check_adapter(adapter_dir)
+    base = base_model or adapter_config["base_model_name_or_path"]
     saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter_dir if saved else base)
     model = load_base_model(base, dtype=dtype)
@@ -151,24 +139,33 @@ def has_vision_lora(model) -> bool:
 
 
 @torch.no_grad()
-def captions_from_embeddings(model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30,
-                             num_beams: int = 1) -> list:
-    """Greedy (or beam) captions from precomputed image embeddings, as BLIP's generate does them."""
+def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
+    """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
     text_config = model.config.text_config
     batch = image_embeds.shape[0]
     input_ids = torch.full((batch, 1), text_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    out = model.text_decoder.generate(
+    ids = model.text_decoder.generate(
         input_ids=input_ids,
         eos_token_id=text_config.sep_token_id,
         pad_token_id=text_config.pad_token_id,
         encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
         do_sample=False,
     )
-    return [c.strip() for c in processor.batch_decode(out, skip_special_tokens=True)]
+    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
+    is_sep = (ids == text_config.sep_token_id).long()
+    after_sep = (is_sep.cumsum(1) - is_sep) > 0
+    return ids, (~after_sep).long()
+
+
+@torch.no_grad()
+def captions_from_embeddings(model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30,
+                             num_beams: int = 1) -> list:
+    """Greedy (or beam) captions from precomputed image embeddings, as BLIP's generate does them."""
+    ids, _ = caption_ids_from_embeddings(model, image_embeds, max_new_tokens, num_beams)
+    return [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 @torch.no_grad()
@@ -279,14 +276,18 @@ def check_adapter(adapter_dir: str) -> dict:
     if not os.path.isfile(config_path):
         raise UserError(f"{adapter_dir!r} has no adapter_config.json; is it the output folder of train.py?")
     if not os.path.isfile(weights):
-        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors (only safetensors adapters are loaded)")
+        if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+            raise UserError(f"{adapter_dir!r} holds only adapter_model.bin, a pickle that can run code when loaded; "
+                            "refused: only safetensors adapters load (re-save it with save_pretrained where you trust it)")
+        raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors; is it the output folder of train.py?")
     try:
         with open(config_path) as f:
             config = json.load(f)
         with safe_open(weights, framework="pt") as f:
             keys = list(f.keys())
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
-        raise UserError(f"adapter {adapter_dir!r} is incomplete or corrupt: {type(e).__name__}: {str(e)[:200]}") from None
+        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:200]}; "
+                        "re-save or re-train it") from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
     if not keys:
@@ -298,14 +299,6 @@ def same_vision_encoder(a, b) -> bool:
     """True when two BLIP models have identical vision encoders, so image embeddings can be shared."""
     pa, pb = dict(a.vision_model.named_parameters()), dict(b.vision_model.named_parameters())
     return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
-
-
-def tokenize_captions(tokenizer, captions: list):
-    """(input_ids, attention_mask) padded to the longest caption, first token bos [DEC] as in training."""
-    enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
-    input_ids = enc["input_ids"].clone()
-    input_ids[:, 0] = tokenizer.bos_token_id
-    return input_ids, enc["attention_mask"]
 
 
 @torch.no_grad()
@@ -352,7 +345,7 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
 
 def breed_candidates(tokenizer, template: str, breeds=None):
     """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds."""
-    from data import NUM_BREEDS, caption_for
+    from data import NUM_BREEDS, caption_for, tokenize_captions
 
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
     return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds])
@@ -388,28 +381,6 @@ def patch_grid(model) -> tuple:
     vision = model.config.vision_config
     side = vision.image_size // vision.patch_size
     return side, side
-
-
-@torch.no_grad()
-def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
-    """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
-    text_config = model.config.text_config
-    batch = image_embeds.shape[0]
-    input_ids = torch.full((batch, 1), text_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
-    ids = model.text_decoder.generate(
-        input_ids=input_ids,
-        eos_token_id=text_config.sep_token_id,
-        pad_token_id=text_config.pad_token_id,
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=False,
-    )
-    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
-    is_sep = (ids == text_config.sep_token_id).long()
-    after_sep = (is_sep.cumsum(1) - is_sep) > 0
-    return ids, (~after_sep).long()
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ class PetTrainer(Trainer):
         for batch, truth in loader:
             with torch.autocast(self.args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if "image_embeds" in batch:
-                    embeds = batch["image_embeds"].to(self.args.device)
+                    embeds = batch["image_embeds"].to(self.args.device, model.text_decoder.dtype)
                 else:
                     embeds = image_embeddings(model, batch["pixel_values"].to(self.args.device))
                 captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
@@ -176,12 +176,16 @@ def resume_point(args):
     if value is None or value.lower() in ("false", "no", "none", ""):
         return None
     if value.lower() in ("true", "last", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {args.output_dir!r}")
-        return last
+        # The newest COMPLETE checkpoint: a run killed while saving leaves a checkpoint-N folder
+        # without trainer_state.json (Trainer writes it last), which Trainer cannot resume from.
+        found = sorted((int(d.split("-")[1]), d) for d in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+                       if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+        for _, name in reversed(found):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, "trainer_state.json")):
+                return path
+            logger.warning("skipping %s: incomplete (the run was stopped while saving it)", path)
+        raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {args.output_dir!r}")
     if not os.path.isdir(value):
         raise UserError(f"--resume_from_checkpoint {value!r} is not a folder; pass a checkpoint-N folder or True")
     return value

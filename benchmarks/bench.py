@@ -154,7 +154,8 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
     args = TrainConfig(output_dir=os.path.join(workdir, "trainer"), max_steps=steps, per_device_train_batch_size=batch,
                        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**6,
                        learning_rate=1e-5, disable_tqdm=True, bf16=dtype == torch.bfloat16,
-                       fp16=dtype == torch.float16, use_cpu=device.type == "cpu", dataloader_pin_memory=False)
+                       fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
+                       dataloader_pin_memory=device.type == "cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = [{k: v.to(device) for k, v in collate([dataset[i] for i in range(s * batch, (s + 1) * batch)]).items()}
                for s in range(len(dataset) // batch)]
@@ -237,7 +238,9 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
     t = interleaved({"naive": naive, "project": project}, repeats, device)
     return {"images": n_images, "naive_img_s": n_images / t["naive"], "fast_img_s": n_images / t["project"],
             "speedup": t["naive"] / t["project"], "same_captions": [c for c, _ in slow] == [c for c, _ in fast],
-            "same_top1_breed": [b for _, b in slow] == [b for _, b in fast]}
+            "same_top1_breed": [b for _, b in slow] == [b for _, b in fast],
+            "differing_captions": sum(a[0] != b[0] for a, b in zip(slow, fast)),
+            "differing_top1": sum(a[1] != b[1] for a, b in zip(slow, fast)), "predictions": len(slow)}
 
 
 def main():

@@ -299,7 +299,7 @@ def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, m
     shutil.copytree(demo_adapter, truncated, ignore=shutil.ignore_patterns("checkpoint-*"))
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(UserError, match="incomplete or corrupt"):
+    with pytest.raises(UserError, match="corrupt or truncated"):
         evaluate.parse_args(["--demo", "--adapter", str(truncated)])
     # an adapter for another base model: a tiny BLIP with another vocabulary and image size ...
     other = build_tiny_blip(str(tmp_path / "other-blip"), ["a", "photo", "of", "pug"], image_size=32)
