@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from transformers import HfArgumentParser, set_seed
 
 from config import (DEMO_DIR, DEMO_EVAL_OVERRIDES, DEMO_OVERRIDES, EvalConfig, PetConfig, UserError, apply_overrides,
@@ -51,7 +53,8 @@ def parse_args(argv=None):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
     adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
     if cfg.demo:
-        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
+        with PartialState().main_process_first():  # built once, by one process
+            model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
         apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
         model_given = True
     base = cfg.model_name_or_path if model_given else adapter_base
@@ -88,7 +91,8 @@ def evaluate_batch(models: dict, processor, images: list, candidates, cfg, share
     return out
 
 
-def predict(models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool):
+def predict(models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool,
+            show_progress: bool = True):
     """(per-image results, {image_id: reason} of unreadable images), with a progress bar over the images."""
     from tqdm.auto import tqdm
 
@@ -98,7 +102,7 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
     for name in models:
         results[name] = {"captions": [], "scores": []}
     images, bad = read_images(records)
-    bar = tqdm(total=len(records), unit="img", desc="evaluating")
+    bar = tqdm(total=len(records), unit="img", desc="evaluating", disable=not show_progress)
     batch = []
 
     def flush():
@@ -128,6 +132,32 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
         s = results[name]["scores"]
         results[name]["scores"] = np.concatenate(s) if s else np.zeros((0, NUM_BREEDS))
     return results, bad
+
+
+def drop_records(results: dict) -> dict:
+    """Results without the Record objects (they can hold a whole datasets.Dataset): for gathering."""
+    return {k: v for k, v in results.items() if k != "record"}
+
+
+def merge_shards(shards: list, records: list):
+    """Per-process (results, bad) -> one results dict in the order of `records`, each image once."""
+    position = {r.image_id: i for i, r in enumerate(records)}
+    rows, bad = [], {}
+    for results, shard_bad in shards:
+        bad.update(shard_bad)
+        models = [k for k in results if isinstance(results[k], dict)]
+        for j, image_id in enumerate(results["image_id"]):
+            rows.append((position[image_id], image_id, results["label"][j],
+                         {m: (results[m]["captions"][j], results[m]["scores"][j]) for m in models}))
+    rows.sort(key=lambda row: row[0])
+    if len({row[0] for row in rows}) != len(rows):
+        raise RuntimeError("an image was evaluated by two processes")
+    merged = {"image_id": [r[1] for r in rows], "label": [r[2] for r in rows],
+              "record": [records[r[0]] for r in rows], "candidate_tokens": shards[0][0]["candidate_tokens"]}
+    for m in (rows[0][3] if rows else {}):
+        merged[m] = {"captions": [r[3][m][0] for r in rows],
+                     "scores": np.stack([r[3][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS))}
+    return merged, bad
 
 
 # ---------------------------------------------------------------------------
@@ -521,8 +551,13 @@ def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     cfg, args = parse_args(argv)
     set_seed(args.seed)
-    device = pick_device()
+    # One process, or the group that torchrun / accelerate launch started: each takes every
+    # n-th image, the main process gathers the predictions and writes the outputs.
+    state = PartialState()
+    device = state.device if state.num_processes > 1 else pick_device()
     dtype = pick_dtype(device, cfg.precision)
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
 
     records = load_splits(cfg.dataset, cfg.val_fraction, args.seed)[args.split]
     records = subsample(records, cfg.max_eval_samples, args.seed)
@@ -540,7 +575,13 @@ def main(argv=None):
                 "shared by both models" if shared else "computed per model")
 
     start = time.perf_counter()
-    results, bad = predict(models, processor, records, cfg, args.per_device_eval_batch_size, shared)
+    shard = records[state.process_index::state.num_processes]
+    results, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
+                           show_progress=state.is_main_process)
+    if state.num_processes > 1:
+        results, bad = merge_shards(gather_object([(drop_records(results), bad)]), records)
+        if not state.is_main_process:
+            return None
     seconds = time.perf_counter() - start
     report_bad_images(bad)
     if not results["label"]:

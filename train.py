@@ -28,6 +28,10 @@ logger = logging.getLogger("train")
 
 
 def parse_args(argv=None):
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several CPU processes (torchrun): TrainingArguments sets up (gloo) DDP only when told it is
+        # on CPU, and it sets up its devices while parsing, so this must come first
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     parser = HfArgumentParser((PetConfig, TrainConfig))
     try:
         cfg, args = parser.parse_args_into_dataclasses(args=argv)
@@ -36,7 +40,8 @@ def parse_args(argv=None):
     if cfg.demo:
         apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
         apply_overrides(args, DEMO_TRAIN_OVERRIDES, TrainConfig())
-        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
+        with args.main_process_first(desc="demo assets"):  # built once, by one process
+            model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
         apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
     if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
         raise UserError("batch sizes must be at least 1")
@@ -81,7 +86,10 @@ class PetTrainer(Trainer):
             items = [it for it in items if it is not None]
             return self.data_collator(items), [it["label"] for it in items]
 
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate)
+        # each process captions every n-th image; the counts are summed over processes below
+        world, rank = self.args.world_size, self.args.process_index
+        shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+        loader = torch.utils.data.DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate)
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         correct = total = 0
         for batch, truth in loader:
@@ -93,6 +101,10 @@ class PetTrainer(Trainer):
                 captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
             correct += sum(breed_from_caption(c) == t for c, t in zip(captions, truth))
             total += len(truth)
+        if world > 1:
+            counts = torch.tensor([correct, total], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(counts)
+            correct, total = counts.tolist()
         return correct / max(total, 1)
 
 
@@ -220,6 +232,8 @@ def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     cfg, args = parse_args(argv)
     set_seed(args.seed)
+    if not args.should_log:  # under torchrun / accelerate launch only the main process talks
+        logging.getLogger().setLevel(logging.WARNING)
 
     splits = load_splits(cfg.dataset, cfg.val_fraction, args.seed)
     splits["train"] = subsample(splits["train"], cfg.max_train_samples, args.seed)
@@ -258,7 +272,8 @@ def main(argv=None):
         for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config goes last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         os.rmdir(tmp)
-    print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
+    if args.process_index == 0:
+        print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 
 

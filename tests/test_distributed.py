@@ -1,0 +1,71 @@
+"""Several processes (torchrun, gloo on CPU) and other BLIP sizes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BlipConfig
+
+from config import DEMO_DIR
+from model import BlipForPetCaptioning, create_lora_model
+
+from conftest import ROOT
+
+
+def torchrun(args, cwd, nproc=2, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
+           os.path.join(ROOT, args[0]), *args[1:]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_training_with_two_processes(demo_run, tmp_path):
+    cwd, _ = demo_run
+    out = tmp_path / "ddp"
+    # 2 processes x 8 = the single-process run's 16 images per optimizer step
+    proc = torchrun(["train.py", "--demo", "--output_dir", str(out), "--per_device_train_batch_size", "8",
+                     "--embedding_cache_dir", str(tmp_path / "cache")], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Adapter saved to") == 1  # only the main process writes and reports
+    assert os.path.isfile(out / "adapter_model.safetensors")
+    assert not [n for n in os.listdir(out) if n.startswith(".saving-")]
+    assert (tmp_path / "cache").is_dir() and len([n for n in os.listdir(tmp_path / "cache")]) == 1
+    single = json.load(open(os.path.join(cwd, DEMO_DIR, "blip-lora", "train_history.json")))["validation"]
+    ddp = json.load(open(out / "train_history.json"))["validation"]
+    best_single, best_ddp = max(e["breed_accuracy"] for e in single), max(e["breed_accuracy"] for e in ddp)
+    assert len(ddp) == len(single) == 20
+    assert best_ddp >= 0.6 and best_ddp >= best_single - 0.35, (best_ddp, best_single)
+
+
+def test_evaluation_with_two_processes_gives_the_same_predictions(demo_run, tmp_path):
+    cwd, _ = demo_run
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--demo", "--output_dir", str(tmp_path / "one"),
+                          "--per_device_eval_batch_size", "7"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(["evaluate.py", "--demo", "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "7"],
+                   cwd=cwd)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = pd.read_csv(tmp_path / "one" / "predictions.csv"), pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert len(a) == 80 and a["image_id"].is_unique  # every image once, the last uneven batch included
+    pd.testing.assert_frame_equal(a, b)
+    m1, m2 = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    assert m1["fine_tuned"] == m2["fine_tuned"] and m1["zero_shot"] == m2["zero_shot"]
+
+
+def test_large_checkpoint_shapes_take_the_same_lora_targets():
+    """blip-image-captioning-large: ViT-L vision encoder (1024 wide, 24 layers), BERT-base decoder."""
+    config = BlipConfig(text_config={"num_attention_heads": 12},
+                        vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                       "num_attention_heads": 16})
+    with torch.device("meta"):
+        model = create_lora_model(BlipForPetCaptioning(config))
+    adapted = {n.rsplit(".", 3)[0] for n, p in model.named_parameters() if p.requires_grad}  # strip lora_A.default.weight
+    assert len(adapted) == 48 and all("text_decoder" in n for n in adapted)
+    # r=32: self-attention query/value 768->768, cross-attention query 768->768 and value 1024->768
+    expected = 12 * 32 * (3 * (768 + 768) + (1024 + 768))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
