@@ -11,7 +11,6 @@ run_config.json, train_history.json and training_curves.png to --output_dir.
 import json
 import logging
 import os
-import sys
 import tempfile
 
 import torch

@@ -2,12 +2,10 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pandas as pd
-import pytest
 import torch
 from transformers import BlipConfig
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import train
-from config import PetConfig, UserError
+from config import UserError
 from data import BadImage, Record, load_image, load_splits, write_synthetic_pets
 from model import load_lora_for_inference
 

@@ -2,12 +2,11 @@ import json
 import os
 
 import pytest
-import torch
 
 import train
-from config import DEMO_DIR, PetConfig, UserError
+from config import DEMO_DIR, UserError
 from data import breed_from_caption, load_image, load_splits
-from model import generate_caption, load_base_model, load_lora_for_inference, load_processor
+from model import generate_caption, load_base_model, load_lora_for_inference
 
 from conftest import run_script
 
