@@ -122,6 +122,23 @@ class EvalConfig:
 DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
 
 
+def parse_config(types: tuple, argv=None, demo_overrides=None):
+    """(PetConfig, the script's dataclass) from the command line; --demo applies the demo's defaults.
+
+    A bad or unknown flag becomes one UserError line instead of argparse's traceback.
+    """
+    from transformers import HfArgumentParser
+
+    try:
+        cfg, args = HfArgumentParser(types).parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    if cfg.demo:
+        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
+        apply_overrides(args, demo_overrides or {}, type(args)())
+    return cfg, args
+
+
 def apply_overrides(obj, overrides, defaults):
     """Set each override on `obj` unless the user changed that field from its default."""
     for key, value in overrides.items():

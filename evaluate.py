@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from config import (DEMO_DIR, DEMO_EVAL_OVERRIDES, DEMO_OVERRIDES, EvalConfig, PetConfig, UserError, apply_overrides,
-                    pick_device, pick_dtype, run_main, save_run_config)
+from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, parse_config, pick_device, pick_dtype,
+                    run_main, save_run_config)
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
                   load_splits, read_images, report_bad_images, species_from_caption, subsample)
 from model import (breed_candidates, captions_from_embeddings, check_adapter, check_fits, image_embeddings, load_base_model,
-                   load_lora_for_inference, prepare_demo, rank_breeds, same_vision_encoder)
+                   load_lora_for_inference, rank_breeds, same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("evaluate")
 MODELS = ("zero_shot", "fine_tuned")
@@ -35,16 +35,9 @@ LABELS = BREED_NAMES + ["unknown"]  # confusion-matrix order; UNKNOWN (-1) is th
 
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
-    parser = HfArgumentParser((PetConfig, EvalConfig))
-    try:
-        cfg, args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # unknown flags
-        raise UserError(str(e).strip().splitlines()[0]) from None
+    cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
     flags = sys.argv[1:] if argv is None else argv
     model_given = any(a.split("=")[0] == "--model_name_or_path" for a in flags)
-    if cfg.demo:
-        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
-        apply_overrides(args, DEMO_EVAL_OVERRIDES, EvalConfig())
     if args.split not in ("test", "validation", "train"):
         raise UserError(f"--split must be test, validation or train, not {args.split!r}")
     if args.per_device_eval_batch_size < 1 or cfg.num_beams < 1 or cfg.max_new_tokens < 1 or args.bootstrap_samples < 1:
@@ -53,9 +46,7 @@ def parse_args(argv=None):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
     adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
     if cfg.demo:
-        with PartialState().main_process_first():  # built once, by one process
-            model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
-        apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+        use_demo_assets(cfg)
         model_given = True
     base = cfg.model_name_or_path if model_given else adapter_base
     if not _same_model(base, adapter_base):

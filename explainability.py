@@ -22,20 +22,20 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from config import (BASE_MODEL, DEMO_DIR, DEMO_EXPLAIN_OVERRIDES, DEMO_OVERRIDES, ExplainConfig, PetConfig,
-                    UserError, apply_overrides, pick_device, pick_dtype, run_main, save_run_config)
-from data import _PHRASES, BREED_NAMES, BadImage, Record, _normalise, load_image, load_splits, report_bad_images, subsample
+from config import (BASE_MODEL, DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError, parse_config, pick_device,
+                    pick_dtype, run_main, save_run_config)
+from data import _CAT_WORDS, _DOG_WORDS, _PHRASES, BREED_NAMES, BadImage, Record, _normalise, load_image, load_splits, report_bad_images, subsample
 from model import (caption_ids_from_embeddings, cross_attention_maps, image_embeddings, load_base_model,
-                   load_lora_for_inference, prepare_demo)
+                   load_lora_for_inference, use_demo_assets)
 
 logger = logging.getLogger("explain")
 
 MODELS = ("zero-shot", "fine-tuned")
 MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
-ANIMAL_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "dog", "dogs", "puppy", "puppies", "pet", "pets", "animal"}
+ANIMAL_WORDS = _CAT_WORDS | _DOG_WORDS | {"pet", "pets", "animal"}
 BREED_PHRASES = dict(_PHRASES)  # normalised breed name or alias -> class index
 
 
@@ -50,12 +50,9 @@ def parse_layers(text: str):
 
 
 def parse_args(argv=None):
-    cfg, ex = HfArgumentParser((PetConfig, ExplainConfig)).parse_args_into_dataclasses(args=argv)
+    cfg, ex = parse_config((PetConfig, ExplainConfig), argv, DEMO_EXPLAIN_OVERRIDES)
     if cfg.demo:
-        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
-        apply_overrides(ex, DEMO_EXPLAIN_OVERRIDES, ExplainConfig())
-        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
-        apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+        use_demo_assets(cfg)
     if ex.split not in ("train", "validation", "test"):
         raise UserError(f"--split must be train, validation or test, not {ex.split!r}")
     if ex.num_images is None:

@@ -237,6 +237,17 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
 DEMO_BREEDS = list(range(8))  # Abyssinian .. Beagle: 4 cats and 4 dogs, each a distinct colour
 
 
+def use_demo_assets(cfg) -> None:
+    """--demo: point cfg at the tiny model and the synthetic pets, built once (by one process)."""
+    from accelerate import PartialState
+
+    from config import DEMO_DIR, PetConfig, apply_overrides
+
+    with PartialState().main_process_first():
+        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
+    apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+
+
 def prepare_demo(demo_dir: str, template: str):
     """(tiny model folder, synthetic data folder) under demo_dir, built once and reused."""
     import shutil

@@ -14,14 +14,14 @@ import os
 import tempfile
 
 import torch
-from transformers import HfArgumentParser, Trainer, set_seed
+from transformers import Trainer, set_seed
 
-from config import (DEMO_DIR, DEMO_OVERRIDES, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError,
-                    apply_overrides, pick_dtype, run_main, save_run_config)
+from config import (DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, parse_config, pick_dtype, run_main,
+                    save_run_config)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
 from model import (captions_from_embeddings, create_lora_model, has_vision_lora, image_embeddings, load_base_model,
-                   load_processor, prepare_demo, vision_fingerprint)
+                   load_processor, use_demo_assets, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -31,17 +31,9 @@ def parse_args(argv=None):
         # several CPU processes (torchrun): TrainingArguments sets up (gloo) DDP only when told it is
         # on CPU, and it sets up its devices while parsing, so this must come first
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    parser = HfArgumentParser((PetConfig, TrainConfig))
-    try:
-        cfg, args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # TrainingArguments validation
-        raise UserError(str(e).strip().splitlines()[0]) from None
+    cfg, args = parse_config((PetConfig, TrainConfig), argv, DEMO_TRAIN_OVERRIDES)
     if cfg.demo:
-        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
-        apply_overrides(args, DEMO_TRAIN_OVERRIDES, TrainConfig())
-        with args.main_process_first(desc="demo assets"):  # built once, by one process
-            model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
-        apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+        use_demo_assets(cfg)
     if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
         raise UserError("batch sizes must be at least 1")
     if os.path.isfile(args.output_dir):

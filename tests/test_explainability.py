@@ -182,3 +182,10 @@ def test_adapter_problem_is_one_clear_line(demo_run, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: adapter folder")
     assert "Traceback" not in proc.stderr
+
+
+def test_unknown_flag_is_one_clear_error():
+    import explainability
+
+    with pytest.raises(UserError, match="no_such_flag"):
+        explainability.parse_args(["--no_such_flag", "1"])
