@@ -25,7 +25,7 @@ from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, parse
                     run_main, save_run_config)
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
                   load_splits, read_images, report_bad_images, species_from_caption, subsample)
-from model import (breed_candidates, captions_from_embeddings, check_adapter, check_fits, image_embeddings, load_base_model,
+from model import (breed_candidates, captions_from_embeddings, check_adapter, image_embeddings, load_base_model,
                    load_lora_for_inference, rank_breeds, same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("evaluate")
@@ -557,7 +557,6 @@ def main(argv=None):
     logger.info("data: %d %s images from %s", len(records), args.split, cfg.dataset)
 
     fine_tuned, processor = load_lora_for_inference(args.adapter, cfg.model_name_or_path, dtype=dtype, device=device)
-    check_fits(fine_tuned, processor, args.adapter)
     zero_shot = load_base_model(cfg.model_name_or_path, dtype=dtype).to(device).eval()
     models = {"zero_shot": zero_shot, "fine_tuned": fine_tuned}
     # LoRA on query,value (or the demo's key,dense) leaves the vision encoder as it was: embed each image once

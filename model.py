@@ -95,6 +95,7 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter_dir if saved else base)
     model = load_base_model(base, dtype=dtype)
+    check_fits(model, processor, adapter_dir)
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except Exception as e:  # safetensors, torch and peft each raise their own types here
