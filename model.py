@@ -19,7 +19,7 @@ def _local_or_cached(name: str, flag: str = "--model_name_or_path") -> dict:
     """from_pretrained kwargs that fail fast offline instead of retrying for ~45 s."""
     if os.path.isdir(name):
         return {}
-    if name.startswith((".", "/", "~")):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a Hub id is "owner/name"
         raise UserError(f"model folder {name!r} does not exist; pass an existing folder to {flag} or a Hub id")
     return {} if hub_reachable() else {"local_files_only": True}
 
@@ -64,6 +64,9 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
 
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForPetCaptioning:
     kwargs = _local_or_cached(name_or_path)
+    if os.path.isdir(name_or_path):
+        # The saved adapter records this as its base: absolute, so it loads from any working directory
+        name_or_path = os.path.abspath(name_or_path)
     try:
         return BlipForPetCaptioning.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except OSError:

@@ -185,8 +185,9 @@ def _one_by_one(model, pixel_values, caption, tokenizer):
 
 
 @torch.no_grad()
-def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter):
+def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter, tmp_path, monkeypatch):
     cwd, _ = demo_run
+    monkeypatch.chdir(tmp_path)  # the adapter must find its base model from any working directory
     model, processor = load_lora_for_inference(demo_adapter)
     records = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::20]
     pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
@@ -205,10 +206,12 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter)
     assert torch.allclose(caption_log_likelihoods(model, embeds, *candidates, max_rows=37), scores, atol=1e-5)
 
 
-def test_demo_adapter_leaves_the_vision_encoder_alone(demo_run, demo_adapter):
+def test_demo_adapter_leaves_the_vision_encoder_alone(demo_run, demo_adapter, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     tuned, _ = load_lora_for_inference(demo_adapter)
     base_dir = json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"]
-    base = load_base_model(os.path.join(demo_run[0], base_dir))
+    assert os.path.isabs(base_dir) and os.path.isdir(base_dir)  # recorded so that it loads from anywhere
+    base = load_base_model(base_dir)
     assert not any("vision" in n for n in json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["target_modules"])
     assert same_vision_encoder(base, tuned)
     with torch.no_grad():

@@ -179,6 +179,9 @@ def _broken_adapter(demo_adapter, tmp_path, case):
         cfg = json.load(open(path / "adapter_config.json"))
         # same module names, another hidden size
         json.dump({**cfg, "base_model_name_or_path": _wider(other)}, open(path / "adapter_config.json", "w"))
+    elif case == "base_moved":  # trained elsewhere: the recorded base folder is not on this machine
+        cfg = json.load(open(path / "adapter_config.json"))
+        json.dump({**cfg, "base_model_name_or_path": "outputs/elsewhere/tiny-blip"}, open(path / "adapter_config.json", "w"))
     return str(path)
 
 
@@ -196,6 +199,7 @@ def _wider(path):
     ("missing", "does not exist"), ("no_config", "no adapter_config.json"), ("no_weights", "no adapter_model.safetensors"),
     ("pickle_only", "refused: only safetensors"), ("corrupt", "corrupt or truncated"),
     ("other_base", "another shape|made for another base model"),
+    ("base_moved", "outputs/elsewhere/tiny-blip' does not exist; pass an existing folder to --model_name_or_path"),
 ])
 def test_broken_adapter_is_one_clear_error(case, message, demo_adapter, tmp_path):
     with pytest.raises(UserError, match=message):
