@@ -183,6 +183,27 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
             "ratio": bare_step / trainer_step}
 
 
+def vision(kind, workdir, device, dtype, batch, repeats):
+    """4. The vision encoder's forward with BLIP's eager attention against the fused SDPA kernel."""
+    from model import set_vision_attention
+
+    model = load_base_model(build_model(kind, workdir), dtype=dtype).to(device).eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+    def encode(implementation):
+        @torch.no_grad()
+        def run():
+            set_vision_attention(model, implementation)
+            return image_embeddings(model, pixels)
+        return run
+
+    diff = (encode("eager")().float() - encode("sdpa")().float()).abs().max().item()
+    t = interleaved({"eager": encode("eager"), "sdpa": encode("sdpa")}, repeats, device)
+    return {"batch": batch, "eager_img_s": batch / t["eager"], "sdpa_img_s": batch / t["sdpa"],
+            "speedup": t["eager"] / t["sdpa"], "max_abs_diff": diff}
+
+
 def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=12):
     """3. Everything evaluate.py needs per image, the naive way against the project's path; same predictions."""
     from evaluate import evaluate_batch
@@ -253,7 +274,7 @@ def main():
     p.add_argument("--lora_target_modules", default="query,value")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "petcaption-bench"))
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--sections", default="training,pipeline,evaluation")
+    p.add_argument("--sections", default="training,pipeline,evaluation,vision")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe per process
     a = p.parse_args()
     device = torch.device(a.device)
@@ -290,6 +311,9 @@ def main():
             n_eval = 2 if kind == "base" and device.type == "cpu" else 8
             print(f"[{kind}] evaluation, naive vs project path ({n_eval} images) ...", flush=True)
             r["evaluation"] = evaluation(kind, workdir, device, dtype, n_eval, max(1, a.repeats // 2))
+        if "vision" in sections:
+            print(f"[{kind}] vision encoder, eager vs SDPA attention (batch {batch}) ...", flush=True)
+            r["vision"] = vision(kind, workdir, device, dtype, batch, a.repeats)
         results[kind] = r
         print_table(kind, r)
     with open(a.out, "w") as f:
@@ -313,6 +337,10 @@ def print_table(kind, r):
         e = r["evaluation"]
         rows.append(("evaluation, img/s", f"naive {e['naive_img_s']:.3f}", f"project {e['fast_img_s']:.3f}",
                      f"{e['speedup']:.1f}x, same predictions: {e['same_captions'] and e['same_top1_breed']}"))
+    if "vision" in r:
+        v = r["vision"]
+        rows.append(("vision encoder, img/s", f"eager {v['eager_img_s']:.2f}", f"sdpa {v['sdpa_img_s']:.2f}",
+                     f"{v['speedup']:.2f}x, max diff {v['max_abs_diff']:.1e}"))
     print(f"\n== {kind} ==")
     for row in rows:
         print(f"{row[0]:<28}{row[1]:<20}{row[2]:<20}{row[3]}")
