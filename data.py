@@ -8,6 +8,7 @@ Also writes a synthetic pet set in the official layout for the demo and the test
 """
 
 import io
+import json
 import logging
 import os
 import random
@@ -521,14 +522,14 @@ _ALIASES = {
 }
 
 
-def _normalise(text: str) -> str:
+def normalise_text(text: str) -> str:
     text = text.lower().replace("st.", "st ").replace("-", " ")
     return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
 
 
-_PHRASES = sorted(
-    [(_normalise(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
-    + [(_normalise(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
+BREED_PHRASES = sorted(
+    [(normalise_text(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
+    + [(normalise_text(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
     key=lambda p: -len(p[0]),
 )
 
@@ -539,8 +540,8 @@ def breed_from_caption(caption: str) -> int:
     Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
     "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
     """
-    text = _normalise(caption)
-    for phrase, label in _PHRASES:  # longest first
+    text = normalise_text(caption)
+    for phrase, label in BREED_PHRASES:  # longest first
         if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
             return label
     return UNKNOWN
@@ -576,8 +577,6 @@ class EmbeddingCache:
         self.index_path = os.path.join(self.dir, "index.json")
         self.index = {}
         if os.path.isfile(self.index_path):
-            import json
-
             with open(self.index_path) as f:
                 self.index = json.load(f)
         self._chunks = {}
@@ -585,8 +584,6 @@ class EmbeddingCache:
 
     def build(self, records: list, encode, image_processor, batch_size: int = 32) -> int:
         """Encode and store every record not cached yet; returns how many were encoded."""
-        import json
-
         from tqdm.auto import tqdm
 
         todo = [r for r in records if image_key(r) not in self.index]
@@ -632,11 +629,9 @@ class EmbeddingCache:
         os.replace(tmp, self.index_path)
         return len(rows)
 
-    def get(self, record: Record) -> Optional[torch.Tensor]:
-        entry = self.index.get(image_key(record))
-        if entry is None:
-            return None
-        chunk, row = entry
+    def get(self, key: str) -> torch.Tensor:
+        """The stored embedding of the image with this image_key (which must be cached)."""
+        chunk, row = self.index[key]
         if chunk not in self._chunks:
             self._chunks[chunk] = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
         # stays in the stored (half) precision: half the bytes to copy and move; the model casts on its device
@@ -647,19 +642,21 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
     """Like PetCaptionDataset, but yields cached `image_embeds` instead of pixel_values."""
 
     def __init__(self, records: list, cache: EmbeddingCache, template: str):
-        self.records = [r for r in records if image_key(r) in cache.index]  # unreadable ones were never cached
+        keys = [image_key(r) for r in records]  # once here, not a stat() per item per epoch
+        self.items = [(r, k) for r, k in zip(records, keys) if k in cache.index]  # unreadable ones were never cached
         self.cache, self.template = cache, template
-        self.bad_images = {r.image_id: "unreadable" for r in records if image_key(r) not in cache.index}
+        self.bad_images = {r.image_id: "unreadable" for r, k in zip(records, keys) if k not in cache.index}
 
     def __len__(self):
-        return len(self.records)
+        return len(self.items)
 
     def __getitem__(self, i):
-        r = self.records[i]
-        return {"image_embeds": self.cache.get(r), "caption": caption_for(r.label, self.template), "label": r.label}
+        r, key = self.items[i]
+        return {"image_embeds": self.cache.get(key), "caption": caption_for(r.label, self.template), "label": r.label}
 
-_CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
-_DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
+
+CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
+DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
 
 
 def species_from_caption(caption: str) -> Optional[str]:
@@ -667,6 +664,6 @@ def species_from_caption(caption: str) -> Optional[str]:
     label = breed_from_caption(caption)
     if label != UNKNOWN:
         return SPECIES[label]
-    words = set(_normalise(caption).split())
-    cat, dog = bool(words & _CAT_WORDS), bool(words & _DOG_WORDS)
+    words = set(normalise_text(caption).split())
+    cat, dog = bool(words & CAT_WORDS), bool(words & DOG_WORDS)
     return "cat" if cat and not dog else "dog" if dog and not cat else None

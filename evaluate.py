@@ -33,6 +33,11 @@ MODELS = ("zero_shot", "fine_tuned")
 LABELS = BREED_NAMES + ["unknown"]  # confusion-matrix order; UNKNOWN (-1) is the last column
 
 
+def label_index(labels) -> list:
+    """Positions in LABELS: a breed's own index, UNKNOWN (-1) -> the last one."""
+    return [NUM_BREEDS if x == UNKNOWN else int(x) for x in labels]
+
+
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
@@ -200,8 +205,7 @@ def confusion(truth, pred):
     """38 x 38 counts: rows true breed, columns predicted breed, last row/column 'unknown'."""
     from sklearn.metrics import confusion_matrix
 
-    index = lambda xs: [NUM_BREEDS if x == UNKNOWN else int(x) for x in xs]
-    return confusion_matrix(index(truth), index(pred), labels=list(range(NUM_BREEDS + 1)))
+    return confusion_matrix(label_index(truth), label_index(pred), labels=list(range(NUM_BREEDS + 1)))
 
 
 def bleu(hypotheses: list, references: list) -> float:
@@ -365,10 +369,9 @@ def plot_confusion(matrix, title: str, path: str) -> None:
 
 def plot_distribution(results, metrics, path: str) -> None:
     plt = _plt()
-    index = lambda xs: [NUM_BREEDS if x == UNKNOWN else int(x) for x in xs]
-    counts = {"truth": np.bincount(index(results["label"]), minlength=NUM_BREEDS + 1)}
+    counts = {"truth": np.bincount(label_index(results["label"]), minlength=NUM_BREEDS + 1)}
     for name in MODELS:
-        counts[name.replace("_", "-")] = np.bincount(index(metrics[name]["_pred"]), minlength=NUM_BREEDS + 1)
+        counts[name.replace("_", "-")] = np.bincount(label_index(metrics[name]["_pred"]), minlength=NUM_BREEDS + 1)
     y = np.arange(len(LABELS))
     fig, ax = plt.subplots(figsize=(9, 12))
     for k, (name, c) in enumerate(counts.items()):

@@ -26,17 +26,18 @@ from transformers import set_seed
 
 from config import (BASE_MODEL, DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError, parse_config, pick_device,
                     pick_dtype, run_main, save_run_config)
-from data import _CAT_WORDS, _DOG_WORDS, _PHRASES, BREED_NAMES, BadImage, Record, _normalise, load_image, load_splits, report_bad_images, subsample
-from model import (caption_ids_from_embeddings, cross_attention_maps, image_embeddings, load_base_model,
-                   load_lora_for_inference, use_demo_assets)
+from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
+                  normalise_text, report_bad_images, subsample)
+from model import (caption_ids_from_embeddings, check_adapter, cross_attention_maps, image_embeddings, load_base_model,
+                   load_lora_for_inference, same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("explain")
 
 MODELS = ("zero-shot", "fine-tuned")
 MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
-ANIMAL_WORDS = _CAT_WORDS | _DOG_WORDS | {"pet", "pets", "animal"}
-BREED_PHRASES = dict(_PHRASES)  # normalised breed name or alias -> class index
+ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
+BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
 
 
 def parse_layers(text: str):
@@ -98,8 +99,8 @@ def subject_span(words: list):
             run = words[s:s + n]
             if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
                 continue
-            text = _normalise(" ".join(w for w, _, _ in run)).strip()
-            if any(t in BREED_PHRASES for t in (text, re.sub(r"e?s$", "", text))):
+            text = normalise_text(" ".join(w for w, _, _ in run)).strip()
+            if any(t in BREED_OF_PHRASE for t in (text, re.sub(r"e?s$", "", text))):
                 return s, s + n, "breed"
     for s, (w, _, _) in enumerate(words):
         if w.lower() in ANIMAL_WORDS:
@@ -189,15 +190,10 @@ def load_models(cfg, ex, device, dtype):
     """(zero-shot base, merged fine-tuned model, processor, base name, vision encoders identical?)."""
     given_base = cfg.model_name_or_path if cfg.model_name_or_path != BASE_MODEL or cfg.demo else None
     tuned, processor = load_lora_for_inference(ex.adapter, base_model=given_base, dtype=dtype, device=device)
-    with open(os.path.join(ex.adapter, "adapter_config.json")) as f:
-        base_name = given_base or json.load(f).get("base_model_name_or_path")
-    if not base_name:
-        raise UserError(f"{ex.adapter}/adapter_config.json names no base model; pass --model_name_or_path")
+    base_name = given_base or check_adapter(ex.adapter)["base_model_name_or_path"]
     base = load_base_model(base_name, dtype=dtype).to(device).eval()
     # LoRA on the text decoder only leaves the vision encoder untouched: embed each image once
-    a, b = base.vision_model.state_dict(), tuned.vision_model.state_dict()
-    shared = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return base, tuned, processor, base_name, shared
+    return base, tuned, processor, base_name, same_vision_encoder(base, tuned)
 
 
 def collect_images(cfg, ex):

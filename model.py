@@ -416,6 +416,7 @@ def check_fits(model, processor, adapter_dir: str) -> None:
                         f"{len(processor.tokenizer)} tokens and {height}px images, the base model {vocab} tokens and "
                         f"{image_size}px images; pass the right --model_name_or_path")
 
+
 # Cross-attention: where the caption decoder looks (explainability.py)
 #
 # generate(output_attentions=True) returns the decoder's self-attentions only. The maps come

@@ -81,10 +81,9 @@ class PetTrainer(Trainer):
         world, rank = self.args.world_size, self.args.process_index
         shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
         loader = torch.utils.data.DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate)
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         correct = total = 0
         for batch, truth in loader:
-            with torch.autocast(self.args.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(self.args):
                 if "image_embeds" in batch:
                     embeds = batch["image_embeds"].to(self.args.device, model.text_decoder.dtype)
                 else:
@@ -194,15 +193,19 @@ def resume_point(args):
     return value
 
 
+def autocast(args):
+    """The autocast context of --bf16 / --fp16 (a no-op in fp32), for work done outside Trainer's step."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def make_datasets(model, processor, splits, cfg, args):
     """Training and validation datasets: from cached image embeddings when the encoder is frozen, else pixels."""
     if args.use_embedding_cache and has_vision_lora(model):
         logger.info("LoRA targets the vision encoder: image embeddings change during training, so they are not cached")
     elif args.use_embedding_cache:
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
         def encode(pixels):
-            with torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with autocast(args):
                 return image_embeddings(model, pixels.to(args.device))
 
         key = vision_fingerprint(model, processor)
@@ -263,7 +266,6 @@ def main(argv=None):
         for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config goes last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         os.rmdir(tmp)
-    if args.process_index == 0:
         print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 
