@@ -339,11 +339,12 @@ class PetCaptionDataset(torch.utils.data.Dataset):
         raise UserError("no readable image in the data set")
 
 
-def tokenize_captions(tokenizer, captions: list):
-    """(input_ids, attention_mask) padded to the longest caption, first token bos [DEC] as in training."""
+def tokenize_captions(tokenizer, captions: list, bos_token_id: int):
+    """(input_ids, attention_mask) padded to the longest caption, the tokenizer's [CLS] replaced by the
+    decoder's start id (the model's text_config.bos_token_id, [DEC]: the token generate starts from)."""
     enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
     input_ids = enc["input_ids"].clone()
-    input_ids[:, 0] = tokenizer.bos_token_id
+    input_ids[:, 0] = bos_token_id
     return input_ids, enc["attention_mask"]
 
 
@@ -351,20 +352,19 @@ class CaptionCollator:
     """Tokenise a batch of captions for teacher-forced training.
 
     - pad to the batch's longest caption (never to the checkpoint's 512),
-    - first token = bos `[DEC]`, the token `generate` starts from (the tokenizer puts [CLS] there),
+    - first token = bos_token_id, the model config's [DEC], the token `generate` starts from
+      (the tokenizer puts [CLS] there; the real checkpoint's tokenizer files have no bos at all),
     - labels = input_ids with padding set to -100 (BLIP's loss does not mask padding itself).
     """
 
-    def __init__(self, tokenizer):
-        if tokenizer.bos_token_id is None:
-            raise UserError("the tokenizer has no bos token; BLIP's decoder starts captions from [DEC]")
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, bos_token_id: int):
+        self.tokenizer, self.bos_token_id = tokenizer, bos_token_id
 
     def __call__(self, items: list) -> dict:
         items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
         if not items:
             raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
-        input_ids, attention_mask = tokenize_captions(self.tokenizer, [it["caption"] for it in items])
+        input_ids, attention_mask = tokenize_captions(self.tokenizer, [it["caption"] for it in items], self.bos_token_id)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -92,7 +92,7 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
     """(per-image results, {image_id: reason} of unreadable images), with a progress bar over the images."""
     from tqdm.auto import tqdm
 
-    candidates = breed_candidates(processor.tokenizer, cfg.caption_template)
+    candidates = breed_candidates(next(iter(models.values())), processor.tokenizer, cfg.caption_template)
     # tokens scored per candidate ([SEP] included): for the per-token ranking
     results = {"image_id": [], "label": [], "record": [], "candidate_tokens": candidates[1][:, 1:].sum(-1).numpy()}
     for name in models:

@@ -74,7 +74,7 @@ def word_spans(tokens: list, special: set) -> list:
     """[(word, start, end)]: word pieces (##xx) joined to their word; token positions [start, end)."""
     words = []
     for i, tok in enumerate(tokens):
-        if tok in special:
+        if tok is None or tok in special:  # None: an id the tokenizer does not know
             continue
         if tok.startswith("##") and words and words[-1][2] == i:
             word, start, _ = words[-1]

@@ -34,7 +34,22 @@ def load_processor(name_or_path: str) -> BlipProcessor:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
         raise UserError(f"no BLIP processor (preprocessor_config.json, tokenizer files) found at {name_or_path!r}") from None
+    add_decoder_tokens(tokenizer)
     return BlipProcessor(image_processor, tokenizer)
+
+
+def add_decoder_tokens(tokenizer) -> None:
+    """Teach a plain BERT tokenizer BLIP's [DEC] (bos) and [ENC] tokens, as original BLIP does in code.
+
+    The checkpoint's tokenizer files have neither (30,522 entries, no bos); its model has 30,524
+    text embeddings and starts every caption from id 30522 (text_config.bos_token_id). Added in
+    this order they get ids 30522 and 30523, so decoding, special-token skipping and word maps
+    know the start token. check_fits() then confirms the id against the model config.
+    """
+    if tokenizer.bos_token_id is None:  # a tokenizer saved by this project already has both
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        if "[ENC]" not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
 
 
 class BlipForPetCaptioning(BlipForConditionalGeneration):
@@ -106,7 +121,8 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
     except OSError:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
-        raise UserError(f"no BLIP captioning model (config.json + safetensors weights) found at {name_or_path!r}") from None
+        raise UserError(f"no BLIP captioning model (config.json and model.safetensors or pytorch_model.bin) found at "
+                        f"{name_or_path!r}; pass a model folder or Hub id to --model_name_or_path") from None
 
 
 def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
@@ -120,6 +136,24 @@ def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05
         raise UserError(f"--lora_target_modules {','.join(unknown)} match no module of this model; e.g. query,value,key,dense")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
+
+
+def save_adapter(model, out_dir: str) -> None:
+    """PEFT's save_pretrained, with adapter_config.json naming transformers' own BLIP class.
+
+    PEFT records the wrapped model's class in `auto_mapping`; ours is BlipForPetCaptioning from
+    this project's model.py, which peft.AutoPeftModel refuses to import ("not in the import
+    allowlist"). The subclass adds behaviour, not weights, so the stock class loads the adapter
+    exactly, and plain transformers + peft tools can read it.
+    """
+    model.save_pretrained(out_dir)
+    path = os.path.join(out_dir, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["auto_mapping"] = {"base_model_class": BlipForConditionalGeneration.__name__,
+                              "parent_library": BlipForConditionalGeneration.__module__}
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, merge: bool = True,
@@ -239,7 +273,7 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
     base_sized=True gives the shapes of blip-image-captioning-base instead (224M parameters,
     384 px, a 30,524-token vocabulary padded with [unusedN]), random weights: for benchmarks.
     """
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = list(specials)
     for w in sorted({w.lower() for w in words}):
         for piece in _word_pieces(w):
@@ -250,17 +284,19 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
             vocab.append(p)
     if base_sized:
         image_size = 384
-        vocab += [f"[unused{i}]" for i in range(30524 - len(vocab))]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, bos_token="[DEC]", model_max_length=64)
+        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+    # Like the real checkpoint's files: no bos token, no [DEC]. load_processor adds [DEC] and [ENC]
+    # as the next two ids, which the model's vocabulary (two larger) and bos_token_id expect.
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
     image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
     processor = BlipProcessor(image_processor, tokenizer)
-    ids = dict(bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
+    ids = dict(bos_token_id=len(vocab), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
                eos_token_id=vocab.index("[SEP]"))
-    if base_sized:  # DESIGN.md: the base checkpoint's shapes from a config
+    if base_sized:  # DESIGN.md: the base checkpoint's shapes from a config (vocabulary 30,524, bos 30522)
         config = BlipConfig(text_config=dict(num_attention_heads=12, **ids), vision_config=dict(initializer_range=0.02))
     else:
         config = BlipConfig(
-            text_config=dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            text_config=dict(vocab_size=len(vocab) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, max_position_embeddings=64, **ids),
             vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                image_size=image_size, patch_size=16, initializer_range=0.02),
@@ -357,8 +393,8 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
 
     image_embeds (B, N, H) come from image_embeddings(); input_ids / attention_mask (C, T) from
     tokenize_captions (bos first). The score is the sum of the log-probabilities of tokens 1..T-1
-    ([SEP] included, padding excluded), from the raw logits: BLIP's training loss smooths labels,
-    this does not.
+    ([SEP] included, padding excluded), from the raw logits (no label smoothing, whatever the
+    config's text_config.label_smoothing says).
 
     The C candidates of an image are packed into ONE sequence of C*T tokens with a block-diagonal
     causal mask and positions restarting at 0 for each candidate. Each candidate sees only itself,
@@ -392,12 +428,12 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     return torch.cat(scores)
 
 
-def breed_candidates(tokenizer, template: str, breeds=None):
-    """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds."""
+def breed_candidates(model, tokenizer, template: str, breeds=None):
+    """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds; start id from `model`'s config."""
     from data import NUM_BREEDS, caption_for, tokenize_captions
 
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
-    return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds])
+    return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds], model.config.text_config.bos_token_id)
 
 
 @torch.no_grad()
@@ -407,14 +443,25 @@ def rank_breeds(model, image_embeds: torch.Tensor, candidates) -> tuple:
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def check_fits(model, processor, adapter_dir: str) -> None:
-    """UserError when the adapter's processor does not fit the base model (an adapter made for another base)."""
-    vocab, image_size = model.config.text_config.vocab_size, model.config.vision_config.image_size
+def check_fits(model, processor, source: str) -> None:
+    """UserError when the processor from `source` (a model or adapter folder) does not fit `model`.
+
+    Checks the vocabulary, the image size and the decoder's start token: training writes the
+    config's bos id first and generation starts from it, so a tokenizer whose [DEC] has another id
+    would train on one start token and caption from another, silently.
+    """
+    text = model.config.text_config
+    vocab, image_size = text.vocab_size, model.config.vision_config.image_size
     height = (processor.image_processor.size or {}).get("height")
     if len(processor.tokenizer) > vocab or (height is not None and height != image_size):
-        raise UserError(f"adapter {adapter_dir!r} was made for another base model: its processor has "
-                        f"{len(processor.tokenizer)} tokens and {height}px images, the base model {vocab} tokens and "
-                        f"{image_size}px images; pass the right --model_name_or_path")
+        raise UserError(f"the processor of {source!r} does not fit the base model: it has "
+                        f"{len(processor.tokenizer)} tokens and {height}px images, the model {vocab} tokens and "
+                        f"{image_size}px images; pass the matching --model_name_or_path")
+    start = processor.tokenizer.bos_token_id
+    if start != text.bos_token_id:
+        raise UserError(f"the tokenizer of {source!r} starts captions with {processor.tokenizer.bos_token!r} (id {start}) "
+                        f"but the model's decoder starts from id {text.bos_token_id} (text_config.bos_token_id); "
+                        "use the tokenizer that belongs to this checkpoint")
 
 
 # Cross-attention: where the caption decoder looks (explainability.py)

@@ -20,8 +20,8 @@ from config import (DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, par
                     save_run_config)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
-from model import (captions_from_embeddings, create_lora_model, has_vision_lora, image_embeddings, load_base_model,
-                   load_processor, use_demo_assets, vision_fingerprint)
+from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
+                   load_base_model, load_processor, save_adapter, use_demo_assets, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -108,7 +108,7 @@ def history_from_logs(log_history: list) -> dict:
     return {"train": train, "validation": [evals[s] for s in sorted(evals)]}
 
 
-def plot_curves(history: dict, path: str) -> None:
+def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +118,8 @@ def plot_curves(history: dict, path: str) -> None:
     train, val = history["train"], history["validation"]
     ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
     ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
-    ax_loss.set(xlabel="epoch", ylabel="loss (label-smoothed cross-entropy)", title="Loss")
+    kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
+    ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
     ax_loss.legend()
     ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
     ax_acc.set(xlabel="epoch", ylabel="breed accuracy", title="Validation breed accuracy (greedy captions)", ylim=(0, 1.02))
@@ -128,44 +129,80 @@ def plot_curves(history: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_model_card(path, cfg, args, splits, history, best, trainable):
+def is_local(name: str) -> bool:
+    """A local folder (or path-like name) rather than a Hugging Face Hub id."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def card_metadata(cfg, args, best) -> str:
+    """The model card's YAML header in the Hub's format (huggingface_hub.ModelCardData)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset_id = None if is_local(cfg.dataset) else cfg.dataset
+    results = [] if best is None else [EvalResult(
+        task_type="image-to-text", task_name="Image captioning (breed named in the caption)",
+        dataset_type=dataset_id or "oxford-iiit-pet", dataset_name="Oxford-IIIT Pet", dataset_split="validation",
+        metric_type="accuracy", metric_name="validation breed accuracy", metric_value=round(float(best), 4))]
+    data = ModelCardData(
+        base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
+        datasets=[dataset_id] if dataset_id else None, library_name="peft", pipeline_tag="image-to-text",
+        tags=["blip", "lora", "image-captioning", "oxford-iiit-pet"],
+        model_name=os.path.basename(os.path.normpath(args.output_dir)), eval_results=results or None)
+    return data.to_yaml()
+
+
+def write_model_card(path, cfg, args, splits, history, best, trainable, state):
     rows = "\n".join(
-        f"| {e['epoch']:.0f} | {e.get('loss', float('nan')):.4f} | {e.get('breed_accuracy', float('nan')):.3f} |"
+        f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', float('nan')):.4f} | {e.get('breed_accuracy', float('nan')):.3f} |"
         for e in history["validation"]
     )
+    length = (f"{state.global_step} optimizer steps (--max_steps {args.max_steps}, {state.epoch or 0:.2f} epochs)"
+              if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)")
+    base = cfg.model_name_or_path if is_local(cfg.model_name_or_path) else f"[{cfg.model_name_or_path}](https://huggingface.co/{cfg.model_name_or_path})"
     card = f"""---
-base_model: {cfg.model_name_or_path}
-library_name: peft
-tags: [blip, lora, image-captioning, oxford-iiit-pet]
+{card_metadata(cfg, args, best)}
 ---
 # BLIP + LoRA for Oxford-IIIT Pet breed captions
 
-LoRA adapter for `{cfg.model_name_or_path}` that captions pet photos as
+LoRA adapter for `{base}` that captions pet photos as
 "{cfg.caption_template.format(article='a', breed='<Breed>')}", naming one of 37 cat and dog breeds.
 
 - **Data**: `{cfg.dataset}`: {len(splits['train'])} training and {len(splits['validation'])} validation images
   (validation is a stratified {cfg.val_fraction:.0%} of trainval, seed {args.seed}); the test split was not used.
 - **LoRA**: r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, targets `{cfg.lora_target_modules}`;
   {trainable:,} trainable parameters.
-- **Training**: {args.num_train_epochs:g} epochs, learning rate {args.learning_rate:g}, batch size
+- **Training**: {length}, learning rate {args.learning_rate:g}, batch size
   {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation, seed {args.seed},
   {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}.
-- **Kept**: the epoch with the best validation breed accuracy: **{best if best is not None else float('nan'):.3f}**.
+- **Kept**: the evaluation with the best validation breed accuracy: **{best if best is not None else float('nan'):.3f}**.
 
-## Validation per epoch
+## Validation
 
-| epoch | loss | breed accuracy |
-|---|---|---|
+| step | epoch | loss | breed accuracy |
+|---|---|---|---|
 {rows}
 
 ![training curves](training_curves.png)
 
 ## Use
 
+With this project:
+
 ```python
 from model import load_lora_for_inference, generate_caption
 model, processor = load_lora_for_inference("{args.output_dir}")
 print(generate_caption(model, processor, [image]))
+```
+
+With plain transformers and PEFT:
+
+```python
+from peft import AutoPeftModel
+from transformers import BlipProcessor
+model = AutoPeftModel.from_pretrained("{args.output_dir}").merge_and_unload().eval()
+processor = BlipProcessor.from_pretrained("{args.output_dir}")
+ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=30)
+print(processor.decode(ids[0], skip_special_tokens=True))
 ```
 """
     with open(path, "w") as f:
@@ -237,14 +274,15 @@ def main(argv=None):
     logger.info("data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset)
 
     processor = load_processor(cfg.model_name_or_path)
-    model = create_lora_model(load_base_model(cfg.model_name_or_path), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                              cfg.lora_target_modules)
+    base = load_base_model(cfg.model_name_or_path)
+    check_fits(base, processor, cfg.model_name_or_path)
+    model = create_lora_model(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.print_trainable_parameters()
 
     train_set, val_set = make_datasets(model, processor, splits, cfg, args)
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         data_collator=CaptionCollator(processor.tokenizer), processor=processor, pet_config=cfg)
+                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id), processor=processor, pet_config=cfg)
     trainer.train(resume_from_checkpoint=resume_point(args))
     report_bad_images({**train_set.bad_images, **val_set.bad_images})
 
@@ -256,12 +294,13 @@ def main(argv=None):
     best = trainer.state.best_metric
     if args.process_index == 0:
         tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
-        trainer.model.save_pretrained(tmp)
+        save_adapter(trainer.model, tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "train_history.json"), "w") as f:
             json.dump(history, f, indent=2)
-        plot_curves(history, os.path.join(tmp, "training_curves.png"))
-        write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable)
+        smoothing = args.label_smoothing_factor or getattr(base.config.text_config, "label_smoothing", 0.0)
+        plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
+        write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
         save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
         for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config goes last
             os.replace(os.path.join(tmp, name), os.path.join(out, name))

@@ -81,7 +81,7 @@ def setup(kind, workdir, device, dtype, n_images, lora_targets):
 def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
     """1. A LoRA training step from pixels (stock) against one from cached image embeddings."""
     model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
-    collate = CaptionCollator(processor.tokenizer)
+    collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
     stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(batch)])
@@ -108,7 +108,7 @@ def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
 def training_memory(kind, workdir, device, dtype, batch, mode, lora_targets):
     """Peak memory of a few training steps in `mode` (stock|cached), measured in this process alone."""
     model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
-    collate = CaptionCollator(processor.tokenizer)
+    collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
     if mode == "cached":
         cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
         cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
@@ -139,7 +139,7 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
     dataset = CachedEmbeddingDataset(records, cache, TEMPLATE)
-    collate = CaptionCollator(processor.tokenizer)
+    collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -239,7 +239,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
                 for text in captions:
                     enc = tok(text, return_tensors="pt").to(device)
                     input_ids = enc["input_ids"].clone()
-                    input_ids[:, 0] = tok.bos_token_id
+                    input_ids[:, 0] = model.config.text_config.bos_token_id
                     logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=enc["attention_mask"]).logits
                     logp = logits[0, :-1].float().log_softmax(-1).gather(-1, input_ids[0, 1:, None]).sum()
                     scores.append(logp.item())
@@ -247,7 +247,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
         return preds
 
     cfg = PetConfig(max_new_tokens=max_new_tokens)
-    candidates = breed_candidates(tok, TEMPLATE)
+    candidates = breed_candidates(base, tok, TEMPLATE)
 
     @torch.no_grad()
     def project():
