@@ -32,7 +32,7 @@ def test_cached_loss_equals_stock_loss(setup, tmp_path, dtype, tol):
     lora = create_lora_model(model, 4, 8, 0.0, "query,value")
     cache, n = _build(tmp_path, model, processor, records, dtype)
     assert n == len(records)
-    collate = CaptionCollator(processor.tokenizer)
+    collate = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)
     stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(len(records))])
     cached = collate([CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(len(records))])
     assert "pixel_values" not in cached and cached["image_embeds"].shape[0] == len(records)

@@ -157,14 +157,14 @@ def test_broken_image_never_enters_a_batch(tmp_path, demo_assets):
     assert list(train.bad_images) == ["broken"]
     assert [it["label"] for it in items] == [1, 2, 2, 3]  # the broken one is replaced by the next
     evaluation = PetCaptionDataset(records, processor.image_processor, TEMPLATE, substitute_bad=False)
-    batch = CaptionCollator(processor.tokenizer)([evaluation[i] for i in range(4)])
+    batch = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)([evaluation[i] for i in range(4)])
     assert batch["pixel_values"].shape[0] == 3
 
 
 def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(demo_assets):
     processor = load_processor(demo_assets[0])
     tok = processor.tokenizer
-    collate = CaptionCollator(tok)
+    collate = CaptionCollator(tok, tok.bos_token_id)
     captions = [caption_for(BREEDS.index("pug"), TEMPLATE), caption_for(2, TEMPLATE)]
     items = [{"pixel_values": torch.zeros(3, 64, 64), "caption": c, "label": 0} for c in captions]
     batch = collate(items)

@@ -9,7 +9,7 @@ import torch
 import evaluate
 from config import DEMO_DIR, PetConfig, UserError
 from data import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, load_image, load_splits, species_from_caption
-from model import (breed_candidates, build_tiny_blip, caption_log_likelihoods, image_embeddings, load_base_model,
+from model import (breed_candidates, build_tiny_blip, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
                    load_lora_for_inference, rank_breeds, same_vision_encoder)
 
 from conftest import run_script
@@ -192,7 +192,7 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter,
     records = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::20]
     pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
     breeds = list(range(37))
-    candidates = breed_candidates(processor.tokenizer, TEMPLATE, breeds)
+    candidates = breed_candidates(model, processor.tokenizer, TEMPLATE, breeds)
     embeds = image_embeddings(model, pixels)
     scores, order = rank_breeds(model, embeds, candidates)
     assert scores.shape == (len(records), 37)
@@ -306,22 +306,24 @@ def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, m
         evaluate.parse_args(["--demo", "--adapter", str(truncated)])
     # an adapter for another base model: a tiny BLIP with another vocabulary and image size ...
     other = build_tiny_blip(str(tmp_path / "other-blip"), ["a", "photo", "of", "pug"], image_size=32)
-    with pytest.raises(UserError, match="made for another base model"):
+    with pytest.raises(UserError, match="does not fit the base model"):
         evaluate.main(["--demo", "--model_name_or_path", other, "--output_dir", str(tmp_path / "o")])
     # ... and one whose layers have other shapes
     with pytest.raises(UserError, match="another shape"):
-        evaluate.main(["--demo", "--model_name_or_path", _narrow_blip(tmp_path / "narrow"), "--output_dir", str(tmp_path / "o")])
+        evaluate.main(["--demo", "--model_name_or_path", _narrow_blip(tmp_path / "narrow", demo_adapter), "--output_dir", str(tmp_path / "o")])
     # and through the script: one line on stderr, exit code 2
     proc = run_script(["evaluate.py", "--demo", "--adapter", str(truncated)], cwd=cwd, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
 
 
-def _narrow_blip(path):
+def _narrow_blip(path, adapter):
+    """A BLIP with the adapter's tokenizer ids (so it passes check_fits) but narrower layers."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
+    bos = load_processor(adapter).tokenizer.bos_token_id
     config = BlipConfig(text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, bos_token_id=5, sep_token_id=3, pad_token_id=0),
+                                         num_attention_heads=4, bos_token_id=bos, sep_token_id=3, pad_token_id=0),
                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                            image_size=64, patch_size=16))
     BlipForConditionalGeneration(config).save_pretrained(str(path))

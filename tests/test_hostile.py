@@ -198,7 +198,7 @@ def _wider(path):
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist"), ("no_config", "no adapter_config.json"), ("no_weights", "no adapter_model.safetensors"),
     ("pickle_only", "refused: only safetensors"), ("corrupt", "corrupt or truncated"),
-    ("other_base", "another shape|made for another base model"),
+    ("other_base", "another shape|does not fit the base model|starts captions with"),
     ("base_moved", "outputs/elsewhere/tiny-blip' does not exist; pass an existing folder to --model_name_or_path"),
 ])
 def test_broken_adapter_is_one_clear_error(case, message, demo_adapter, tmp_path):

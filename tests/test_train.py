@@ -34,7 +34,7 @@ def test_train_demo_subprocess_writes_everything(demo_run, demo_adapter):
     assert run_config["PetConfig"]["lora_target_modules"] == "query,value,key,dense"
     card = open(os.path.join(demo_adapter, "README.md")).read()
     best = max(e["breed_accuracy"] for e in val)
-    assert f"**{best:.3f}**" in card and "base_model:" in card
+    assert f"**{best:.3f}**" in card and "library_name: peft" in card and "20 epochs (" in card
     from PIL import Image
     assert Image.open(os.path.join(demo_adapter, "training_curves.png")).size[0] > 500
 
