@@ -40,9 +40,10 @@ class PetConfig:
         metadata={"help": f"Hub id or local folder of a BLIP captioning model (train.py: default {BASE_MODEL}; "
                           "evaluate.py, explainability.py: default the adapter's own base model)"},
     )
-    dataset: str = field(
-        default=DEFAULT_DATASET,
-        metadata={"help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder"},
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder "
+                          f"(train.py: default {DEFAULT_DATASET}; evaluate.py, explainability.py: default the adapter's own)"},
     )
     demo: bool = field(default=False, metadata={"help": "run offline on a tiny BLIP and a synthetic pet set under outputs/demo"})
     # LoRA: r=32/alpha=64 on the text decoder's attention; the vision encoder stays frozen.

@@ -25,8 +25,8 @@ from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
                   load_splits, read_images, report_bad_images, species_from_caption, subsample)
 from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
-                   image_embeddings, load_base_model, load_lora_for_inference, rank_breeds, same_vision_encoder,
-                   use_demo_assets)
+                   data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
+                   same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("evaluate")
 MODELS = ("zero_shot", "fine_tuned")
@@ -56,6 +56,7 @@ def parse_args(argv=None):
     if cfg.demo:
         use_demo_assets(cfg)
     base = base_model_for(cfg, args.adapter)
+    cfg.dataset = data_for(cfg, args.adapter)
     if not _same_model(base, adapter_base):
         logger.warning("adapter %s was trained on %r; evaluating it on %r", args.adapter, adapter_base, base)
     cfg.model_name_or_path = base

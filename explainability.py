@@ -29,7 +29,8 @@ from config import (DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError,
 from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
                   load_trimap, normalise_text, report_bad_images, subsample)
 from model import (adapter_split_settings, base_model_for, caption_ids_from_embeddings, check_adapter, cross_attention_maps,
-                   image_embeddings, load_base_model, load_lora_for_inference, same_vision_encoder, use_demo_assets)
+                   data_for, image_embeddings, load_base_model, load_lora_for_inference, same_vision_encoder,
+                   use_demo_assets)
 
 logger = logging.getLogger("explain")
 
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     parse_layers(ex.layers)  # fail before loading anything
     check_adapter(ex.adapter)
     cfg.model_name_or_path = base_model_for(cfg, ex.adapter)
+    cfg.dataset = data_for(cfg, ex.adapter)
     return cfg, ex
 
 

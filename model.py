@@ -383,6 +383,24 @@ def check_adapter(adapter_dir: str) -> dict:
     return config
 
 
+def _adapter_run(adapter_dir: str) -> dict:
+    """The adapter's run_config.json (written by train.py), or {} when it is missing or unreadable."""
+    try:
+        with open(os.path.join(adapter_dir, "run_config.json")) as f:
+            run = json.load(f)
+        return run if isinstance(run, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def data_for(cfg, adapter_dir: str) -> str:
+    """The data set evaluate.py and explainability.py use: --dataset if given, else the one the adapter was trained on."""
+    from config import DEFAULT_DATASET
+
+    trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
+    return cfg.dataset or trained or DEFAULT_DATASET
+
+
 def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tuple:
     """(val_fraction, seed) that rebuild the adapter's own train/validation split, from its run_config.json.
 
@@ -390,11 +408,10 @@ def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tupl
     split depends on them only for a data set without a test split (then a seeded half is held out).
     """
     try:
-        with open(os.path.join(adapter_dir, "run_config.json")) as f:
-            run = json.load(f)
+        run = _adapter_run(adapter_dir)
         trained = run["PetConfig"]
         fraction, trained_seed = float(trained["val_fraction"]), int(run["TrainConfig"]["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         if split != "test":
             raise UserError(f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
                             f"{adapter_dir!r} lacks or cannot be read; use --split test") from None

@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import Trainer, set_seed
 
-from config import (BASE_MODEL, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed, inside,
+from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed, inside,
                     locked_output_dir, parse_config, pick_dtype, run_main, save_run_config, staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
@@ -34,6 +34,7 @@ def parse_args(argv=None):
     if cfg.demo:
         use_demo_assets(cfg)
     cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
+    cfg.dataset = cfg.dataset or DEFAULT_DATASET
     # Local folders are recorded absolute, so run settings and run_config.json name them from anywhere
     for name in ("model_name_or_path", "dataset"):
         if os.path.isdir(getattr(cfg, name)):

@@ -98,16 +98,19 @@ def test_evaluate_and_explain_refuse_the_adapter_folder_as_output(tiny_adapter):
     assert open(os.path.join(adapter, "run_config.json")).read() == before
 
 
-def test_one_rule_for_the_base_model_of_evaluate_and_explain(tiny_adapter, demo_assets, tmp_path):
+def test_one_rule_for_the_base_model_and_data_of_evaluate_and_explain(tiny_adapter, demo_assets, tmp_path):
     adapter = tiny_adapter[0]
     trained_on = json.load(open(os.path.join(adapter, "adapter_config.json")))["base_model_name_or_path"]
-    other = str(tmp_path / "other")
+    other, other_data = str(tmp_path / "other"), str(tmp_path / "data")
     shutil.copytree(demo_assets[0], other)
     for parse in (evaluate.parse_args, explainability.parse_args):
         cfg, _ = parse(["--adapter", adapter, "--output_dir", str(tmp_path / "o")])
-        assert cfg.model_name_or_path == trained_on  # not given: the adapter's own base
-        cfg, _ = parse(["--adapter", adapter, "--output_dir", str(tmp_path / "o"), "--model_name_or_path", other])
-        assert cfg.model_name_or_path == other  # given: that one, in both scripts
+        # not given: the adapter's own base model and data set
+        assert cfg.model_name_or_path == trained_on
+        assert cfg.dataset == os.path.abspath(demo_assets[1])
+        cfg, _ = parse(["--adapter", adapter, "--output_dir", str(tmp_path / "o"), "--model_name_or_path", other,
+                        "--dataset", other_data])
+        assert (cfg.model_name_or_path, cfg.dataset) == (other, other_data)  # given: those, in both scripts
 
 
 # ---------------------------------------------------------------------------
