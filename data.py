@@ -250,17 +250,13 @@ def _records_from_hf(dataset, split: str) -> list:
 
     if "image" not in dataset.column_names or "label" not in dataset.column_names:
         raise UserError(f"the {split!r} split needs columns 'image' and 'label', it has {dataset.column_names}")
-    if not isinstance(dataset.features["image"], ImageFeature):
-        raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
-    # Decode ourselves so a broken image is skipped, not raised inside datasets
-    dataset = dataset.cast_column("image", ImageFeature(decode=False))
     feature = dataset.features["label"]
     raw = dataset["label"]
     names = feature.names if isinstance(feature, ClassLabel) else None
     ids = dataset["image_id"] if "image_id" in dataset.column_names else (
         [os.path.splitext(os.path.basename(p))[0] for p in dataset["path"]] if "path" in dataset.column_names else None
     )
-    records, unlabelled = [], 0
+    kept, unlabelled = [], 0
     for row, value in enumerate(raw):
         if value is None or (names is not None and not 0 <= value < len(names)):
             unlabelled += 1  # ClassLabel -1 means "no label"; names[-1] would make it the last breed
@@ -269,10 +265,14 @@ def _records_from_hf(dataset, split: str) -> list:
             label = breed_index(names[value] if names is not None else value)
         except (ValueError, IndexError):
             raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from None
-        records.append(Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)))
+        kept.append((row, label))
     if unlabelled:
         logger.warning("Skipped %d rows of split %r without a label (-1, None or out of range)", unlabelled, split)
-    return records
+    if not isinstance(dataset.features["image"], ImageFeature):
+        raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
+    # Decode ourselves so a broken image is skipped, not raised inside datasets
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    return [Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)) for row, label in kept]
 
 
 def _hf_splits(dataset_dict, seed: int) -> dict:

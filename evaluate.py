@@ -546,6 +546,10 @@ def print_summary(metrics: dict, out: str) -> None:
 
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several CPU processes (torchrun): accelerate joins them into one group only when told it is on
+        # CPU; otherwise each process believed it was alone, evaluated every image and wrote the outputs
+        PartialState(cpu=True)
     cfg, args = parse_args(argv)
     if PartialState().is_main_process:
         with locked_output_dir(args.output_dir):  # a second evaluation into this folder gets one line, not a mix

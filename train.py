@@ -15,8 +15,8 @@ import os
 import torch
 from transformers import Trainer, set_seed
 
-from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed, inside,
-                    locked_output_dir, parse_config, pick_dtype, run_main, save_run_config, staged_outputs)
+from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed,
+                    inside, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config, staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
 from model import (captions_from_embeddings, create_lora_model, has_vision_lora, image_embeddings, load_base_model,
@@ -55,8 +55,8 @@ def check_train_options(cfg, args) -> None:
         raise UserError("batch sizes must be at least 1")
     if args.gradient_accumulation_steps < 1:
         raise UserError(f"--gradient_accumulation_steps must be at least 1, not {args.gradient_accumulation_steps}")
-    if not args.learning_rate > 0:
-        raise UserError(f"--learning_rate must be positive, not {args.learning_rate}")
+    if not args.learning_rate >= 0:  # 0 is allowed: the loss-measurement tests train with it
+        raise UserError(f"--learning_rate must be 0 or more, not {args.learning_rate}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise UserError(f"--max_steps must be positive (or -1 to train --num_train_epochs), not {args.max_steps}")
     if args.max_steps == -1 and not args.num_train_epochs > 0:

@@ -57,7 +57,7 @@ def test_abbreviated_flags_are_refused():
 
 @pytest.mark.parametrize("argv,message", [
     (["--lora_r", "0"], "--lora_r must be at least 1"),
-    (["--learning_rate", "-1"], "--learning_rate must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be 0 or more"),
     (["--lora_dropout", "2"], "--lora_dropout must be in"),
     (["--lora_target_modules", ","], "names no module"),
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
