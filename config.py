@@ -5,10 +5,14 @@ Each entry script parses `PetConfig` plus its own small dataclass with
 (`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail.
 """
 
+import errno
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 from urllib.parse import urlparse
@@ -31,10 +35,15 @@ class UserError(Exception):
 class PetConfig:
     """Options shared by train.py, evaluate.py and explainability.py."""
 
-    model_name_or_path: str = field(default=BASE_MODEL, metadata={"help": "Hub id or local folder of a BLIP captioning model"})
-    dataset: str = field(
-        default=DEFAULT_DATASET,
-        metadata={"help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder"},
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Hub id or local folder of a BLIP captioning model (train.py: default {BASE_MODEL}; "
+                          "evaluate.py, explainability.py: default the adapter's own base model)"},
+    )
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder "
+                          f"(train.py: default {DEFAULT_DATASET}; evaluate.py, explainability.py: default the adapter's own)"},
     )
     demo: bool = field(default=False, metadata={"help": "run offline on a tiny BLIP and a synthetic pet set under outputs/demo"})
     # LoRA: r=32/alpha=64 on the text decoder's attention; the vision encoder stays frozen.
@@ -129,14 +138,46 @@ def parse_config(types: tuple, argv=None, demo_overrides=None):
     """
     from transformers import HfArgumentParser
 
+    # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
     try:
-        cfg, args = HfArgumentParser(types).parse_args_into_dataclasses(args=argv)
+        cfg, args = HfArgumentParser(types, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
     if cfg.demo:
         apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
         apply_overrides(args, demo_overrides or {}, type(args)())
+    check_options(cfg)
     return cfg, args
+
+
+def check_options(cfg) -> None:
+    """The shared options, checked before any data or model loads: one UserError line each."""
+    def require(ok, message):
+        if not ok:
+            raise UserError(message)
+
+    require(cfg.lora_r >= 1, f"--lora_r must be at least 1, not {cfg.lora_r}")
+    require(cfg.lora_alpha > 0, f"--lora_alpha must be positive, not {cfg.lora_alpha}")
+    require(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
+    require(any(t.strip() for t in cfg.lora_target_modules.split(",")),
+            f"--lora_target_modules {cfg.lora_target_modules!r} names no module; e.g. query,value")
+    require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
+    require(1 <= cfg.max_new_tokens <= 512, f"--max_new_tokens must be 1-512, not {cfg.max_new_tokens}")
+    require(1 <= cfg.num_beams <= 64, f"--num_beams must be 1-64, not {cfg.num_beams}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(cfg, name)
+        require(value is None or value >= 1, f"--{name} must be at least 1, not {value}")
+    try:
+        text = cfg.caption_template.format(breed="Beagle", article="a")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"--caption_template {cfg.caption_template!r} is not a valid template ({type(e).__name__}: {e}); "
+                        "use only {breed} and {article}") from None
+    require("Beagle" in text, f"--caption_template {cfg.caption_template!r} must contain {{breed}}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:  # numpy's seeding range
+        raise UserError(f"--seed must be in 0-{2**32 - 1}, not {seed}")
 
 
 def apply_overrides(obj, overrides, defaults):
@@ -197,13 +238,79 @@ def save_run_config(path: str, *configs) -> None:
         json.dump(record, f, indent=2, default=str)
 
 
+# Disk and permission faults the user fixes outside the program: one line, not a traceback
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_main(main) -> None:
-    """Entry-point wrapper: a UserError becomes one line on stderr and exit code 2."""
+    """Entry-point wrapper: a UserError (or a full disk, a read-only folder) becomes one line on stderr, exit code 2."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {os.strerror(e.errno)}{where}: free some space or pick a writable --output_dir", file=sys.stderr)
+        sys.exit(2)
+
+
+def same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def inside(path: str, folder: str) -> bool:
+    """True when `path` is `folder` or lies below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@contextmanager
+def locked_output_dir(out: str):
+    """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
+
+    The lock is flock on out/.lock, released by the kernel when the process ends (even killed), so
+    a stale lock never blocks. Under the lock, `.saving-*` folders left by a killed save are removed.
+    """
+    import fcntl
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing to {out!r}; wait for it or pass another --output_dir") from None
+        for name in os.listdir(out):
+            if name.startswith(".saving-"):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        yield out
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staged_outputs(out: str, last: tuple = ()):
+    """Yield a temporary folder inside `out`; when the block succeeds, move its files into `out`.
+
+    A full disk or a kill while writing leaves the previous outputs untouched (and a `.saving-*`
+    folder that the next locked run removes), never old and new files mixed. Files named in `last`
+    move last, so their presence marks a complete set (the adapter's config).
+    """
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp), key=lambda n: n in last):
+            target = os.path.join(out, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -7,6 +7,7 @@ source (Hub id | official-layout folder | save_to_disk folder)
 Also writes a synthetic pet set in the official layout for the demo and the tests.
 """
 
+import hashlib
 import io
 import json
 import logging
@@ -103,30 +104,48 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open(src) -> Image.Image:
+    """Open (not decode) an image from a path, a PIL image, or a (datasets.Dataset, row) cell."""
+    if isinstance(src, tuple):
+        dataset, row = src
+        src = dataset[row]["image"]
+        if isinstance(src, dict):  # datasets' undecoded Image value
+            src = io.BytesIO(src["bytes"]) if src.get("bytes") else src.get("path")
+    if isinstance(src, Image.Image):
+        return src
+    if not isinstance(src, (str, os.PathLike, io.BytesIO)):  # a None cell, a number in the image column
+        raise ValueError(f"the image cell holds {type(src).__name__}, not an image")
+    return Image.open(src)
+
+
+def decode_image(src) -> Image.Image:
+    """Open and decode, as PIL gives it; DecompressionBombWarning is an error (PIL warns in open AND in load)."""
+    with warnings.catch_warnings():
+        # PIL warns above MAX_IMAGE_PIXELS and raises at twice that, both in open() and in load(): both are bad
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = _open(src)
+        image.load()  # decode now, so truncated files fail here and not inside a batch
+    return image
+
+
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def load_image(record: Record) -> Image.Image:
     """Decoded RGB image, or BadImage with the reason."""
-    src = record.source
     try:
-        if isinstance(src, tuple):
-            dataset, row = src
-            value = dataset[row]["image"]
-            if isinstance(value, Image.Image):
-                image = value
-            elif value.get("bytes"):
-                image = Image.open(io.BytesIO(value["bytes"]))
-            else:
-                image = Image.open(value["path"])
-        elif isinstance(src, Image.Image):
-            image = src
-        else:
-            image = Image.open(src)
-        with warnings.catch_warnings():
-            # PIL warns above MAX_IMAGE_PIXELS and raises at twice that: treat both as bad
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image.load()  # decode now, so truncated files fail here and not inside a batch
-        return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return to_rgb(decode_image(record.source))
+    except _IMAGE_ERRORS as e:
         raise BadImage(f"{record.image_id}: {type(e).__name__}: {e}") from None
+
+
+def load_trimap(path: str) -> np.ndarray:
+    """An official trimap as a 2-D uint8 array (1 pet, 2 background, 3 border), or BadImage."""
+    try:
+        trimap = np.asarray(decode_image(path))
+    except _IMAGE_ERRORS as e:
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from None
+    return trimap[..., 0] if trimap.ndim == 3 else trimap
 
 
 # ---------------------------------------------------------------------------
@@ -141,32 +160,58 @@ def _is_save_to_disk(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
 
 
+# An image name is a plain file name: no folders, no "..", nothing that reads outside images/
+_IMAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def _read_text(path: str) -> str:
+    """An annotation file as text: UTF-8 (the official files), UTF-16 with a BOM, or else Latin-1 with a warning."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        logger.warning("%s is not UTF-8; read as Latin-1", path)
+        return raw.decode("latin-1")
+
+
 def _read_official_list(path: str):
-    """Lines 'NAME CLASS-ID SPECIES BREED-ID' -> {name: label}; bad lines are counted and reported."""
-    labels, bad = {}, []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            parts = line.split()
-            try:
-                class_id = int(parts[1])
-                if not 1 <= class_id <= NUM_BREEDS:
-                    raise ValueError
-                labels[parts[0]] = class_id - 1
-            except (IndexError, ValueError):
-                bad.append(f"{os.path.basename(path)}:{n}")
+    """Lines 'NAME CLASS-ID SPECIES BREED-ID' -> {name: label}; bad lines are counted and reported.
+
+    Skipped: malformed lines, unknown class ids, names that are not plain file names (../x, /abs),
+    and names listed twice with different labels (which one is right cannot be known).
+    """
+    labels, bad, conflicting = {}, [], set()
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            class_id = int(parts[1])
+            if not 1 <= class_id <= NUM_BREEDS or not _IMAGE_NAME.fullmatch(parts[0]):
+                raise ValueError
+        except (IndexError, ValueError):
+            bad.append(f"{os.path.basename(path)}:{n}")
+            continue
+        if labels.get(parts[0], class_id - 1) != class_id - 1:
+            conflicting.add(parts[0])
+        labels[parts[0]] = class_id - 1
     if bad:
-        logger.warning("Skipped %d malformed annotation lines or unknown class ids (first: %s)", len(bad),
+        logger.warning("Skipped %d malformed annotation lines, unknown class ids or unsafe names (first: %s)", len(bad),
                        ", ".join(bad[:5]))
-    return labels
+    if conflicting:
+        logger.warning("Skipped %d images listed twice with different labels in %s (first: %s)", len(conflicting),
+                       os.path.basename(path), ", ".join(sorted(conflicting)[:5]))
+    return {name: label for name, label in labels.items() if name not in conflicting}
 
 
 def load_official_layout(root: str) -> dict:
     """The official release: images/, annotations/{list,trainval,test}.txt, annotations/trimaps/."""
     ann = os.path.join(root, "annotations")
     labels = _read_official_list(os.path.join(ann, "list.txt"))
-    splits, missing = {}, []
+    splits, missing, conflicts = {}, [], []
     for split, fname in (("trainval", "trainval.txt"), ("test", "test.txt")):
         path = os.path.join(ann, fname)
         if not os.path.isfile(path):
@@ -177,11 +222,17 @@ def load_official_layout(root: str) -> dict:
             if not os.path.isfile(image):
                 missing.append(name)
                 continue
+            if labels.get(name, label) != label:
+                conflicts.append(name)
+                continue
             trimap = os.path.join(ann, "trimaps", f"{name}.png")
-            records.append(Record(name, labels.get(name, label), image, trimap if os.path.isfile(trimap) else None))
+            records.append(Record(name, label, image, trimap if os.path.isfile(trimap) else None))
         splits[split] = records
     if missing:
         logger.warning("Skipped %d listed images that are missing (first: %s)", len(missing), ", ".join(missing[:5]))
+    if conflicts:
+        logger.warning("Skipped %d images whose label in list.txt differs from their split file's (first: %s)",
+                       len(conflicts), ", ".join(conflicts[:5]))
     listed = {r.image_id for records in splits.values() for r in records}
     image_dir = os.path.join(root, "images")
     unlisted = sorted(n[:-4] for n in (os.listdir(image_dir) if os.path.isdir(image_dir) else [])
@@ -199,22 +250,29 @@ def _records_from_hf(dataset, split: str) -> list:
 
     if "image" not in dataset.column_names or "label" not in dataset.column_names:
         raise UserError(f"the {split!r} split needs columns 'image' and 'label', it has {dataset.column_names}")
-    # Decode ourselves so a broken image is skipped, not raised inside datasets
-    dataset = dataset.cast_column("image", ImageFeature(decode=False))
     feature = dataset.features["label"]
     raw = dataset["label"]
     names = feature.names if isinstance(feature, ClassLabel) else None
     ids = dataset["image_id"] if "image_id" in dataset.column_names else (
         [os.path.splitext(os.path.basename(p))[0] for p in dataset["path"]] if "path" in dataset.column_names else None
     )
-    records = []
+    kept, unlabelled = [], 0
     for row, value in enumerate(raw):
+        if value is None or (names is not None and not 0 <= value < len(names)):
+            unlabelled += 1  # ClassLabel -1 means "no label"; names[-1] would make it the last breed
+            continue
         try:
             label = breed_index(names[value] if names is not None else value)
         except (ValueError, IndexError):
             raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from None
-        records.append(Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)))
-    return records
+        kept.append((row, label))
+    if unlabelled:
+        logger.warning("Skipped %d rows of split %r without a label (-1, None or out of range)", unlabelled, split)
+    if not isinstance(dataset.features["image"], ImageFeature):
+        raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
+    # Decode ourselves so a broken image is skipped, not raised inside datasets
+    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    return [Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)) for row, label in kept]
 
 
 def _hf_splits(dataset_dict, seed: int) -> dict:
@@ -239,7 +297,14 @@ def _load_hub(name: str, seed: int) -> dict:
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not os.path.exists(name):
             raise UserError(f"dataset folder {name!r} does not exist")
-        return _hf_splits(datasets.load_dataset(name), seed)  # a local folder of data files
+        if not os.path.isdir(name):
+            raise UserError(f"--dataset {name!r} is a file; pass a folder (official layout or save_to_disk) or a Hub id")
+        try:
+            loaded = datasets.load_dataset(name)  # a local folder of data files (parquet, imagefolder, ...)
+        except Exception as e:  # datasets raises many types for a folder it cannot read
+            raise UserError(f"--dataset {name!r} is neither the official layout (annotations/list.txt), a save_to_disk "
+                            f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})") from None
+        return _hf_splits(loaded, seed)
     if not hub_reachable():
         # Only the local cache can help; datasets reads this flag at call time
         datasets.config.HF_HUB_OFFLINE = True
@@ -267,6 +332,13 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
         splits = _hf_splits(datasets.load_from_disk(dataset), seed)
     else:
         splits = _load_hub(dataset, seed)
+    # An image in both trainval and test would be trained on and then scored as unseen
+    test_ids = {r.image_id for r in splits["test"]}
+    overlap = [r.image_id for r in splits["trainval"] if r.image_id in test_ids]
+    if overlap:
+        logger.warning("Dropped %d images from trainval that are also in the test split (first: %s)", len(overlap),
+                       ", ".join(overlap[:5]))
+        splits["trainval"] = [r for r in splits["trainval"] if r.image_id not in test_ids]
     train, validation = stratified_split(splits["trainval"], val_fraction, seed)
     return {"train": train, "validation": validation, "test": splits["test"]}
 
@@ -551,48 +623,122 @@ def breed_from_caption(caption: str) -> int:
 # Image-embedding cache: the frozen vision encoder runs once per image, not once per epoch
 
 
-def image_key(record: Record) -> str:
-    """Identifies an image's content source: path + size + mtime, or the dataset fingerprint + row."""
+def image_key(record: Record) -> Optional[str]:
+    """Identifies an image's content: a hash of the file's bytes, or the dataset fingerprint + row; None if unreadable.
+
+    Not the path, size and mtime: a file replaced by another of the same size and mtime must not
+    reuse the old embedding.
+    """
     src = record.source
     if isinstance(src, tuple):
         dataset, row = src
         return f"{dataset._fingerprint}:{row}"
-    st = os.stat(src)
-    return f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.blake2b(digest_size=20)
+    try:
+        with open(src, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:  # deleted or unreadable since the listing: counted as a bad image
+        return None
+    return h.hexdigest()
 
 
 class EmbeddingCache:
-    """Vision-encoder outputs on disk, memory-mapped, keyed by model and image.
+    """Vision-encoder outputs on disk, memory-mapped, keyed by model and image content.
 
     cache_dir/<model_key>/index.json maps image keys to (chunk, row); each build appends one
     chunk file (N, tokens, hidden) holding only the images not cached yet. Unreadable images are
     recorded in `bad` and never cached.
+
+    Several runs may share the folder: a build holds an exclusive lock (flock on .lock) while it
+    re-reads the index, encodes what is missing and writes a uniquely named chunk and the new
+    index, each complete or absent (temporary file + rename). A corrupt index or chunk is dropped
+    with a warning and its images are encoded again.
     """
 
     def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
         if dtype not in ("float16", "float32"):
             raise UserError(f"--embedding_cache_dtype must be float16 or float32, not {dtype!r}")
-        self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}")
+        # v2: content keys (v1 keyed by path, size and mtime)
+        self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}-v2")
         self.dtype = dtype
         self.index_path = os.path.join(self.dir, "index.json")
-        self.index = {}
-        if os.path.isfile(self.index_path):
-            with open(self.index_path) as f:
-                self.index = json.load(f)
         self._chunks = {}
+        self._keys = {}
         self.bad = {}
+        self.index = self._read_index()
+
+    def _read_index(self) -> dict:
+        """The index without entries whose chunk is missing, truncated or too short; warns about what it drops."""
+        if not os.path.isfile(self.index_path):
+            return {}
+        try:
+            with open(self.index_path) as f:
+                index = json.load(f)
+            if not isinstance(index, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            logger.warning("embedding cache index %s is corrupt (%s): rebuilding the cache", self.index_path, e)
+            return {}
+        rows = defaultdict(list)
+        for key, entry in index.items():
+            rows[entry[0] if isinstance(entry, list) and len(entry) == 2 else None].append(key)
+        for chunk, keys in rows.items():
+            try:
+                data = self._chunks.get(chunk)
+                if data is None:
+                    if not isinstance(chunk, str) or os.sep in chunk:
+                        raise ValueError("malformed entry")
+                    data = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
+                if data.ndim != 3 or not all(0 <= index[k][1] < len(data) for k in keys):
+                    raise ValueError(f"shape {data.shape} does not hold the indexed rows")
+                self._chunks[chunk] = data
+            except (OSError, ValueError, TypeError) as e:
+                logger.warning("embedding cache chunk %s is missing or corrupt (%s): its %d images will be encoded again",
+                               chunk, e, len(keys))
+                for k in keys:
+                    del index[k]
+        return index
+
+    def keys(self, records: list) -> list:
+        """image_key of each record, computed once per record for this cache's lifetime."""
+        out = []
+        for r in records:
+            memo = (r.image_id, str(r.source) if not isinstance(r.source, tuple) else r.source[1])
+            if memo not in self._keys:
+                self._keys[memo] = image_key(r)
+            out.append(self._keys[memo])
+        return out
 
     def build(self, records: list, encode, image_processor, batch_size: int = 32) -> int:
         """Encode and store every record not cached yet; returns how many were encoded."""
+        import fcntl
+
+        keys = self.keys(records)
+        self.bad.update({r.image_id: "unreadable (missing since the listing)" for r, k in zip(records, keys) if k is None})
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another run that is writing the embedding cache %s", self.dir)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self.index = self._read_index()  # another run may have added chunks meanwhile
+            todo = [(r, k) for r, k in zip(records, keys) if k is not None and k not in self.index]
+            return self._encode(todo, encode, image_processor, batch_size) if todo else 0
+
+    def _encode(self, todo: list, encode, image_processor, batch_size: int) -> int:
+        import tempfile
+        import uuid
+
         from tqdm.auto import tqdm
 
-        todo = [r for r in records if image_key(r) not in self.index]
-        if not todo:
-            return 0
-        os.makedirs(self.dir, exist_ok=True)
-        chunk = f"chunk-{len({c for c, _ in self.index.values()}):05d}.npy"
+        chunk = f"chunk-{uuid.uuid4().hex}.npy"
+        fd, tmp_chunk = tempfile.mkstemp(prefix=".chunk-", suffix=".npy.tmp", dir=self.dir)
+        os.close(fd)
+        key_of = {id(r): k for r, k in todo}
         rows, out = {}, None
-        images, pending = read_images(todo)
+        images, pending = read_images([r for r, _ in todo])
         batch, keys = [], []
 
         def flush():
@@ -600,8 +746,7 @@ class EmbeddingCache:
             pixels = image_processor(batch, return_tensors="pt")["pixel_values"]
             emb = encode(pixels).float().cpu().numpy().astype(self.dtype)
             if out is None:  # shape known after the first batch; sized for every image still to do
-                out = np.lib.format.open_memmap(os.path.join(self.dir, chunk + ".tmp"), mode="w+", dtype=self.dtype,
-                                                shape=(len(todo),) + emb.shape[1:])
+                out = np.lib.format.open_memmap(tmp_chunk, mode="w+", dtype=self.dtype, shape=(len(todo),) + emb.shape[1:])
             start = len(rows)
             out[start:start + len(emb)] = emb
             for k, key in enumerate(keys):
@@ -609,24 +754,28 @@ class EmbeddingCache:
             batch.clear()
             keys.clear()
 
-        for record, image in tqdm(images, total=len(todo), desc="caching image embeddings", unit="img"):
-            batch.append(image)
-            keys.append(image_key(record))
-            if len(batch) == batch_size:
+        try:
+            for record, image in tqdm(images, total=len(todo), desc="caching image embeddings", unit="img"):
+                batch.append(image)
+                keys.append(key_of[id(record)])
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-        self.bad.update(pending)
-        if out is None:
-            return 0
-        out.flush()
-        del out
-        os.replace(os.path.join(self.dir, chunk + ".tmp"), os.path.join(self.dir, chunk))  # complete or absent
+            self.bad.update(pending)
+            if out is None:
+                return 0
+            out.flush()
+            del out
+            os.replace(tmp_chunk, os.path.join(self.dir, chunk))  # complete or absent
+        finally:
+            if os.path.exists(tmp_chunk):
+                os.remove(tmp_chunk)
         self.index.update({key: [chunk, row] for key, row in rows.items()})
-        tmp = self.index_path + ".tmp"
-        with open(tmp, "w") as f:
+        fd, tmp_index = tempfile.mkstemp(prefix=".index-", suffix=".json.tmp", dir=self.dir)
+        with os.fdopen(fd, "w") as f:
             json.dump(self.index, f)
-        os.replace(tmp, self.index_path)
+        os.replace(tmp_index, self.index_path)
         return len(rows)
 
     def get(self, key: str) -> torch.Tensor:
@@ -642,7 +791,7 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
     """Like PetCaptionDataset, but yields cached `image_embeds` instead of pixel_values."""
 
     def __init__(self, records: list, cache: EmbeddingCache, template: str):
-        keys = [image_key(r) for r in records]  # once here, not a stat() per item per epoch
+        keys = cache.keys(records)  # hashed once (during the build), not per item per epoch
         self.items = [(r, k) for r, k in zip(records, keys) if k in cache.index]  # unreadable ones were never cached
         self.cache, self.template = cache, template
         self.bad_images = {r.image_id: "unreadable" for r, k in zip(records, keys) if k not in cache.index}

@@ -12,7 +12,6 @@ metrics.json, predictions.csv, failures.csv, the figures, report.md and run_conf
 import json
 import logging
 import os
-import sys
 import time
 
 import numpy as np
@@ -21,12 +20,13 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import set_seed
 
-from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, parse_config, pick_device, pick_dtype,
-                    run_main, save_run_config)
+from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check_seed, locked_output_dir, parse_config,
+                    pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
                   load_splits, read_images, report_bad_images, species_from_caption, subsample)
-from model import (breed_candidates, captions_from_embeddings, check_adapter, image_embeddings, load_base_model,
-                   load_lora_for_inference, rank_breeds, same_vision_encoder, use_demo_assets)
+from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
+                   data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
+                   same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("evaluate")
 MODELS = ("zero_shot", "fine_tuned")
@@ -41,19 +41,22 @@ def label_index(labels) -> list:
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
-    flags = sys.argv[1:] if argv is None else argv
-    model_given = any(a.split("=")[0] == "--model_name_or_path" for a in flags)
     if args.split not in ("test", "validation", "train"):
         raise UserError(f"--split must be test, validation or train, not {args.split!r}")
-    if args.per_device_eval_batch_size < 1 or cfg.num_beams < 1 or cfg.max_new_tokens < 1 or args.bootstrap_samples < 1:
-        raise UserError("--per_device_eval_batch_size, --num_beams, --max_new_tokens and --bootstrap_samples must be at least 1")
+    if args.per_device_eval_batch_size < 1:
+        raise UserError("--per_device_eval_batch_size must be at least 1")
+    if not 1 <= args.bootstrap_samples <= 100_000:  # the resample matrix is samples x images
+        raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
+    check_seed(args.seed)
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
+    if os.path.isdir(args.adapter) and same_path(args.output_dir, args.adapter):
+        raise UserError(f"--output_dir {args.output_dir!r} is the adapter folder; its files would be overwritten: pass another folder")
     adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
     if cfg.demo:
         use_demo_assets(cfg)
-        model_given = True
-    base = cfg.model_name_or_path if model_given else adapter_base
+    base = base_model_for(cfg, args.adapter)
+    cfg.dataset = data_for(cfg, args.adapter)
     if not _same_model(base, adapter_base):
         logger.warning("adapter %s was trained on %r; evaluating it on %r", args.adapter, adapter_base, base)
     cfg.model_name_or_path = base
@@ -543,7 +546,18 @@ def print_summary(metrics: dict, out: str) -> None:
 
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several CPU processes (torchrun): accelerate joins them into one group only when told it is on
+        # CPU; otherwise each process believed it was alone, evaluated every image and wrote the outputs
+        PartialState(cpu=True)
     cfg, args = parse_args(argv)
+    if PartialState().is_main_process:
+        with locked_output_dir(args.output_dir):  # a second evaluation into this folder gets one line, not a mix
+            return _evaluate(cfg, args)
+    return _evaluate(cfg, args)
+
+
+def _evaluate(cfg, args):
     set_seed(args.seed)
     # One process, or the group that torchrun / accelerate launch started: each takes every
     # n-th image, the main process gathers the predictions and writes the outputs.
@@ -553,7 +567,7 @@ def main(argv=None):
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
 
-    records = load_splits(cfg.dataset, cfg.val_fraction, args.seed)[args.split]
+    records = load_splits(cfg.dataset, *adapter_split_settings(args.adapter, cfg, args.split, args.seed))[args.split]
     records = subsample(records, cfg.max_eval_samples, args.seed)
     if not records:
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
@@ -591,15 +605,15 @@ def main(argv=None):
     }
 
     out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({**public(metrics), **info}, f, indent=2)
-    predictions_frame(results, metrics).to_csv(os.path.join(out, "predictions.csv"), index=False)
-    failures = failures_frame(results, metrics)
-    failures.drop(columns="_index").to_csv(os.path.join(out, "failures.csv"), index=False)
-    write_figures(results, metrics, failures, cfg.caption_template, out)
-    write_report(os.path.join(out, "report.md"), metrics, info)
-    save_run_config(os.path.join(out, "run_config.json"), cfg, args)
+    with staged_outputs(out) as tmp:  # a full disk or a kill leaves the previous results whole
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump({**public(metrics), **info}, f, indent=2)
+        predictions_frame(results, metrics).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
+        failures = failures_frame(results, metrics)
+        failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
+        write_figures(results, metrics, failures, cfg.caption_template, tmp)
+        write_report(os.path.join(tmp, "report.md"), metrics, info)
+        save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
     print_summary(metrics, out)
     return {"output_dir": out, "metrics": metrics, "results": results, "info": info}
 

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 from transformers import set_seed
 
-from config import (BASE_MODEL, DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError, parse_config, pick_device,
-                    pick_dtype, run_main, save_run_config)
+from config import (DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError, check_seed, locked_output_dir,
+                    parse_config, pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
-                  normalise_text, report_bad_images, subsample)
-from model import (caption_ids_from_embeddings, check_adapter, cross_attention_maps, image_embeddings, load_base_model,
-                   load_lora_for_inference, same_vision_encoder, use_demo_assets)
+                  load_trimap, normalise_text, report_bad_images, subsample)
+from model import (adapter_split_settings, base_model_for, caption_ids_from_embeddings, check_adapter,
+                   cross_attention_maps, data_for, image_embeddings, load_base_model, load_lora_for_inference,
+                   same_vision_encoder, use_demo_assets)
 
 logger = logging.getLogger("explain")
 
@@ -62,7 +63,13 @@ def parse_args(argv=None):
         raise UserError("--num_images must be 0 or more")
     if os.path.isfile(ex.output_dir):
         raise UserError(f"--output_dir {ex.output_dir!r} is a file; pass a folder")
+    if os.path.isdir(ex.adapter) and same_path(ex.output_dir, ex.adapter):
+        raise UserError(f"--output_dir {ex.output_dir!r} is the adapter folder; its files would be overwritten: pass another folder")
+    check_seed(ex.seed)
     parse_layers(ex.layers)  # fail before loading anything
+    check_adapter(ex.adapter)
+    cfg.model_name_or_path = base_model_for(cfg, ex.adapter)
+    cfg.dataset = data_for(cfg, ex.adapter)
     return cfg, ex
 
 
@@ -135,13 +142,21 @@ def pointing_hit(grid_map: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask[min(h - 1, int((r + 0.5) * h / rows)), min(w - 1, int((c + 0.5) * w / cols))])
 
 
-def load_pet_mask(trimap_path: str, size) -> np.ndarray:
-    """Pet mask from an official trimap (1 pet, 2 background, 3 border): pet and its border band."""
-    trimap = np.asarray(Image.open(trimap_path))
-    if trimap.ndim == 3:
-        trimap = trimap[..., 0]
+def load_pet_mask(trimap_path: str, size):
+    """Pet mask from an official trimap (1 pet, 2 background, 3 border): pet and its border band.
+
+    None, with a warning, for an unreadable trimap. One of another size than the image is resized to it,
+    with a warning: the official trimaps match their images, so a mismatch may mean the wrong trimap.
+    """
+    try:
+        trimap = load_trimap(trimap_path)
+    except BadImage as e:
+        logger.warning("not scoring against an unreadable trimap: %s", e)
+        return None
     mask = trimap != 2
     if mask.shape != (size[1], size[0]):
+        logger.warning("trimap %s is %dx%d, its image %dx%d: resized to the image", trimap_path, mask.shape[1],
+                       mask.shape[0], size[0], size[1])
         mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return mask
 
@@ -188,9 +203,8 @@ def explain(model, processor, embeds, cfg, layers) -> list:
 
 def load_models(cfg, ex, device, dtype):
     """(zero-shot base, merged fine-tuned model, processor, base name, vision encoders identical?)."""
-    given_base = cfg.model_name_or_path if cfg.model_name_or_path != BASE_MODEL or cfg.demo else None
-    tuned, processor = load_lora_for_inference(ex.adapter, base_model=given_base, dtype=dtype, device=device)
-    base_name = given_base or check_adapter(ex.adapter)["base_model_name_or_path"]
+    base_name = cfg.model_name_or_path  # base_model_for: --model_name_or_path, else the adapter's own base
+    tuned, processor = load_lora_for_inference(ex.adapter, base_model=base_name, dtype=dtype, device=device)
     base = load_base_model(base_name, dtype=dtype).to(device).eval()
     # LoRA on the text decoder only leaves the vision encoder untouched: embed each image once
     return base, tuned, processor, base_name, same_vision_encoder(base, tuned)
@@ -200,7 +214,8 @@ def collect_images(cfg, ex):
     """[(name, PIL image, Record or None, true label or None)]: data set samples, then --image files."""
     items = []
     if ex.num_images > 0:
-        records = subsample(load_splits(cfg.dataset, cfg.val_fraction, ex.seed)[ex.split], ex.num_images, ex.seed)
+        splits = load_splits(cfg.dataset, *adapter_split_settings(ex.adapter, cfg, ex.split, ex.seed))
+        records = subsample(splits[ex.split], ex.num_images, ex.seed)
         bad = {}
         for r in records:
             try:
@@ -331,6 +346,14 @@ def write_index(path: str, cfg, ex, base_name, summary: dict, per_image: list) -
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     cfg, ex = parse_args(argv)
+    with locked_output_dir(ex.output_dir):  # a second run into this folder gets one line, not a mix
+        with staged_outputs(ex.output_dir) as tmp:  # a full disk or a kill leaves the previous outputs whole
+            result = _explain(cfg, ex, tmp)
+    print(f"Wrote {len(result['metrics']['images'])} figures, attention_metrics.json and index.md to {ex.output_dir}/")
+    return {"output_dir": ex.output_dir, "metrics": result["metrics"]}
+
+
+def _explain(cfg, ex, out):
     set_seed(ex.seed)
     layers = parse_layers(ex.layers)
     device = pick_device()
@@ -338,7 +361,6 @@ def main(argv=None):
 
     base, tuned, processor, base_name, shared = load_models(cfg, ex, device, dtype)
     items = collect_images(cfg, ex)
-    os.makedirs(ex.output_dir, exist_ok=True)
     logger.info("explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers)
 
     per_image = []
@@ -349,7 +371,7 @@ def main(argv=None):
         rows = {MODELS[0]: explain(base, processor, base_embeds, cfg, layers)[0],
                 MODELS[1]: explain(tuned, processor, tuned_embeds, cfg, layers)[0]}
         figure = f"{k:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-        draw_figure(os.path.join(ex.output_dir, figure), name, image, rows)
+        draw_figure(os.path.join(out, figure), name, image, rows)
 
         mask = load_pet_mask(record.trimap, image.size) if record is not None and record.trimap else None
         entry = {"name": name, "figure": figure, "has_trimap": mask is not None,
@@ -373,18 +395,17 @@ def main(argv=None):
         },
         "layers": ex.layers, "zero_shot_model": base_name, "adapter": ex.adapter, "images": per_image,
     }
-    with open(os.path.join(ex.output_dir, "attention_metrics.json"), "w") as f:
+    with open(os.path.join(out, "attention_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    plot_metrics(summary, os.path.join(ex.output_dir, "attention_metrics.png"))
-    write_index(os.path.join(ex.output_dir, "index.md"), cfg, ex, base_name, summary, per_image)
-    save_run_config(os.path.join(ex.output_dir, "run_config.json"), cfg, ex)
+    plot_metrics(summary, os.path.join(out, "attention_metrics.png"))
+    write_index(os.path.join(out, "index.md"), cfg, ex, base_name, summary, per_image)
+    save_run_config(os.path.join(out, "run_config.json"), cfg, ex)
     for m in MODELS:
         s = summary[m]
         if s["images_scored"]:
             print(f"{m}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
                   f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)")
-    print(f"Wrote {len(per_image)} figures, attention_metrics.json and index.md to {ex.output_dir}/")
-    return {"output_dir": ex.output_dir, "metrics": metrics}
+    return {"metrics": metrics}
 
 
 if __name__ == "__main__":

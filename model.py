@@ -34,6 +34,9 @@ def load_processor(name_or_path: str) -> BlipProcessor:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
         raise UserError(f"no BLIP processor (preprocessor_config.json, tokenizer files) found at {name_or_path!r}") from None
+    except Exception as e:  # garbled tokenizer.json / JSON configs: tokenizers and json raise their own types
+        raise UserError(f"the processor files at {name_or_path!r} are corrupt ({type(e).__name__}: {str(e)[:150]}); "
+                        "restore them from the original model") from None
     add_decoder_tokens(tokenizer)
     return BlipProcessor(image_processor, tokenizer)
 
@@ -117,12 +120,22 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
         # The saved adapter records this as its base: absolute, so it loads from any working directory
         name_or_path = os.path.abspath(name_or_path)
     try:
-        return BlipForPetCaptioning.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        model, info = BlipForPetCaptioning.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **kwargs)
     except OSError:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
         raise UserError(f"no BLIP captioning model (config.json and model.safetensors or pytorch_model.bin) found at "
                         f"{name_or_path!r}; pass a model folder or Hub id to --model_name_or_path") from None
+    except Exception as e:  # a truncated or corrupt weights file: safetensors and torch raise their own types
+        raise UserError(f"cannot load the model at {name_or_path!r} ({type(e).__name__}: {str(e)[:150]}); "
+                        "the weights may be corrupt or truncated: download them again") from None
+    # transformers fills missing weights with random ones and only logs it: a model that is partly random is no base
+    # (position_ids are buffers the model rebuilds; the Hub's 4.26-era .bin stores them, newer files do not)
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.endswith("position_ids"))
+    if missing:
+        raise UserError(f"the model at {name_or_path!r} lacks {len(missing)} weights (first: {', '.join(missing[:3])}); "
+                        "it is incomplete: download it again")
+    return model
 
 
 def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
@@ -177,9 +190,30 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:200]}); "
                         "the file may be corrupt or truncated: re-save or re-train it") from None
+    check_loaded_keys(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
     return model.to(device).eval(), processor
+
+
+def check_loaded_keys(peft_model, adapter_dir: str) -> None:
+    """UserError unless the adapter file's tensors are exactly the LoRA weights the loaded model has.
+
+    PEFT loads non-strictly: weights under other module names (or target_modules that match other
+    modules than the weights') are skipped with a warning, and the "fine-tuned" model is the base.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    expected = set(get_peft_model_state_dict(peft_model).keys())
+    if saved != expected:
+        extra, missing = sorted(saved - expected), sorted(expected - saved)
+        detail = f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else \
+            f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})"
+        raise UserError(f"adapter {adapter_dir!r} does not fit its own adapter_config.json or this base model: {detail}; "
+                        "re-save or re-train it")
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +404,9 @@ def check_adapter(adapter_dir: str) -> dict:
             config = json.load(f)
         with safe_open(weights, framework="pt") as f:
             keys = list(f.keys())
+            # a diverged or damaged adapter loads fine and then captions garbage: refuse non-finite weights
+            broken = [k for k in keys if f.get_slice(k).get_dtype().startswith(("F", "BF"))
+                      and not torch.isfinite(f.get_tensor(k)).all()]
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
         raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:200]}; "
                         "re-save or re-train it") from None
@@ -377,7 +414,61 @@ def check_adapter(adapter_dir: str) -> dict:
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
     if not keys:
         raise UserError(f"{weights} holds no tensors")
+    if broken:
+        raise UserError(f"adapter {adapter_dir!r} has NaN or infinite weights ({len(broken)} tensors, first: {broken[0]}); "
+                        "re-train it")
     return config
+
+
+def _adapter_run(adapter_dir: str) -> dict:
+    """The adapter's run_config.json (written by train.py), or {} when it is missing or unreadable."""
+    try:
+        with open(os.path.join(adapter_dir, "run_config.json")) as f:
+            run = json.load(f)
+        return run if isinstance(run, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def data_for(cfg, adapter_dir: str) -> str:
+    """The data set evaluate.py and explainability.py use: --dataset if given, else the one the adapter was trained on."""
+    from config import DEFAULT_DATASET
+
+    trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
+    return cfg.dataset or trained or DEFAULT_DATASET
+
+
+def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tuple:
+    """(val_fraction, seed) that rebuild the adapter's own train/validation split, from its run_config.json.
+
+    Another seed or fraction would draw another "validation" set, mostly training images. The test
+    split depends on them only for a data set without a test split (then a seeded half is held out).
+    """
+    try:
+        run = _adapter_run(adapter_dir)
+        trained = run["PetConfig"]
+        fraction, trained_seed = float(trained["val_fraction"]), int(run["TrainConfig"]["seed"])
+    except (ValueError, KeyError, TypeError):
+        if split != "test":
+            raise UserError(f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
+                            f"{adapter_dir!r} lacks or cannot be read; use --split test") from None
+        return cfg.val_fraction, seed
+    if split != "test" and not _same_source(trained.get("dataset"), cfg.dataset):
+        logger.warning("the adapter was trained on %r, not %r: --split %s is rebuilt on another data set than its own",
+                       trained.get("dataset"), cfg.dataset, split)
+    if (fraction, trained_seed) != (cfg.val_fraction, seed):
+        logger.info("splitting the data as the adapter's training run did: val_fraction %g, seed %d", fraction, trained_seed)
+    return fraction, trained_seed
+
+
+def _same_source(a, b) -> bool:
+    return a == b or (isinstance(a, str) and os.path.exists(a) and os.path.exists(b) and
+                      os.path.realpath(a) == os.path.realpath(b))
+
+
+def base_model_for(cfg, adapter_dir: str) -> str:
+    """The base model evaluate.py and explainability.py use: --model_name_or_path if given, else the adapter's own."""
+    return cfg.model_name_or_path or check_adapter(adapter_dir)["base_model_name_or_path"]
 
 
 def same_vision_encoder(a, b) -> bool:

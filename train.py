@@ -11,13 +11,12 @@ run_config.json, train_history.json and training_curves.png to --output_dir.
 import json
 import logging
 import os
-import tempfile
 
 import torch
 from transformers import Trainer, set_seed
 
-from config import (DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, parse_config, pick_dtype, run_main,
-                    save_run_config)
+from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed,
+                    inside, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config, staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
 from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
@@ -34,10 +33,13 @@ def parse_args(argv=None):
     cfg, args = parse_config((PetConfig, TrainConfig), argv, DEMO_TRAIN_OVERRIDES)
     if cfg.demo:
         use_demo_assets(cfg)
-    if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
-        raise UserError("batch sizes must be at least 1")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
+    cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
+    cfg.dataset = cfg.dataset or DEFAULT_DATASET
+    # Local folders are recorded absolute, so run settings and run_config.json name them from anywhere
+    for name in ("model_name_or_path", "dataset"):
+        if os.path.isdir(getattr(cfg, name)):
+            setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
+    check_train_options(cfg, args)
     if args.device.type != "cuda":
         args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns elsewhere
     # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
@@ -47,12 +49,60 @@ def parse_args(argv=None):
     return cfg, args
 
 
+def check_train_options(cfg, args) -> None:
+    """train.py's own options, before anything heavy loads: one UserError line each."""
+    if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
+        raise UserError("batch sizes must be at least 1")
+    if args.gradient_accumulation_steps < 1:
+        raise UserError(f"--gradient_accumulation_steps must be at least 1, not {args.gradient_accumulation_steps}")
+    if not args.learning_rate >= 0:  # 0 is allowed: the loss-measurement tests train with it
+        raise UserError(f"--learning_rate must be 0 or more, not {args.learning_rate}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"--max_steps must be positive (or -1 to train --num_train_epochs), not {args.max_steps}")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise UserError(f"--num_train_epochs must be positive, not {args.num_train_epochs}: it would save an untrained adapter")
+    check_seed(args.seed)
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
+    if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
+        # the adapter would be saved into the base model's folder, which then loads with it applied
+        raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "
+                        f"{cfg.model_name_or_path!r}; pass another folder")
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint (written into each checkpoint)
+RUN_SETTINGS_FILE = "pet_run_settings.json"
+RESUME_KEYS = {
+    "PetConfig": ("model_name_or_path", "dataset", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                  "caption_template", "val_fraction", "max_train_samples", "max_eval_samples"),
+    "TrainConfig": ("seed", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "weight_decay", "warmup_steps", "lr_scheduler_type",
+                    "use_embedding_cache"),
+}
+
+
+def run_settings(cfg, args) -> dict:
+    values = {k: getattr(obj, k) for obj, keys in ((cfg, RESUME_KEYS["PetConfig"]), (args, RESUME_KEYS["TrainConfig"]))
+              for k in keys}
+    return {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type) as their names
+
+
 class PetTrainer(Trainer):
     """Trainer whose evaluation adds the breed accuracy of greedy captions on the validation split."""
 
     def __init__(self, *a, processor, pet_config, **kw):
         super().__init__(*a, **kw)
         self.processor, self.pet_config = processor, pet_config
+
+    def _save_checkpoint(self, model, trial):
+        # The run settings go in first, so a checkpoint is never resumed by a run with other settings;
+        # trainer_state.json, written last by Trainer, still marks the checkpoint complete.
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, RUN_SETTINGS_FILE), "w") as f:
+                json.dump(run_settings(self.pet_config, self.args), f, indent=2, default=str)
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -95,7 +145,9 @@ class PetTrainer(Trainer):
             counts = torch.tensor([correct, total], dtype=torch.float64, device=self.args.device)
             torch.distributed.all_reduce(counts)
             correct, total = counts.tolist()
-        return correct / max(total, 1)
+        if total == 0:  # an accuracy of 0.000 would be a wrong number, not a result
+            raise UserError("no validation image could be read (see the warnings above); check the data set")
+        return correct / total
 
 
 def history_from_logs(log_history: list) -> dict:
@@ -209,11 +261,27 @@ print(processor.decode(ids[0], skip_special_tokens=True))
         f.write(card)
 
 
-def resume_point(args):
-    """--resume_from_checkpoint PATH, or True/last for the newest checkpoint-N in --output_dir."""
+def resume_point(cfg, args):
+    """--resume_from_checkpoint PATH, or True/last for the newest checkpoint-N in --output_dir; checked against this run."""
     value = args.resume_from_checkpoint
     if value is None or value.lower() in ("false", "no", "none", ""):
         return None
+    path = _find_checkpoint(args, value)
+    try:
+        with open(os.path.join(path, RUN_SETTINGS_FILE)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"checkpoint {path!r} has no readable {RUN_SETTINGS_FILE}, so it cannot be checked against this "
+                        "run; start afresh (without --resume_from_checkpoint) or in another --output_dir") from None
+    current = json.loads(json.dumps(run_settings(cfg, args), default=str))
+    differ = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
+    if differ:
+        raise UserError(f"checkpoint {path!r} belongs to a run with other settings ({'; '.join(differ[:3])}); "
+                        "resume with the same options, or train afresh in another --output_dir")
+    return path
+
+
+def _find_checkpoint(args, value):
     if value.lower() in ("true", "last", "latest"):
         # The newest COMPLETE checkpoint: a run killed while saving leaves a checkpoint-N folder
         # without trainer_state.json (Trainer writes it last), which Trainer cannot resume from.
@@ -265,6 +333,14 @@ def main(argv=None):
     set_seed(args.seed)
     if not args.should_log:  # under torchrun / accelerate launch only the main process talks
         logging.getLogger().setLevel(logging.WARNING)
+    if args.process_index == 0:
+        with locked_output_dir(args.output_dir):  # checkpoints and the adapter: one writer at a time
+            return _train(cfg, args)
+    return _train(cfg, args)
+
+
+def _train(cfg, args):
+    resume = resume_point(cfg, args)
 
     splits = load_splits(cfg.dataset, cfg.val_fraction, args.seed)
     splits["train"] = subsample(splits["train"], cfg.max_train_samples, args.seed)
@@ -281,32 +357,38 @@ def main(argv=None):
     model.print_trainable_parameters()
 
     train_set, val_set = make_datasets(model, processor, splits, cfg, args)
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        if len(dataset) == 0:  # the cached datasets know now; the others find out while reading
+            raise UserError(f"no {name} image could be read (see the warnings above); check the data set")
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id), processor=processor, pet_config=cfg)
-    trainer.train(resume_from_checkpoint=resume_point(args))
+                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id),
+                         processor=processor, pet_config=cfg)
+    trainer.train(resume_from_checkpoint=resume)
     report_bad_images({**train_set.bad_images, **val_set.bad_images})
 
-    # The best epoch is loaded back (load_best_model_at_end). Write everything into a temporary
-    # folder first and move it into place file by file, so a kill while saving never leaves a
+    # The best epoch is loaded back (load_best_model_at_end). Everything is written into a temporary
+    # folder first and moved into place, so a kill or a full disk while saving never leaves a
     # half-written adapter where the previous good one was.
     out = args.output_dir
     history = history_from_logs(trainer.state.log_history)
     best = trainer.state.best_metric
     if args.process_index == 0:
-        tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
-        save_adapter(trainer.model, tmp)
-        processor.save_pretrained(tmp)
-        with open(os.path.join(tmp, "train_history.json"), "w") as f:
-            json.dump(history, f, indent=2)
-        smoothing = args.label_smoothing_factor or getattr(base.config.text_config, "label_smoothing", 0.0)
-        plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
-        write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
-        save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):  # the config goes last
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        os.rmdir(tmp)
+        with staged_outputs(out, last=("adapter_config.json",)) as tmp:
+            _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
         print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
+
+
+def _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable):
+    """Everything train.py leaves in --output_dir, written into `tmp`."""
+    save_adapter(trainer.model, tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "train_history.json"), "w") as f:
+        json.dump(history, f, indent=2)
+    smoothing = args.label_smoothing_factor or getattr(trainer.model.config.text_config, "label_smoothing", 0.0)
+    plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
+    write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
+    save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
 
 
 if __name__ == "__main__":

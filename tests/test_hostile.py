@@ -133,7 +133,7 @@ def test_bad_annotation_lines_are_skipped_and_counted(pets, caplog):
         splits = load_splits(pets, 0.0)
     assert len(splits["train"]) == 8 - 2
     text = caplog.text
-    assert "Skipped 2 malformed annotation lines or unknown class ids" in text
+    assert "Skipped 2 malformed annotation lines, unknown class ids or unsafe names" in text
     assert "Skipped 1 listed images that are missing (first: Abyssinian_999)" in text
     assert "3 images are in neither trainval.txt nor test.txt" in text  # the two bad lines' images + the extra one
 
