@@ -435,7 +435,7 @@ def plot_failures(results, failures, path: str, limit: int = 16) -> None:
     else:
         cols = min(4, len(worst))
         rows = (len(worst) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 4.3 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(max(3.6 * cols, 6.0), 4.3 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, (_, row) in zip(axes.flat, worst.iterrows()):
