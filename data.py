@@ -107,22 +107,23 @@ def load_image(record: Record) -> Image.Image:
     """Decoded RGB image, or BadImage with the reason."""
     src = record.source
     try:
-        if isinstance(src, tuple):
-            dataset, row = src
-            value = dataset[row]["image"]
-            if isinstance(value, Image.Image):
-                image = value
-            elif value.get("bytes"):
-                image = Image.open(io.BytesIO(value["bytes"]))
-            else:
-                image = Image.open(value["path"])
-        elif isinstance(src, Image.Image):
-            image = src
-        else:
-            image = Image.open(src)
         with warnings.catch_warnings():
-            # PIL warns above MAX_IMAGE_PIXELS and raises at twice that: treat both as bad
+            # PIL warns above MAX_IMAGE_PIXELS and raises at twice that: treat both as bad. It checks
+            # in Image.open, so the open must be inside this block too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(src, tuple):
+                dataset, row = src
+                value = dataset[row]["image"]
+                if isinstance(value, Image.Image):
+                    image = value
+                elif value.get("bytes"):
+                    image = Image.open(io.BytesIO(value["bytes"]))
+                else:
+                    image = Image.open(value["path"])
+            elif isinstance(src, Image.Image):
+                image = src
+            else:
+                image = Image.open(src)
             image.load()  # decode now, so truncated files fail here and not inside a batch
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
