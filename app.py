@@ -40,6 +40,8 @@ TOP_K = 5
 DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
 MAX_UPLOAD = "50mb"  # bytes; the pixel limit is data.load_image's, as everywhere in the project
 EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
+MAP_LABEL = "Cross-attention"
+EMPTY_RESULT = [None, None, None, gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
 
 
 class ImageUpload(gr.Image):
@@ -131,10 +133,10 @@ def handle(captioner: PetCaptioner, image) -> list:
     try:
         result = captioner.analyse(image)
     except UserError as e:
-        return [f"**error:** {e}"] + [None] * (4 * len(MODELS))
+        return [f"**error:** {e}"] + EMPTY_RESULT * len(MODELS)
     except Exception:  # a bug: the log gets the traceback, the page one line
         logger.exception("request failed")
-        return ["**error:** something went wrong on the server (see its log)."] + [None] * (4 * len(MODELS))
+        return ["**error:** something went wrong on the server (see its log)."] + EMPTY_RESULT * len(MODELS)
     seconds = time.perf_counter() - start
     logger.info("answered in %.3f s: %s", seconds, {k: r["caption"] for k, r in result.items()})
     values = [f"Answered in {seconds:.2f} s on {captioner.device.type}"
@@ -194,7 +196,7 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
                         gr.Textbox(label="Breed named", interactive=False, elem_id=f"{key}-breed"),
                         gr.Label(label="Top 5 of 37 breeds (softmax of caption likelihoods)", num_top_classes=TOP_K,
                                  show_heading=False, elem_id=f"{key}-top"),
-                        gr.Image(label="Cross-attention", interactive=False, elem_id=f"{key}-map", height=320),
+                        gr.Image(label=MAP_LABEL, interactive=False, elem_id=f"{key}-map", height=320),
                     ]
         fn = lambda img: handle(captioner, img)  # noqa: E731
         submit.click(fn, inputs=image, outputs=outputs)
