@@ -13,10 +13,11 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from config import UserError
-from data import BREED_NAMES, load_image, load_splits
+from data import BREED_NAMES, Record, load_image, load_splits
 
 from conftest import ROOT
 
@@ -51,7 +52,7 @@ def test_result_matches_an_independent_computation(captioner, test_images):
     for path, label in test_images:
         result = captioner.analyse(path)
         assert set(result) == {"zero_shot", "fine_tuned"}
-        image = load_image(app.Record("x", -1, path))
+        image = load_image(Record("x", -1, path))
         processor = captioner.processor
         for key, model in captioner.models.items():
             r = result[key]
@@ -159,8 +160,11 @@ def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_ad
     trained, launched = [], {}
     monkeypatch.setattr(train, "main", lambda argv: trained.append(argv) or shutil.copytree(demo_adapter, argv[-1]))
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # not for the rest of the session
     app.main(["--demo", "--adapter", str(new_adapter), "--output_dir", str(out), "--port", "0"])
     assert trained == [["--demo", "--output_dir", str(new_adapter)]]
+    assert threads == [1]  # the tiny model on one CPU thread
     assert launched["server_name"] == "127.0.0.1" and launched["share"] is False and launched["server_port"] > 0
     theme = launched["theme"]  # system fonts: no web font to fetch, not even from the app
     assert theme.font.startswith("ui-sans-serif") and "Source Sans" not in theme._get_theme_css()
