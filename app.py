@@ -44,20 +44,24 @@ MAP_LABEL = "Cross-attention"
 EMPTY_RESULT = [None, None, None, gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
 
 
-class ImageUpload(gr.Image):
-    """gr.Image that hands the callback the uploaded file's path unopened.
+def image_input(**kwargs) -> gr.Image:
+    """gr.Image whose callbacks get the uploaded file's path unopened.
 
     gr.Image opens every upload with PIL before the callback runs, so a text file or a
     decompression bomb would fail inside Gradio with its own error. Here data.load_image judges
-    it, with the project's pixel limit, and the page says what is wrong.
+    it, with the project's pixel limit, and the page says what is wrong. (An instance attribute,
+    not a subclass: Gradio writes a .pyi stub next to the source of every Component subclass.)
     """
+    image = gr.Image(type="filepath", **kwargs)
+    gradio_preprocess = image.preprocess
 
-    is_template = True  # the browser side stays gr.Image's
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return payload.path
-        return super().preprocess(payload)
+        return gradio_preprocess(payload)
+
+    image.preprocess = preprocess
+    return image
 
 
 def parse_args(argv=None):
@@ -181,7 +185,7 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
         gr.Markdown("# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
                     f"Oxford-IIIT Pet. Zero-shot: `{captioner.base_name}`.")
         with gr.Row():
-            image = ImageUpload(type="filepath", sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image",
+            image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image",
                              height=320)
             with gr.Column():
                 submit = gr.Button("Caption it", variant="primary", elem_id="submit")

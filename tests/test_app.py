@@ -169,6 +169,7 @@ def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_ad
     theme = launched["theme"]  # system fonts: no web font to fetch, not even from the app
     assert theme.font.startswith("ui-sans-serif") and "Source Sans" not in theme._get_theme_css()
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert not os.path.exists(os.path.join(ROOT, "app.pyi"))  # Gradio stubs every Component subclass's source file
     examples = sorted(os.listdir(out / "examples"))
     assert len(examples) == 4 and len({e.rsplit("_", 1)[0] for e in examples}) == 4  # one per breed
     assert json.load(open(out / "run_config.json"))["AppConfig"]["adapter"] == str(new_adapter)
