@@ -1,4 +1,5 @@
 # make demo   install into .venv, then train, evaluate and explain on the offline demo
+# make app    install into .venv, then serve the web demo offline on http://127.0.0.1:7860
 # make test   install into .venv, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo app test clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,9 @@ demo: install
 	$(PY) train.py --demo
 	$(PY) evaluate.py --demo
 	$(PY) explainability.py --demo
+
+app: install
+	$(PY) app.py --demo
 
 test: install
 	$(PY) -m pytest -q tests

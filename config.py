@@ -33,7 +33,7 @@ class UserError(Exception):
 
 @dataclass
 class PetConfig:
-    """Options shared by train.py, evaluate.py and explainability.py."""
+    """Options shared by train.py, evaluate.py, explainability.py and app.py."""
 
     model_name_or_path: Optional[str] = field(
         default=None,
@@ -336,3 +336,18 @@ class ExplainConfig:
 
 
 DEMO_EXPLAIN_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/explain")
+
+
+@dataclass
+class AppConfig:
+    """Options of app.py, the web demo (on top of PetConfig)."""
+
+    adapter: str = field(default=OUTPUT_DIR, metadata={"help": "folder of the LoRA adapter written by train.py"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to serve on; 127.0.0.1 is this machine only, 0.0.0.0 every interface"})
+    port: int = field(default=7860, metadata={"help": "port to serve on; 0 picks a free one"})
+    num_examples: int = field(default=4, metadata={"help": "example images from the test split of --dataset, one per breed (seeded)"})
+    output_dir: str = field(default="outputs/app", metadata={"help": "run_config.json and the example images"})
+    seed: int = SEED
+
+
+DEMO_APP_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/app")

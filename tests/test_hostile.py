@@ -279,3 +279,13 @@ def test_nonsense_options_are_one_clear_line(argv, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
     assert time.time() - t < 60
+
+
+def test_image_over_the_pixel_limit_but_under_twice_it_is_bad(tmp_path, monkeypatch):
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that, and it checks in Image.open
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "big.png")  # 1,600 pixels: 1.6x the limit
+    with pytest.raises(BadImage, match="DecompressionBomb"):
+        load_image(Record("big", 0, str(tmp_path / "big.png")))
+    Image.new("RGB", (30, 30)).save(tmp_path / "ok.png")  # 900 pixels: under it
+    assert load_image(Record("ok", 0, str(tmp_path / "ok.png"))).size == (30, 30)

@@ -1,0 +1,254 @@
+"""A web demo: drop in a pet photo, see both captions, the breed ranking and where the model looked.
+
+    python app.py --demo                        # offline: tiny BLIP + synthetic pets (trains the demo adapter if missing)
+    python app.py                               # adapter in outputs/blip-lora-pets, on http://127.0.0.1:7860
+    python app.py --adapter my-adapter --port 8080 --host 0.0.0.0
+
+For one image, the zero-shot base model and the fine-tuned (LoRA) model side by side: the greedy
+caption, the breed it names, the top 5 of the 37-breed likelihood ranking (softmax over the
+templated captions' log-likelihoods, the ranking evaluate.py scores) and the decoder's
+cross-attention for the breed word, or else the cat/dog word, drawn as explainability.py draws it.
+Everything comes from model.py and explainability.py; this file is layout. Gradio runs offline:
+no analytics, no share link, system fonts. Writes run_config.json and the example images to
+--output_dir.
+"""
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it must never call home
+
+import logging
+import random
+import socket
+import time
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from config import (DEMO_APP_OVERRIDES, AppConfig, PetConfig, UserError, check_seed, parse_config, pick_device, pick_dtype,
+                    run_main, same_path, save_run_config)
+from data import BREED_NAMES, UNKNOWN, BadImage, Record, breed_from_caption, load_image, load_splits
+from explainability import explain, load_models, overlay
+from model import base_model_for, breed_candidates, check_adapter, data_for, image_embeddings, rank_breeds, use_demo_assets
+
+logger = logging.getLogger("app")
+
+MODELS = {"zero_shot": "Zero-shot BLIP", "fine_tuned": "Fine-tuned (LoRA)"}
+TOP_K = 5
+DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
+MAX_UPLOAD = "50mb"  # bytes; the pixel limit is data.load_image's, as everywhere in the project
+EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
+MAP_LABEL = "Cross-attention"
+EMPTY_RESULT = [None, None, None, gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
+
+
+def image_input(**kwargs) -> gr.Image:
+    """gr.Image whose callbacks get the uploaded file's path unopened.
+
+    gr.Image opens every upload with PIL before the callback runs, so a text file or a
+    decompression bomb would fail inside Gradio with its own error. Here data.load_image judges
+    it, with the project's pixel limit, and the page says what is wrong. (An instance attribute,
+    not a subclass: Gradio writes a .pyi stub next to the source of every Component subclass.)
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return gradio_preprocess(payload)
+
+    image.preprocess = preprocess
+    return image
+
+
+def parse_args(argv=None):
+    cfg, args = parse_config((PetConfig, AppConfig), argv, DEMO_APP_OVERRIDES)
+    if cfg.demo:
+        use_demo_assets(cfg)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535 (0 picks a free port), not {args.port}")
+    if args.num_examples < 0:
+        raise UserError("--num_examples must be 0 or more")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
+    if same_path(args.output_dir, args.adapter):
+        raise UserError(f"--output_dir {args.output_dir!r} is the adapter folder; its run_config.json would be overwritten: "
+                        "pass another folder")
+    check_seed(args.seed)
+    if not cfg.demo:  # the demo trains its adapter first when it is missing (main)
+        check_adapter(args.adapter)
+    return cfg, args
+
+
+def read_image(image) -> Image.Image:
+    """RGB image from an upload (a file path or a PIL image), or a UserError the page shows."""
+    if image is None or (isinstance(image, str) and not image):
+        raise UserError(EMPTY_MESSAGE)
+    try:
+        return load_image(Record("upload", -1, image))
+    except BadImage as e:
+        if "DecompressionBomb" in str(e):
+            raise UserError(f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
+                            "image in this project. Shrink it and try again.") from None
+        raise UserError("That file is not an image this app can read. Try a JPEG, PNG or WebP photo.") from None
+
+
+class PetCaptioner:
+    """Both models, loaded once; analyse() answers one image."""
+
+    def __init__(self, cfg, args):
+        self.cfg, self.device = cfg, pick_device()
+        self.dtype = pick_dtype(self.device, cfg.precision)
+        base, tuned, self.processor, self.base_name, self.shared = load_models(cfg, args, self.device, self.dtype)
+        self.models = {"zero_shot": base, "fine_tuned": tuned}
+        self.candidates = breed_candidates(base, self.processor.tokenizer, cfg.caption_template)
+
+    @torch.no_grad()
+    def analyse(self, image) -> dict:
+        """{"zero_shot": {...}, "fine_tuned": {...}} for one image; UserError for bad input."""
+        image = read_image(image)
+        pixels = self.processor.image_processor([image], return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        scale = DISPLAY_SIDE / max(image.size)
+        shown = np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                        Image.Resampling.BICUBIC))
+        out, embeds = {}, None
+        for key, model in self.models.items():
+            if embeds is None or not self.shared:  # LoRA on the text decoder only: the image is embedded once
+                embeds = image_embeddings(model, pixels)
+            explained = explain(model, self.processor, embeds, self.cfg, layers=None)[0]
+            scores, order = rank_breeds(model, embeds, self.candidates)
+            probs = torch.softmax(scores[0].float(), dim=-1)
+            named = breed_from_caption(explained["caption"])
+            subject = explained["subject_map"]
+            out[key] = {
+                "caption": explained["caption"],
+                "breed": BREED_NAMES[named] if named != UNKNOWN else None,
+                "top": [(BREED_NAMES[i], float(probs[i])) for i in order[0, :TOP_K].tolist()],
+                "scores": scores[0].float().cpu().numpy(),
+                "map_word": explained["panels"][0][0] if subject is not None else None,  # "breed: pug", "animal: dog"
+                "heatmap": overlay(shown, subject) if subject is not None else shown,
+            }
+        return out
+
+
+def handle(captioner: PetCaptioner, image) -> list:
+    """Gradio's callback: the status line, then caption, breed, top 5 and map for each model.
+
+    Bad input is a message in the status line and empty fields, never a Gradio error.
+    """
+    start = time.perf_counter()
+    try:
+        result = captioner.analyse(image)
+    except UserError as e:
+        return [f"**error:** {e}"] + EMPTY_RESULT * len(MODELS)
+    except Exception:  # a bug: the log gets the traceback, the page one line
+        logger.exception("request failed")
+        return ["**error:** something went wrong on the server (see its log)."] + EMPTY_RESULT * len(MODELS)
+    seconds = time.perf_counter() - start
+    logger.info("answered in %.3f s: %s", seconds, {k: r["caption"] for k, r in result.items()})
+    values = [f"Answered in {seconds:.2f} s on {captioner.device.type}"
+              f"{' (image embedded once for both models)' if captioner.shared else ''}."]
+    for key in MODELS:
+        r = result[key]
+        values += [r["caption"], r["breed"] or "no breed named", dict(r["top"]),
+                   gr.update(value=r["heatmap"], label=f"Cross-attention of “{r['map_word'].split(': ', 1)[1]}”"
+                             if r["map_word"] else "No breed or cat/dog word to map")]
+    return values
+
+
+def write_examples(cfg, args) -> list:
+    """[(PNG path, true breed)] of test images of the data set, one per breed (seeded), saved where Gradio may serve them."""
+    if args.num_examples == 0:
+        return []
+    try:
+        records = load_splits(cfg.dataset, cfg.val_fraction, args.seed)["test"]
+    except UserError as e:  # the app works without examples (e.g. offline with a Hub data set)
+        logger.warning("no example images: %s", e)
+        return []
+    random.Random(args.seed).shuffle(records)
+    one_per_breed = {}
+    for r in records:
+        one_per_breed.setdefault(r.label, r)
+    folder = os.path.join(args.output_dir, "examples")
+    os.makedirs(folder, exist_ok=True)
+    examples = []
+    for r in list(one_per_breed.values())[:args.num_examples]:
+        try:
+            image = load_image(r)
+        except BadImage:
+            continue
+        path = os.path.abspath(os.path.join(folder, f"{r.image_id}.png"))
+        image.save(path)
+        examples.append((path, BREED_NAMES[r.label]))
+    return examples
+
+
+def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
+    with gr.Blocks(title="BLIP + LoRA pet captions") as demo:
+        gr.Markdown("# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
+                    f"Oxford-IIIT Pet. Zero-shot: `{captioner.base_name}`.")
+        with gr.Row():
+            image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image",
+                             height=320)
+            with gr.Column():
+                submit = gr.Button("Caption it", variant="primary", elem_id="submit")
+                status = gr.Markdown(elem_id="status")
+        outputs = [status]
+        with gr.Row():
+            for key, title in MODELS.items():
+                with gr.Column(elem_id=key):
+                    gr.Markdown(f"## {title}")
+                    outputs += [
+                        gr.Textbox(label="Caption", interactive=False, elem_id=f"{key}-caption"),
+                        gr.Textbox(label="Breed named", interactive=False, elem_id=f"{key}-breed"),
+                        gr.Label(label="Top 5 of 37 breeds (softmax of caption likelihoods)", num_top_classes=TOP_K,
+                                 show_heading=False, elem_id=f"{key}-top"),
+                        gr.Image(label=MAP_LABEL, interactive=False, elem_id=f"{key}-map", height=320),
+                    ]
+        fn = lambda img: handle(captioner, img)  # noqa: E731
+        submit.click(fn, inputs=image, outputs=outputs)
+        if examples:
+            gr.Examples([[p] for p, _ in examples], inputs=image, outputs=outputs, fn=fn, run_on_click=True,
+                        cache_examples=False, example_labels=[b for _, b in examples], label="Examples from the data set")
+    return demo
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cfg, args = parse_args(argv)
+    if cfg.demo and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        # A fresh clone has no demo adapter yet: train it (about a minute on a CPU), then serve it
+        logger.info("no demo adapter in %s: training one with `train.py --demo` first", args.adapter)
+        import train
+
+        train.main(["--demo", "--output_dir", args.adapter])
+    # The same rule as evaluate.py and explainability.py: the flags if given, else the adapter's own base and data
+    cfg.model_name_or_path = base_model_for(cfg, args.adapter)
+    cfg.dataset = data_for(cfg, args.adapter)
+    if cfg.demo and pick_device().type == "cpu":
+        # The tiny model's matrices are too small to split between threads; on a busy 2-core CPU the
+        # threads waiting for each other made a request 0.2 s -> 2.6-6 s (median of 10, load ~7)
+        torch.set_num_threads(1)
+    captioner = PetCaptioner(cfg, args)
+    examples = write_examples(cfg, args)
+    save_run_config(os.path.join(args.output_dir, "run_config.json"), cfg, args)
+    port = args.port or free_port(args.host)
+    print(f"Serving on http://{args.host}:{port} (Ctrl+C stops)", flush=True)
+    # System fonts: the default theme's web fonts would be one more thing to fetch
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    build_ui(captioner, examples).launch(
+        server_name=args.host, server_port=port, share=False, theme=theme, ssr_mode=False, max_file_size=MAX_UPLOAD,
+        allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]], quiet=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
