@@ -177,12 +177,66 @@ def has_vision_lora(model) -> bool:
 
 
 @torch.no_grad()
+def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 30) -> torch.Tensor:
+    """Greedy ids (B, 1 + steps) from bos [DEC]: the same ids as text_decoder.generate(num_beams=1).
+
+    generate spends most of a step in Python (logits processors, stopping criteria, cache and
+    mask bookkeeping) while the decoder's own work per step is small, so on a GPU it is
+    launch-bound. This loop does only what greedy decoding needs: one decoder call per step on the
+    newest token with a KV cache (the image-side cross-attention keys and values are computed
+    once, at the first step), argmax, pad after [SEP], stop when every row has its [SEP].
+    The start id comes from the model config: the real tokenizer has no bos token.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    text_config = model.config.text_config
+    bos, sep, pad = text_config.bos_token_id, text_config.sep_token_id, text_config.pad_token_id
+    batch, device = image_embeds.shape[0], image_embeds.device
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cache_kw = _CACHE_KWARG.setdefault(type(model.text_decoder), _cache_kwarg(model.text_decoder))
+    columns = [torch.full((batch, 1), bos, dtype=torch.long, device=device)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits = model.text_decoder(input_ids=columns[-1], encoder_hidden_states=image_embeds, use_cache=True,
+                                    is_decoder=True, **{cache_kw: cache}).logits
+        token = logits[:, -1].argmax(-1).masked_fill(done, pad)  # finished rows get padding, as in generate
+        done |= token == sep
+        columns.append(token.unsqueeze(1))
+        if bool(done.all()):  # one host sync per step, as generate has
+            break
+    return torch.cat(columns, dim=1)
+
+
+_CACHE_KWARG = {}
+
+
+def _cache_kwarg(module) -> str:
+    """transformers renamed the decoder's past_key_values argument to cache (5.2x); take whichever it has."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
 def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
     """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
     text_config = model.config.text_config
+    if num_beams == 1:
+        ids = greedy_caption_ids(model, image_embeds, max_new_tokens)
+    else:
+        ids = _generate_ids(model, image_embeds, max_new_tokens, num_beams)
+    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
+    is_sep = (ids == text_config.sep_token_id).long()
+    after_sep = (is_sep.cumsum(1) - is_sep) > 0
+    return ids, (~after_sep).long()
+
+
+def _generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_beams: int) -> torch.Tensor:
+    """transformers' generate from bos [DEC] (beam search; greedy_caption_ids is the fast greedy path)."""
+    text_config = model.config.text_config
     batch = image_embeds.shape[0]
     input_ids = torch.full((batch, 1), text_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
-    ids = model.text_decoder.generate(
+    return model.text_decoder.generate(
         input_ids=input_ids,
         eos_token_id=text_config.sep_token_id,
         pad_token_id=text_config.pad_token_id,
@@ -192,10 +246,6 @@ def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_token
         num_beams=num_beams,
         do_sample=False,
     )
-    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
-    is_sep = (ids == text_config.sep_token_id).long()
-    after_sep = (is_sep.cumsum(1) - is_sep) > 0
-    return ids, (~after_sep).long()
 
 
 @torch.no_grad()
