@@ -123,15 +123,21 @@ def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05
 
 
 def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, merge: bool = True,
-                            dtype: torch.dtype = torch.float32, device="cpu"):
-    """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False."""
+                            dtype: torch.dtype = torch.float32, device="cpu", loaded_base=None):
+    """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False.
+
+    loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
+    the zero-shot side too); the adapter is merged into a copy of it instead of loading it again.
+    """
+    import copy
+
     from peft import PeftModel
 
     adapter_config = check_adapter(adapter_dir)
     base = base_model or adapter_config["base_model_name_or_path"]
     saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter_dir if saved else base)
-    model = load_base_model(base, dtype=dtype)
+    model = load_base_model(base, dtype=dtype) if loaded_base is None else copy.deepcopy(loaded_base)
     check_fits(model, processor, adapter_dir)
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -451,9 +457,15 @@ def breed_candidates(tokenizer, template: str, breeds=None):
 
 
 @torch.no_grad()
-def rank_breeds(model, image_embeds: torch.Tensor, candidates) -> tuple:
-    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first."""
-    scores = caption_log_likelihoods(model, image_embeds, *candidates)
+def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optional[int] = None) -> tuple:
+    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first.
+
+    max_rows: candidate rows per decoder pass; default 128 on a CPU and 37 x 32 on a GPU, where a
+    pass of 3 images is launch-bound (32 images of 37 candidates need ~6 GB for the logits).
+    """
+    if max_rows is None:
+        max_rows = 37 * 32 if image_embeds.device.type == "cuda" else 128
+    scores = caption_log_likelihoods(model, image_embeds, *candidates, max_rows=max_rows)
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
