@@ -116,8 +116,11 @@ def main():
     # run all 30 steps (the worst case for either)
     with torch.no_grad():
         ours, ref = greedy_caption_ids(merged, emb, 30), _generate_ids(merged, emb, 30, 1)
-        t_ours = timed(lambda: greedy_caption_ids(merged, emb, 30), device, 3)
-        t_ref = timed(lambda: _generate_ids(merged, emb, 30, 1), device, 3)
+        ours_t, ref_t = [], []
+        for _ in range(3):  # interleaved: a busy host slows both alike
+            ours_t.append(timed(lambda: greedy_caption_ids(merged, emb, 30), device, 1))
+            ref_t.append(timed(lambda: _generate_ids(merged, emb, 30, 1), device, 1))
+        t_ours, t_ref = statistics.median(ours_t), statistics.median(ref_t)
     print(f"\ngreedy captions, {a.eval_batch} images x {ours.shape[1] - 1} steps: generate {t_ref * 1e3:.0f} ms, "
           f"own loop {t_ours * 1e3:.0f} ms, {t_ref / t_ours:.2f}x; identical ids: {torch.equal(ours, ref)}")
     if device.type == "cuda":
