@@ -423,19 +423,26 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
     """
     bad = {}
     workers = image_workers(len(records)) if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(_PixelItems(records, image_processor), batch_size=batch_size,
+    # Workers hand over pieces of at most 32 images (a 256-image batch would keep one worker busy
+    # for seconds while the others wait, and hold 450 MB in shared memory per piece)
+    loader = torch.utils.data.DataLoader(_PixelItems(records, image_processor), batch_size=min(batch_size, 32),
                                          num_workers=workers, collate_fn=list,
                                          generator=torch.Generator(),  # its seed draw leaves the global RNG alone
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def gen():
+        good = []
         for items in loader:
-            for i, _, reason in items:
+            for i, px, reason in items:
                 if reason is not None:
                     bad[records[i].image_id] = reason
-            good = [(i, px) for i, px, _ in items if px is not None]
-            if good:
-                yield [records[i] for i, _ in good], torch.stack([px for _, px in good])
+                else:
+                    good.append((i, px))
+            while len(good) >= batch_size:
+                part, good[:] = good[:batch_size], good[batch_size:]
+                yield [records[i] for i, _ in part], torch.stack([px for _, px in part])
+        if good:
+            yield [records[i] for i, _ in good], torch.stack([px for _, px in good])
 
     return gen(), bad
 

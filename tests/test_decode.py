@@ -68,3 +68,25 @@ def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
         model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] += 8.0
     embeds = torch.randn(3, 577, 768, generator=torch.Generator().manual_seed(0))
     assert torch.equal(greedy_caption_ids(model, embeds, 8), _generate(model, embeds, 8))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pixel_batches_match_the_processor_in_order_and_skip_bad_images(tmp_path, workers):
+    from transformers.models.blip import BlipImageProcessorPil
+
+    from data import Record, load_image, load_splits, pixel_batches, write_synthetic_pets
+
+    write_synthetic_pets(str(tmp_path), breeds=range(8), trainval_per_breed=10, test_per_breed=1, size=64)
+    records = load_splits(str(tmp_path), 0.0)["train"]
+    records.insert(5, Record("missing", 0, str(tmp_path / "nope.jpg")))
+    records.insert(40, Record("missing2", 1, str(tmp_path / "nope2.jpg")))
+    good = [r for r in records if not r.image_id.startswith("missing")]
+    processor = BlipImageProcessorPil(size={"height": 64, "width": 64})
+    reference = processor([load_image(r) for r in good], return_tensors="pt")["pixel_values"]
+    for batch_size in (7, 50, 100):
+        batches, bad = pixel_batches(records, processor, batch_size, num_workers=workers)
+        out = list(batches)
+        assert [r.image_id for b, _ in out for r in b] == [r.image_id for r in good]
+        assert torch.equal(torch.cat([px for _, px in out]), reference)
+        assert all(len(b) == batch_size for b, _ in out[:-1])  # full batches though two images are unreadable
+        assert sorted(bad) == ["missing", "missing2"]
