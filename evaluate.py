@@ -45,7 +45,8 @@ def parse_args(argv=None):
     model_given = any(a.split("=")[0] == "--model_name_or_path" for a in flags)
     if args.split not in ("test", "validation", "train"):
         raise UserError(f"--split must be test, validation or train, not {args.split!r}")
-    if (args.per_device_eval_batch_size or 1) < 1 or cfg.num_beams < 1 or cfg.max_new_tokens < 1 or args.bootstrap_samples < 1:
+    batch = args.per_device_eval_batch_size  # None: chosen by device in main()
+    if (batch is not None and batch < 1) or cfg.num_beams < 1 or cfg.max_new_tokens < 1 or args.bootstrap_samples < 1:
         raise UserError("--per_device_eval_batch_size, --num_beams, --max_new_tokens and --bootstrap_samples must be at least 1")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
