@@ -23,7 +23,7 @@ from transformers import set_seed
 from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check_seed, locked_output_dir, parse_config,
                     pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
-                  load_splits, read_images, report_bad_images, species_from_caption, subsample)
+                  load_splits, pixel_batches, report_bad_images, species_from_caption, subsample)
 from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
                    data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
                    same_vision_encoder, use_demo_assets)
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
     if args.split not in ("test", "validation", "train"):
         raise UserError(f"--split must be test, validation or train, not {args.split!r}")
-    if args.per_device_eval_batch_size < 1:
+    batch = args.per_device_eval_batch_size  # None: chosen by device in main()
+    if batch is not None and batch < 1:
         raise UserError("--per_device_eval_batch_size must be at least 1")
     if not 1 <= args.bootstrap_samples <= 100_000:  # the resample matrix is samples x images
         raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
@@ -72,14 +73,14 @@ def _same_model(a: str, b: str) -> bool:
 
 
 @torch.no_grad()
-def evaluate_batch(models: dict, processor, images: list, candidates, cfg, share_embeddings: bool) -> dict:
-    """Captions and breed likelihood scores of one batch of images under each model.
+def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cfg, share_embeddings: bool) -> dict:
+    """Captions and breed likelihood scores of one batch of images (pixel values) under each model.
 
     The vision encoder runs once per batch when the models share it (LoRA on the text decoder only).
     """
     first = next(iter(models.values()))
     param = next(first.parameters())
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
+    pixels = pixels.to(param.device, param.dtype, non_blocking=True)
     shared = image_embeddings(first, pixels) if share_embeddings else None
     out = {}
     for name, model in models.items():
@@ -100,32 +101,21 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
     results = {"image_id": [], "label": [], "record": [], "candidate_tokens": candidates[1][:, 1:].sum(-1).numpy()}
     for name in models:
         results[name] = {"captions": [], "scores": []}
-    images, bad = read_images(records)
+    # images are decoded and preprocessed by worker processes while the GPU works (pixel_batches)
+    batches, bad = pixel_batches(records, processor.image_processor, batch_size)
     bar = tqdm(total=len(records), unit="img", desc="evaluating", disable=not show_progress)
-    batch = []
-
-    def flush():
-        out = evaluate_batch(models, processor, [img for _, img in batch], candidates, cfg, share_embeddings)
-        for record, _ in batch:
+    for batch, pixels in batches:
+        out = evaluate_batch(models, processor, pixels, candidates, cfg, share_embeddings)
+        for record in batch:
             results["image_id"].append(record.image_id)
             results["label"].append(record.label)
             results["record"].append(record)
         for name in models:
             results[name]["captions"] += out[name]["captions"]
             results[name]["scores"].append(out[name]["scores"])
-        bar.update(len(batch))
-        batch.clear()
-
-    seen_bad = 0
-    for record, image in images:
-        bar.update(len(bad) - seen_bad)
-        seen_bad = len(bad)
-        batch.append((record, image))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    bar.update(len(bad) - seen_bad)
+        bar.n = len(results["image_id"]) + len(bad)
+        bar.refresh()
+    bar.n = len(results["image_id"]) + len(bad)
     bar.close()
     for name in models:
         s = results[name]["scores"]
@@ -573,8 +563,10 @@ def _evaluate(cfg, args):
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
     logger.info("data: %d %s images from %s", len(records), args.split, cfg.dataset)
 
-    fine_tuned, processor = load_lora_for_inference(args.adapter, cfg.model_name_or_path, dtype=dtype, device=device)
-    zero_shot = load_base_model(cfg.model_name_or_path, dtype=dtype).to(device).eval()
+    zero_shot = load_base_model(cfg.model_name_or_path, dtype=dtype)
+    fine_tuned, processor = load_lora_for_inference(args.adapter, cfg.model_name_or_path, dtype=dtype, device=device,
+                                                    loaded_base=zero_shot)  # merged into a copy: loaded once
+    zero_shot = zero_shot.to(device).eval()
     models = {"zero_shot": zero_shot, "fine_tuned": fine_tuned}
     # LoRA on query,value (or the demo's key,dense) leaves the vision encoder as it was: embed each image once
     shared = same_vision_encoder(zero_shot, fine_tuned)
@@ -583,6 +575,8 @@ def _evaluate(cfg, args):
 
     start = time.perf_counter()
     shard = records[state.process_index::state.num_processes]
+    if args.per_device_eval_batch_size is None:  # captions are launch-bound on a GPU: big batches
+        args.per_device_eval_batch_size = 256 if device.type == "cuda" else 32
     results, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
                            show_progress=state.is_main_process)
     if state.num_processes > 1:

@@ -35,7 +35,8 @@ from model import (adapter_split_settings, base_model_for, caption_ids_from_embe
 logger = logging.getLogger("explain")
 
 MODELS = ("zero-shot", "fine-tuned")
-MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
+MAX_OTHER_WORDS = 6
+EXPLAIN_BATCH = 16  # images per decoder batch (the cross-attention maps of a batch are held at once)  # word panels per row besides the breed, so a figure stays readable
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
 ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
 BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
@@ -204,8 +205,10 @@ def explain(model, processor, embeds, cfg, layers) -> list:
 def load_models(cfg, ex, device, dtype):
     """(zero-shot base, merged fine-tuned model, processor, base name, vision encoders identical?)."""
     base_name = cfg.model_name_or_path  # base_model_for: --model_name_or_path, else the adapter's own base
-    tuned, processor = load_lora_for_inference(ex.adapter, base_model=base_name, dtype=dtype, device=device)
-    base = load_base_model(base_name, dtype=dtype).to(device).eval()
+    base = load_base_model(base_name, dtype=dtype)
+    tuned, processor = load_lora_for_inference(ex.adapter, base_model=base_name, dtype=dtype, device=device,
+                                               loaded_base=base)  # merged into a copy: the base loads once
+    base = base.to(device).eval()
     # LoRA on the text decoder only leaves the vision encoder untouched: embed each image once
     return base, tuned, processor, base_name, same_vision_encoder(base, tuned)
 
@@ -363,13 +366,19 @@ def _explain(cfg, ex, out):
     items = collect_images(cfg, ex)
     logger.info("explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers)
 
-    per_image = []
-    for k, (name, image, record) in enumerate(items, 1):
-        pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"].to(device, dtype)
+    # every image through each model at once, in batches: decoding is launch-bound on a GPU
+    explained = {m: [] for m in MODELS}
+    for start in range(0, len(items), EXPLAIN_BATCH):
+        images = [image for _, image, _ in items[start:start + EXPLAIN_BATCH]]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
         base_embeds = image_embeddings(base, pixels)
         tuned_embeds = base_embeds if shared else image_embeddings(tuned, pixels)
-        rows = {MODELS[0]: explain(base, processor, base_embeds, cfg, layers)[0],
-                MODELS[1]: explain(tuned, processor, tuned_embeds, cfg, layers)[0]}
+        explained[MODELS[0]] += explain(base, processor, base_embeds, cfg, layers)
+        explained[MODELS[1]] += explain(tuned, processor, tuned_embeds, cfg, layers)
+
+    per_image = []
+    for k, (name, image, record) in enumerate(items, 1):
+        rows = {m: explained[m][k - 1] for m in MODELS}
         figure = f"{k:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         draw_figure(os.path.join(out, figure), name, image, rows)
 

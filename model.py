@@ -170,15 +170,21 @@ def save_adapter(model, out_dir: str) -> None:
 
 
 def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, merge: bool = True,
-                            dtype: torch.dtype = torch.float32, device="cpu"):
-    """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False."""
+                            dtype: torch.dtype = torch.float32, device="cpu", loaded_base=None):
+    """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False.
+
+    loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
+    the zero-shot side too); the adapter is merged into a copy of it instead of loading it again.
+    """
+    import copy
+
     from peft import PeftModel
 
     adapter_config = check_adapter(adapter_dir)
     base = base_model or adapter_config["base_model_name_or_path"]
     saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(adapter_dir if saved else base)
-    model = load_base_model(base, dtype=dtype)
+    model = load_base_model(base, dtype=dtype) if loaded_base is None else copy.deepcopy(loaded_base)
     check_fits(model, processor, adapter_dir)
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -245,12 +251,66 @@ def has_vision_lora(model) -> bool:
 
 
 @torch.no_grad()
+def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 30) -> torch.Tensor:
+    """Greedy ids (B, 1 + steps) from bos [DEC]: the same ids as text_decoder.generate(num_beams=1).
+
+    generate spends most of a step in Python (logits processors, stopping criteria, cache and
+    mask bookkeeping) while the decoder's own work per step is small, so on a GPU it is
+    launch-bound. This loop does only what greedy decoding needs: one decoder call per step on the
+    newest token with a KV cache (the image-side cross-attention keys and values are computed
+    once, at the first step), argmax, pad after [SEP], stop when every row has its [SEP].
+    The start id comes from the model config: the real tokenizer has no bos token.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    text_config = model.config.text_config
+    bos, sep, pad = text_config.bos_token_id, text_config.sep_token_id, text_config.pad_token_id
+    batch, device = image_embeds.shape[0], image_embeds.device
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    cache_kw = _CACHE_KWARG.setdefault(type(model.text_decoder), _cache_kwarg(model.text_decoder))
+    columns = [torch.full((batch, 1), bos, dtype=torch.long, device=device)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits = model.text_decoder(input_ids=columns[-1], encoder_hidden_states=image_embeds, use_cache=True,
+                                    is_decoder=True, **{cache_kw: cache}).logits
+        token = logits[:, -1].argmax(-1).masked_fill(done, pad)  # finished rows get padding, as in generate
+        done |= token == sep
+        columns.append(token.unsqueeze(1))
+        if bool(done.all()):  # one host sync per step, as generate has
+            break
+    return torch.cat(columns, dim=1)
+
+
+_CACHE_KWARG = {}
+
+
+def _cache_kwarg(module) -> str:
+    """transformers renamed the decoder's past_key_values argument to cache (5.2x); take whichever it has."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
 def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
     """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
     text_config = model.config.text_config
+    if num_beams == 1:
+        ids = greedy_caption_ids(model, image_embeds, max_new_tokens)
+    else:
+        ids = _generate_ids(model, image_embeds, max_new_tokens, num_beams)
+    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
+    is_sep = (ids == text_config.sep_token_id).long()
+    after_sep = (is_sep.cumsum(1) - is_sep) > 0
+    return ids, (~after_sep).long()
+
+
+def _generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_beams: int) -> torch.Tensor:
+    """transformers' generate from bos [DEC] (beam search; greedy_caption_ids is the fast greedy path)."""
+    text_config = model.config.text_config
     batch = image_embeds.shape[0]
     input_ids = torch.full((batch, 1), text_config.bos_token_id, dtype=torch.long, device=image_embeds.device)
-    ids = model.text_decoder.generate(
+    return model.text_decoder.generate(
         input_ids=input_ids,
         eos_token_id=text_config.sep_token_id,
         pad_token_id=text_config.pad_token_id,
@@ -260,10 +320,6 @@ def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_token
         num_beams=num_beams,
         do_sample=False,
     )
-    # Keep everything up to and including the first [SEP]; batch padding after it is masked out
-    is_sep = (ids == text_config.sep_token_id).long()
-    after_sep = (is_sep.cumsum(1) - is_sep) > 0
-    return ids, (~after_sep).long()
 
 
 @torch.no_grad()
@@ -528,9 +584,15 @@ def breed_candidates(model, tokenizer, template: str, breeds=None):
 
 
 @torch.no_grad()
-def rank_breeds(model, image_embeds: torch.Tensor, candidates) -> tuple:
-    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first."""
-    scores = caption_log_likelihoods(model, image_embeds, *candidates)
+def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optional[int] = None) -> tuple:
+    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first.
+
+    max_rows: candidate rows per decoder pass; default 128 on a CPU and 37 x 32 on a GPU, where a
+    pass of 3 images is launch-bound (32 images of 37 candidates need ~6 GB for the logits).
+    """
+    if max_rows is None:
+        max_rows = 37 * 32 if image_embeds.device.type == "cuda" else 128
+    scores = caption_log_likelihoods(model, image_embeds, *candidates, max_rows=max_rows)
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 

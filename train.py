@@ -11,12 +11,14 @@ run_config.json, train_history.json and training_curves.png to --output_dir.
 import json
 import logging
 import os
+import time
 
 import torch
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
-from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError, check_seed,
-                    inside, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config, staged_outputs)
+from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_BATCH, PetConfig, TrainConfig, UserError,
+                    check_seed, inside, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
+                    staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
 from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
@@ -40,6 +42,8 @@ def parse_args(argv=None):
         if os.path.isdir(getattr(cfg, name)):
             setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
     check_train_options(cfg, args)
+    if args.device.type == "cuda" and args.per_device_eval_batch_size == TrainConfig.per_device_eval_batch_size:
+        args.per_device_eval_batch_size = GPU_EVAL_BATCH  # the flag was not given (see config.py)
     if args.device.type != "cuda":
         args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns elsewhere
     # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
@@ -93,8 +97,12 @@ class PetTrainer(Trainer):
     def __init__(self, *a, processor, pet_config, **kw):
         super().__init__(*a, **kw)
         self.processor, self.pet_config = processor, pet_config
+        self.unchecked_losses = []  # (step, loss) not yet checked for NaN/inf
+        self.seconds_outside_loop = 0.0  # per-epoch validation and checkpoints, for the timing line
+        self.add_callback(FiniteLossCheck(self))
 
     def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
         # The run settings go in first, so a checkpoint is never resumed by a run with other settings;
         # trainer_state.json, written last by Trainer, still marks the checkpoint complete.
         if self.args.should_save:
@@ -103,21 +111,40 @@ class PetTrainer(Trainer):
             with open(os.path.join(folder, RUN_SETTINGS_FILE), "w") as f:
                 json.dump(run_settings(self.pet_config, self.args), f, indent=2, default=str)
         super()._save_checkpoint(model, trial)
+        self.seconds_outside_loop += time.perf_counter() - start
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
-        if not torch.isfinite(loss.detach()).all():
-            hint = " fp16 overflows easily: try --bf16 or --precision fp32." if self.args.fp16 else ""
-            raise UserError(f"the loss became {loss.item()} at step {self.state.global_step}; stopped without saving an "
-                            f"adapter.{hint} A lower --learning_rate may help.")
+        # Checking the loss reads it back from the device, which waits for the step to finish: on a
+        # GPU the host could not queue the next step meanwhile. So there the losses are checked in
+        # one read before anything is logged, evaluated or saved (FiniteLossCheck); on a CPU at once.
+        self.unchecked_losses.append((self.state.global_step, loss.detach()))
+        if loss.device.type == "cpu":
+            self.check_losses()
         return out
 
+    def check_losses(self):
+        """UserError naming the first step whose loss was NaN or infinite, among those not checked yet."""
+        if not self.unchecked_losses:
+            return
+        steps, losses = zip(*self.unchecked_losses)
+        self.unchecked_losses = []
+        values = torch.stack([v.float().reshape(()) for v in losses]).cpu()
+        bad = torch.nonzero(~torch.isfinite(values))
+        if len(bad):
+            k = int(bad[0])
+            hint = " fp16 overflows easily: try --bf16 or --precision fp32." if self.args.fp16 else ""
+            raise UserError(f"the loss became {values[k].item()} at step {steps[k]}; stopped without saving an "
+                            f"adapter.{hint} A lower --learning_rate may help.")
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        start = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         key = f"{metric_key_prefix}_breed_accuracy"
         metrics[key] = self.breed_accuracy(eval_dataset or self.eval_dataset)
         self.log({key: metrics[key]})
+        self.seconds_outside_loop += time.perf_counter() - start
         return metrics
 
     @torch.no_grad()
@@ -148,6 +175,21 @@ class PetTrainer(Trainer):
         if total == 0:  # an accuracy of 0.000 would be a wrong number, not a result
             raise UserError("no validation image could be read (see the warnings above); check the data set")
         return correct / total
+
+
+class FiniteLossCheck(TrainerCallback):
+    """Runs PetTrainer.check_losses before each log, evaluation and checkpoint, and at the end,
+    so a diverged run still stops before it saves anything."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.trainer.check_losses()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.check_losses()
 
 
 def history_from_logs(log_history: list) -> dict:
@@ -304,6 +346,16 @@ def autocast(args):
     return torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def fits_on_gpu(datasets, device, share: float = 0.5) -> bool:
+    """Do all cached embeddings of `datasets` take at most `share` of the GPU's free memory?"""
+    items = sum(len(d) for d in datasets)
+    if not items:
+        return False
+    first = next(d for d in datasets if len(d))
+    nbytes = items * first.cache.get(first.items[0][1]).nbytes
+    return nbytes <= share * torch.cuda.mem_get_info(device)[0]
+
+
 def make_datasets(model, processor, splits, cfg, args):
     """Training and validation datasets: from cached image embeddings when the encoder is frozen, else pixels."""
     if args.use_embedding_cache and has_vision_lora(model):
@@ -321,10 +373,28 @@ def make_datasets(model, processor, splits, cfg, args):
                 model.vision_model.to(args.device).eval()
                 cache.build(splits["train"] + splits["validation"], encode, processor.image_processor,
                             args.per_device_eval_batch_size)
-        return (CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
-                CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template))
+        datasets = (CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
+                    CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template))
+        if args.device.type == "cuda" and fits_on_gpu(datasets, args.device):
+            for dataset in datasets:
+                dataset.preload(args.device)
+            args.dataloader_pin_memory, args.dataloader_num_workers = False, 0  # items are already on the GPU
+            logger.info("image embeddings preloaded onto %s", args.device)
+        return datasets
     return (PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template),
             PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False))
+
+
+def log_timing(timing: dict, trainer, args) -> None:
+    """One `timing: {json}` log line: where the run's seconds went (benchmarks/gpu_recipe.sh reads it)."""
+    now = time.perf_counter()
+    loop = timing["trained"] - timing["cached"] - trainer.seconds_outside_loop
+    images = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    record = {"load_s": timing["loaded"] - timing["start"], "cache_and_setup_s": timing["cached"] - timing["loaded"],
+              "train_s": timing["trained"] - timing["cached"], "validation_and_checkpoints_s": trainer.seconds_outside_loop,
+              "loop_s": loop, "loop_img_s": images / loop if loop > 0 else None, "save_s": now - timing["trained"],
+              "total_s": now - timing["start"], "steps": trainer.state.global_step}
+    logger.info("timing: %s", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
 
 
 def main(argv=None):
@@ -349,6 +419,7 @@ def _train(cfg, args):
         raise UserError(f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation images; need both")
     logger.info("data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset)
 
+    timing = {"start": time.perf_counter()}
     processor = load_processor(cfg.model_name_or_path)
     base = load_base_model(cfg.model_name_or_path)
     check_fits(base, processor, cfg.model_name_or_path)
@@ -356,6 +427,7 @@ def _train(cfg, args):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.print_trainable_parameters()
 
+    timing["loaded"] = time.perf_counter()
     train_set, val_set = make_datasets(model, processor, splits, cfg, args)
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:  # the cached datasets know now; the others find out while reading
@@ -363,7 +435,9 @@ def _train(cfg, args):
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id),
                          processor=processor, pet_config=cfg)
+    timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
+    timing["trained"] = time.perf_counter()
     report_bad_images({**train_set.bad_images, **val_set.bad_images})
 
     # The best epoch is loaded back (load_best_model_at_end). Everything is written into a temporary
@@ -376,6 +450,7 @@ def _train(cfg, args):
         with staged_outputs(out, last=("adapter_config.json",)) as tmp:
             _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
         print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
+        log_timing(timing, trainer, args)
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 
 

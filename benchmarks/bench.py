@@ -251,7 +251,8 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
 
     @torch.no_grad()
     def project():
-        out = evaluate_batch({"zero_shot": base, "fine_tuned": merged}, processor, images, candidates, cfg, True)
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        out = evaluate_batch({"zero_shot": base, "fine_tuned": merged}, processor, pixels, candidates, cfg, True)
         return [(out[m]["captions"][i], int(out[m]["scores"][i].argmax())) for i in range(len(images))
                 for m in ("zero_shot", "fine_tuned")]
 

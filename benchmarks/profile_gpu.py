@@ -1,0 +1,131 @@
+"""Where a training step and an evaluation batch spend their time (torch.profiler), and the greedy
+decode loop against transformers' generate, on the project's current path. For gpu_recipe.sh.
+
+    python benchmarks/profile_gpu.py MODEL_DIR [--batch 16] [--eval_batch 64]
+
+Prints: median step times (host-synchronised), the top operators by device and by host time, the
+number of kernel launches per step, and greedy-loop vs generate seconds on the same embeddings
+(ratio taken in one run; the ids must be identical).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from config import PetConfig  # noqa: E402
+from data import CaptionCollator, caption_for  # noqa: E402
+from model import (_generate_ids, breed_candidates, create_lora_model, greedy_caption_ids, load_base_model,  # noqa: E402
+                   load_processor)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def table(prof, device, title, rows=22):
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"\n=== {title}: kernel launches {launches}")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if device.type == "cuda":
+        print(f"--- {title}: by host time")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--eval_batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    template = PetConfig().caption_template
+    processor = load_processor(a.model_dir)
+    torch.manual_seed(0)
+    model = create_lora_model(load_base_model(a.model_dir)).to(device)
+    vc = model.config.vision_config
+    tokens = (vc.image_size // vc.patch_size) ** 2 + 1
+    embeds = torch.randn(a.batch, tokens, vc.hidden_size, device=device).half()  # as the cache stores them
+    batch = CaptionCollator(processor.tokenizer)([{"caption": caption_for(i % 37, template)} for i in range(a.batch)])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(image_embeds=embeds, **batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    t_step = timed(step, device, a.repeats)
+    print(f"training step (batch {a.batch}, forward+backward+clip+AdamW, {dtype}): {t_step * 1e3:.1f} ms "
+          f"= {a.batch / t_step:.0f} img/s")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    table(prof, device, f"one training step, batch {a.batch}")
+
+    # Evaluation: one batch of cached-like embeddings through greedy captions and the 37-breed ranking
+    merged = model.merge_and_unload().to(dtype).eval()
+    emb = torch.randn(a.eval_batch, tokens, vc.hidden_size, device=device, dtype=dtype)
+    candidates = breed_candidates(processor.tokenizer, template)
+    from model import rank_breeds
+
+    @torch.no_grad()
+    def eval_batch():
+        greedy_caption_ids(merged, emb, 30)
+        rank_breeds(merged, emb, candidates)
+
+    eval_batch()
+    t_eval = timed(eval_batch, device, max(2, a.repeats // 3))
+    print(f"\nevaluation batch ({a.eval_batch} images, one model: greedy captions + 37-breed ranking): "
+          f"{t_eval * 1e3:.1f} ms = {a.eval_batch / t_eval:.0f} img/s per model")
+    with profile(activities=acts) as prof:
+        eval_batch()
+        sync(device)
+    table(prof, device, f"one evaluation batch of {a.eval_batch}, one model")
+
+    # The greedy loop against generate, same embeddings: a random model never writes [SEP], so both
+    # run all 30 steps (the worst case for either)
+    with torch.no_grad():
+        ours, ref = greedy_caption_ids(merged, emb, 30), _generate_ids(merged, emb, 30, 1)
+        ours_t, ref_t = [], []
+        for _ in range(3):  # interleaved: a busy host slows both alike
+            ours_t.append(timed(lambda: greedy_caption_ids(merged, emb, 30), device, 1))
+            ref_t.append(timed(lambda: _generate_ids(merged, emb, 30, 1), device, 1))
+        t_ours, t_ref = statistics.median(ours_t), statistics.median(ref_t)
+    print(f"\ngreedy captions, {a.eval_batch} images x {ours.shape[1] - 1} steps: generate {t_ref * 1e3:.0f} ms, "
+          f"own loop {t_ours * 1e3:.0f} ms, {t_ref / t_ours:.2f}x; identical ids: {torch.equal(ours, ref)}")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

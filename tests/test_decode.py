@@ -1,0 +1,92 @@
+"""The fast paths of issue 13 against the slow ones they replace: same ids, same predictions."""
+
+import os
+
+import pytest
+import torch
+
+from config import PetConfig
+from data import caption_for
+from model import build_tiny_blip, greedy_caption_ids, load_base_model
+
+
+def _words():
+    text = " ".join(caption_for(i, PetConfig().caption_template) for i in range(37))
+    return text.replace(",", " ").replace(".", " ").split() + ["cat", "dog"]
+
+
+def _generate(model, embeds, max_new_tokens):
+    """transformers' own greedy decoding from bos, as the project called it before (the reference)."""
+    tc = model.config.text_config
+    start = torch.full((embeds.shape[0], 1), tc.bos_token_id, dtype=torch.long)
+    return model.text_decoder.generate(input_ids=start, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
+                                       encoder_hidden_states=embeds, max_new_tokens=max_new_tokens, num_beams=1,
+                                       do_sample=False,
+                                       encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_blip(str(tmp_path_factory.mktemp("tiny")), _words())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_loop_gives_generates_ids_to_the_length_limit(tiny_dir, dtype):
+    """A random model that never writes [SEP]: every row runs to max_new_tokens."""
+    model = load_base_model(tiny_dir, dtype=dtype).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.text_decoder.cls.predictions.bias.normal_(0, 2)
+    embeds = 3 * torch.randn(9, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    ours = greedy_caption_ids(model, embeds.to(dtype), max_new_tokens=12)
+    assert ours.shape == (9, 13)
+    assert torch.equal(ours, _generate(model, embeds.to(dtype), 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adapter, dtype):
+    """The trained demo adapter writes breed captions of different lengths: rows end at different
+    steps and are padded after their [SEP], as generate pads them."""
+    from data import load_image, load_splits
+    from model import image_embeddings, load_lora_for_inference
+
+    model, processor = load_lora_for_inference(demo_adapter, dtype=dtype)
+    records = load_splits(os.path.join(demo_run[0], "outputs/demo/pets"), 0.0)["test"][::5]
+    pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
+    embeds = image_embeddings(model, pixels.to(dtype))
+    ours = greedy_caption_ids(model, embeds, max_new_tokens=16)
+    assert torch.equal(ours, _generate(model, embeds, 16))
+    tc = model.config.text_config
+    ends = (ours == tc.sep_token_id).float().argmax(1)
+    assert len(set(ends.tolist())) > 1 and (ours == tc.pad_token_id).any()
+
+
+@pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")
+def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
+    model = load_base_model(build_tiny_blip(str(tmp_path / "base"), _words(), base_sized=True)).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] += 8.0
+    embeds = torch.randn(3, 577, 768, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_caption_ids(model, embeds, 8), _generate(model, embeds, 8))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pixel_batches_match_the_processor_in_order_and_skip_bad_images(tmp_path, workers):
+    from transformers.models.blip import BlipImageProcessorPil
+
+    from data import Record, load_image, load_splits, pixel_batches, write_synthetic_pets
+
+    write_synthetic_pets(str(tmp_path), breeds=range(8), trainval_per_breed=10, test_per_breed=1, size=64)
+    records = load_splits(str(tmp_path), 0.0)["train"]
+    records.insert(5, Record("missing", 0, str(tmp_path / "nope.jpg")))
+    records.insert(40, Record("missing2", 1, str(tmp_path / "nope2.jpg")))
+    good = [r for r in records if not r.image_id.startswith("missing")]
+    processor = BlipImageProcessorPil(size={"height": 64, "width": 64})
+    reference = processor([load_image(r) for r in good], return_tensors="pt")["pixel_values"]
+    for batch_size in (7, 50, 100):
+        batches, bad = pixel_batches(records, processor, batch_size, num_workers=workers)
+        out = list(batches)
+        assert [r.image_id for b, _ in out for r in b] == [r.image_id for r in good]
+        assert torch.equal(torch.cat([px for _, px in out]), reference)
+        assert all(len(b) == batch_size for b, _ in out[:-1])  # full batches though two images are unreadable
+        assert sorted(bad) == ["missing", "missing2"]
