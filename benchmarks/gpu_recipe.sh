@@ -57,7 +57,12 @@ cp "$W/profile.log" "$OUT/profile.txt"
 # Today's path (.baseline/), reduced: one epoch of BL_TRAIN images without validation or checkpoints
 # (the loop's img/s), and evaluate.py on BL_EVAL test images with the new adapter (img/s; same predictions?)
 if [ -f .baseline/train.py ]; then
-  stage bl_train 120 $PY .baseline/train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/bl_run" \
+  # that path needs a tokenizer with [DEC] in its files (issue 10): its own build of the same model
+  stage bl_build 60 bash -c "cd .baseline && $PY -c \"
+from model import build_tiny_blip; from data import caption_for
+words = ' '.join(caption_for(i, 'A photo of {article} {breed}, a type of pet.') for i in range(37)).replace(',', ' ').replace('.', ' ').split() + ['cat','dog']
+build_tiny_blip('$W/bl_base', words, base_sized=$BASE); print('built')\""
+  stage bl_train 120 $PY .baseline/train.py --model_name_or_path "$W/bl_base" --dataset "$W/pets" --output_dir "$W/bl_run" \
     --embedding_cache_dir "$W/bl_cache" --max_train_samples "$BL_TRAIN" --max_eval_samples 64 --num_train_epochs 1 \
     --eval_strategy no --save_strategy no --load_best_model_at_end False --logging_steps 50
   stage bl_evaluate 120 $PY .baseline/evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/bl_eval" \
