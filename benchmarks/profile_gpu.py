@@ -68,7 +68,7 @@ def main():
     vc = model.config.vision_config
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     embeds = torch.randn(a.batch, tokens, vc.hidden_size, device=device).half()  # as the cache stores them
-    batch = CaptionCollator(processor.tokenizer)([{"caption": caption_for(i % 37, template)} for i in range(a.batch)])
+    batch = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)([{"caption": caption_for(i % 37, template)} for i in range(a.batch)])
     batch = {k: v.to(device) for k, v in batch.items()}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     model.train()
@@ -95,7 +95,7 @@ def main():
     # Evaluation: one batch of cached-like embeddings through greedy captions and the 37-breed ranking
     merged = model.merge_and_unload().to(dtype).eval()
     emb = torch.randn(a.eval_batch, tokens, vc.hidden_size, device=device, dtype=dtype)
-    candidates = breed_candidates(processor.tokenizer, template)
+    candidates = breed_candidates(merged, processor.tokenizer, template)
     from model import rank_breeds
 
     @torch.no_grad()
