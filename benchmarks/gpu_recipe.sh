@@ -46,7 +46,7 @@ build_tiny_blip('$W/base', words, base_sized=$BASE); print('built')"
 stage data 90 $PY benchmarks/gen_pets.py "$W/pets" "$TV" "$TE" "$SIZE"
 
 # The new path: the full recipe, three scripts as a user runs them
-stage train 150 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run" \
+stage train 240 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run" \
   --embedding_cache_dir "$W/cache" --logging_steps 50
 stage evaluate 120 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval"
 cp "$W/run/train_history.json" "$W/eval/metrics.json" "$OUT/" 2>/dev/null
