@@ -8,6 +8,7 @@
 # img/s side by side and the top-1 breeds compared on the common images.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_recipe.sh            # from the repository root; ~5 min on an H100
+#   TV=10 TE=14 BL_EVAL=518 SKIP="explain profile bl_train bl_explain" bash benchmarks/gpu_recipe.sh  # old vs new top-1 only
 #   TV=2 TE=2 SIZE=64 MODEL=tiny BL_TRAIN=32 BL_EVAL=16 TSCALE=10 BUDGET=3600 bash benchmarks/gpu_recipe.sh  # CPU dry run
 #
 # Writes flat files to $OUT: timings.txt, stages.log, summary.txt, recipe.json, profile.txt,
@@ -32,6 +33,7 @@ fi
 # stage NAME TIMEOUT_S command...: runs it with a time limit, logs to $W/NAME.log, appends "NAME rc=R S s"
 stage() {
   local name=$1 lim=$(( $2 * TSCALE )); shift 2; local s; s=$(date +%s.%N)
+  case " ${SKIP:-} " in *" $name "*) echo "$name skipped (SKIP)" | tee -a "$OUT/timings.txt"; return;; esac
   local left=$(( END - $(date +%s) - 20 )); [ "$left" -lt "$lim" ] && lim=$left
   if [ "$lim" -lt 10 ]; then echo "$name skipped (time budget spent)" | tee -a "$OUT/timings.txt"; return; fi
   timeout "$lim" "$@" > "$W/$name.log" 2>&1; local rc=$?
