@@ -22,6 +22,13 @@ def run_script(args, cwd, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the trained demo adapter is slow: `train.py --demo` alone takes a minute or more."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
     """(tiny model folder, synthetic data folder), built once for the session."""
