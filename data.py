@@ -3,8 +3,6 @@
 source (Hub id | official-layout folder | save_to_disk folder)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
   -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
-
-Also writes a synthetic pet set in the official layout for the demo and the tests.
 """
 
 import hashlib
@@ -21,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from config import UserError, hub_reachable, offline_hint
 
@@ -508,102 +506,6 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
 def report_bad_images(bad: dict, what: str = "images") -> None:
     if bad:
         logger.warning("Skipped %d unreadable %s (first: %s)", len(bad), what, ", ".join(list(bad)[:5]))
-
-
-# ---------------------------------------------------------------------------
-# Synthetic pets in the official layout
-
-# One colour per breed (cycled) and a pattern on top; cats get pointed ears, dogs floppy ones.
-_PALETTE = [
-    (220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 30), (150, 60, 190),
-    (250, 130, 20), (30, 190, 200), (120, 70, 30), (240, 110, 180), (90, 90, 90),
-]
-_PATTERNS = ["solid", "stripes", "spots", "half"]
-
-
-def _draw_pet(label: int, size: int, rng: random.Random):
-    """(RGB image, pet mask) of one synthetic pet of breed `label`."""
-    bg = tuple(rng.randint(150, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), bg)
-    noise = np.asarray(image, dtype=np.int16) + np.random.default_rng(rng.randint(0, 2**31)).integers(-25, 26, (size, size, 3))
-    image = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
-    mask = Image.new("L", (size, size), 0)
-    color = _PALETTE[label % len(_PALETTE)]
-    pattern = _PATTERNS[(label // len(_PALETTE)) % len(_PATTERNS)]
-    r = rng.uniform(0.22, 0.32) * size
-    cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 0.2 * size, size - r - 2)
-    body = [cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r]
-    hr = 0.55 * r
-    hx, hy = cx + rng.choice([-0.6, 0.6]) * r, cy - 0.9 * r
-    head = [hx - hr, hy - hr, hx + hr, hy + hr]
-    if SPECIES[label] == "cat":
-        ears = [[(hx - hr, hy - 0.3 * hr), (hx - 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)],
-                [(hx + hr, hy - 0.3 * hr), (hx + 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)]]
-    else:
-        ears = [[(hx - 1.3 * hr, hy - 0.4 * hr), (hx - 0.7 * hr, hy - 0.6 * hr), (hx - 0.8 * hr, hy + 0.9 * hr)],
-                [(hx + 1.3 * hr, hy - 0.4 * hr), (hx + 0.7 * hr, hy - 0.6 * hr), (hx + 0.8 * hr, hy + 0.9 * hr)]]
-    for canvas, fill in ((image, color), (mask, 255)):
-        d = ImageDraw.Draw(canvas)
-        d.ellipse(body, fill=fill)
-        d.ellipse(head, fill=fill)
-        for ear in ears:
-            d.polygon(ear, fill=fill)
-    dark = tuple(c // 3 for c in color)
-    pet = Image.new("RGB", (size, size), dark)
-    d = ImageDraw.Draw(pet)
-    if pattern == "stripes":
-        d.rectangle([0, 0, size, size], fill=color)
-        for x in range(0, size, max(3, size // 12)):
-            d.rectangle([x, 0, x + max(1, size // 36), size], fill=dark)
-    elif pattern == "spots":
-        d.rectangle([0, 0, size, size], fill=color)
-        for _ in range(12):
-            x, y, s = rng.uniform(0, size), rng.uniform(0, size), size / 20
-            d.ellipse([x - s, y - s, x + s, y + s], fill=dark)
-    elif pattern == "half":
-        d.rectangle([0, 0, size, size], fill=color)
-        d.rectangle([0, cy, size, size], fill=dark)
-    if pattern != "solid":
-        image.paste(pet, (0, 0), mask)
-    return image, mask
-
-
-def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, test_per_breed: int = 10,
-                         size: int = 96, seed: int = 0) -> str:
-    """Write a synthetic Oxford-IIIT Pet in the official layout and return `root`.
-
-    breeds: class indices to include (default: all 37). Pets differ visibly by breed
-    (colour, pattern) and species (ear shape); trimaps mark pet (1), background (2), border (3).
-    """
-    breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations", "trimaps"), exist_ok=True)
-    rows = {"trainval": [], "test": []}
-    for label in breeds:
-        for k in range(1, trainval_per_breed + test_per_breed + 1):
-            name = f"{BREEDS[label]}_{k}"
-            image, mask = _draw_pet(label, size, rng)
-            image.save(os.path.join(root, "images", f"{name}.jpg"), quality=92)
-            inner = mask.filter(ImageFilter.MinFilter(3))
-            outer = mask.filter(ImageFilter.MaxFilter(3))
-            trimap = np.full((size, size), 2, np.uint8)
-            trimap[np.asarray(outer) > 0] = 3
-            trimap[np.asarray(inner) > 0] = 1
-            Image.fromarray(trimap).save(os.path.join(root, "annotations", "trimaps", f"{name}.png"))
-            species_id = 1 if SPECIES[label] == "cat" else 2
-            same_species = [b for b in range(NUM_BREEDS) if SPECIES[b] == SPECIES[label]]
-            line = f"{name} {label + 1} {species_id} {same_species.index(label) + 1}"
-            rows["trainval" if k <= trainval_per_breed else "test"].append(line)
-    header = "\n".join(["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog",
-                        "#BREED ID: 1-25:Dog 1:12:Cat", "#All images with 1st letter as captial are cat images",
-                        "#images with small first letter are dog images"])
-    with open(os.path.join(root, "annotations", "list.txt"), "w") as f:
-        f.write(header + "\n" + "\n".join(rows["trainval"] + rows["test"]) + "\n")
-    for split, lines in rows.items():
-        with open(os.path.join(root, "annotations", f"{split}.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return root
 
 
 # ---------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check
                     pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, load_image,
                   load_splits, pixel_batches, report_bad_images, species_from_caption, subsample)
+from demo import use_demo_assets
 from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
                    data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
-                   same_vision_encoder, use_demo_assets)
+                   same_vision_encoder)
 
 logger = logging.getLogger("evaluate")
 MODELS = ("zero_shot", "fine_tuned")

@@ -28,9 +28,10 @@ from config import (DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError,
                     parse_config, pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
                   load_trimap, normalise_text, report_bad_images, subsample)
+from demo import use_demo_assets
 from model import (adapter_split_settings, base_model_for, caption_ids_from_embeddings, check_adapter,
                    cross_attention_maps, data_for, image_embeddings, load_base_model, load_lora_for_inference,
-                   same_vision_encoder, use_demo_assets)
+                   same_vision_encoder)
 
 logger = logging.getLogger("explain")
 

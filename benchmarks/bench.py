@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from config import PetConfig  # noqa: E402
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for, load_image,  # noqa: E402
-                  load_splits, write_synthetic_pets)
-from model import (build_tiny_blip, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
-                   vision_fingerprint)
+                  load_splits)
+from demo import build_tiny_blip, write_synthetic_pets  # noqa: E402
+from model import create_lora_model, image_embeddings, load_base_model, load_processor, vision_fingerprint  # noqa: E402
 
 TEMPLATE = PetConfig().caption_template
 

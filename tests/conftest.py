@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from config import DEMO_DIR, PetConfig  # noqa: E402
-from model import prepare_demo  # noqa: E402
+from demo import prepare_demo  # noqa: E402
 
 
 def run_script(args, cwd, timeout=600, env=None):

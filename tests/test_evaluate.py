@@ -9,7 +9,8 @@ import torch
 import evaluate
 from config import DEMO_DIR, PetConfig, UserError
 from data import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, load_image, load_splits, species_from_caption
-from model import (breed_candidates, build_tiny_blip, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
+from demo import build_tiny_blip
+from model import (breed_candidates, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
                    load_lora_for_inference, rank_breeds, same_vision_encoder)
 
 from conftest import run_script

@@ -18,7 +18,8 @@ from PIL import Image
 
 import train
 from config import UserError, run_main
-from data import BadImage, Record, load_image, load_splits, write_synthetic_pets
+from data import BadImage, Record, load_image, load_splits
+from demo import build_tiny_blip, write_synthetic_pets
 from model import load_lora_for_inference
 
 from conftest import ROOT, run_script
@@ -174,7 +175,6 @@ def _broken_adapter(demo_adapter, tmp_path, case):
         raw = open(path / "adapter_model.safetensors", "rb").read()
         open(path / "adapter_model.safetensors", "wb").write(raw[: len(raw) // 3])
     elif case == "other_base":
-        from model import build_tiny_blip
         other = build_tiny_blip(str(tmp_path / "other-base"), ["cat"], image_size=32)
         cfg = json.load(open(path / "adapter_config.json"))
         # same module names, another hidden size

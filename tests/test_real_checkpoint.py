@@ -23,7 +23,8 @@ import evaluate
 import explainability
 import train
 from config import PetConfig, UserError
-from data import CaptionCollator, breed_index, caption_for, load_image, load_splits, write_synthetic_pets
+from data import CaptionCollator, breed_index, caption_for, load_image, load_splits
+from demo import write_synthetic_pets
 from explainability import subject_span, word_spans
 from model import (breed_candidates, check_fits, generate_caption, image_embeddings, load_base_model,
                    load_lora_for_inference, load_processor, rank_breeds)
