@@ -139,6 +139,7 @@ def test_bad_annotation_lines_are_skipped_and_counted(pets, caplog):
     assert "3 images are in neither trainval.txt nor test.txt" in text  # the two bad lines' images + the extra one
 
 
+@pytest.mark.slow
 def test_training_skips_unreadable_images_and_reports_them(pets, demo_assets, tmp_path, caplog):
     hostile = hostile_images(str(tmp_path / "h"))
     images = os.path.join(pets, "images")
@@ -210,6 +211,7 @@ def test_broken_adapter_is_one_clear_error(case, message, demo_adapter, tmp_path
 # Runs that die or diverge
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_without_saving(demo_assets, tmp_path, monkeypatch):
     import model as model_module
 

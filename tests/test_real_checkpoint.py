@@ -190,6 +190,7 @@ print(json.dumps({"captions": captions, "project_modules": project, "bos": proce
 """
 
 
+@pytest.mark.slow
 def test_train_evaluate_explain_on_the_real_files(real_blip, real_pets, tmp_path):
     model_dir, _ = real_blip
     adapter = str(tmp_path / "adapter")
