@@ -1,4 +1,4 @@
-"""Oxford-IIIT Pet: breeds, sources, splits, images, captions, batches.
+"""Oxford-IIIT Pet: breeds and captions, sources, splits, images, batches, the image-embedding cache.
 
 source (Hub id | official-layout folder | save_to_disk folder)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
@@ -24,6 +24,9 @@ from PIL import Image, ImageOps
 from config import UserError, hub_reachable, offline_hint
 
 logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Breeds and their captions
 
 # The 37 breeds in the official class-id order (class id = index + 1). Cat breeds
 # are capitalised in the official file names, dogs are not.
@@ -65,6 +68,76 @@ def article(word: str) -> str:
 def caption_for(label: int, template: str) -> str:
     name = BREED_NAMES[label]
     return template.format(breed=name, article=article(name))
+
+
+# ---------------------------------------------------------------------------
+# Breed and species named in a caption
+
+UNKNOWN = -1  # the caption names no breed
+
+# Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
+# it names breeds outside the 37 and would credit a guess.
+_ALIASES = {
+    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
+    "yorkshire_terrier": ["yorkie", "yorkshire"],
+    "saint_bernard": ["st bernard", "st bernards"],
+    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
+    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
+    "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
+    "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
+    "shiba_inu": ["shiba", "shiba inus"],
+    "english_cocker_spaniel": ["cocker spaniel", "cocker"],
+    "great_pyrenees": ["pyrenees", "pyrenean mountain dog"],
+    "newfoundland": ["newfie"],
+    "miniature_pinscher": ["min pin", "minpin", "mini pinscher", "zwergpinscher"],
+    "basset_hound": ["basset"],
+    "british_shorthair": ["british blue", "british short hair"],
+    "maine_coon": ["mainecoon", "maine coon cat"],
+    "sphynx": ["sphinx cat", "sphynx cat", "hairless cat"],
+    "ragdoll": ["rag doll"],
+    "egyptian_mau": ["mau"],
+    "japanese_chin": ["japanese spaniel"],
+    "keeshond": ["keeshonden"],
+}
+
+
+def normalise_text(text: str) -> str:
+    text = text.lower().replace("st.", "st ").replace("-", " ")
+    return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
+
+
+BREED_PHRASES = sorted(
+    [(normalise_text(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
+    + [(normalise_text(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
+    key=lambda p: -len(p[0]),
+)
+
+
+def breed_from_caption(caption: str) -> int:
+    """Index of the breed a caption names, UNKNOWN if none; the longest matching name wins.
+
+    Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
+    "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
+    """
+    text = normalise_text(caption)
+    for phrase, label in BREED_PHRASES:  # longest first
+        if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
+            return label
+    return UNKNOWN
+
+
+CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
+DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
+
+
+def species_from_caption(caption: str) -> Optional[str]:
+    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
+    label = breed_from_caption(caption)
+    if label != UNKNOWN:
+        return SPECIES[label]
+    words = set(normalise_text(caption).split())
+    cat, dog = bool(words & CAT_WORDS), bool(words & DOG_WORDS)
+    return "cat" if cat and not dog else "dog" if dog and not cat else None
 
 
 # ---------------------------------------------------------------------------
@@ -509,62 +582,6 @@ def report_bad_images(bad: dict, what: str = "images") -> None:
 
 
 # ---------------------------------------------------------------------------
-# Breed named in a caption
-
-UNKNOWN = -1  # the caption names no breed
-
-# Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
-# it names breeds outside the 37 and would credit a guess.
-_ALIASES = {
-    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
-    "yorkshire_terrier": ["yorkie", "yorkshire"],
-    "saint_bernard": ["st bernard", "st bernards"],
-    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
-    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
-    "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
-    "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
-    "shiba_inu": ["shiba", "shiba inus"],
-    "english_cocker_spaniel": ["cocker spaniel", "cocker"],
-    "great_pyrenees": ["pyrenees", "pyrenean mountain dog"],
-    "newfoundland": ["newfie"],
-    "miniature_pinscher": ["min pin", "minpin", "mini pinscher", "zwergpinscher"],
-    "basset_hound": ["basset"],
-    "british_shorthair": ["british blue", "british short hair"],
-    "maine_coon": ["mainecoon", "maine coon cat"],
-    "sphynx": ["sphinx cat", "sphynx cat", "hairless cat"],
-    "ragdoll": ["rag doll"],
-    "egyptian_mau": ["mau"],
-    "japanese_chin": ["japanese spaniel"],
-    "keeshond": ["keeshonden"],
-}
-
-
-def normalise_text(text: str) -> str:
-    text = text.lower().replace("st.", "st ").replace("-", " ")
-    return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
-
-
-BREED_PHRASES = sorted(
-    [(normalise_text(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
-    + [(normalise_text(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
-    key=lambda p: -len(p[0]),
-)
-
-
-def breed_from_caption(caption: str) -> int:
-    """Index of the breed a caption names, UNKNOWN if none; the longest matching name wins.
-
-    Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
-    "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
-    """
-    text = normalise_text(caption)
-    for phrase, label in BREED_PHRASES:  # longest first
-        if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
-            return label
-    return UNKNOWN
-
-
-# ---------------------------------------------------------------------------
 # Image-embedding cache: the frozen vision encoder runs once per image, not once per epoch
 
 
@@ -765,17 +782,3 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
         r, key = self.items[i]
         embeds = self.preloaded[i] if self.preloaded is not None else self.cache.get(key)
         return {"image_embeds": embeds, "caption": caption_for(r.label, self.template), "label": r.label}
-
-
-CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
-DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
-
-
-def species_from_caption(caption: str) -> Optional[str]:
-    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
-    label = breed_from_caption(caption)
-    if label != UNKNOWN:
-        return SPECIES[label]
-    words = set(normalise_text(caption).split())
-    cat, dog = bool(words & CAT_WORDS), bool(words & DOG_WORDS)
-    return "cat" if cat and not dog else "dog" if dog and not cat else None

@@ -164,7 +164,7 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
     index = open(os.path.join(out, "index.md")).read()
     assert all(f"]({f})" in index for f in figures + ["attention_metrics.png"])
     metrics = json.load(open(os.path.join(out, "attention_metrics.json")))
-    for name in ("zero-shot", "fine-tuned"):
+    for name in ("zero_shot", "fine_tuned"):  # evaluate.py's keys
         s = metrics["summary"][name]
         assert s["images_with_trimap"] == 2  # the user's image has no trimap
         # an image is scored when its caption names a subject; the untrained zero-shot base may name none
@@ -172,9 +172,9 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
         assert s["images_scored"] == named and (s["mean_mask_share"] is None) == (named == 0)
         for key in ("mean_mask_share", "mean_pet_attention_share", "pointing_game_hit_rate"):
             assert s[key] is None or 0 <= s[key] <= 1, (name, key, s[key])
-    assert metrics["summary"]["fine-tuned"]["images_scored"] == 2  # so the ranges above were checked
-    assert metrics["summary"]["fine-tuned"]["subject_kinds"] == {"breed": 2}  # the demo adapter names breeds
-    assert "fine-tuned" in metrics["images"][2] and metrics["images"][2]["has_trimap"] is False
+    assert metrics["summary"]["fine_tuned"]["images_scored"] == 2  # so the ranges above were checked
+    assert metrics["summary"]["fine_tuned"]["subject_kinds"] == {"breed": 2}  # the demo adapter names breeds
+    assert "fine_tuned" in metrics["images"][2] and metrics["images"][2]["has_trimap"] is False
     run_config = json.load(open(os.path.join(out, "run_config.json")))
     assert run_config["ExplainConfig"]["image"] == [str(user), str(missing), str(not_image)]
 

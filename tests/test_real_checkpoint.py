@@ -235,4 +235,4 @@ def test_train_evaluate_explain_on_the_real_files(real_blip, real_pets, tmp_path
                                               "--num_images", "2"])["metrics"]
     assert len(explained["images"]) == 2
     for entry in explained["images"]:
-        assert entry["fine_tuned" if "fine_tuned" in entry else "fine-tuned"]["caption"] is not None
+        assert entry["fine_tuned"]["caption"] is not None
