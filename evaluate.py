@@ -24,7 +24,7 @@ from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check
                     pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import NUM_BREEDS, load_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
-from metrics import compute_metrics, public
+from metrics import ModelPredictions, Predictions, compute_metrics
 from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
                    data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
                    same_vision_encoder)
@@ -86,59 +86,50 @@ def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cf
 
 def predict(models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool,
             show_progress: bool = True):
-    """(per-image results, {image_id: reason} of unreadable images), with a progress bar over the images."""
+    """(Predictions, {image_id: reason} of unreadable images), with a progress bar over the images."""
     from tqdm.auto import tqdm
 
     candidates = breed_candidates(next(iter(models.values())), processor.tokenizer, cfg.caption_template)
     # tokens scored per candidate ([SEP] included): for the per-token ranking
-    results = {"image_id": [], "label": [], "record": [], "candidate_tokens": candidates[1][:, 1:].sum(-1).numpy()}
-    for name in models:
-        results[name] = {"captions": [], "scores": []}
+    out = Predictions([], [], {name: ModelPredictions([], []) for name in models}, candidates[1][:, 1:].sum(-1).numpy())
+    scores = {name: [] for name in models}
     # images are decoded and preprocessed by worker processes while the GPU works (pixel_batches)
     batches, bad = pixel_batches(records, processor.image_processor, batch_size)
     bar = tqdm(total=len(records), unit="img", desc="evaluating", disable=not show_progress)
     for batch, pixels in batches:
-        out = evaluate_batch(models, processor, pixels, candidates, cfg, share_embeddings)
-        for record in batch:
-            results["image_id"].append(record.image_id)
-            results["label"].append(record.label)
-            results["record"].append(record)
+        batch_out = evaluate_batch(models, processor, pixels, candidates, cfg, share_embeddings)
+        out.image_id += [r.image_id for r in batch]
+        out.label += [r.label for r in batch]
+        out.records += batch
         for name in models:
-            results[name]["captions"] += out[name]["captions"]
-            results[name]["scores"].append(out[name]["scores"])
-        bar.n = len(results["image_id"]) + len(bad)
+            out.models[name].captions += batch_out[name]["captions"]
+            scores[name].append(batch_out[name]["scores"])
+        bar.n = len(out.image_id) + len(bad)
         bar.refresh()
-    bar.n = len(results["image_id"]) + len(bad)
+    bar.n = len(out.image_id) + len(bad)
     bar.close()
     for name in models:
-        s = results[name]["scores"]
-        results[name]["scores"] = np.concatenate(s) if s else np.zeros((0, NUM_BREEDS))
-    return results, bad
-
-
-def drop_records(results: dict) -> dict:
-    """Results without the Record objects (they can hold a whole datasets.Dataset): for gathering."""
-    return {k: v for k, v in results.items() if k != "record"}
+        out.models[name].scores = np.concatenate(scores[name]) if scores[name] else np.zeros((0, NUM_BREEDS))
+    return out, bad
 
 
 def merge_shards(shards: list, records: list):
-    """Per-process (results, bad) -> one results dict in the order of `records`, each image once."""
+    """Per-process (Predictions, bad) -> one Predictions in the order of `records`, each image once."""
     position = {r.image_id: i for i, r in enumerate(records)}
     rows, bad = [], {}
-    for results, shard_bad in shards:
+    for shard, shard_bad in shards:
         bad.update(shard_bad)
-        models = [k for k in results if isinstance(results[k], dict)]
-        for j, image_id in enumerate(results["image_id"]):
-            rows.append((position[image_id], image_id, results["label"][j],
-                         {m: (results[m]["captions"][j], results[m]["scores"][j]) for m in models}))
+        for j, image_id in enumerate(shard.image_id):
+            rows.append((position[image_id], image_id, shard.label[j],
+                         {m: (p.captions[j], p.scores[j]) for m, p in shard.models.items()}))
     rows.sort(key=lambda row: row[0])
     if len({row[0] for row in rows}) != len(rows):
         raise RuntimeError("an image was evaluated by two processes")
-    merged = {"image_id": [r[1] for r in rows], "label": [r[2] for r in rows],
-              "record": [records[r[0]] for r in rows], "candidate_tokens": shards[0][0]["candidate_tokens"]}
-    for m in (rows[0][3] if rows else {}):
-        merged[m] = {"captions": [r[3][m][0] for r in rows],
-                     "scores": np.stack([r[3][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS))}
+    models = {m: ModelPredictions([r[3][m][0] for r in rows],
+                                  np.stack([r[3][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS)))
+              for m in shards[0][0].models}
+    merged = Predictions([r[1] for r in rows], [r[2] for r in rows], models, shards[0][0].candidate_tokens,
+                         records=[records[r[0]] for r in rows])
     return merged, bad
 
 
@@ -188,39 +179,41 @@ def _evaluate(cfg, args):
     shard = records[state.process_index::state.num_processes]
     if args.per_device_eval_batch_size is None:  # captions are launch-bound on a GPU: big batches
         args.per_device_eval_batch_size = 256 if device.type == "cuda" else 32
-    results, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
-                           show_progress=state.is_main_process)
+    predictions, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
+                               show_progress=state.is_main_process)
     if state.num_processes > 1:
-        results, bad = merge_shards(gather_object([(drop_records(results), bad)]), records)
+        # Records can hold a whole datasets.Dataset: gather without them, the main process has them all
+        predictions.records = []
+        predictions, bad = merge_shards(gather_object([(predictions, bad)]), records)
         if not state.is_main_process:
             return None
     seconds = time.perf_counter() - start
     report_bad_images(bad)
-    if not results["label"]:
+    if not predictions.label:
         raise UserError("no readable image to evaluate (see the warning above)")
 
-    metrics = compute_metrics(results, cfg.caption_template, args.bootstrap_samples, args.seed)
+    metrics = compute_metrics(predictions, cfg.caption_template, args.bootstrap_samples, args.seed)
     info = {
         "adapter": args.adapter, "base_model": cfg.model_name_or_path, "dataset": cfg.dataset, "split": args.split,
         "num_bad_images": len(bad), "bad_images": sorted(bad), "template": cfg.caption_template,
         "decoding": f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, up to {cfg.max_new_tokens} new tokens",
         "shared_image_embeddings": shared, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "runtime_seconds": seconds, "images_per_second": len(results["label"]) / seconds,
+        "runtime_seconds": seconds, "images_per_second": len(predictions.label) / seconds,
         "bootstrap_samples": args.bootstrap_samples,
     }
 
     out = args.output_dir
     with staged_outputs(out) as tmp:  # a full disk or a kill leaves the previous results whole
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump({**public(metrics), **info}, f, indent=2)
-        predictions_frame(results, metrics).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
-        failures = failures_frame(results, metrics)
+            json.dump({**metrics.numbers, **info}, f, indent=2)
+        predictions_frame(predictions, metrics).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
+        failures = failures_frame(predictions, metrics)
         failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
-        write_figures(results, metrics, failures, cfg.caption_template, tmp)
+        write_figures(predictions, metrics, failures, cfg.caption_template, tmp)
         write_report(os.path.join(tmp, "report.md"), metrics, info)
         save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
     print_summary(metrics, out)
-    return {"output_dir": out, "metrics": metrics, "results": results, "info": info}
+    return {"output_dir": out, "metrics": metrics.numbers, "predictions": predictions, "info": info}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Evaluation metrics: plain functions of labels and captions, tested on hand-made sets.
 
-compute_metrics(results) -> per-model accuracy with bootstrap intervals, species, likelihood ranking,
+compute_metrics(Predictions) -> Metrics: per-model accuracy with bootstrap intervals, species, likelihood ranking,
 per-breed scores, confused pairs, BLEU, ROUGE-L, and McNemar tests between the two models.
 """
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -82,7 +84,41 @@ def rouge_l(hypotheses: list, references: list) -> float:
     return float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]))
 
 
-def model_metrics(labels, captions, scores, template, samples, seed, candidate_tokens=None) -> dict:
+@dataclass
+class ModelPredictions:
+    """One model's outputs on the evaluated images, in image order."""
+    captions: list
+    scores: np.ndarray  # (images, NUM_BREEDS): log-likelihood of each breed's templated caption
+
+
+@dataclass
+class Predictions:
+    """Both models' outputs on the evaluated images (evaluate.predict and merge_shards)."""
+    image_id: list
+    label: list
+    models: dict  # MODELS name -> ModelPredictions
+    candidate_tokens: np.ndarray  # tokens scored per breed's caption, for the per-token ranking
+    records: list = field(default_factory=list)  # for the failure figure; not gathered across processes
+
+
+@dataclass
+class ModelMetrics:
+    """model_metrics' result: the numbers for metrics.json, and the per-image arrays behind the tables and figures."""
+    numbers: dict
+    pred: np.ndarray  # the breed each caption names, UNKNOWN if none
+    correct: np.ndarray  # pred == label
+    top1: np.ndarray  # the likelihood ranking's first breed is right
+    order: np.ndarray  # (images, NUM_BREEDS): breeds by likelihood, best first
+
+
+@dataclass
+class Metrics:
+    """compute_metrics' result: metrics.json's numbers (without the run's info) and each model's ModelMetrics."""
+    numbers: dict
+    models: dict  # MODELS name -> ModelMetrics
+
+
+def model_metrics(labels, captions, scores, template, samples, seed, candidate_tokens=None) -> ModelMetrics:
     """Every number for one model: caption accuracy, species, unknown share, ranking, per breed, BLEU, ROUGE-L.
 
     The ranking uses the summed log-likelihood of each breed's caption; with candidate_tokens it is also
@@ -100,7 +136,7 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
     f1 = per_breed_scores(labels, pred)
     tokens = np.ones(scores.shape[1]) if candidate_tokens is None else np.asarray(candidate_tokens, float)
     top1_per_token = np.argmax(scores / tokens, axis=1) == labels
-    return {
+    numbers = {
         "breed_accuracy": float(correct.mean()), "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
         "species_accuracy": float(species_ok.mean()), "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
         "no_breed_rate": float((pred == UNKNOWN).mean()),
@@ -112,23 +148,17 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])),
         "confused_pairs": confused_pairs(labels, pred),
         "per_breed": f1,
-        # per-image values for the tables and figures; not written to metrics.json
-        "_pred": pred, "_correct": correct, "_top1": top1, "_order": order,
     }
+    return ModelMetrics(numbers, pred, correct, top1, order)
 
 
-def compute_metrics(results: dict, template: str, samples: int = 1000, seed: int = 42) -> dict:
-    labels = results["label"]
-    metrics = {"num_samples": len(labels)}
-    for name in MODELS:
-        metrics[name] = model_metrics(labels, results[name]["captions"], results[name]["scores"], template, samples, seed,
-                                      results.get("candidate_tokens"))
-    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
-    metrics["mcnemar_caption"] = mcnemar(zs["_correct"], ft["_correct"])
-    metrics["mcnemar_likelihood_top1"] = mcnemar(zs["_top1"], ft["_top1"])
-    return metrics
-
-
-def public(metrics: dict) -> dict:
-    """metrics without the per-image arrays."""
-    return {k: public(v) if isinstance(v, dict) else v for k, v in metrics.items() if not k.startswith("_")}
+def compute_metrics(predictions: Predictions, template: str, samples: int = 1000, seed: int = 42) -> Metrics:
+    labels = predictions.label
+    models = {name: model_metrics(labels, predictions.models[name].captions, predictions.models[name].scores, template,
+                                  samples, seed, predictions.candidate_tokens)
+              for name in MODELS}
+    zs, ft = models["zero_shot"], models["fine_tuned"]
+    numbers = {"num_samples": len(labels), **{name: m.numbers for name, m in models.items()},
+               "mcnemar_caption": mcnemar(zs.correct, ft.correct),
+               "mcnemar_likelihood_top1": mcnemar(zs.top1, ft.top1)}
+    return Metrics(numbers, models)

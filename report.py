@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from data import BREED_NAMES, NUM_BREEDS, caption_for, load_image
-from metrics import LABELS, MODELS, confusion, label_index
+from metrics import LABELS, MODELS, Metrics, Predictions, confusion, label_index
 
 KEY_ROWS = [  # (label, key, format)
     ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
@@ -29,39 +29,39 @@ def _fmt(m: dict, key: str, kind: str) -> str:
 
 
 def key_table(metrics: dict) -> list:
-    return [(label, _fmt(metrics["zero_shot"], key, kind), _fmt(metrics["fine_tuned"], key, kind))
+    zs, ft = metrics.numbers["zero_shot"], metrics.numbers["fine_tuned"]
+    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind))
             for label, key, kind in KEY_ROWS]
 
 
-def predictions_frame(results: dict, metrics: dict):
+def predictions_frame(predictions: Predictions, metrics: Metrics):
     import pandas as pd
 
     top5 = lambda order: ["|".join(BREED_NAMES[b] for b in row[:5]) for row in order]
     name = lambda xs: [LABELS[x] for x in xs]  # UNKNOWN (-1) -> "unknown"
     return pd.DataFrame({
-        "image_id": results["image_id"],
-        "true_breed": name(results["label"]),
-        "zero_shot_caption": results["zero_shot"]["captions"],
-        "fine_tuned_caption": results["fine_tuned"]["captions"],
-        "zero_shot_breed": name(metrics["zero_shot"]["_pred"]),
-        "fine_tuned_breed": name(metrics["fine_tuned"]["_pred"]),
-        "zero_shot_likelihood_top5": top5(metrics["zero_shot"]["_order"]),
-        "fine_tuned_likelihood_top5": top5(metrics["fine_tuned"]["_order"]),
+        "image_id": predictions.image_id,
+        "true_breed": name(predictions.label),
+        "zero_shot_caption": predictions.models["zero_shot"].captions,
+        "fine_tuned_caption": predictions.models["fine_tuned"].captions,
+        "zero_shot_breed": name(metrics.models["zero_shot"].pred),
+        "fine_tuned_breed": name(metrics.models["fine_tuned"].pred),
+        "zero_shot_likelihood_top5": top5(metrics.models["zero_shot"].order),
+        "fine_tuned_likelihood_top5": top5(metrics.models["fine_tuned"].order),
     })
 
 
-def failures_frame(results: dict, metrics: dict):
+def failures_frame(predictions: Predictions, metrics: Metrics):
     """Every wrong caption prediction of either model, worst first (true breed ranked lowest by likelihood)."""
     import pandas as pd
 
     rows = []
     for model_name in MODELS:
-        m = metrics[model_name]
-        for i in np.flatnonzero(~m["_correct"]):
-            t, order = results["label"][i], m["_order"][i]
-            scores = results[model_name]["scores"][i]
-            rows.append({"model": model_name, "image_id": results["image_id"][i], "true_breed": BREED_NAMES[t],
-                         "caption": results[model_name]["captions"][i], "predicted_breed": LABELS[m["_pred"][i]],
+        m, p = metrics.models[model_name], predictions.models[model_name]
+        for i in np.flatnonzero(~m.correct):
+            t, order, scores = predictions.label[i], m.order[i], p.scores[i]
+            rows.append({"model": model_name, "image_id": predictions.image_id[i], "true_breed": BREED_NAMES[t],
+                         "caption": p.captions[i], "predicted_breed": LABELS[m.pred[i]],
                          "likelihood_top1": BREED_NAMES[order[0]], "true_breed_rank": int(np.flatnonzero(order == t)[0]) + 1,
                          "margin": float(scores[order[0]] - scores[t]), "_index": int(i)})
     columns = ["model", "image_id", "true_breed", "caption", "predicted_breed", "likelihood_top1", "true_breed_rank", "margin", "_index"]
@@ -94,11 +94,11 @@ def plot_confusion(matrix, title: str, path: str) -> None:
     plt.close(fig)
 
 
-def plot_distribution(results, metrics, path: str) -> None:
+def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> None:
     plt = _plt()
-    counts = {"truth": np.bincount(label_index(results["label"]), minlength=NUM_BREEDS + 1)}
+    counts = {"truth": np.bincount(label_index(predictions.label), minlength=NUM_BREEDS + 1)}
     for name in MODELS:
-        counts[name.replace("_", "-")] = np.bincount(label_index(metrics[name]["_pred"]), minlength=NUM_BREEDS + 1)
+        counts[name.replace("_", "-")] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
     y = np.arange(len(LABELS))
     fig, ax = plt.subplots(figsize=(9, 12))
     for k, (name, c) in enumerate(counts.items()):
@@ -112,10 +112,10 @@ def plot_distribution(results, metrics, path: str) -> None:
     plt.close(fig)
 
 
-def plot_caption_lengths(results, template: str, path: str) -> None:
+def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> None:
     plt = _plt()
-    lengths = {name.replace("_", "-"): [len(c.split()) for c in results[name]["captions"]] for name in MODELS}
-    reference = [len(caption_for(t, template).split()) for t in results["label"]]
+    lengths = {name.replace("_", "-"): [len(c.split()) for c in predictions.models[name].captions] for name in MODELS}
+    reference = [len(caption_for(t, template).split()) for t in predictions.label]
     top = max([max(v) for v in lengths.values()] + reference) + 1
     fig, ax = plt.subplots(figsize=(8, 4))
     bins = np.arange(0, top + 1) - 0.5
@@ -131,11 +131,11 @@ def plot_caption_lengths(results, template: str, path: str) -> None:
 
 def plot_per_breed_accuracy(metrics, path: str) -> None:
     plt = _plt()
-    breeds = [b for b, v in metrics["fine_tuned"]["per_breed"].items() if v["support"] > 0]
+    breeds = [b for b, v in metrics.numbers["fine_tuned"]["per_breed"].items() if v["support"] > 0]
     y = np.arange(len(breeds))
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(breeds) + 1.5))
     for k, name in enumerate(MODELS):
-        per = metrics[name]["per_breed"]
+        per = metrics.numbers[name]["per_breed"]
         ax.barh(y + (k - 0.5) * 0.4, [per.get(b, {}).get("recall", 0.0) for b in breeds], height=0.4, label=name.replace("_", "-"))
     ax.set_yticks(y, breeds, fontsize=8)
     ax.invert_yaxis()
@@ -146,7 +146,7 @@ def plot_per_breed_accuracy(metrics, path: str) -> None:
     plt.close(fig)
 
 
-def plot_failures(results, failures, path: str, limit: int = 16) -> None:
+def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16) -> None:
     """Image grid of the fine-tuned model's worst failures: true breed, caption, predicted breed under each."""
     import textwrap
 
@@ -163,7 +163,7 @@ def plot_failures(results, failures, path: str, limit: int = 16) -> None:
         for ax in axes.flat:
             ax.axis("off")
         for ax, (_, row) in zip(axes.flat, worst.iterrows()):
-            ax.imshow(load_image(results["record"][row["_index"]]))
+            ax.imshow(load_image(predictions.records[row["_index"]]))
             caption = "\n".join(textwrap.wrap(row["caption"], 34)[:3])
             ax.set_title(f"true: {row['true_breed']}\npredicted: {row['predicted_breed']}", fontsize=9)
             ax.text(0.5, -0.03, f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}', transform=ax.transAxes,
@@ -184,20 +184,21 @@ FIGURES = {
 }
 
 
-def write_figures(results, metrics, failures, template: str, out: str) -> None:
+def write_figures(predictions: Predictions, metrics: Metrics, failures, template: str, out: str) -> None:
     for name in MODELS:
-        title = f"{name.replace('_', '-')}: true vs predicted breed ({metrics['num_samples']} images)"
-        plot_confusion(confusion(results["label"], metrics[name]["_pred"]), title, os.path.join(out, f"confusion_{name}.png"))
+        title = f"{name.replace('_', '-')}: true vs predicted breed ({metrics.numbers['num_samples']} images)"
+        plot_confusion(confusion(predictions.label, metrics.models[name].pred), title, os.path.join(out, f"confusion_{name}.png"))
     plot_per_breed_accuracy(metrics, os.path.join(out, "per_breed_accuracy.png"))
-    plot_distribution(results, metrics, os.path.join(out, "breed_distribution.png"))
-    plot_caption_lengths(results, template, os.path.join(out, "caption_lengths.png"))
-    plot_failures(results, failures, os.path.join(out, "failures.png"))
+    plot_distribution(predictions, metrics, os.path.join(out, "breed_distribution.png"))
+    plot_caption_lengths(predictions, template, os.path.join(out, "caption_lengths.png"))
+    plot_failures(predictions, failures, os.path.join(out, "failures.png"))
 
 
-def write_report(path: str, metrics: dict, info: dict) -> None:
-    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
+def write_report(path: str, metrics: Metrics, info: dict) -> None:
+    numbers = metrics.numbers
+    zs, ft = numbers["zero_shot"], numbers["fine_tuned"]
     rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in key_table(metrics))
-    mc, mr = metrics["mcnemar_caption"], metrics["mcnemar_likelihood_top1"]
+    mc, mr = numbers["mcnemar_caption"], numbers["mcnemar_likelihood_top1"]
     pairs = "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
     per_breed = "\n".join(
         f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
@@ -206,7 +207,7 @@ def write_report(path: str, metrics: dict, info: dict) -> None:
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
 - adapter `{info['adapter']}` on base model `{info['base_model']}`
-- data `{info['dataset']}`, split **{info['split']}**: {metrics['num_samples']} images ({info['num_bad_images']} unreadable, skipped)
+- data `{info['dataset']}`, split **{info['split']}**: {numbers['num_samples']} images ({info['num_bad_images']} unreadable, skipped)
 - captions: {info['decoding']}; reference caption: "{info['template']}"
 - {info['runtime_seconds']:.1f} s ({info['images_per_second']:.2f} images/s on {info['device']}); image embeddings shared between the models: {info['shared_image_embeddings']}
 
@@ -250,16 +251,16 @@ Every wrong prediction is in `failures.csv`; every image in `predictions.csv`.
         f.write(text)
 
 
-def print_summary(metrics: dict, out: str) -> None:
+def print_summary(metrics: Metrics, out: str) -> None:
     table = [("metric", "zero-shot", "fine-tuned")] + key_table(metrics)
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
-    print(f"\nEvaluation on {metrics['num_samples']} images")
+    print(f"\nEvaluation on {metrics.numbers['num_samples']} images")
     print(line(table[0]))
     print("  ".join("-" * w for w in widths))
     for r in table[1:]:
         print(line(r))
-    mc = metrics["mcnemar_caption"]
+    mc = metrics.numbers["mcnemar_caption"]
     print(f"McNemar (captions): fine-tuned alone right {mc['only_second_correct']}, zero-shot alone right "
           f"{mc['only_first_correct']}, p = {mc['p_value']:.3g}")
     print(f"Report: {os.path.join(out, 'report.md')}")

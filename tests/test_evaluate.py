@@ -89,7 +89,7 @@ def test_metrics_on_a_hand_made_set():
     ]
     scores = np.stack([_scores([ab]), _scores([bengal, ab]), _scores([pug, bengal, 0, 1, 2, 3]), _scores([pug]),
                        _scores([0, 1, 2, 3, 4, 5]), _scores([beagle])])
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0).numbers
     assert m["breed_accuracy"] == pytest.approx(2 / 6)
     assert m["species_accuracy"] == pytest.approx(5 / 6)
     assert m["no_breed_rate"] == pytest.approx(2 / 6)
@@ -98,10 +98,10 @@ def test_metrics_on_a_hand_made_set():
     assert m["likelihood_top1_per_token"] == m["likelihood_top1"]  # no token counts: the same ranking
     tokens = np.ones(37)
     tokens[ab] = 10
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
     assert m["likelihood_top1_per_token"] == pytest.approx(3 / 6)
     scores[1, ab], scores[1, bengal] = -10.0, -2.0  # per token: Abyssinian -1.0 beats Bengal -2.0
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
     assert m["likelihood_top1"] == pytest.approx(3 / 6) and m["likelihood_top1_per_token"] == pytest.approx(4 / 6)
     lo, hi = m["breed_accuracy_ci95"]
     assert 0 <= lo <= 2 / 6 <= hi <= 1
@@ -116,7 +116,7 @@ def test_metrics_on_a_hand_made_set():
 def test_likelihood_top5_counts_rank_five_not_six():
     labels = [7, 7]
     m = model_metrics(labels, ["x", "x"], np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
-                               TEMPLATE, samples=10, seed=0)
+                               TEMPLATE, samples=10, seed=0).numbers
     assert m["likelihood_top5"] == 0.5 and m["likelihood_top1"] == 0.0
 
 
