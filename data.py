@@ -576,9 +576,9 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
     return gen(), bad
 
 
-def report_bad_images(bad: dict, what: str = "images") -> None:
+def report_bad_images(bad: dict) -> None:
     if bad:
-        logger.warning("Skipped %d unreadable %s (first: %s)", len(bad), what, ", ".join(list(bad)[:5]))
+        logger.warning("Skipped %d unreadable images (first: %s)", len(bad), ", ".join(list(bad)[:5]))
 
 
 # ---------------------------------------------------------------------------

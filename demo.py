@@ -153,7 +153,7 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
     processor = BlipProcessor(image_processor, tokenizer)
     ids = dict(bos_token_id=len(vocab), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
                eos_token_id=vocab.index("[SEP]"))
-    if base_sized:  # DESIGN.md: the base checkpoint's shapes from a config (vocabulary 30,524, bos 30522)
+    if base_sized:  # the base checkpoint's shapes from a config (vocabulary 30,524, bos 30522)
         config = BlipConfig(text_config=dict(num_attention_heads=12, **ids), vision_config=dict(initializer_range=0.02))
     else:
         config = BlipConfig(

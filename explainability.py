@@ -43,6 +43,8 @@ EXPLAIN_BATCH = 16  # images per decoder batch (the cross-attention maps of a ba
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
 ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
 BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
+# The longest breed name or alias is 4 words; the caption's words may also hold a "-" or "'" between them
+MAX_SUBJECT_WORDS = 6
 
 
 def display(model_key: str) -> str:
@@ -110,7 +112,7 @@ def subject_span(words: list):
     kind "breed": the longest run of words that is a breed name or alias (plural allowed);
     else "animal": the first word like cat/dog/puppy; else None.
     """
-    for n in range(min(6, len(words)), 0, -1):
+    for n in range(min(MAX_SUBJECT_WORDS, len(words)), 0, -1):
         for s in range(len(words) - n + 1):
             run = words[s:s + n]
             if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
@@ -324,7 +326,7 @@ def plot_metrics(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_index(path: str, cfg, ex, base_name, summary: dict, per_image: list) -> None:
+def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "# Where the caption decoder looks", "",
@@ -415,7 +417,7 @@ def _explain(cfg, ex, out):
     with open(os.path.join(out, "attention_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_metrics(summary, os.path.join(out, "attention_metrics.png"))
-    write_index(os.path.join(out, "index.md"), cfg, ex, base_name, summary, per_image)
+    write_index(os.path.join(out, "index.md"), ex, base_name, summary, per_image)
     save_run_config(os.path.join(out, "run_config.json"), cfg, ex)
     for m in MODELS:
         s = summary[m]

@@ -17,6 +17,7 @@ from config import DEFAULT_DATASET, UserError, hub_reachable, offline_hint
 from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
+MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
 
 
 def _local_or_cached(name: str, flag: str = "--model_name_or_path") -> dict:
@@ -60,7 +61,7 @@ def add_decoder_tokens(tokenizer) -> None:
 
 
 class BlipForPetCaptioning(BlipForConditionalGeneration):
-    """BlipForConditionalGeneration with the two changes this project needs, nothing else.
+    """BlipForConditionalGeneration with the three changes this project needs, nothing else.
 
     1. `accepts_loss_kwargs = False`. BLIP's forward takes **kwargs, so Trainer believes the
        model normalises the loss by num_items_in_batch itself and skips dividing it by
@@ -196,7 +197,7 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
             raise UserError(f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
                             "(size mismatch); pass the right --model_name_or_path") from None
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:200]}); "
+        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
                         "the file may be corrupt or truncated: re-save or re-train it") from None
     check_loaded_keys(model, adapter_dir)
     if merge:
@@ -370,7 +371,7 @@ def check_adapter(adapter_dir: str) -> dict:
             broken = [k for k in keys if f.get_slice(k).get_dtype().startswith(("F", "BF"))
                       and not torch.isfinite(f.get_tensor(k)).all()]
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
-        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:200]}; "
+        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
                         "re-save or re-train it") from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
@@ -493,7 +494,7 @@ def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optiona
     pass of 3 images is launch-bound (32 images of 37 candidates need ~6 GB for the logits).
     """
     if max_rows is None:
-        max_rows = 37 * 32 if image_embeds.device.type == "cuda" else 128
+        max_rows = NUM_BREEDS * 32 if image_embeds.device.type == "cuda" else 128
     scores = caption_log_likelihoods(model, image_embeds, *candidates, max_rows=max_rows)
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
