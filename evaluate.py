@@ -34,8 +34,6 @@ logger = logging.getLogger("evaluate")
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
-    if args.split not in ("test", "validation", "train"):
-        raise UserError(f"--split must be test, validation or train, not {args.split!r}")
     batch = args.per_device_eval_batch_size  # None: chosen by device in main()
     if batch is not None and batch < 1:
         raise UserError("--per_device_eval_batch_size must be at least 1")

@@ -66,8 +66,6 @@ def parse_args(argv=None):
     cfg, ex = parse_config((PetConfig, ExplainConfig), argv, DEMO_EXPLAIN_OVERRIDES)
     if cfg.demo:
         use_demo_assets(cfg)
-    if ex.split not in ("train", "validation", "test"):
-        raise UserError(f"--split must be train, validation or test, not {ex.split!r}")
     if ex.num_images is None:
         ex.num_images = 0 if ex.image else 8
     if ex.num_images < 0:

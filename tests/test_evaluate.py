@@ -334,8 +334,12 @@ def _narrow_blip(path, adapter):
 
 
 def test_bad_options_fail_before_heavy_work():
-    with pytest.raises(UserError, match="--split"):
+    with pytest.raises(UserError, match="--split: invalid choice: 'dev'"):  # a Literal's choices, at the parser
         evaluate.parse_args(["--split", "dev"])
+    with pytest.raises(UserError, match="--precision: invalid choice"):
+        evaluate.parse_args(["--precision", "fp8"])
+    with pytest.raises(UserError, match="invalid int value: 'many'"):  # argparse's own error, one line too
+        evaluate.parse_args(["--per_device_eval_batch_size", "many"])
     with pytest.raises(UserError, match="at least 1"):
         evaluate.parse_args(["--per_device_eval_batch_size", "0"])
     with pytest.raises(UserError, match="no_such_flag"):

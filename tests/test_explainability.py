@@ -192,3 +192,5 @@ def test_unknown_flag_is_one_clear_error():
 
     with pytest.raises(UserError, match="no_such_flag"):
         explainability.parse_args(["--no_such_flag", "1"])
+    with pytest.raises(UserError, match="--split: invalid choice"):
+        explainability.parse_args(["--split", "dev"])

@@ -130,3 +130,5 @@ def test_bad_options_fail_before_heavy_work(tmp_path):
         train.parse_args(["--no_such_flag", "1"])
     with pytest.raises(UserError, match="batch"):
         train.parse_args(["--per_device_train_batch_size", "0"])
+    with pytest.raises(UserError, match="--embedding_cache_dtype.*invalid choice: 'bfloat16'"):
+        train.parse_args(["--embedding_cache_dtype", "bfloat16"])
