@@ -31,6 +31,8 @@ from model import (adapter_split_settings, base_model_for, breed_candidates, cap
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
 
 logger = logging.getLogger("evaluate")
+
+
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
