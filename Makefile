@@ -1,13 +1,14 @@
 # make demo   install into .venv, then train, evaluate and explain on the offline demo
 # make app    install into .venv, then serve the web demo offline on http://127.0.0.1:7860
 # make test   install into .venv, then run the test suite (what CI runs)
+# make test-fast  the same without the tests marked slow: a one-minute loop while developing
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo app test clean
+.PHONY: install demo app test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ app: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf outputs

@@ -30,8 +30,9 @@ from PIL import Image
 from config import (DEMO_APP_OVERRIDES, AppConfig, PetConfig, UserError, check_seed, parse_config, pick_device, pick_dtype,
                     run_main, same_path, save_run_config)
 from data import BREED_NAMES, UNKNOWN, BadImage, Record, breed_from_caption, load_image, load_splits
+from demo import use_demo_assets
 from explainability import explain, load_models, overlay
-from model import base_model_for, breed_candidates, check_adapter, data_for, image_embeddings, rank_breeds, use_demo_assets
+from model import base_model_for, breed_candidates, check_adapter, data_for, image_embeddings, rank_breeds
 
 logger = logging.getLogger("app")
 

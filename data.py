@@ -1,10 +1,8 @@
-"""Oxford-IIIT Pet: breeds, sources, splits, images, captions, batches.
+"""Oxford-IIIT Pet: breeds and captions, sources, splits, images, batches, the image-embedding cache.
 
 source (Hub id | official-layout folder | save_to_disk folder)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
   -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
-
-Also writes a synthetic pet set in the official layout for the demo and the tests.
 """
 
 import hashlib
@@ -21,11 +19,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from config import UserError, hub_reachable, offline_hint
 
 logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Breeds and their captions
 
 # The 37 breeds in the official class-id order (class id = index + 1). Cat breeds
 # are capitalised in the official file names, dogs are not.
@@ -67,6 +68,76 @@ def article(word: str) -> str:
 def caption_for(label: int, template: str) -> str:
     name = BREED_NAMES[label]
     return template.format(breed=name, article=article(name))
+
+
+# ---------------------------------------------------------------------------
+# Breed and species named in a caption
+
+UNKNOWN = -1  # the caption names no breed
+
+# Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
+# it names breeds outside the 37 and would credit a guess.
+_ALIASES = {
+    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
+    "yorkshire_terrier": ["yorkie", "yorkshire"],
+    "saint_bernard": ["st bernard", "st bernards"],
+    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
+    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
+    "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
+    "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
+    "shiba_inu": ["shiba", "shiba inus"],
+    "english_cocker_spaniel": ["cocker spaniel", "cocker"],
+    "great_pyrenees": ["pyrenees", "pyrenean mountain dog"],
+    "newfoundland": ["newfie"],
+    "miniature_pinscher": ["min pin", "minpin", "mini pinscher", "zwergpinscher"],
+    "basset_hound": ["basset"],
+    "british_shorthair": ["british blue", "british short hair"],
+    "maine_coon": ["mainecoon", "maine coon cat"],
+    "sphynx": ["sphinx cat", "sphynx cat", "hairless cat"],
+    "ragdoll": ["rag doll"],
+    "egyptian_mau": ["mau"],
+    "japanese_chin": ["japanese spaniel"],
+    "keeshond": ["keeshonden"],
+}
+
+
+def normalise_text(text: str) -> str:
+    text = text.lower().replace("st.", "st ").replace("-", " ")
+    return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
+
+
+BREED_PHRASES = sorted(
+    [(normalise_text(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
+    + [(normalise_text(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
+    key=lambda p: -len(p[0]),
+)
+
+
+def breed_from_caption(caption: str) -> int:
+    """Index of the breed a caption names, UNKNOWN if none; the longest matching name wins.
+
+    Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
+    "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
+    """
+    text = normalise_text(caption)
+    for phrase, label in BREED_PHRASES:  # longest first
+        if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
+            return label
+    return UNKNOWN
+
+
+CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
+DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
+
+
+def species_from_caption(caption: str) -> Optional[str]:
+    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
+    label = breed_from_caption(caption)
+    if label != UNKNOWN:
+        return SPECIES[label]
+    words = set(normalise_text(caption).split())
+    cat, dog = bool(words & CAT_WORDS), bool(words & DOG_WORDS)
+    return "cat" if cat and not dog else "dog" if dog and not cat else None
 
 
 # ---------------------------------------------------------------------------
@@ -505,161 +576,9 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
     return gen(), bad
 
 
-def report_bad_images(bad: dict, what: str = "images") -> None:
+def report_bad_images(bad: dict) -> None:
     if bad:
-        logger.warning("Skipped %d unreadable %s (first: %s)", len(bad), what, ", ".join(list(bad)[:5]))
-
-
-# ---------------------------------------------------------------------------
-# Synthetic pets in the official layout
-
-# One colour per breed (cycled) and a pattern on top; cats get pointed ears, dogs floppy ones.
-_PALETTE = [
-    (220, 40, 40), (40, 90, 220), (40, 170, 60), (240, 200, 30), (150, 60, 190),
-    (250, 130, 20), (30, 190, 200), (120, 70, 30), (240, 110, 180), (90, 90, 90),
-]
-_PATTERNS = ["solid", "stripes", "spots", "half"]
-
-
-def _draw_pet(label: int, size: int, rng: random.Random):
-    """(RGB image, pet mask) of one synthetic pet of breed `label`."""
-    bg = tuple(rng.randint(150, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), bg)
-    noise = np.asarray(image, dtype=np.int16) + np.random.default_rng(rng.randint(0, 2**31)).integers(-25, 26, (size, size, 3))
-    image = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
-    mask = Image.new("L", (size, size), 0)
-    color = _PALETTE[label % len(_PALETTE)]
-    pattern = _PATTERNS[(label // len(_PALETTE)) % len(_PATTERNS)]
-    r = rng.uniform(0.22, 0.32) * size
-    cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 0.2 * size, size - r - 2)
-    body = [cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r]
-    hr = 0.55 * r
-    hx, hy = cx + rng.choice([-0.6, 0.6]) * r, cy - 0.9 * r
-    head = [hx - hr, hy - hr, hx + hr, hy + hr]
-    if SPECIES[label] == "cat":
-        ears = [[(hx - hr, hy - 0.3 * hr), (hx - 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)],
-                [(hx + hr, hy - 0.3 * hr), (hx + 0.5 * hr, hy - 1.8 * hr), (hx, hy - 0.6 * hr)]]
-    else:
-        ears = [[(hx - 1.3 * hr, hy - 0.4 * hr), (hx - 0.7 * hr, hy - 0.6 * hr), (hx - 0.8 * hr, hy + 0.9 * hr)],
-                [(hx + 1.3 * hr, hy - 0.4 * hr), (hx + 0.7 * hr, hy - 0.6 * hr), (hx + 0.8 * hr, hy + 0.9 * hr)]]
-    for canvas, fill in ((image, color), (mask, 255)):
-        d = ImageDraw.Draw(canvas)
-        d.ellipse(body, fill=fill)
-        d.ellipse(head, fill=fill)
-        for ear in ears:
-            d.polygon(ear, fill=fill)
-    dark = tuple(c // 3 for c in color)
-    pet = Image.new("RGB", (size, size), dark)
-    d = ImageDraw.Draw(pet)
-    if pattern == "stripes":
-        d.rectangle([0, 0, size, size], fill=color)
-        for x in range(0, size, max(3, size // 12)):
-            d.rectangle([x, 0, x + max(1, size // 36), size], fill=dark)
-    elif pattern == "spots":
-        d.rectangle([0, 0, size, size], fill=color)
-        for _ in range(12):
-            x, y, s = rng.uniform(0, size), rng.uniform(0, size), size / 20
-            d.ellipse([x - s, y - s, x + s, y + s], fill=dark)
-    elif pattern == "half":
-        d.rectangle([0, 0, size, size], fill=color)
-        d.rectangle([0, cy, size, size], fill=dark)
-    if pattern != "solid":
-        image.paste(pet, (0, 0), mask)
-    return image, mask
-
-
-def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, test_per_breed: int = 10,
-                         size: int = 96, seed: int = 0) -> str:
-    """Write a synthetic Oxford-IIIT Pet in the official layout and return `root`.
-
-    breeds: class indices to include (default: all 37). Pets differ visibly by breed
-    (colour, pattern) and species (ear shape); trimaps mark pet (1), background (2), border (3).
-    """
-    breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations", "trimaps"), exist_ok=True)
-    rows = {"trainval": [], "test": []}
-    for label in breeds:
-        for k in range(1, trainval_per_breed + test_per_breed + 1):
-            name = f"{BREEDS[label]}_{k}"
-            image, mask = _draw_pet(label, size, rng)
-            image.save(os.path.join(root, "images", f"{name}.jpg"), quality=92)
-            inner = mask.filter(ImageFilter.MinFilter(3))
-            outer = mask.filter(ImageFilter.MaxFilter(3))
-            trimap = np.full((size, size), 2, np.uint8)
-            trimap[np.asarray(outer) > 0] = 3
-            trimap[np.asarray(inner) > 0] = 1
-            Image.fromarray(trimap).save(os.path.join(root, "annotations", "trimaps", f"{name}.png"))
-            species_id = 1 if SPECIES[label] == "cat" else 2
-            same_species = [b for b in range(NUM_BREEDS) if SPECIES[b] == SPECIES[label]]
-            line = f"{name} {label + 1} {species_id} {same_species.index(label) + 1}"
-            rows["trainval" if k <= trainval_per_breed else "test"].append(line)
-    header = "\n".join(["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog",
-                        "#BREED ID: 1-25:Dog 1:12:Cat", "#All images with 1st letter as captial are cat images",
-                        "#images with small first letter are dog images"])
-    with open(os.path.join(root, "annotations", "list.txt"), "w") as f:
-        f.write(header + "\n" + "\n".join(rows["trainval"] + rows["test"]) + "\n")
-    for split, lines in rows.items():
-        with open(os.path.join(root, "annotations", f"{split}.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return root
-
-
-# ---------------------------------------------------------------------------
-# Breed named in a caption
-
-UNKNOWN = -1  # the caption names no breed
-
-# Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
-# it names breeds outside the 37 and would credit a guess.
-_ALIASES = {
-    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
-    "yorkshire_terrier": ["yorkie", "yorkshire"],
-    "saint_bernard": ["st bernard", "st bernards"],
-    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
-    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
-    "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
-    "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
-    "shiba_inu": ["shiba", "shiba inus"],
-    "english_cocker_spaniel": ["cocker spaniel", "cocker"],
-    "great_pyrenees": ["pyrenees", "pyrenean mountain dog"],
-    "newfoundland": ["newfie"],
-    "miniature_pinscher": ["min pin", "minpin", "mini pinscher", "zwergpinscher"],
-    "basset_hound": ["basset"],
-    "british_shorthair": ["british blue", "british short hair"],
-    "maine_coon": ["mainecoon", "maine coon cat"],
-    "sphynx": ["sphinx cat", "sphynx cat", "hairless cat"],
-    "ragdoll": ["rag doll"],
-    "egyptian_mau": ["mau"],
-    "japanese_chin": ["japanese spaniel"],
-    "keeshond": ["keeshonden"],
-}
-
-
-def normalise_text(text: str) -> str:
-    text = text.lower().replace("st.", "st ").replace("-", " ")
-    return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text).split()) + " "
-
-
-BREED_PHRASES = sorted(
-    [(normalise_text(BREED_NAMES[i]).strip(), i) for i in range(NUM_BREEDS)]
-    + [(normalise_text(a).strip(), breed_index(b)) for b, names in _ALIASES.items() for a in names],
-    key=lambda p: -len(p[0]),
-)
-
-
-def breed_from_caption(caption: str) -> int:
-    """Index of the breed a caption names, UNKNOWN if none; the longest matching name wins.
-
-    Matching is on normalised whole words (plural 's' allowed), so "pit bull" does not beat
-    "American Pit Bull Terrier", and "pug" does not match inside "pugnacious".
-    """
-    text = normalise_text(caption)
-    for phrase, label in BREED_PHRASES:  # longest first
-        if f" {phrase} " in text or f" {phrase}s " in text or f" {phrase}es " in text:
-            return label
-    return UNKNOWN
+        logger.warning("Skipped %d unreadable images (first: %s)", len(bad), ", ".join(list(bad)[:5]))
 
 
 # ---------------------------------------------------------------------------
@@ -700,8 +619,8 @@ class EmbeddingCache:
     """
 
     def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
-        if dtype not in ("float16", "float32"):
-            raise UserError(f"--embedding_cache_dtype must be float16 or float32, not {dtype!r}")
+        if dtype not in ("float16", "float32"):  # the command line offers only these (config.TrainConfig)
+            raise ValueError(f"embedding cache dtype must be float16 or float32, not {dtype!r}")
         # v2: content keys (v1 keyed by path, size and mtime)
         self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}-v2")
         self.dtype = dtype
@@ -863,17 +782,3 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
         r, key = self.items[i]
         embeds = self.preloaded[i] if self.preloaded is not None else self.cache.get(key)
         return {"image_embeds": embeds, "caption": caption_for(r.label, self.template), "label": r.label}
-
-
-CAT_WORDS = {"cat", "cats", "kitten", "kittens", "kitty", "kitties"}
-DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
-
-
-def species_from_caption(caption: str) -> Optional[str]:
-    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
-    label = breed_from_caption(caption)
-    if label != UNKNOWN:
-        return SPECIES[label]
-    words = set(normalise_text(caption).split())
-    cat, dog = bool(words & CAT_WORDS), bool(words & DOG_WORDS)
-    return "cat" if cat and not dog else "dog" if dog and not cat else None

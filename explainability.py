@@ -28,18 +28,28 @@ from config import (DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError,
                     parse_config, pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
 from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
                   load_trimap, normalise_text, report_bad_images, subsample)
+from demo import use_demo_assets
 from model import (adapter_split_settings, base_model_for, caption_ids_from_embeddings, check_adapter,
                    cross_attention_maps, data_for, image_embeddings, load_base_model, load_lora_for_inference,
-                   same_vision_encoder, use_demo_assets)
+                   same_vision_encoder)
 
 logger = logging.getLogger("explain")
 
-MODELS = ("zero-shot", "fine-tuned")
-MAX_OTHER_WORDS = 6
-EXPLAIN_BATCH = 16  # images per decoder batch (the cross-attention maps of a batch are held at once)  # word panels per row besides the breed, so a figure stays readable
+MODELS = ("zero_shot", "fine_tuned")  # the keys of attention_metrics.json, as in evaluate.py's metrics.json
+MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
+EXPLAIN_BATCH = 16  # images per decoder batch (the cross-attention maps of a batch are held at once)
+
+
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
 ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
 BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
+# The longest breed name or alias is 4 words; the caption's words may also hold a "-" or "'" between them
+MAX_SUBJECT_WORDS = 6
+
+
+def display(model_key: str) -> str:
+    """How a model key reads in figures and reports: zero_shot -> zero-shot."""
+    return model_key.replace("_", "-")
 
 
 def parse_layers(text: str):
@@ -56,8 +66,6 @@ def parse_args(argv=None):
     cfg, ex = parse_config((PetConfig, ExplainConfig), argv, DEMO_EXPLAIN_OVERRIDES)
     if cfg.demo:
         use_demo_assets(cfg)
-    if ex.split not in ("train", "validation", "test"):
-        raise UserError(f"--split must be train, validation or test, not {ex.split!r}")
     if ex.num_images is None:
         ex.num_images = 0 if ex.image else 8
     if ex.num_images < 0:
@@ -102,7 +110,7 @@ def subject_span(words: list):
     kind "breed": the longest run of words that is a breed name or alias (plural allowed);
     else "animal": the first word like cat/dog/puppy; else None.
     """
-    for n in range(min(6, len(words)), 0, -1):
+    for n in range(min(MAX_SUBJECT_WORDS, len(words)), 0, -1):
         for s in range(len(words) - n + 1):
             run = words[s:s + n]
             if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
@@ -256,7 +264,7 @@ def draw_figure(path: str, name: str, image: Image.Image, rows: dict) -> None:
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.3 * cols, 2.9 * len(rows) + 0.6), squeeze=False)
     for ax_row, (label, r) in zip(axes, rows.items()):
         ax_row[0].imshow(rgb)
-        ax_row[0].set_title(label, fontsize=10, fontweight="bold")
+        ax_row[0].set_title(display(label), fontsize=10, fontweight="bold")
         for ax, (word, grid_map) in zip(ax_row[1:], r["panels"]):
             ax.imshow(overlay(rgb, grid_map))
             # peak / mean: 1.0 is a flat map, whatever the colours suggest
@@ -266,7 +274,7 @@ def draw_figure(path: str, name: str, image: Image.Image, rows: dict) -> None:
             ax_row[1].text(0.5, 0.5, "no words", ha="center", va="center")
         for ax in ax_row:
             ax.axis("off")
-    title = "\n".join(f"{label}: \u201c{r['caption']}\u201d" for label, r in rows.items())
+    title = "\n".join(f"{display(label)}: \u201c{r['caption']}\u201d" for label, r in rows.items())
     fig.suptitle(f"{name}\n{title}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -304,7 +312,7 @@ def plot_metrics(summary: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for k, m in enumerate(MODELS):
         values = [summary[m][key] or 0.0 for key, _ in keys]
-        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{m} (n={summary[m]['images_scored']})")
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{display(m)} (n={summary[m]['images_scored']})")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(x, [label for _, label in keys])
     ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title="Breed-token cross-attention on the pet (trimap)")
@@ -316,7 +324,7 @@ def plot_metrics(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_index(path: str, cfg, ex, base_name, summary: dict, per_image: list) -> None:
+def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "# Where the caption decoder looks", "",
@@ -331,13 +339,13 @@ def write_index(path: str, cfg, ex, base_name, summary: dict, per_image: list) -
     for m in MODELS:
         s = summary[m]
         kinds = s["subject_kinds"]
-        lines.append(f"| {m} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
+        lines.append(f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
                      f"{fmt(s['pointing_game_hit_rate'])} | {kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |")
     lines += ["", "![attention metrics](attention_metrics.png)", "", "## Images", ""]
     for r in per_image:
         truth = f" (true breed: {r['true_breed']})" if r["true_breed"] else ""
         lines += [f"### {r['name']}{truth}", ""]
-        lines += [f"- {m}: \u201c{r[m]['caption']}\u201d" for m in MODELS]
+        lines += [f"- {display(m)}: \u201c{r[m]['caption']}\u201d" for m in MODELS]
         lines += ["", f"![{r['name']}]({r['figure']})", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -407,12 +415,12 @@ def _explain(cfg, ex, out):
     with open(os.path.join(out, "attention_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_metrics(summary, os.path.join(out, "attention_metrics.png"))
-    write_index(os.path.join(out, "index.md"), cfg, ex, base_name, summary, per_image)
+    write_index(os.path.join(out, "index.md"), ex, base_name, summary, per_image)
     save_run_config(os.path.join(out, "run_config.json"), cfg, ex)
     for m in MODELS:
         s = summary[m]
         if s["images_scored"]:
-            print(f"{m}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
+            print(f"{display(m)}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
                   f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)")
     return {"metrics": metrics}
 

@@ -1,18 +1,23 @@
-"""BLIP + LoRA: load, wrap, reload, caption; and a tiny offline BLIP for the demo and tests."""
+"""BLIP + LoRA: load, wrap, reload, caption; image embeddings, likelihood ranking, cross-attention."""
 
+import copy
+import hashlib
+import inspect
 import json
 import logging
 import os
 from typing import Optional
 
 import torch
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
 
-from config import UserError, hub_reachable, offline_hint
+from config import DEFAULT_DATASET, UserError, hub_reachable, offline_hint
+from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
+MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
 
 
 def _local_or_cached(name: str, flag: str = "--model_name_or_path") -> dict:
@@ -56,7 +61,7 @@ def add_decoder_tokens(tokenizer) -> None:
 
 
 class BlipForPetCaptioning(BlipForConditionalGeneration):
-    """BlipForConditionalGeneration with the two changes this project needs, nothing else.
+    """BlipForConditionalGeneration with the three changes this project needs, nothing else.
 
     1. `accepts_loss_kwargs = False`. BLIP's forward takes **kwargs, so Trainer believes the
        model normalises the loss by num_items_in_batch itself and skips dividing it by
@@ -176,8 +181,6 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
     the zero-shot side too); the adapter is merged into a copy of it instead of loading it again.
     """
-    import copy
-
     from peft import PeftModel
 
     adapter_config = check_adapter(adapter_dir)
@@ -194,7 +197,7 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
             raise UserError(f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
                             "(size mismatch); pass the right --model_name_or_path") from None
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:200]}); "
+        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
                         "the file may be corrupt or truncated: re-save or re-train it") from None
     check_loaded_keys(model, adapter_dir)
     if merge:
@@ -234,8 +237,6 @@ def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def vision_fingerprint(model, processor) -> str:
     """A short key that changes when the image embeddings would: vision config, preprocessing, weights."""
-    import hashlib
-
     h = hashlib.sha1()
     h.update(model.config.vision_config.to_json_string().encode())
     h.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
@@ -286,8 +287,6 @@ _CACHE_KWARG = {}
 
 def _cache_kwarg(module) -> str:
     """transformers renamed the decoder's past_key_values argument to cache (5.2x); take whichever it has."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
@@ -345,98 +344,6 @@ def generate_caption(model, processor, images: list, batch_size: int = 32, max_n
 
 
 # ---------------------------------------------------------------------------
-# A tiny BLIP for offline demo and tests
-
-
-def _word_pieces(word: str) -> list:
-    """Long words become several word pieces, as in BERT's vocabulary (abyssinian -> abys ##sini ##an)."""
-    if len(word) <= 7:
-        return [word]
-    return [word[:4]] + ["##" + word[i:i + 4] for i in range(4, len(word), 4)]
-
-
-def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int = 0, base_sized: bool = False) -> str:
-    """Save a small random BLIP and an offline processor to `out_dir` in the real checkpoint format.
-
-    The vocabulary covers `words` (lower-cased), so captions built from them tokenise without
-    [UNK]. It loads through the same from_pretrained path as Salesforce/blip-image-captioning-base.
-    base_sized=True gives the shapes of blip-image-captioning-base instead (224M parameters,
-    384 px, a 30,524-token vocabulary padded with [unusedN]), random weights: for benchmarks.
-    """
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = list(specials)
-    for w in sorted({w.lower() for w in words}):
-        for piece in _word_pieces(w):
-            if piece not in vocab:
-                vocab.append(piece)
-    for p in ".,'-":
-        if p not in vocab:
-            vocab.append(p)
-    if base_sized:
-        image_size = 384
-        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
-    # Like the real checkpoint's files: no bos token, no [DEC]. load_processor adds [DEC] and [ENC]
-    # as the next two ids, which the model's vocabulary (two larger) and bos_token_id expect.
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = BlipProcessor(image_processor, tokenizer)
-    ids = dict(bos_token_id=len(vocab), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
-               eos_token_id=vocab.index("[SEP]"))
-    if base_sized:  # DESIGN.md: the base checkpoint's shapes from a config (vocabulary 30,524, bos 30522)
-        config = BlipConfig(text_config=dict(num_attention_heads=12, **ids), vision_config=dict(initializer_range=0.02))
-    else:
-        config = BlipConfig(
-            text_config=dict(vocab_size=len(vocab) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=64, **ids),
-            vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=image_size, patch_size=16, initializer_range=0.02),
-        )
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-DEMO_BREEDS = list(range(8))  # Abyssinian .. Beagle: 4 cats and 4 dogs, each a distinct colour
-
-
-def use_demo_assets(cfg) -> None:
-    """--demo: point cfg at the tiny model and the synthetic pets, built once (by one process)."""
-    from accelerate import PartialState
-
-    from config import DEMO_DIR, PetConfig, apply_overrides
-
-    with PartialState().main_process_first():
-        model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
-    apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
-
-
-def prepare_demo(demo_dir: str, template: str):
-    """(tiny model folder, synthetic data folder) under demo_dir, built once and reused."""
-    import shutil
-    import tempfile
-
-    from data import BREED_NAMES, caption_for, write_synthetic_pets
-
-    data_dir, model_dir = os.path.join(demo_dir, "pets"), os.path.join(demo_dir, "tiny-blip")
-    os.makedirs(demo_dir, exist_ok=True)
-    # Build in a temporary folder and rename, so an interrupted build is never reused half-written
-    if not os.path.isfile(os.path.join(data_dir, "annotations", "list.txt")):
-        tmp = tempfile.mkdtemp(dir=demo_dir)
-        write_synthetic_pets(tmp, breeds=DEMO_BREEDS)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        os.replace(tmp, data_dir)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        words = " ".join(caption_for(i, template) for i in range(len(BREED_NAMES)))
-        tmp = tempfile.mkdtemp(dir=demo_dir)
-        build_tiny_blip(tmp, words.replace(",", " ").replace(".", " ").split() + ["cat", "dog"])
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
-    return model_dir, data_dir
-
-
-# ---------------------------------------------------------------------------
 # Evaluation helpers: adapter checks, shared image embeddings, caption likelihoods
 
 
@@ -464,7 +371,7 @@ def check_adapter(adapter_dir: str) -> dict:
             broken = [k for k in keys if f.get_slice(k).get_dtype().startswith(("F", "BF"))
                       and not torch.isfinite(f.get_tensor(k)).all()]
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
-        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:200]}; "
+        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
                         "re-save or re-train it") from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
@@ -488,8 +395,6 @@ def _adapter_run(adapter_dir: str) -> dict:
 
 def data_for(cfg, adapter_dir: str) -> str:
     """The data set evaluate.py and explainability.py use: --dataset if given, else the one the adapter was trained on."""
-    from config import DEFAULT_DATASET
-
     trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
     return cfg.dataset or trained or DEFAULT_DATASET
 
@@ -577,8 +482,6 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
 
 def breed_candidates(model, tokenizer, template: str, breeds=None):
     """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds; start id from `model`'s config."""
-    from data import NUM_BREEDS, caption_for, tokenize_captions
-
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
     return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds], model.config.text_config.bos_token_id)
 
@@ -591,7 +494,7 @@ def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optiona
     pass of 3 images is launch-bound (32 images of 37 candidates need ~6 GB for the logits).
     """
     if max_rows is None:
-        max_rows = 37 * 32 if image_embeds.device.type == "cuda" else 128
+        max_rows = NUM_BREEDS * 32 if image_embeds.device.type == "cuda" else 128
     scores = caption_log_likelihoods(model, image_embeds, *candidates, max_rows=max_rows)
     return scores, torch.sort(scores, dim=-1, descending=True, stable=True).indices
 

@@ -21,8 +21,9 @@ from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_
                     staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
+from demo import use_demo_assets
 from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
-                   load_base_model, load_processor, save_adapter, use_demo_assets, vision_fingerprint)
+                   load_base_model, load_processor, save_adapter, vision_fingerprint)
 
 logger = logging.getLogger("train")
 

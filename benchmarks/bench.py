@@ -26,10 +26,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from config import PetConfig  # noqa: E402
-from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for, load_image,  # noqa: E402
-                  load_splits, write_synthetic_pets)
-from model import (build_tiny_blip, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
-                   vision_fingerprint)
+from data import (NUM_BREEDS, CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
+                  load_image, load_splits)
+from demo import build_tiny_blip, write_synthetic_pets  # noqa: E402
+from model import create_lora_model, image_embeddings, load_base_model, load_processor, vision_fingerprint  # noqa: E402
 
 TEMPLATE = PetConfig().caption_template
 
@@ -57,7 +57,7 @@ def interleaved(fns: dict, repeats: int, device) -> dict:
 def build_model(kind: str, workdir: str) -> str:
     path = os.path.join(workdir, f"{kind}-blip")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        words = " ".join(caption_for(i, TEMPLATE) for i in range(37)).replace(",", " ").replace(".", " ").split()
+        words = " ".join(caption_for(i, TEMPLATE) for i in range(NUM_BREEDS)).replace(",", " ").replace(".", " ").split()
         build_tiny_blip(path, words, base_sized=(kind == "base"))
     return path
 
@@ -69,7 +69,7 @@ def pets(workdir) -> str:
     return data_dir
 
 
-def setup(kind, workdir, device, dtype, n_images, lora_targets):
+def setup(kind, workdir, device, n_images, lora_targets):
     model_dir = build_model(kind, workdir)
     data_dir = pets(workdir)
     processor = load_processor(model_dir)
@@ -80,7 +80,7 @@ def setup(kind, workdir, device, dtype, n_images, lora_targets):
 
 def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
     """1. A LoRA training step from pixels (stock) against one from cached image embeddings."""
-    model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
+    model, processor, records = setup(kind, workdir, device, batch, lora_targets)
     collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
@@ -107,7 +107,7 @@ def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
 
 def training_memory(kind, workdir, device, dtype, batch, mode, lora_targets):
     """Peak memory of a few training steps in `mode` (stock|cached), measured in this process alone."""
-    model, processor, records = setup(kind, workdir, device, dtype, batch, lora_targets)
+    model, processor, records = setup(kind, workdir, device, batch, lora_targets)
     collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
     if mode == "cached":
         cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
@@ -135,7 +135,7 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
 
     from config import TrainConfig
 
-    model, processor, records = setup(kind, workdir, device, dtype, batch * 2, lora_targets)
+    model, processor, records = setup(kind, workdir, device, batch * 2, lora_targets)
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
     dataset = CachedEmbeddingDataset(records, cache, TEMPLATE)
@@ -223,7 +223,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
     merged = merged.merge_and_unload().to(device).eval()
     records = load_splits(pets(workdir), 0.0)["test"][:n_images]
     images = [load_image(r) for r in records]
-    captions = [caption_for(b, TEMPLATE) for b in range(37)]
+    captions = [caption_for(b, TEMPLATE) for b in range(NUM_BREEDS)]
     tok = processor.tokenizer
 
     @torch.no_grad()

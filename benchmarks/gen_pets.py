@@ -8,7 +8,8 @@ import sys
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import write_synthetic_pets  # noqa: E402
+from data import NUM_BREEDS  # noqa: E402
+from demo import write_synthetic_pets  # noqa: E402
 
 root, tv, te, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 
@@ -19,7 +20,7 @@ def one(b):
 
 if __name__ == "__main__":
     with Pool(min(16, os.cpu_count())) as p:
-        parts = p.map(one, range(37))
+        parts = p.map(one, range(NUM_BREEDS))
     os.makedirs(f"{root}/images", exist_ok=True)
     os.makedirs(f"{root}/annotations/trimaps", exist_ok=True)
     lists = {"list.txt": [], "trainval.txt": [], "test.txt": []}

@@ -42,7 +42,7 @@ stage() {
 }
 BASE=$([ "$MODEL" = base ] && echo True || echo False)
 stage build 60 $PY -c "
-from model import build_tiny_blip; from data import caption_for
+from demo import build_tiny_blip; from data import caption_for
 words = ' '.join(caption_for(i, 'A photo of {article} {breed}, a type of pet.') for i in range(37)).replace(',', ' ').replace('.', ' ').split() + ['cat','dog']
 build_tiny_blip('$W/base', words, base_sized=$BASE); print('built')"
 stage data 90 $PY benchmarks/gen_pets.py "$W/pets" "$TV" "$TE" "$SIZE"
@@ -61,7 +61,9 @@ cp "$W/profile.log" "$OUT/profile.txt"
 if [ -f .baseline/train.py ]; then
   # that path needs a tokenizer with [DEC] in its files (issue 10): its own build of the same model
   stage bl_build 60 bash -c "cd .baseline && $PY -c \"
-from model import build_tiny_blip; from data import caption_for
+try: from demo import build_tiny_blip
+except ImportError: from model import build_tiny_blip  # copies older than demo.py
+from data import caption_for
 words = ' '.join(caption_for(i, 'A photo of {article} {breed}, a type of pet.') for i in range(37)).replace(',', ' ').replace('.', ' ').split() + ['cat','dog']
 build_tiny_blip('$W/bl_base', words, base_sized=$BASE); print('built')\""
   stage bl_train 120 $PY .baseline/train.py --model_name_or_path "$W/bl_base" --dataset "$W/pets" --output_dir "$W/bl_run" \

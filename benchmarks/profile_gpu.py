@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from config import PetConfig  # noqa: E402
-from data import CaptionCollator, caption_for  # noqa: E402
+from data import NUM_BREEDS, CaptionCollator, caption_for  # noqa: E402
 from model import (_generate_ids, breed_candidates, create_lora_model, greedy_caption_ids, load_base_model,  # noqa: E402
                    load_processor)
 
@@ -68,7 +68,8 @@ def main():
     vc = model.config.vision_config
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     embeds = torch.randn(a.batch, tokens, vc.hidden_size, device=device).half()  # as the cache stores them
-    batch = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)([{"caption": caption_for(i % 37, template)} for i in range(a.batch)])
+    batch = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)(
+        [{"caption": caption_for(i % NUM_BREEDS, template)} for i in range(a.batch)])
     batch = {k: v.to(device) for k, v in batch.items()}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     model.train()

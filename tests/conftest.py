@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from config import DEMO_DIR, PetConfig  # noqa: E402
-from model import prepare_demo  # noqa: E402
+from demo import prepare_demo  # noqa: E402
 
 
 def run_script(args, cwd, timeout=600, env=None):
@@ -20,6 +20,13 @@ def run_script(args, cwd, timeout=600, env=None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs the trained demo adapter is slow: `train.py --demo` alone takes a minute or more."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

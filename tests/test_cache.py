@@ -1,3 +1,4 @@
+import copy
 import os
 import time
 
@@ -29,7 +30,7 @@ def _build(cache_dir, model, processor, records, dtype):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
 def test_cached_loss_equals_stock_loss(setup, tmp_path, dtype, tol):
     model, processor, records = setup
-    lora = create_lora_model(model, 4, 8, 0.0, "query,value")
+    lora = create_lora_model(copy.deepcopy(model), 4, 8, 0.0, "query,value")  # PEFT wraps in place: spare the shared model
     cache, n = _build(tmp_path, model, processor, records, dtype)
     assert n == len(records)
     collate = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)

@@ -7,7 +7,8 @@ from PIL import Image
 
 from config import PetConfig, UserError
 from data import (BREED_NAMES, BREEDS, SPECIES, BadImage, CaptionCollator, PetCaptionDataset, Record, breed_index,
-                  caption_for, load_image, load_splits, stratified_split, write_synthetic_pets)
+                  caption_for, load_image, load_splits, stratified_split)
+from demo import write_synthetic_pets
 from model import load_processor
 
 TEMPLATE = PetConfig().caption_template

@@ -7,7 +7,8 @@ import torch
 
 from config import PetConfig
 from data import caption_for
-from model import build_tiny_blip, greedy_caption_ids, load_base_model
+from demo import build_tiny_blip
+from model import greedy_caption_ids, load_base_model
 
 
 def _words():
@@ -74,7 +75,8 @@ def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
 def test_pixel_batches_match_the_processor_in_order_and_skip_bad_images(tmp_path, workers):
     from transformers.models.blip import BlipImageProcessorPil
 
-    from data import Record, load_image, load_splits, pixel_batches, write_synthetic_pets
+    from data import Record, load_image, load_splits, pixel_batches
+    from demo import write_synthetic_pets
 
     write_synthetic_pets(str(tmp_path), breeds=range(8), trainval_per_breed=10, test_per_breed=1, size=64)
     records = load_splits(str(tmp_path), 0.0)["train"]

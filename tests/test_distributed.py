@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,9 +16,16 @@ from model import BlipForPetCaptioning, create_lora_model
 from conftest import ROOT
 
 
+def free_port():
+    """A port no one listens on now: a fixed one collides with a concurrent test run on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(args, cwd, nproc=2, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            os.path.join(ROOT, args[0]), *args[1:]]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -42,14 +50,15 @@ def test_training_with_two_processes(demo_run, tmp_path):
 
 def test_evaluation_with_two_processes_gives_the_same_predictions(demo_run, tmp_path):
     cwd, _ = demo_run
-    one = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--demo", "--output_dir", str(tmp_path / "one"),
-                          "--per_device_eval_batch_size", "7"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    # 15 images in batches of 7: uneven per process and in the last batch, which is what can go wrong
+    common = ["--demo", "--max_eval_samples", "15", "--per_device_eval_batch_size", "7"]
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *common, "--output_dir", str(tmp_path / "one")],
+                         cwd=cwd, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(["evaluate.py", "--demo", "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "7"],
-                   cwd=cwd)
+    two = torchrun(["evaluate.py", *common, "--output_dir", str(tmp_path / "two")], cwd=cwd)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = pd.read_csv(tmp_path / "one" / "predictions.csv"), pd.read_csv(tmp_path / "two" / "predictions.csv")
-    assert len(a) == 80 and a["image_id"].is_unique  # every image once, the last uneven batch included
+    assert len(a) == 15 and a["image_id"].is_unique  # every image once, the last uneven batch included
     pd.testing.assert_frame_equal(a, b)
     m1, m2 = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
     assert m1["fine_tuned"] == m2["fine_tuned"] and m1["zero_shot"] == m2["zero_shot"]

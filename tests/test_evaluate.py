@@ -9,13 +9,16 @@ import torch
 import evaluate
 from config import DEMO_DIR, PetConfig, UserError
 from data import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, load_image, load_splits, species_from_caption
-from model import (breed_candidates, build_tiny_blip, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
+from demo import build_tiny_blip
+from metrics import bleu, bootstrap_ci, confused_pairs, confusion, mcnemar, model_metrics, rouge_l
+from model import (breed_candidates, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
                    load_lora_for_inference, rank_breeds, same_vision_encoder)
+from report import FIGURES
 
 from conftest import run_script
 
 TEMPLATE = PetConfig().caption_template
-OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", "run_config.json"] + list(evaluate.FIGURES)
+OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", "run_config.json"] + list(FIGURES)
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def test_metrics_on_a_hand_made_set():
     ]
     scores = np.stack([_scores([ab]), _scores([bengal, ab]), _scores([pug, bengal, 0, 1, 2, 3]), _scores([pug]),
                        _scores([0, 1, 2, 3, 4, 5]), _scores([beagle])])
-    m = evaluate.model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0).numbers
     assert m["breed_accuracy"] == pytest.approx(2 / 6)
     assert m["species_accuracy"] == pytest.approx(5 / 6)
     assert m["no_breed_rate"] == pytest.approx(2 / 6)
@@ -95,10 +98,10 @@ def test_metrics_on_a_hand_made_set():
     assert m["likelihood_top1_per_token"] == m["likelihood_top1"]  # no token counts: the same ranking
     tokens = np.ones(37)
     tokens[ab] = 10
-    m = evaluate.model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
     assert m["likelihood_top1_per_token"] == pytest.approx(3 / 6)
     scores[1, ab], scores[1, bengal] = -10.0, -2.0  # per token: Abyssinian -1.0 beats Bengal -2.0
-    m = evaluate.model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens)
+    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
     assert m["likelihood_top1"] == pytest.approx(3 / 6) and m["likelihood_top1_per_token"] == pytest.approx(4 / 6)
     lo, hi = m["breed_accuracy_ci95"]
     assert 0 <= lo <= 2 / 6 <= hi <= 1
@@ -112,21 +115,21 @@ def test_metrics_on_a_hand_made_set():
 
 def test_likelihood_top5_counts_rank_five_not_six():
     labels = [7, 7]
-    m = evaluate.model_metrics(labels, ["x", "x"], np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
-                               TEMPLATE, samples=10, seed=0)
+    m = model_metrics(labels, ["x", "x"], np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
+                               TEMPLATE, samples=10, seed=0).numbers
     assert m["likelihood_top5"] == 0.5 and m["likelihood_top1"] == 0.0
 
 
 def test_confused_pairs_are_counted_and_ordered():
     truth = [0, 0, 0, 1, 1, 2, 2, 2, 3]
     pred = [1, 1, 0, 0, UNKNOWN, 1, 1, 1, 3]
-    assert evaluate.confused_pairs(truth, pred) == [
+    assert confused_pairs(truth, pred) == [
         {"true": BREED_NAMES[2], "predicted": BREED_NAMES[1], "count": 3},
         {"true": BREED_NAMES[0], "predicted": BREED_NAMES[1], "count": 2},
         {"true": BREED_NAMES[1], "predicted": BREED_NAMES[0], "count": 1},
     ]
-    assert len(evaluate.confused_pairs(list(range(37)) * 2, [(i + 1) % 37 for i in range(37)] * 2)) == 10
-    matrix = evaluate.confusion(truth, pred)
+    assert len(confused_pairs(list(range(37)) * 2, [(i + 1) % 37 for i in range(37)] * 2)) == 10
+    matrix = confusion(truth, pred)
     assert matrix.shape == (38, 38) and matrix.sum() == len(truth) and matrix[1, 37] == 1 and matrix[2, 1] == 3
 
 
@@ -134,20 +137,20 @@ def test_mcnemar_exact_against_hand_computation():
     # discordant pairs: first model alone right once, second alone right 6 times; 3 ties
     a = [1, 0, 0, 0, 0, 0, 0, 1, 1, 0]
     b = [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]
-    r = evaluate.mcnemar(a, b)
+    r = mcnemar(a, b)
     assert (r["only_first_correct"], r["only_second_correct"]) == (1, 6)
     # two-sided exact binomial, n=7: P(X<=1) + P(X>=6) = 2 * (1 + 7) / 128
     assert r["p_value"] == pytest.approx(16 / 128)
-    assert evaluate.mcnemar([1, 0, 1], [1, 0, 1])["p_value"] == 1.0
-    assert evaluate.mcnemar([0] * 10, [1] * 10)["p_value"] == pytest.approx(2 / 2**10)
+    assert mcnemar([1, 0, 1], [1, 0, 1])["p_value"] == 1.0
+    assert mcnemar([0] * 10, [1] * 10)["p_value"] == pytest.approx(2 / 2**10)
 
 
 def test_bootstrap_interval():
-    assert evaluate.bootstrap_ci([1] * 20, 500, 0) == [1.0, 1.0]
+    assert bootstrap_ci([1] * 20, 500, 0) == [1.0, 1.0]
     correct = [1, 0] * 100  # p = 0.5, n = 200: normal interval 0.5 +- 0.069
-    lo, hi = evaluate.bootstrap_ci(correct, 2000, 0)
+    lo, hi = bootstrap_ci(correct, 2000, 0)
     assert lo == pytest.approx(0.431, abs=0.015) and hi == pytest.approx(0.569, abs=0.015)
-    assert evaluate.bootstrap_ci(correct, 2000, 0) == [lo, hi]  # seeded
+    assert bootstrap_ci(correct, 2000, 0) == [lo, hi]  # seeded
 
 
 def test_bleu_matches_torchmetrics():
@@ -157,8 +160,8 @@ def test_bleu_matches_torchmetrics():
     hyps = ["a photo of a pug a type of pet", "a photo of a beagle on the grass", "a cat on a sofa a type of pet"]
     refs = ["a photo of a pug a type of pet", "a photo of a beagle a type of pet", "a photo of a persian a type of pet"]
     expected = BLEUScore(n_gram=4)(hyps, [[r] for r in refs]).item() * 100
-    assert evaluate.bleu(hyps, refs) == pytest.approx(expected, abs=1e-4)
-    assert evaluate.bleu(["A Photo of a Pug, a type of pet."], ["a photo of a pug, a type of pet."]) == pytest.approx(100)
+    assert bleu(hyps, refs) == pytest.approx(expected, abs=1e-4)
+    assert bleu(["A Photo of a Pug, a type of pet."], ["a photo of a pug, a type of pet."]) == pytest.approx(100)
 
 
 def test_rouge_l_matches_a_hand_worked_example_and_torchmetrics():
@@ -166,11 +169,11 @@ def test_rouge_l_matches_a_hand_worked_example_and_torchmetrics():
 
     # ref 9 tokens "a photo of an abyssinian a type of pet", hyp 5 tokens "a photo of a cat":
     # LCS = "a photo of a" (4) -> P = 4/5, R = 4/9, F = 2PR/(P+R) = 8/14
-    assert evaluate.rouge_l(["a photo of a cat"], ["A photo of an Abyssinian, a type of pet."]) == pytest.approx(8 / 14)
+    assert rouge_l(["a photo of a cat"], ["A photo of an Abyssinian, a type of pet."]) == pytest.approx(8 / 14)
     hyps = ["a photo of a pug, a type of pet.", "a dog lying on a bed", "a photo of a beagle"]
     refs = [caption_for(breed_index(b), TEMPLATE) for b in ("pug", "beagle", "beagle")]
     tm = ROUGEScore(rouge_keys=("rougeL",))(hyps, refs)["rougeL_fmeasure"].item()
-    assert evaluate.rouge_l(hyps, refs) == pytest.approx(tm, abs=1e-6)
+    assert rouge_l(hyps, refs) == pytest.approx(tm, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     assert (failures["model"] == "fine_tuned").sum() == round((1 - ft["breed_accuracy"]) * 80)
     assert (failures["model"] == "zero_shot").sum() == round((1 - zs["breed_accuracy"]) * 80)
     report = open(os.path.join(out, "report.md")).read()
-    for name in evaluate.FIGURES:
+    for name in FIGURES:
         assert f"]({name})" in report
         assert Image.open(os.path.join(out, name)).size[0] >= 400
     assert f"{ft['breed_accuracy']:.3f} [" in report
@@ -331,8 +334,12 @@ def _narrow_blip(path, adapter):
 
 
 def test_bad_options_fail_before_heavy_work():
-    with pytest.raises(UserError, match="--split"):
+    with pytest.raises(UserError, match="--split: invalid choice: 'dev'"):  # a Literal's choices, at the parser
         evaluate.parse_args(["--split", "dev"])
+    with pytest.raises(UserError, match="--precision: invalid choice"):
+        evaluate.parse_args(["--precision", "fp8"])
+    with pytest.raises(UserError, match="invalid int value: 'many'"):  # argparse's own error, one line too
+        evaluate.parse_args(["--per_device_eval_batch_size", "many"])
     with pytest.raises(UserError, match="at least 1"):
         evaluate.parse_args(["--per_device_eval_batch_size", "0"])
     with pytest.raises(UserError, match="no_such_flag"):

@@ -164,14 +164,17 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
     index = open(os.path.join(out, "index.md")).read()
     assert all(f"]({f})" in index for f in figures + ["attention_metrics.png"])
     metrics = json.load(open(os.path.join(out, "attention_metrics.json")))
-    for name in ("zero-shot", "fine-tuned"):
+    for name in ("zero_shot", "fine_tuned"):  # evaluate.py's keys
         s = metrics["summary"][name]
         assert s["images_with_trimap"] == 2  # the user's image has no trimap
-        if s["images_scored"]:
-            assert 0 < s["mean_mask_share"] < 1
-            assert 0 <= s["mean_pet_attention_share"] <= 1 and 0 <= s["pointing_game_hit_rate"] <= 1
-    assert metrics["summary"]["fine-tuned"]["subject_kinds"] == {"breed": 2}  # the demo adapter names breeds
-    assert "fine-tuned" in metrics["images"][2] and metrics["images"][2]["has_trimap"] is False
+        # an image is scored when its caption names a subject; the untrained zero-shot base may name none
+        named = sum(n for kind, n in s["subject_kinds"].items() if kind != "none")
+        assert s["images_scored"] == named and (s["mean_mask_share"] is None) == (named == 0)
+        for key in ("mean_mask_share", "mean_pet_attention_share", "pointing_game_hit_rate"):
+            assert s[key] is None or 0 <= s[key] <= 1, (name, key, s[key])
+    assert metrics["summary"]["fine_tuned"]["images_scored"] == 2  # so the ranges above were checked
+    assert metrics["summary"]["fine_tuned"]["subject_kinds"] == {"breed": 2}  # the demo adapter names breeds
+    assert "fine_tuned" in metrics["images"][2] and metrics["images"][2]["has_trimap"] is False
     run_config = json.load(open(os.path.join(out, "run_config.json")))
     assert run_config["ExplainConfig"]["image"] == [str(user), str(missing), str(not_image)]
 
@@ -189,3 +192,5 @@ def test_unknown_flag_is_one_clear_error():
 
     with pytest.raises(UserError, match="no_such_flag"):
         explainability.parse_args(["--no_such_flag", "1"])
+    with pytest.raises(UserError, match="--split: invalid choice"):
+        explainability.parse_args(["--split", "dev"])

@@ -19,8 +19,8 @@ import evaluate
 import explainability
 import train
 from config import EvalConfig, PetConfig, UserError, locked_output_dir, parse_config, staged_outputs
-from data import (BadImage, CachedEmbeddingDataset, EmbeddingCache, Record, load_image, load_splits,
-                  write_synthetic_pets)
+from data import BadImage, CachedEmbeddingDataset, EmbeddingCache, Record, load_image, load_splits
+from demo import write_synthetic_pets
 from model import (adapter_split_settings, image_embeddings, load_base_model, load_lora_for_inference, load_processor,
                    vision_fingerprint)
 

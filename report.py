@@ -1,0 +1,266 @@
+"""evaluate.py's outputs besides metrics.json: tables, predictions/failures frames, figures, report.md."""
+
+import os
+
+import numpy as np
+
+from data import BREED_NAMES, NUM_BREEDS, caption_for, load_image
+from metrics import LABELS, MODELS, Metrics, Predictions, confusion, label_index
+
+KEY_ROWS = [  # (label, key, format)
+    ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
+    ("species accuracy (cat/dog)", "species_accuracy", "ci"),
+    ("captions naming no breed", "no_breed_rate", "f"),
+    ("likelihood ranking top-1", "likelihood_top1", "ci"),
+    ("likelihood ranking top-5", "likelihood_top5", "f"),
+    ("likelihood ranking top-1, per-token mean", "likelihood_top1_per_token", "f"),
+    ("macro F1 over breeds (captions)", "macro_f1", "f"),
+    ("BLEU (0-100)", "bleu", "f1"),
+    ("ROUGE-L F", "rougeL", "f"),
+    ("mean caption length (words)", "mean_caption_words", "f1"),
+]
+
+
+def _fmt(m: dict, key: str, kind: str) -> str:
+    if kind == "ci":
+        lo, hi = m[key + "_ci95"]
+        return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{m[key]:.1f}" if kind == "f1" else f"{m[key]:.3f}"
+
+
+def key_table(metrics: dict) -> list:
+    zs, ft = metrics.numbers["zero_shot"], metrics.numbers["fine_tuned"]
+    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind))
+            for label, key, kind in KEY_ROWS]
+
+
+def predictions_frame(predictions: Predictions, metrics: Metrics):
+    import pandas as pd
+
+    top5 = lambda order: ["|".join(BREED_NAMES[b] for b in row[:5]) for row in order]
+    name = lambda xs: [LABELS[x] for x in xs]  # UNKNOWN (-1) -> "unknown"
+    return pd.DataFrame({
+        "image_id": predictions.image_id,
+        "true_breed": name(predictions.label),
+        "zero_shot_caption": predictions.models["zero_shot"].captions,
+        "fine_tuned_caption": predictions.models["fine_tuned"].captions,
+        "zero_shot_breed": name(metrics.models["zero_shot"].pred),
+        "fine_tuned_breed": name(metrics.models["fine_tuned"].pred),
+        "zero_shot_likelihood_top5": top5(metrics.models["zero_shot"].order),
+        "fine_tuned_likelihood_top5": top5(metrics.models["fine_tuned"].order),
+    })
+
+
+def failures_frame(predictions: Predictions, metrics: Metrics):
+    """Every wrong caption prediction of either model, worst first (true breed ranked lowest by likelihood)."""
+    import pandas as pd
+
+    rows = []
+    for model_name in MODELS:
+        m, p = metrics.models[model_name], predictions.models[model_name]
+        for i in np.flatnonzero(~m.correct):
+            t, order, scores = predictions.label[i], m.order[i], p.scores[i]
+            rows.append({"model": model_name, "image_id": predictions.image_id[i], "true_breed": BREED_NAMES[t],
+                         "caption": p.captions[i], "predicted_breed": LABELS[m.pred[i]],
+                         "likelihood_top1": BREED_NAMES[order[0]], "true_breed_rank": int(np.flatnonzero(order == t)[0]) + 1,
+                         "margin": float(scores[order[0]] - scores[t]), "_index": int(i)})
+    columns = ["model", "image_id", "true_breed", "caption", "predicted_breed", "likelihood_top1", "true_breed_rank", "margin", "_index"]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.sort_values(["model", "true_breed_rank", "margin"], ascending=[False, False, False], kind="stable")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(matrix, title: str, path: str) -> None:
+    import seaborn as sns
+
+    plt = _plt()
+    annot = np.where(matrix > 0, matrix.astype(str), "")
+    fig, ax = plt.subplots(figsize=(15, 13))
+    sns.heatmap(matrix, annot=annot, fmt="", cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
+                linewidths=0.3, linecolor="#eeeeee", annot_kws={"fontsize": 7}, ax=ax)
+    ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
+    ax.tick_params(labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> None:
+    plt = _plt()
+    counts = {"truth": np.bincount(label_index(predictions.label), minlength=NUM_BREEDS + 1)}
+    for name in MODELS:
+        counts[name.replace("_", "-")] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
+    y = np.arange(len(LABELS))
+    fig, ax = plt.subplots(figsize=(9, 12))
+    for k, (name, c) in enumerate(counts.items()):
+        ax.barh(y + (k - 1) * 0.27, c, height=0.27, label=name)
+    ax.set_yticks(y, LABELS, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="images", title="Breeds named by the captions vs the true breeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> None:
+    plt = _plt()
+    lengths = {name.replace("_", "-"): [len(c.split()) for c in predictions.models[name].captions] for name in MODELS}
+    reference = [len(caption_for(t, template).split()) for t in predictions.label]
+    top = max([max(v) for v in lengths.values()] + reference) + 1
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bins = np.arange(0, top + 1) - 0.5
+    for name, values in lengths.items():
+        ax.hist(values, bins=bins, alpha=0.6, label=name)
+    ax.axvline(np.mean(reference), color="black", linestyle="--", label="reference (mean)")
+    ax.set(xlabel="caption length (words)", ylabel="images", title="Caption lengths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_breed_accuracy(metrics, path: str) -> None:
+    plt = _plt()
+    breeds = [b for b, v in metrics.numbers["fine_tuned"]["per_breed"].items() if v["support"] > 0]
+    y = np.arange(len(breeds))
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(breeds) + 1.5))
+    for k, name in enumerate(MODELS):
+        per = metrics.numbers[name]["per_breed"]
+        ax.barh(y + (k - 0.5) * 0.4, [per.get(b, {}).get("recall", 0.0) for b in breeds], height=0.4, label=name.replace("_", "-"))
+    ax.set_yticks(y, breeds, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="breed accuracy (recall of the breed named in the caption)", xlim=(0, 1.02), title="Per-breed accuracy")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16) -> None:
+    """Image grid of the fine-tuned model's worst failures: true breed, caption, predicted breed under each."""
+    import textwrap
+
+    plt = _plt()
+    worst = failures[failures["model"] == "fine_tuned"].head(limit)
+    if worst.empty:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "The fine-tuned model named every breed correctly.", ha="center", va="center")
+    else:
+        cols = min(4, len(worst))
+        rows = (len(worst) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(max(3.6 * cols, 6.0), 4.3 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (_, row) in zip(axes.flat, worst.iterrows()):
+            ax.imshow(load_image(predictions.records[row["_index"]]))
+            caption = "\n".join(textwrap.wrap(row["caption"], 34)[:3])
+            ax.set_title(f"true: {row['true_breed']}\npredicted: {row['predicted_breed']}", fontsize=9)
+            ax.text(0.5, -0.03, f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}', transform=ax.transAxes,
+                    ha="center", va="top", fontsize=8)
+        fig.suptitle("Worst failures, fine-tuned model\n(true breed ranked lowest by likelihood first)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+FIGURES = {
+    "confusion_fine_tuned.png": "Confusion matrix, fine-tuned (rows: true breed; columns: breed named in the caption)",
+    "confusion_zero_shot.png": "Confusion matrix, zero-shot",
+    "per_breed_accuracy.png": "Per-breed accuracy of both models",
+    "breed_distribution.png": "Breeds named by the captions vs the true breeds",
+    "caption_lengths.png": "Caption length distributions",
+    "failures.png": "Worst failures of the fine-tuned model",
+}
+
+
+def write_figures(predictions: Predictions, metrics: Metrics, failures, template: str, out: str) -> None:
+    for name in MODELS:
+        title = f"{name.replace('_', '-')}: true vs predicted breed ({metrics.numbers['num_samples']} images)"
+        plot_confusion(confusion(predictions.label, metrics.models[name].pred), title, os.path.join(out, f"confusion_{name}.png"))
+    plot_per_breed_accuracy(metrics, os.path.join(out, "per_breed_accuracy.png"))
+    plot_distribution(predictions, metrics, os.path.join(out, "breed_distribution.png"))
+    plot_caption_lengths(predictions, template, os.path.join(out, "caption_lengths.png"))
+    plot_failures(predictions, failures, os.path.join(out, "failures.png"))
+
+
+def write_report(path: str, metrics: Metrics, info: dict) -> None:
+    numbers = metrics.numbers
+    zs, ft = numbers["zero_shot"], numbers["fine_tuned"]
+    rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in key_table(metrics))
+    mc, mr = numbers["mcnemar_caption"], numbers["mcnemar_likelihood_top1"]
+    pairs = "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
+    per_breed = "\n".join(
+        f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
+        for b, v in ft["per_breed"].items())
+    figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in FIGURES.items())
+    text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
+
+- adapter `{info['adapter']}` on base model `{info['base_model']}`
+- data `{info['dataset']}`, split **{info['split']}**: {numbers['num_samples']} images ({info['num_bad_images']} unreadable, skipped)
+- captions: {info['decoding']}; reference caption: "{info['template']}"
+- {info['runtime_seconds']:.1f} s ({info['images_per_second']:.2f} images/s on {info['device']}); image embeddings shared between the models: {info['shared_image_embeddings']}
+
+## Key numbers
+
+Brackets: 95% bootstrap confidence intervals ({info['bootstrap_samples']} resamples of the images).
+
+| metric | zero-shot | fine-tuned |
+|---|---|---|
+{rows}
+
+**McNemar** (same images, exact test on the discordant pairs): by caption, the fine-tuned model alone is right on
+{mc['only_second_correct']} images and the zero-shot model alone on {mc['only_first_correct']} (p = {mc['p_value']:.3g});
+by likelihood top-1, {mr['only_second_correct']} vs {mr['only_first_correct']} (p = {mr['p_value']:.3g}).
+
+The **likelihood ranking** scores the templated caption of each of the 37 breeds under the model given
+the image and ranks the breeds by it, so it names a breed for every image; it is the fair zero-shot
+baseline, because zero-shot captions rarely name a breed at all. The score is the summed log-probability of
+the caption's tokens; the per-token row divides it by the number of tokens, which matters when a model is
+unsure of every token (then long breed names lose to short ones).
+
+## Most confused breed pairs (fine-tuned captions)
+
+| true breed | named in caption | images |
+|---|---|---|
+{pairs}
+
+## Per breed (fine-tuned captions; recall is the per-breed accuracy)
+
+| breed | images | precision | recall | F1 | zero-shot recall |
+|---|---|---|---|---|---|
+{per_breed}
+
+Every wrong prediction is in `failures.csv`; every image in `predictions.csv`.
+
+## Figures
+
+{figures}
+"""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def print_summary(metrics: Metrics, out: str) -> None:
+    table = [("metric", "zero-shot", "fine-tuned")] + key_table(metrics)
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+    print(f"\nEvaluation on {metrics.numbers['num_samples']} images")
+    print(line(table[0]))
+    print("  ".join("-" * w for w in widths))
+    for r in table[1:]:
+        print(line(r))
+    mc = metrics.numbers["mcnemar_caption"]
+    print(f"McNemar (captions): fine-tuned alone right {mc['only_second_correct']}, zero-shot alone right "
+          f"{mc['only_first_correct']}, p = {mc['p_value']:.3g}")
+    print(f"Report: {os.path.join(out, 'report.md')}")
