@@ -225,6 +225,11 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def is_local(name: str) -> bool:
+    """A local path (existing, or path-like) rather than a Hugging Face Hub id, which is "owner/name"."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect instead of huggingface_hub's ~45 s of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):

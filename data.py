@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from config import UserError, hub_reachable, offline_hint
+from config import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def _hf_splits(dataset_dict, seed: int) -> dict:
 def _load_hub(name: str, seed: int) -> dict:
     import datasets
 
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if is_local(name):
         if not os.path.exists(name):
             raise UserError(f"dataset folder {name!r} does not exist")
         if not os.path.isdir(name):

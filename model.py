@@ -13,7 +13,7 @@ from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProces
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
 
-from config import DEFAULT_DATASET, UserError, hub_reachable, offline_hint
+from config import DEFAULT_DATASET, UserError, hub_reachable, is_local, offline_hint
 from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def _local_or_cached(name: str, flag: str = "--model_name_or_path") -> dict:
     """from_pretrained kwargs that fail fast offline instead of retrying for ~45 s."""
     if os.path.isdir(name):
         return {}
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a Hub id is "owner/name"
+    if is_local(name):  # path-like but no folder
         raise UserError(f"model folder {name!r} does not exist; pass an existing folder to {flag} or a Hub id")
     return {} if hub_reachable() else {"local_files_only": True}
 

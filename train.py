@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
 from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_BATCH, PetConfig, TrainConfig, UserError,
-                    check_seed, inside, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
+                    check_seed, inside, is_local, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
                     staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
@@ -222,11 +222,6 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def is_local(name: str) -> bool:
-    """A local folder (or path-like name) rather than a Hugging Face Hub id."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def card_metadata(cfg, args, best) -> str:
