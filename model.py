@@ -2,9 +2,9 @@
 
 import copy
 import hashlib
-import inspect
 import json
 import logging
+import math
 import os
 from typing import Optional
 
@@ -252,42 +252,138 @@ def has_vision_lora(model) -> bool:
 
 
 @torch.no_grad()
-def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 30) -> torch.Tensor:
+def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 30,
+                       cuda_graph: Optional[bool] = None) -> torch.Tensor:
     """Greedy ids (B, 1 + steps) from bos [DEC]: the same ids as text_decoder.generate(num_beams=1).
 
-    generate spends most of a step in Python (logits processors, stopping criteria, cache and
-    mask bookkeeping) while the decoder's own work per step is small, so on a GPU it is
-    launch-bound. This loop does only what greedy decoding needs: one decoder call per step on the
-    newest token with a KV cache (the image-side cross-attention keys and values are computed
-    once, at the first step), argmax, pad after [SEP], stop when every row has its [SEP].
+    generate is launch-bound on a GPU: a step of the 12-layer decoder is ~250 small kernels plus
+    Python bookkeeping (logits processors, stopping criteria, a growing cache, masks), while the
+    arithmetic per step is tiny. This loop keeps the decoder's own modules (so LoRA layers, merged
+    or not, apply) but holds the self-attention keys and values in buffers of a fixed size and
+    computes the image-side cross-attention keys and values once. Every step then has the same
+    shapes and touches the same memory, so on a GPU the whole step (argmax and end-of-caption
+    bookkeeping included) is captured once as a CUDA graph and replayed: one launch per token.
+    cuda_graph: None = on a GPU; False = plain calls (the CPU's way, or to compare).
     The start id comes from the model config: the real tokenizer has no bos token.
     """
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    text_config = model.config.text_config
-    bos, sep, pad = text_config.bos_token_id, text_config.sep_token_id, text_config.pad_token_id
-    batch, device = image_embeds.shape[0], image_embeds.device
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    cache_kw = _CACHE_KWARG.setdefault(type(model.text_decoder), _cache_kwarg(model.text_decoder))
-    columns = [torch.full((batch, 1), bos, dtype=torch.long, device=device)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = model.text_decoder(input_ids=columns[-1], encoder_hidden_states=image_embeds, use_cache=True,
-                                    is_decoder=True, **{cache_kw: cache}).logits
-        token = logits[:, -1].argmax(-1).masked_fill(done, pad)  # finished rows get padding, as in generate
-        done |= token == sep
-        columns.append(token.unsqueeze(1))
-        if bool(done.all()):  # one host sync per step, as generate has
+    decoder = StaticGreedyDecoder(model, image_embeds, max_new_tokens)
+    if cuda_graph is None:
+        cuda_graph = image_embeds.device.type == "cuda"
+    step = decoder.step
+    if cuda_graph:
+        step = _graphed(decoder.step, image_embeds.device)
+    # A host check of "every row has its [SEP]" waits for the device, so with a graph it is done
+    # every few steps; the steps past the end only write padding, and are cut off below.
+    check_every = GRAPH_CHECK_EVERY if cuda_graph else 1
+    for t in range(max_new_tokens):
+        step()
+        if (t + 1) % check_every == 0 and bool(decoder.done.all()):
             break
-    return torch.cat(columns, dim=1)
+    return decoder.ids[:, :1 + int(decoder.steps)]
 
 
-_CACHE_KWARG = {}
+GRAPH_CHECK_EVERY = 4
 
 
-def _cache_kwarg(module) -> str:
-    """transformers renamed the decoder's past_key_values argument to cache (5.2x); take whichever it has."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+class StaticGreedyDecoder:
+    """Greedy decoding state in fixed-size tensors; step() advances every row by one token in place.
+
+    Per layer the self-attention keys/values live in (B, heads, max_new_tokens, head) buffers
+    written at the current position, and future positions are masked out; the cross-attention
+    keys/values over the image tokens are computed once here. The arithmetic is the decoder's own
+    (BlipTextSelfAttention's matmul / sqrt(d) / softmax / matmul; the modules' linear layers,
+    output blocks, feed-forward and LM head), so the ids equal generate's.
+    """
+
+    def __init__(self, model, image_embeds: torch.Tensor, max_new_tokens: int):
+        text_config = model.config.text_config
+        decoder = model.text_decoder
+        self.embeddings, self.layers, self.head = decoder.bert.embeddings, decoder.bert.encoder.layer, decoder.cls
+        self.sep, self.pad = text_config.sep_token_id, text_config.pad_token_id
+        batch, device = image_embeds.shape[0], image_embeds.device
+        attn = self.layers[0].attention.self
+        self.heads, self.head_size = attn.num_attention_heads, attn.attention_head_size
+        self.scale = math.sqrt(self.head_size)
+        # contiguous once here, or every step's matmul would copy them (577 x hidden per layer and image)
+        self.cross = [(self._split(layer.crossattention.self.key(image_embeds)).contiguous(),
+                       self._split(layer.crossattention.self.value(image_embeds)).contiguous()) for layer in self.layers]
+        dtype = self.cross[0][0].dtype
+        shape = (batch, self.heads, max(1, max_new_tokens), self.head_size)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.slots = torch.arange(shape[2], device=device)
+        self.ids = torch.full((batch, 1 + max_new_tokens), self.pad, dtype=torch.long, device=device)
+        self.ids[:, 0] = text_config.bos_token_id
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # of the token fed next
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.steps = torch.zeros((), dtype=torch.long, device=device)  # steps taken while a row was unfinished
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads * head) -> (B, heads, T, head), as BlipTextSelfAttention lays out q, k and v."""
+        return x.view(*x.shape[:-1], self.heads, self.head_size).transpose(1, 2)
+
+    def _attend(self, query, keys, values, future=None):
+        scores = torch.matmul(query, keys.transpose(-1, -2)) / self.scale
+        if future is not None:
+            scores = scores.masked_fill(future, float("-inf"))
+        context = torch.matmul(torch.softmax(scores, dim=-1), values)
+        return context.permute(0, 2, 1, 3).reshape(query.shape[0], 1, self.heads * self.head_size)
+
+    def step(self) -> None:
+        token = self.ids.index_select(1, self.position)  # (B, 1)
+        x = self.embeddings(input_ids=token, position_ids=self.position.view(1, 1))
+        future = self.slots > self.position  # buffer slots not written yet
+        for layer, keys, values, (cross_k, cross_v) in zip(self.layers, self.keys, self.values, self.cross):
+            attn = layer.attention.self
+            keys.index_copy_(2, self.position, self._split(attn.key(x)))
+            values.index_copy_(2, self.position, self._split(attn.value(x)))
+            h = layer.attention.output(self._attend(self._split(attn.query(x)), keys, values, future), x)
+            cross = layer.crossattention
+            h = cross.output(self._attend(self._split(cross.self.query(h)), cross_k, cross_v), h)
+            x = layer.feed_forward_chunk(h)
+        token = self.head(x)[:, -1].argmax(-1).masked_fill(self.done, self.pad)  # finished rows get padding, as in generate
+        self.steps += (~self.done).any().long()
+        self.done |= token == self.sep
+        self.ids.index_copy_(1, self.position + 1, token.unsqueeze(1))
+        self.position += 1
+
+
+def _graphed(step, device):
+    """step() captured as a CUDA graph, so that a replay is one launch; the plain step if capture fails.
+
+    As torch's docs do it: a warm-up call on a side stream (lazy cuBLAS and kernel set-up must not
+    happen during capture), then the capture. The warm-up really runs, so the decoding state it
+    advanced is put back; the key/value slot it wrote is overwritten by the first real step. Under
+    autocast (validation during training) the capture runs with autocast's weight-cast cache off,
+    as CUDA graphs require; the casts then are part of the graph.
+    """
+    state = step.__self__
+    saved = [t.clone() for t in (state.ids, state.position, state.done, state.steps)]
+    autocast = torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                              enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), autocast:
+            step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a data loader thread pinning memory meanwhile must not abort the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
+            step()
+        replay = graph.replay
+    except RuntimeError as e:  # a torch or driver without graph support for some op: slower, same ids
+        if not _GRAPH_FAILED:
+            logger.warning("decoding without CUDA graphs (capture failed: %s)", str(e).splitlines()[0][:MAX_ERROR_CHARS])
+        _GRAPH_FAILED.append(True)
+        torch.cuda.synchronize(device)
+        replay = step
+    for tensor, value in zip((state.ids, state.position, state.done, state.steps), saved):
+        tensor.copy_(value)
+    return replay
+
+
+_GRAPH_FAILED = []
 
 
 @torch.no_grad()

@@ -62,6 +62,37 @@ def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adap
     assert len(set(ends.tolist())) > 1 and (ours == tc.pad_token_id).any()
 
 
+@pytest.mark.parametrize("max_new_tokens", [30, 3])
+def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monkeypatch, max_new_tokens):
+    """With a CUDA graph the loop asks "all rows done?" only every few steps and cuts the steps past
+    the end off afterwards. The capture itself needs a GPU (benchmarks/profile_gpu.py checks it
+    there); here the graph is replaced by the plain step so the rest of that path runs on the CPU."""
+    import model as model_module
+    from data import load_image, load_splits
+    from model import image_embeddings, load_lora_for_inference
+
+    calls = []
+
+    def ungraphed(step, device):
+        return lambda: (calls.append(1), step())
+
+    monkeypatch.setattr(model_module, "_graphed", ungraphed)
+    model, processor = load_lora_for_inference(demo_adapter)
+    records = load_splits(os.path.join(demo_run[0], "outputs/demo/pets"), 0.0)["test"][::7]
+    pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
+    embeds = image_embeddings(model, pixels)
+    reference = _generate(model, embeds, max_new_tokens)
+    steps = reference.shape[1] - 1
+    # check at steps that miss the real end, so that steps past it run and must be cut off
+    check_every = next(k for k in (3, 4, 5, 7) if steps % k)
+    monkeypatch.setattr(model_module, "GRAPH_CHECK_EVERY", check_every)
+    ours = greedy_caption_ids(model, embeds, max_new_tokens=max_new_tokens, cuda_graph=True)
+    assert torch.equal(ours, reference)
+    if max_new_tokens == 30:  # every caption ends before the limit
+        assert steps < max_new_tokens and steps < len(calls) < steps + check_every
+    assert torch.equal(greedy_caption_ids(model, embeds, max_new_tokens, cuda_graph=False), reference)
+
+
 @pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")
 def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
     model = load_base_model(build_tiny_blip(str(tmp_path / "base"), _words(), base_sized=True)).eval()
