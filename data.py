@@ -705,7 +705,9 @@ class EmbeddingCache:
         bar = tqdm(total=len(todo), desc="caching image embeddings", unit="img")
         try:
             for batch, pixels in batches:
-                emb = encode(pixels).float().cpu().numpy().astype(self.dtype)
+                # converted on the device: half the bytes to copy back, and no slow numpy cast on the host
+                # (torch's and numpy's float16 rounding agree: both round to nearest even)
+                emb = encode(pixels).to(getattr(torch, self.dtype)).cpu().numpy()
                 if out is None:  # shape known after the first batch; sized for every image still to do
                     out = np.lib.format.open_memmap(tmp_chunk, mode="w+", dtype=self.dtype,
                                                     shape=(len(todo),) + emb.shape[1:])
