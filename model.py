@@ -544,36 +544,75 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     ([SEP] included, padding excluded), from the raw logits (no label smoothing, whatever the
     config's text_config.label_smoothing says).
 
-    The C candidates of an image are packed into ONE sequence of C*T tokens with a block-diagonal
-    causal mask and positions restarting at 0 for each candidate. Each candidate sees only itself,
-    exactly as if decoded alone, but the image-side cross-attention keys and values (577 x 768
-    per layer, most of the decoder's work) are computed once per image instead of once per
-    candidate. At most max_rows // C images go through the decoder at a time.
+    All C candidates of an image go through the decoder as ONE packed sequence (pack_candidates):
+    the tokens they all start with ("[DEC] a photo of") once, then each candidate's own tokens,
+    unpadded, with a mask that lets each see only the shared start and itself, and positions as
+    if it were decoded alone. So the image-side cross-attention keys and values (577 x 768 per
+    layer) are computed once per image, not once per candidate, and the shared start once, not
+    C times. At most max_rows // C images go through the decoder at a time.
     """
     device = image_embeds.device
-    num_candidates, length = input_ids.shape
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    packed_ids = input_ids.reshape(1, -1)
-    positions = torch.arange(length, device=device).repeat(num_candidates).unsqueeze(0)
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
-    allowed = torch.block_diag(*[causal] * num_candidates) & attention_mask.reshape(1, -1).bool()
-    allowed |= torch.eye(allowed.shape[0], dtype=torch.bool, device=device)  # padding rows see themselves: no empty softmax
+    num_candidates = input_ids.shape[0]
+    packed = pack_candidates(input_ids, attention_mask)
+    ids, segments = packed["input_ids"].to(device), packed["segments"].to(device)
+    positions = packed["position_ids"].to(device)[0]
+    # row i may see row j: j is not later in its caption, and j is shared or of i's own candidate
+    allowed = (positions[None, :] <= positions[:, None]) & ((segments[None, :] < 0) | (segments[None, :] == segments[:, None]))
     dtype = image_embeds.dtype if image_embeds.dtype.is_floating_point else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    targets, weights = input_ids[:, 1:], attention_mask[:, 1:].float()
+    targets = packed["targets"].to(device)
+    # (rows, C): row r's next-token log-prob counts for candidate c; the shared rows count for all
+    counts = (segments[:, None] == torch.arange(num_candidates, device=device)) | (segments[:, None] == SHARED)
+    last = packed["last_shared"]  # predicts each candidate's first own token: a different target per candidate
+    counts[last] = False  # scored separately (first, below)
+    counts = counts.float()
+    first_targets = packed["first_targets"].to(device)
     per_chunk = max(1, max_rows // num_candidates)
     scores = []
     for start in range(0, image_embeds.shape[0], per_chunk):
         emb = image_embeds[start:start + per_chunk]
         n = emb.shape[0]
-        logits = model.text_decoder(input_ids=packed_ids.expand(n, -1), position_ids=positions.expand(n, -1),
-                                    attention_mask=mask.expand(n, 1, -1, -1), encoder_hidden_states=emb,
-                                    use_cache=False).logits
-        logits = logits.view(n, num_candidates, length, -1)[:, :, :-1].float()
-        # log_softmax gathered at the targets, without materialising a second logits-sized tensor
-        token_logp = logits.gather(-1, targets.expand(n, -1, -1).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-        scores.append((token_logp * weights).sum(-1))
+        hidden = model.text_decoder.bert(input_ids=ids.expand(n, -1), position_ids=positions.expand(n, -1),
+                                         attention_mask=mask.expand(n, 1, -1, -1), encoder_hidden_states=emb,
+                                         is_decoder=True, use_cache=False).last_hidden_state
+        logits = model.text_decoder.cls(hidden).float()
+        normaliser = torch.logsumexp(logits, -1)  # log_softmax at the targets, without a second logits-sized tensor
+        token_logp = logits.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1) - normaliser
+        first = logits[:, last].index_select(-1, first_targets) - normaliser[:, last, None]
+        scores.append(token_logp @ counts + first)
     return torch.cat(scores)
+
+
+SHARED = -1  # segment of the packed rows that all candidates share
+
+
+def pack_candidates(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """C tokenised captions (C, T) as one packed row sequence for caption_log_likelihoods.
+
+    The first P tokens, identical in every caption (at least [DEC]), come once; then, per caption,
+    its tokens P..end-1 without padding (its last token, [SEP], is only ever a target). Each row
+    gets its position in its own caption, its segment (SHARED or the caption's index) and the
+    token it predicts (targets). Row P-1 (last_shared) predicts each caption's first own token,
+    a different one per caption (first_targets), so its entry in targets is a placeholder.
+    """
+    lengths = attention_mask.sum(1).tolist()
+    rows = [ids[:n].tolist() for ids, n in zip(input_ids, lengths)]
+    shared = 0
+    while shared < min(lengths) - 1 and len({r[shared] for r in rows}) == 1:
+        shared += 1
+    if shared == 0:  # tokenize_captions starts every caption with [DEC] and ends it with [SEP]
+        raise ValueError("candidate captions need a common first token and at least two tokens each")
+    prefix = rows[0][:shared]
+    ids, positions, segments, targets = list(prefix), list(range(shared)), [SHARED] * shared, prefix[1:] + [0]
+    for c, r in enumerate(rows):
+        ids += r[shared:-1]
+        positions += list(range(shared, len(r) - 1))
+        segments += [c] * (len(r) - 1 - shared)
+        targets += r[shared + 1:]
+    long = dict(dtype=torch.long)
+    return {"input_ids": torch.tensor([ids], **long), "position_ids": torch.tensor([positions], **long),
+            "segments": torch.tensor(segments, **long), "targets": torch.tensor(targets, **long),
+            "last_shared": shared - 1, "first_targets": torch.tensor([r[shared] for r in rows], **long)}
 
 
 def breed_candidates(model, tokenizer, template: str, breeds=None):
