@@ -4,8 +4,9 @@ decode loop against transformers' generate, on the project's current path. For g
     python benchmarks/profile_gpu.py MODEL_DIR [--batch 16] [--eval_batch 64]
 
 Prints: median step times (host-synchronised), the top operators by device and by host time, the
-number of kernel launches per step, and greedy-loop vs generate seconds on the same embeddings
-(ratio taken in one run; the ids must be identical).
+number of kernel launches per step, greedy captions by generate, by the own loop without and with
+a CUDA graph on the same embeddings (ratios taken in one run; the ids must be identical), and the
+37-breed ranking alone.
 """
 
 import argparse
@@ -113,17 +114,24 @@ def main():
         sync(device)
     table(prof, device, f"one evaluation batch of {a.eval_batch}, one model")
 
-    # The greedy loop against generate, same embeddings: a random model never writes [SEP], so both
-    # run all 30 steps (the worst case for either)
+    # The greedy loop (with and without a CUDA graph) against generate, same embeddings: a random
+    # model never writes [SEP], so all run the whole 30 steps (the worst case for each)
+    paths = {"generate": lambda: _generate_ids(merged, emb, 30, 1),
+             "own loop, plain": lambda: greedy_caption_ids(merged, emb, 30, cuda_graph=False),
+             "own loop, default (CUDA graph on a GPU)": lambda: greedy_caption_ids(merged, emb, 30)}
     with torch.no_grad():
-        ours, ref = greedy_caption_ids(merged, emb, 30), _generate_ids(merged, emb, 30, 1)
-        ours_t, ref_t = [], []
-        for _ in range(3):  # interleaved: a busy host slows both alike
-            ours_t.append(timed(lambda: greedy_caption_ids(merged, emb, 30), device, 1))
-            ref_t.append(timed(lambda: _generate_ids(merged, emb, 30, 1), device, 1))
-        t_ours, t_ref = statistics.median(ours_t), statistics.median(ref_t)
-    print(f"\ngreedy captions, {a.eval_batch} images x {ours.shape[1] - 1} steps: generate {t_ref * 1e3:.0f} ms, "
-          f"own loop {t_ours * 1e3:.0f} ms, {t_ref / t_ours:.2f}x; identical ids: {torch.equal(ours, ref)}")
+        ids = {name: fn() for name, fn in paths.items()}
+        times = {name: [] for name in paths}
+        for _ in range(3):  # interleaved: a busy host slows all alike
+            for name, fn in paths.items():
+                times[name].append(timed(fn, device, 1))
+        ranking = timed(lambda: rank_breeds(merged, emb, candidates), device, 3)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    same = all(torch.equal(i, ids["generate"]) for i in ids.values())
+    print(f"\ngreedy captions, {a.eval_batch} images x {ids['generate'].shape[1] - 1} steps: "
+          + ", ".join(f"{name} {t * 1e3:.0f} ms ({median['generate'] / t:.2f}x)" for name, t in median.items())
+          + f"; identical ids: {same}")
+    print(f"37-breed ranking, {a.eval_batch} images: {ranking * 1e3:.0f} ms = {a.eval_batch / ranking:.0f} img/s")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
