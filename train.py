@@ -51,6 +51,12 @@ def parse_args(argv=None):
     if not (args.bf16 or args.fp16):
         dtype = pick_dtype(args.device, cfg.precision)
         args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+        # TrainingArguments turned the flags into mixed_precision while parsing, and Trainer's autocast
+        # follows that alone: without this the step ran in fp32 while validation ran in bf16/fp16
+        if args.bf16 or args.fp16:
+            args.mixed_precision = "bf16" if args.bf16 else "fp16"
+    if args.fp16 and args.device.type == "cpu":
+        raise UserError("fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32")
     return cfg, args
 
 
