@@ -22,8 +22,8 @@ from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, report_bad_images, subsample)
 from demo import use_demo_assets
-from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
-                   load_base_model, load_processor, save_adapter, vision_fingerprint)
+from model import (captions_from_embeddings, cast_frozen_linears, check_fits, create_lora_model, has_vision_lora,
+                   image_embeddings, load_base_model, load_processor, save_adapter, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -342,9 +342,13 @@ def _find_checkpoint(args, value):
     return value
 
 
+def autocast_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 def autocast(args):
     """The autocast context of --bf16 / --fp16 (a no-op in fp32), for work done outside Trainer's step."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    dtype = autocast_dtype(args)
     return torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -434,6 +438,11 @@ def _train(cfg, args):
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:  # the cached datasets know now; the others find out while reading
             raise UserError(f"no {name} image could be read (see the warnings above); check the data set")
+    if args.bf16 or args.fp16:
+        # Saves autocast re-casting every frozen weight at every step (same numbers). After
+        # make_datasets: the embedding cache's key hashes fp32 weights (vision_fingerprint).
+        cast = cast_frozen_linears(model, autocast_dtype(args))
+        logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id),
                          processor=processor, pet_config=cfg)
