@@ -20,7 +20,7 @@ from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_
                     check_seed, inside, is_local, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
                     staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
-                  load_splits, report_bad_images, subsample)
+                  load_splits, longest_caption_tokens, report_bad_images, subsample)
 from demo import use_demo_assets
 from model import (captions_from_embeddings, cast_frozen_linears, check_fits, create_lora_model, has_vision_lora,
                    image_embeddings, load_base_model, load_processor, save_adapter, vision_fingerprint)
@@ -443,8 +443,10 @@ def _train(cfg, args):
         # make_datasets: the embedding cache's key hashes fp32 weights (vision_fingerprint).
         cast = cast_frozen_linears(model, autocast_dtype(args))
         logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
+    # Compiled, every batch is padded to one length, so the graphs see one shape (and the last batch's)
+    pad_to = longest_caption_tokens(processor.tokenizer, cfg.caption_template) if args.torch_compile else None
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id),
+                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, pad_to),
                          processor=processor, pet_config=cfg)
     timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)

@@ -1,4 +1,4 @@
-"""The training step's speed-ups change no numbers: frozen weights stored in autocast's dtype."""
+"""The training step's speed-ups change no numbers: frozen weights stored in autocast's dtype, fixed-length padding."""
 
 import copy
 
@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import train
 from config import PetConfig
-from data import NUM_BREEDS, CaptionCollator, caption_for
+from data import BREED_NAMES, NUM_BREEDS, CaptionCollator, caption_for, longest_caption_tokens
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 
 TEMPLATE = PetConfig().caption_template
@@ -94,6 +94,29 @@ def test_the_comparison_sees_a_cast_of_the_tied_head(pretrained_like):
         cast_frozen_linears(plain, torch.float32)
 
 
+def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
+    """--torch_compile pads every batch to the longest caption of any breed: the loss is the per-batch padding's."""
+    base, processor = pretrained_like
+    tokenizer, bos = processor.tokenizer, base.config.text_config.bos_token_id
+    length = longest_caption_tokens(tokenizer, TEMPLATE)
+    items = [{"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Beagle", "Bengal", "Pug", "Boxer")]
+    per_batch = CaptionCollator(tokenizer, bos)(items)
+    fixed = CaptionCollator(tokenizer, bos, pad_to=length)(items)
+    short = per_batch["input_ids"].shape[1]
+    assert fixed["input_ids"].shape[1] == length > short
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(fixed[key][:, :short], per_batch[key])
+    assert (fixed["attention_mask"][:, short:] == 0).all() and (fixed["labels"][:, short:] == -100).all()
+
+    model = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value").eval()
+    embeds = _batch(base, processor, len(items))["image_embeds"]
+    with torch.no_grad():
+        losses = [model(image_embeds=embeds, **batch).loss.item() for batch in (per_batch, fixed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="longer than pad_to"):
+        CaptionCollator(tokenizer, bos, pad_to=short - 1)(items)
+
+
 def _bf16_run(demo_assets, out, cache, *extra):
     model_dir, data_dir = demo_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
@@ -122,3 +145,27 @@ def test_bf16_training_run_is_unchanged_by_the_cast(demo_assets, tmp_path, monke
     # resumed at step 2 of 4: steps 3 and 4, and the best (last) checkpoint, as in the uninterrupted run
     assert resumed_history["train"][-2:] == cast_history["train"][-2:]
     assert all(torch.equal(t, cast_adapter[k]) for k, t in resumed_adapter.items())
+
+
+@pytest.mark.slow
+def test_compiled_training_is_one_graph_with_eagers_losses(demo_assets, tmp_path):
+    """--torch_compile True: PEFT + BlipForPetCaptioning.forward compile without graph breaks, the fixed padding
+    gives every batch one shape (16 images in batches of 4: no partial batch; the captions' lengths differ), and
+    the losses are eager's."""
+    from torch._dynamo.utils import counters
+
+    model_dir, data_dir = demo_assets
+    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--embedding_cache_dir",
+            str(tmp_path / "cache"), "--max_steps", "4", "--max_train_samples", "16", "--per_device_train_batch_size", "4",
+            "--logging_steps", "1",
+            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
+    eager = train.main(argv + ["--output_dir", str(tmp_path / "eager")])
+    assert eager["trainer"].data_collator.pad_to is None  # without compile: each batch padded to its own longest
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train.main(argv + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True"])
+    assert compiled["trainer"].data_collator.pad_to == longest_caption_tokens(load_processor(model_dir).tokenizer, TEMPLATE)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once: no recompilation
+    losses = [[e["loss"] for e in run["history"]["train"]] for run in (eager, compiled)]
+    assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
