@@ -491,23 +491,35 @@ def tokenize_captions(tokenizer, captions: list, bos_token_id: int):
     return input_ids, enc["attention_mask"]
 
 
+def longest_caption_tokens(tokenizer, template: str) -> int:
+    """Tokens in the longest caption `template` gives any of the 37 breeds, [DEC] and [SEP] included."""
+    return tokenize_captions(tokenizer, [caption_for(b, template) for b in range(NUM_BREEDS)], 0)[0].shape[1]
+
+
 class CaptionCollator:
     """Tokenise a batch of captions for teacher-forced training.
 
-    - pad to the batch's longest caption (never to the checkpoint's 512),
+    - pad to the batch's longest caption (never to the checkpoint's 512), or with pad_to to that
+      fixed length (longest_caption_tokens: every batch one shape, for torch.compile / CUDA graphs),
     - first token = bos_token_id, the model config's [DEC], the token `generate` starts from
       (the tokenizer puts [CLS] there; the real checkpoint's tokenizer files have no bos at all),
     - labels = input_ids with padding set to -100 (BLIP's loss does not mask padding itself).
     """
 
-    def __init__(self, tokenizer, bos_token_id: int):
-        self.tokenizer, self.bos_token_id = tokenizer, bos_token_id
+    def __init__(self, tokenizer, bos_token_id: int, pad_to: Optional[int] = None):
+        self.tokenizer, self.bos_token_id, self.pad_to = tokenizer, bos_token_id, pad_to
 
     def __call__(self, items: list) -> dict:
         items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
         if not items:
             raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
         input_ids, attention_mask = tokenize_captions(self.tokenizer, [it["caption"] for it in items], self.bos_token_id)
+        if self.pad_to is not None:
+            extra = self.pad_to - input_ids.shape[1]
+            if extra < 0:  # captions come from the template that pad_to was measured on
+                raise ValueError(f"a caption of {input_ids.shape[1]} tokens is longer than pad_to={self.pad_to}")
+            input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=self.tokenizer.pad_token_id)
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, extra), value=0)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

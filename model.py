@@ -156,6 +156,38 @@ def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05
     return get_peft_model(model, config)
 
 
+def cast_frozen_linears(model, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of `model`'s nn.Linear layers in `dtype`, autocast's; returns how many tensors.
+
+    Under autocast every Linear casts its fp32 weight and bias to bf16/fp16 on each call, and
+    autocast keeps the cast only for leaf tensors that require grad: the frozen base weights are
+    cast again at every step (on an H100 ~1,800 of a LoRA step's copy kernels, in a launch-bound
+    step). Stored in that dtype already, autocast leaves them alone. `.to` rounds as autocast's
+    cast does, so under the same autocast the loss and gradients are bitwise unchanged.
+    Left in fp32: anything trainable and LoRA's A/B (the optimizer and fp16's GradScaler need
+    fp32 parameters), LayerNorms and embeddings (autocast runs them in fp32, so casting would
+    round their values), and any tensor another module shares (BLIP's LM head is tied to the
+    word embeddings). So `model.dtype`, the first parameter's, stays fp32. For training under
+    autocast only: outside it fp32 activations meet half-precision weights and F.linear refuses.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"cast_frozen_linears is for autocast's half-precision dtypes, not {dtype}")
+    owners = {}  # storage -> modules holding a parameter in it (tied weights have two)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            key = p.untyped_storage().data_ptr()
+            owners[key] = owners.get(key, 0) + 1
+    cast = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32 and owners[p.untyped_storage().data_ptr()] == 1:
+                p.data = p.data.to(dtype)  # in place: the Parameter object (and anything holding it) stays
+                cast += 1
+    return cast
+
+
 def save_adapter(model, out_dir: str) -> None:
     """PEFT's save_pretrained, with adapter_config.json naming transformers' own BLIP class.
 

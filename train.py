@@ -20,10 +20,10 @@ from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_
                     check_seed, inside, is_local, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
                     staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
-                  load_splits, report_bad_images, subsample)
+                  load_splits, longest_caption_tokens, report_bad_images, subsample)
 from demo import use_demo_assets
-from model import (captions_from_embeddings, check_fits, create_lora_model, has_vision_lora, image_embeddings,
-                   load_base_model, load_processor, save_adapter, vision_fingerprint)
+from model import (captions_from_embeddings, cast_frozen_linears, check_fits, create_lora_model, has_vision_lora,
+                   image_embeddings, load_base_model, load_processor, save_adapter, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -51,6 +51,12 @@ def parse_args(argv=None):
     if not (args.bf16 or args.fp16):
         dtype = pick_dtype(args.device, cfg.precision)
         args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+        # TrainingArguments turned the flags into mixed_precision while parsing, and Trainer's autocast
+        # follows that alone: without this the step ran in fp32 while validation ran in bf16/fp16
+        if args.bf16 or args.fp16:
+            args.mixed_precision = "bf16" if args.bf16 else "fp16"
+    if args.fp16 and args.device.type == "cpu":
+        raise UserError("fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32")
     return cfg, args
 
 
@@ -336,9 +342,13 @@ def _find_checkpoint(args, value):
     return value
 
 
+def autocast_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 def autocast(args):
     """The autocast context of --bf16 / --fp16 (a no-op in fp32), for work done outside Trainer's step."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    dtype = autocast_dtype(args)
     return torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
@@ -428,8 +438,15 @@ def _train(cfg, args):
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:  # the cached datasets know now; the others find out while reading
             raise UserError(f"no {name} image could be read (see the warnings above); check the data set")
+    if args.bf16 or args.fp16:
+        # Saves autocast re-casting every frozen weight at every step (same numbers). After
+        # make_datasets: the embedding cache's key hashes fp32 weights (vision_fingerprint).
+        cast = cast_frozen_linears(model, autocast_dtype(args))
+        logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
+    # Compiled, every batch is padded to one length, so the graphs see one shape (and the last batch's)
+    pad_to = longest_caption_tokens(processor.tokenizer, cfg.caption_template) if args.torch_compile else None
     trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id),
+                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, pad_to),
                          processor=processor, pet_config=cfg)
     timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)

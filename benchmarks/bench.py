@@ -3,6 +3,7 @@
     python benchmarks/bench.py                       # CPU: base-sized random BLIP and the tiny demo model
     python benchmarks/bench.py --models tiny         # seconds instead of minutes
     python benchmarks/bench.py --device cuda --dtype bf16
+    python benchmarks/bench.py --models base,deep --sections cast   # frozen weights cast once: op counts, host time
 
 Every figure is the median over --repeats runs, with the baseline and the fast path
 interleaved in the same process (these machines are noisy; ratios taken together are not).
@@ -10,6 +11,7 @@ Writes bench.json (--out) and prints a table.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -29,7 +31,8 @@ from config import PetConfig  # noqa: E402
 from data import (NUM_BREEDS, CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
                   load_image, load_splits)
 from demo import build_tiny_blip, write_synthetic_pets  # noqa: E402
-from model import create_lora_model, image_embeddings, load_base_model, load_processor, vision_fingerprint  # noqa: E402
+from model import (cast_frozen_linears, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
+                   vision_fingerprint)
 
 TEMPLATE = PetConfig().caption_template
 
@@ -55,10 +58,19 @@ def interleaved(fns: dict, repeats: int, device) -> dict:
 
 
 def build_model(kind: str, workdir: str) -> str:
+    """base: blip-image-captioning-base's shapes, random; tiny: the demo's; deep: tiny width at the base's
+    depth (12 text layers, so the 48 query/value LoRA modules and the op count of base): host overhead."""
     path = os.path.join(workdir, f"{kind}-blip")
     if not os.path.isfile(os.path.join(path, "config.json")):
         words = " ".join(caption_for(i, TEMPLATE) for i in range(NUM_BREEDS)).replace(",", " ").replace(".", " ").split()
         build_tiny_blip(path, words, base_sized=(kind == "base"))
+        if kind == "deep":
+            from transformers import BlipConfig, BlipForConditionalGeneration
+
+            config = BlipConfig.from_pretrained(path)
+            config.text_config.num_hidden_layers = BlipConfig().text_config.num_hidden_layers
+            torch.manual_seed(0)
+            BlipForConditionalGeneration(config).save_pretrained(path)
     return path
 
 
@@ -265,9 +277,83 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
             "differing_top1": sum(a[1] != b[1] for a, b in zip(slow, fast)), "predictions": len(slow)}
 
 
+def op_counts(fn, device) -> dict:
+    """Operator calls in one call of fn (torch.profiler): all aten ops, the two cast ops, and kernel launches on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+
+    def count(*keys):
+        return sum(e.count for e in events if e.key in keys)
+
+    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")), "copy_": count("aten::copy_"),
+            "_to_copy": count("aten::_to_copy"),
+            "kernel_launches": count("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")}
+
+
+def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
+    """5. A training step under autocast with the frozen weights in fp32 (autocast casts them at every step)
+    against the same with them stored in autocast's dtype once (model.cast_frozen_linears, as train.py does)."""
+    model_dir = build_model(kind, workdir)
+    processor = load_processor(model_dir)
+    torch.manual_seed(0)
+    fp32 = create_lora_model(load_base_model(model_dir), target_modules=lora_targets)
+    cast = copy.deepcopy(fp32)  # the same LoRA initialisation
+    tensors = cast_frozen_linears(cast, dtype)
+    vision = fp32.config.vision_config
+    shape = (batch, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+    inputs = CaptionCollator(processor.tokenizer, fp32.config.text_config.bos_token_id)(
+        [{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(batch)])
+    inputs["image_embeds"] = torch.randn(shape, generator=torch.Generator().manual_seed(0)).half()  # as cached
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def step(model):
+        model.to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # Trainer's default optimizer (adamw_torch_fused)
+
+        def run():  # as Trainer's step: forward, backward, clip, AdamW
+            torch.manual_seed(len(run.losses))  # the same LoRA dropout masks at the same step of either model
+            with torch.autocast(device.type, dtype=dtype):
+                loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.losses.append(loss.detach())
+        run.losses = []
+        return run
+
+    steps = {"fp32_frozen": step(fp32), "cast": step(cast)}
+    for run in steps.values():
+        run()  # warm-up (optimizer state), outside the profile
+    r = {"batch": batch, "dtype": str(dtype).replace("torch.", ""), "cast_tensors": tensors,
+         "ops": {name: op_counts(run, device) for name, run in steps.items()}}
+    if kind == "base" and device.type == "cpu":
+        r["note"] = "not timed: on a CPU the base-sized step is compute-bound (~18 s at batch 16 in bf16 on 2 cores)"
+    else:
+        # One thread on a CPU: the narrow model's ops gain nothing from a second, and while another process
+        # holds a core, OpenMP's per-op barriers cost milliseconds each (6 s a step instead of 0.08 s, measured)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if device.type == "cpu" else threads)
+        try:
+            t = interleaved(steps, repeats, device)
+        finally:
+            torch.set_num_threads(threads)
+        r.update(fp32_frozen_ms=t["fp32_frozen"] * 1e3, cast_ms=t["cast"] * 1e3, speedup=t["fp32_frozen"] / t["cast"],
+                 timed_threads=1 if device.type == "cpu" else threads)
+    # every step of the two took the same optimizer steps from the same start: bitwise the same losses
+    r["same_losses"] = all(torch.equal(a, b) for a, b in zip(steps["fp32_frozen"].losses, steps["cast"].losses))
+    return r
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="base,tiny", help="comma-separated: base (224M, random) and/or tiny (demo)")
+    p.add_argument("--models", default="base,tiny",
+                   help="comma-separated: base (224M, random), tiny (demo), deep (tiny width, base depth)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU for base, 32 on GPU)")
@@ -275,7 +361,7 @@ def main():
     p.add_argument("--lora_target_modules", default="query,value")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "petcaption-bench"))
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--sections", default="training,pipeline,evaluation,vision")
+    p.add_argument("--sections", default="training,pipeline,evaluation,vision,cast")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe per process
     a = p.parse_args()
     device = torch.device(a.device)
@@ -315,6 +401,12 @@ def main():
         if "vision" in sections:
             print(f"[{kind}] vision encoder, eager vs SDPA attention (batch {batch}) ...", flush=True)
             r["vision"] = vision(kind, workdir, device, dtype, batch, a.repeats)
+        if "cast" in sections:
+            half = dtype if dtype != torch.float32 else torch.bfloat16  # the cast is for autocast: bf16 unless --dtype fp16
+            step_batch = a.batch or 16  # the GPU profile's training step (profile_gpu.py, h100-recipe-profile.txt)
+            print(f"[{kind}] training step under {half} autocast, frozen weights fp32 vs cast once (batch {step_batch}) ...",
+                  flush=True)
+            r["cast"] = frozen_cast(kind, workdir, device, half, step_batch, a.repeats, a.lora_target_modules)
         results[kind] = r
         print_table(kind, r)
     with open(a.out, "w") as f:
@@ -342,6 +434,17 @@ def print_table(kind, r):
         v = r["vision"]
         rows.append(("vision encoder, img/s", f"eager {v['eager_img_s']:.2f}", f"sdpa {v['sdpa_img_s']:.2f}",
                      f"{v['speedup']:.2f}x, max diff {v['max_abs_diff']:.1e}"))
+    if "cast" in r:
+        c = r["cast"]
+        before, after = c["ops"]["fp32_frozen"], c["ops"]["cast"]
+        for key in ("aten_ops", "copy_", "_to_copy") + (("kernel_launches",) if before["kernel_launches"] else ()):
+            rows.append((f"{c['dtype']} step {key}", f"fp32 frozen {before[key]}", f"cast {after[key]}",
+                         f"{before[key] / max(after[key], 1):.2f}x fewer"))
+        if "cast_ms" in c:
+            rows.append((f"{c['dtype']} step, ms", f"fp32 frozen {c['fp32_frozen_ms']:.1f}", f"cast {c['cast_ms']:.1f}",
+                         f"{c['speedup']:.2f}x, same losses: {c['same_losses']}"))
+        else:
+            rows.append((f"{c['dtype']} step", "", "", f"same losses: {c['same_losses']}; not timed"))
     print(f"\n== {kind} ==")
     for row in rows:
         print(f"{row[0]:<28}{row[1]:<20}{row[2]:<20}{row[3]}")

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import train
 from config import DEMO_DIR, UserError, run_main
@@ -132,3 +133,18 @@ def test_bad_options_fail_before_heavy_work(tmp_path):
         train.parse_args(["--per_device_train_batch_size", "0"])
     with pytest.raises(UserError, match="--embedding_cache_dtype.*invalid choice: 'bfloat16'"):
         train.parse_args(["--embedding_cache_dtype", "bfloat16"])
+
+
+def test_precision_flag_reaches_trainers_autocast(tmp_path):
+    """--precision sets bf16 after TrainingArguments derived mixed_precision from the flags, and Trainer's
+    autocast follows mixed_precision alone: it must be set too, or the step runs in fp32."""
+    _, args = train.parse_args(["--demo", "--precision", "bf16", "--output_dir", str(tmp_path)])
+    assert args.bf16 and not args.fp16 and args.mixed_precision == "bf16"
+    _, args = train.parse_args(["--demo", "--precision", "fp32", "--output_dir", str(tmp_path)])
+    assert not (args.bf16 or args.fp16) and args.mixed_precision == "no"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 training is refused on a CPU only")
+def test_fp16_on_a_cpu_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="fp16.*needs a GPU"):
+        train.parse_args(["--demo", "--precision", "fp16", "--output_dir", str(tmp_path)])

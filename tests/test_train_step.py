@@ -1,0 +1,171 @@
+"""The training step's speed-ups change no numbers: frozen weights stored in autocast's dtype, fixed-length padding."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from config import PetConfig
+from data import BREED_NAMES, NUM_BREEDS, CaptionCollator, caption_for, longest_caption_tokens
+from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
+
+TEMPLATE = PetConfig().caption_template
+
+
+@pytest.fixture(scope="module")
+def pretrained_like(demo_assets):
+    """The tiny demo model with every weight nudged off its initial value: fresh LayerNorms (1 and 0)
+    and zero biases are exact in bf16, so casting them wrongly would change no number and no test could see it."""
+    model_dir, _ = demo_assets
+    model = load_base_model(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    return model, load_processor(model_dir)
+
+
+def _batch(model, processor, n=4):
+    collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
+    batch = collate([{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(n)])  # lengths differ: padding
+    vision = model.config.vision_config
+    shape = (n, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+    batch["image_embeds"] = torch.randn(shape, generator=torch.Generator().manual_seed(1)).half()  # as the cache stores them
+    return batch
+
+
+def _steps(model, batch, dtype, steps=2):
+    """(loss, LoRA gradients) of `steps` optimizer steps under CPU autocast, as Trainer takes them:
+    clipped, AdamW, and for fp16 through a GradScaler (which refuses half-precision gradients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=dtype == torch.float16)
+    model.train()
+    out = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        out.append((loss.detach(), [p.grad.clone() for p in params]))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_linears_stored_in_autocast_dtype_change_no_number(pretrained_like, dtype):
+    base, processor = pretrained_like
+    plain = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value,key,dense")
+    cast = copy.deepcopy(plain)  # the same LoRA initialisation
+    count = cast_frozen_linears(cast, dtype)
+
+    params = dict(cast.named_parameters(remove_duplicate=False))
+    linears = {n for n, m in cast.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+    head = "base_model.model.text_decoder.cls.predictions.decoder"
+    expected = {n for n in params if n.rsplit(".", 1)[0] in linears and not n.startswith(head)}
+    assert count == len(expected) > 0
+    assert all((p.dtype == dtype) == (n in expected) for n, p in params.items()), "only frozen, untied Linear tensors"
+    assert params[f"{head}.weight"] is params["base_model.model.text_decoder.bert.embeddings.word_embeddings.weight"]
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
+    decoder = cast.get_base_model().text_decoder
+    assert decoder.dtype == cast.get_base_model().dtype == torch.float32  # what forward casts cached embeddings to
+
+    batch = _batch(base, processor)
+    for (loss, grads), (loss_cast, grads_cast) in zip(_steps(plain, batch, dtype), _steps(cast, batch, dtype)):
+        assert torch.equal(loss, loss_cast)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
+
+
+def test_the_comparison_sees_a_cast_of_the_tied_head(pretrained_like):
+    """Casting the LM head (tied to the word embeddings) by hand does change the loss: equality above means something."""
+    base, processor = pretrained_like
+    plain = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value")
+    wrong = copy.deepcopy(plain)
+    head = wrong.get_base_model().text_decoder.cls.predictions.decoder
+    head.weight.data = head.weight.data.to(torch.bfloat16)
+    batch = _batch(base, processor)
+    assert not torch.equal(_steps(plain, batch, torch.bfloat16, 1)[0][0], _steps(wrong, batch, torch.bfloat16, 1)[0][0])
+    with pytest.raises(ValueError, match="half-precision"):
+        cast_frozen_linears(plain, torch.float32)
+
+
+def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
+    """--torch_compile pads every batch to the longest caption of any breed: the loss is the per-batch padding's."""
+    base, processor = pretrained_like
+    tokenizer, bos = processor.tokenizer, base.config.text_config.bos_token_id
+    length = longest_caption_tokens(tokenizer, TEMPLATE)
+    items = [{"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Beagle", "Bengal", "Pug", "Boxer")]
+    per_batch = CaptionCollator(tokenizer, bos)(items)
+    fixed = CaptionCollator(tokenizer, bos, pad_to=length)(items)
+    short = per_batch["input_ids"].shape[1]
+    assert fixed["input_ids"].shape[1] == length > short
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(fixed[key][:, :short], per_batch[key])
+    assert (fixed["attention_mask"][:, short:] == 0).all() and (fixed["labels"][:, short:] == -100).all()
+
+    model = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value").eval()
+    embeds = _batch(base, processor, len(items))["image_embeds"]
+    with torch.no_grad():
+        losses = [model(image_embeds=embeds, **batch).loss.item() for batch in (per_batch, fixed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="longer than pad_to"):
+        CaptionCollator(tokenizer, bos, pad_to=short - 1)(items)
+
+
+def _bf16_run(demo_assets, out, cache, *extra):
+    model_dir, data_dir = demo_assets
+    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
+            "--embedding_cache_dir", str(cache), "--precision", "bf16", "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--max_eval_samples", "8",
+            "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+            "--logging_steps", "1", "--max_new_tokens", "4", *extra,
+            # the lower validation loss picks the best checkpoint: the last one here (every accuracy is 0 this early)
+            "--metric_for_best_model", "loss", "--greater_is_better", "False"]
+    result = train.main(argv)
+    return result["history"], load_file(str(out / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_bf16_training_run_is_unchanged_by_the_cast(demo_assets, tmp_path, monkeypatch):
+    """Through Trainer (its autocast, validation captions, checkpoints, best model at the end, resume):
+    the same losses, accuracies and adapter as with fp32 base weights, and the adapter stays fp32."""
+    cast_history, cast_adapter = _bf16_run(demo_assets, tmp_path / "cast", tmp_path / "cache")
+    resumed_history, resumed_adapter = _bf16_run(demo_assets, tmp_path / "cast", tmp_path / "cache",
+                                                 "--resume_from_checkpoint", str(tmp_path / "cast" / "checkpoint-2"))
+    monkeypatch.setattr(train, "cast_frozen_linears", lambda model, dtype: 0)
+    plain_history, plain_adapter = _bf16_run(demo_assets, tmp_path / "plain", tmp_path / "cache")
+    assert cast_history == plain_history and len(cast_history["validation"]) == 2
+    assert cast_adapter.keys() == plain_adapter.keys()
+    assert all(t.dtype == torch.float32 and torch.equal(t, plain_adapter[k]) for k, t in cast_adapter.items())
+    # resumed at step 2 of 4: steps 3 and 4, and the best (last) checkpoint, as in the uninterrupted run
+    assert resumed_history["train"][-2:] == cast_history["train"][-2:]
+    assert all(torch.equal(t, cast_adapter[k]) for k, t in resumed_adapter.items())
+
+
+@pytest.mark.slow
+def test_compiled_training_is_one_graph_with_eagers_losses(demo_assets, tmp_path):
+    """--torch_compile True: PEFT + BlipForPetCaptioning.forward compile without graph breaks, the fixed padding
+    gives every batch one shape (16 images in batches of 4: no partial batch; the captions' lengths differ), and
+    the losses are eager's."""
+    from torch._dynamo.utils import counters
+
+    model_dir, data_dir = demo_assets
+    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--embedding_cache_dir",
+            str(tmp_path / "cache"), "--max_steps", "4", "--max_train_samples", "16", "--per_device_train_batch_size", "4",
+            "--logging_steps", "1",
+            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
+    eager = train.main(argv + ["--output_dir", str(tmp_path / "eager")])
+    assert eager["trainer"].data_collator.pad_to is None  # without compile: each batch padded to its own longest
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train.main(argv + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True"])
+    assert compiled["trainer"].data_collator.pad_to == longest_caption_tokens(load_processor(model_dir).tokenizer, TEMPLATE)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once: no recompilation
+    losses = [[e["loss"] for e in run["history"]["train"]] for run in (eager, compiled)]
+    assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
