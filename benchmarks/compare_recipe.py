@@ -69,6 +69,7 @@ def main():
         "stages": stages,
         "train_new": {**timing_line("train.log"), **trainer_metrics("train.log")},
         "train_baseline": {**timing_line("bl_train.log"), **trainer_metrics("bl_train.log")},
+        "train_compiled": {**timing_line("train_compiled.log"), **trainer_metrics("train_compiled.log")},
         "evaluate_new": {k: new_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
         "evaluate_baseline": {k: old_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
         "common_images": len(common), "identical_on_common_images": same,
@@ -91,6 +92,7 @@ def main():
         print(f"{name:<22}{fmt(old):>20}{fmt(new):>20}")
     print("new train.py:", json.dumps(n))
     print("baseline train.py:", json.dumps(b))
+    print("compiled train.py (1 epoch, reduce-overhead):", json.dumps(record["train_compiled"]))
     ends = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("train", "evaluate", "explain"))
     print(f"three scripts end to end (new): {ends:.1f} s")
     print(f"identical on {len(common)} common test images: {json.dumps(same)}")

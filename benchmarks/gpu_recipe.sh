@@ -2,7 +2,8 @@
 # The whole recipe at real shapes on one GPU (issue 13): base-sized random BLIP (224M, 384 px),
 # synthetic 37-breed pets at the official split sizes (3,700 trainval / 3,663 test); train.py
 # defaults (5 epochs, batch 16), evaluate.py on the whole test split, explainability.py on 8 images;
-# a torch.profiler summary of one training step and one evaluation batch; and, where .baseline/
+# a torch.profiler summary of one training step and one evaluation batch; one epoch of training
+# compiled with CUDA graphs (SKIP=train_compiled leaves it out); and, where .baseline/
 # holds an older copy of the project (`git archive <commit> | tar -x -C .baseline`), that path on a
 # reduced run (1 epoch of 1,024 images; evaluation of 512 test images with the NEW adapter) for
 # img/s side by side and the top-1 breeds compared on the common images.
@@ -55,6 +56,11 @@ cp "$W/run/train_history.json" "$W/eval/metrics.json" "$OUT/" 2>/dev/null
 stage explain 60 $PY explainability.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/explain" --num_images 8
 stage profile 90 $PY benchmarks/profile_gpu.py "$W/base"
 cp "$W/profile.log" "$OUT/profile.txt"
+# The training loop compiled with CUDA graphs (torch.compile reduce-overhead; batches padded to one
+# length): one epoch without validation or checkpoints, for the loop's img/s and the compile time
+stage train_compiled 180 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run_compiled" \
+  --embedding_cache_dir "$W/cache" --logging_steps 50 --num_train_epochs 1 --eval_strategy no --save_strategy no \
+  --load_best_model_at_end False --torch_compile True --torch_compile_mode reduce-overhead
 
 # Today's path (.baseline/), reduced: one epoch of BL_TRAIN images without validation or checkpoints
 # (the loop's img/s), and evaluate.py on BL_EVAL test images with the new adapter (img/s; same predictions?)
