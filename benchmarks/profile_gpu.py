@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from config import PetConfig  # noqa: E402
 from data import NUM_BREEDS, CaptionCollator, caption_for  # noqa: E402
-from model import (_generate_ids, breed_candidates, create_lora_model, greedy_caption_ids, load_base_model,  # noqa: E402
-                   load_processor)
+from model import (_generate_ids, breed_candidates, cast_frozen_linears, create_lora_model, greedy_caption_ids,  # noqa: E402
+                   load_base_model, load_processor)
 
 
 def sync(device):
@@ -59,6 +59,8 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                   help="also time the step under torch.compile reduce-overhead (default: on a GPU)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -93,6 +95,28 @@ def main():
         step()
         sync(device)
     table(prof, device, f"one training step, batch {a.batch}")
+
+    # The step as train.py now runs it: frozen weights stored in bf16 (no per-step casts), eager;
+    # then compiled with CUDA graphs (torch.compile reduce-overhead), first calls = compile time
+    if dtype != torch.float32:
+        cast_frozen_linears(model, dtype)
+    for _ in range(2):
+        step()
+    t_cast = timed(step, device, a.repeats)
+    print(f"training step, frozen weights in {dtype}: {t_cast * 1e3:.1f} ms = {a.batch / t_cast:.0f} img/s "
+          f"({t_step / t_cast:.2f}x)")
+    if a.compile if a.compile is not None else device.type == "cuda":
+        eager_model, model = model, torch.compile(model, mode="reduce-overhead")
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(3):  # compiles forward and backward, then records the graphs
+            step()
+        sync(device)
+        first = time.perf_counter() - start
+        t_compiled = timed(step, device, a.repeats)
+        print(f"training step, compiled (reduce-overhead): {t_compiled * 1e3:.1f} ms = {a.batch / t_compiled:.0f} img/s "
+              f"({t_step / t_compiled:.2f}x the first step above); first 3 steps incl. compiling {first:.1f} s")
+        model = eager_model
 
     # Evaluation: one batch of cached-like embeddings through greedy captions and the 37-breed ranking
     merged = model.merge_and_unload().to(dtype).eval()
