@@ -126,7 +126,9 @@ class PetTrainer(Trainer):
         # Checking the loss reads it back from the device, which waits for the step to finish: on a
         # GPU the host could not queue the next step meanwhile. So there the losses are checked in
         # one read before anything is logged, evaluated or saved (FiniteLossCheck); on a CPU at once.
-        self.unchecked_losses.append((self.state.global_step, loss.detach()))
+        # a copy: compiled with CUDA graphs (--torch_compile_mode reduce-overhead) the loss lives in the
+        # graph's output buffer, which the next step overwrites (and torch refuses to read afterwards)
+        self.unchecked_losses.append((self.state.global_step, loss.detach().clone()))
         if loss.device.type == "cpu":
             self.check_losses()
         return out

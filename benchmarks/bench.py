@@ -4,6 +4,7 @@
     python benchmarks/bench.py --models tiny         # seconds instead of minutes
     python benchmarks/bench.py --device cuda --dtype bf16
     python benchmarks/bench.py --models base,deep --sections cast   # frozen weights cast once: op counts, host time
+    python benchmarks/bench.py --models tiny,deep --sections decode # greedy captions: generate vs the own loop
 
 Every figure is the median over --repeats runs, with the baseline and the fast path
 interleaved in the same process (these machines are noisy; ratios taken together are not).
@@ -350,6 +351,34 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
     return r
 
 
+def decoding(kind, workdir, device, dtype, n_images, repeats, steps=30):
+    """6. Greedy captions: transformers' generate against the project's loop (plain calls, and on a GPU
+    its CUDA graph), on the same random embeddings; a model that never writes [SEP] runs all steps."""
+    from model import _generate_ids, greedy_caption_ids
+
+    model = load_base_model(build_model(kind, workdir), dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] = -1e4
+    vision = model.config.vision_config
+    shape = (n_images, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+    embeds = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    paths = {"generate": lambda: _generate_ids(model, embeds, steps, 1),
+             "loop": lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=False)}
+    if device.type == "cuda":
+        paths["graph"] = lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=True)
+    with torch.no_grad():
+        ids = {name: fn() for name, fn in paths.items()}
+        t = interleaved(paths, repeats, device)
+        ops = {name: op_counts(fn, device) for name, fn in paths.items()}
+    r = {"images": n_images, "steps": steps, "identical_ids": all(torch.equal(i, ids["generate"]) for i in ids.values())}
+    for name in paths:
+        r[f"{name}_ms"] = t[name] * 1e3
+        r[f"{name}_aten_ops"] = ops[name]["aten_ops"]
+        r[f"{name}_kernel_launches"] = ops[name]["kernel_launches"]
+        r[f"{name}_speedup"] = t["generate"] / t[name]
+    return r
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="base,tiny",
@@ -361,7 +390,7 @@ def main():
     p.add_argument("--lora_target_modules", default="query,value")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "petcaption-bench"))
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--sections", default="training,pipeline,evaluation,vision,cast")
+    p.add_argument("--sections", default="training,pipeline,evaluation,vision,cast,decode")
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one memory probe per process
     a = p.parse_args()
     device = torch.device(a.device)
@@ -401,6 +430,10 @@ def main():
         if "vision" in sections:
             print(f"[{kind}] vision encoder, eager vs SDPA attention (batch {batch}) ...", flush=True)
             r["vision"] = vision(kind, workdir, device, dtype, batch, a.repeats)
+        if "decode" in sections:
+            n_decode = 4 if kind == "base" and device.type == "cpu" else 64 if device.type == "cuda" else 8
+            print(f"[{kind}] greedy captions, generate vs own loop ({n_decode} images x 30 steps) ...", flush=True)
+            r["decode"] = decoding(kind, workdir, device, dtype, n_decode, a.repeats)
         if "cast" in sections:
             half = dtype if dtype != torch.float32 else torch.bfloat16  # the cast is for autocast: bf16 unless --dtype fp16
             step_batch = a.batch or 16  # the GPU profile's training step (profile_gpu.py, h100-recipe-profile.txt)
@@ -445,6 +478,12 @@ def print_table(kind, r):
                          f"{c['speedup']:.2f}x, same losses: {c['same_losses']}"))
         else:
             rows.append((f"{c['dtype']} step", "", "", f"same losses: {c['same_losses']}; not timed"))
+    if "decode" in r:
+        d = r["decode"]
+        for name in [n for n in ("loop", "graph") if f"{n}_ms" in d]:
+            rows.append((f"greedy {d['images']}x{d['steps']}, ms", f"generate {d['generate_ms']:.1f}",
+                         f"{name} {d[f'{name}_ms']:.1f}", f"{d[f'{name}_speedup']:.2f}x, same ids: {d['identical_ids']}"))
+        rows.append(("greedy, aten ops", f"generate {d['generate_aten_ops']}", f"loop {d['loop_aten_ops']}", ""))
     print(f"\n== {kind} ==")
     for row in rows:
         print(f"{row[0]:<28}{row[1]:<20}{row[2]:<20}{row[3]}")
