@@ -408,7 +408,8 @@ def _graphed(step, device):
         if not _GRAPH_FAILED:
             logger.warning("decoding without CUDA graphs (capture failed: %s)", str(e).splitlines()[0][:MAX_ERROR_CHARS])
         _GRAPH_FAILED.append(True)
-        torch.cuda.synchronize(device)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(device)
         replay = step
     for tensor, value in zip((state.ids, state.position, state.done, state.steps), saved):
         tensor.copy_(value)

@@ -93,6 +93,22 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     assert torch.equal(greedy_caption_ids(model, embeds, max_new_tokens, cuda_graph=False), reference)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="uses a machine without CUDA, where every capture fails")
+def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_dir, monkeypatch, caplog):
+    """Where capture fails (here: no CUDA at all), decoding goes on without the graph: same ids, one warning."""
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "_GRAPH_FAILED", [])
+    model = load_base_model(tiny_dir).eval()
+    embeds = torch.randn(3, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("WARNING", logger="model"):
+        first = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
+        second = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
+    assert torch.equal(first, _generate(model, embeds, 10)) and torch.equal(second, first)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "decoding without CUDA graphs" in caplog.records[0].message
+
+
 @pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")
 def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
     model = load_base_model(build_tiny_blip(str(tmp_path / "base"), _words(), base_sized=True)).eval()
