@@ -54,7 +54,7 @@ stage train 240 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" 
 stage evaluate 120 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval"
 cp "$W/run/train_history.json" "$W/eval/metrics.json" "$OUT/" 2>/dev/null
 stage explain 60 $PY explainability.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/explain" --num_images 8
-stage profile 90 $PY benchmarks/profile_gpu.py "$W/base"
+stage profile 150 $PY benchmarks/profile_gpu.py "$W/base"
 cp "$W/profile.log" "$OUT/profile.txt"
 # The training loop compiled with CUDA graphs (torch.compile reduce-overhead; batches padded to one
 # length): one epoch without validation or checkpoints, for the loop's img/s and the compile time
