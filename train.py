@@ -232,6 +232,12 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
     plt.close(fig)
 
 
+def best_metric_name(args) -> str:
+    """What state.best_metric measures: "validation breed accuracy" by default, else --metric_for_best_model's."""
+    metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
+    return f"validation {metric.replace('_', ' ')}"
+
+
 def card_metadata(cfg, args, best) -> str:
     """The model card's YAML header in the Hub's format (huggingface_hub.ModelCardData)."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -240,7 +246,8 @@ def card_metadata(cfg, args, best) -> str:
     results = [] if best is None else [EvalResult(
         task_type="image-to-text", task_name="Image captioning (breed named in the caption)",
         dataset_type=dataset_id or "oxford-iiit-pet", dataset_name="Oxford-IIIT Pet", dataset_split="validation",
-        metric_type="accuracy", metric_name="validation breed accuracy", metric_value=round(float(best), 4))]
+        metric_type="accuracy" if best_metric_name(args).endswith("accuracy") else best_metric_name(args).split()[-1],
+        metric_name=best_metric_name(args), metric_value=round(float(best), 4))]
     data = ModelCardData(
         base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
         datasets=[dataset_id] if dataset_id else None, library_name="peft", pipeline_tag="image-to-text",
@@ -272,7 +279,7 @@ LoRA adapter for `{base}` that captions pet photos as
 - **Training**: {length}, learning rate {args.learning_rate:g}, batch size
   {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation, seed {args.seed},
   {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}.
-- **Kept**: the evaluation with the best validation breed accuracy: **{best if best is not None else float('nan'):.3f}**.
+- **Kept**: the evaluation with the best {best_metric_name(args)}: **{best if best is not None else float('nan'):.3f}**.
 
 ## Validation
 
@@ -464,7 +471,7 @@ def _train(cfg, args):
     if args.process_index == 0:
         with staged_outputs(out, last=("adapter_config.json",)) as tmp:
             _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
-        print(f"Adapter saved to {out}/ (best validation breed accuracy {best if best is not None else float('nan'):.3f})")
+        print(f"Adapter saved to {out}/ (best {best_metric_name(args)} {best if best is not None else float('nan'):.3f})")
         log_timing(timing, trainer, args)
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 

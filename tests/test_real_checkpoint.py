@@ -171,6 +171,10 @@ def test_model_card_metadata_for_hub_ids():
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-to-text"
     metric = meta["model-index"][0]["results"][0]["metrics"][0]
     assert metric == {"type": "accuracy", "value": 0.912, "name": "validation breed accuracy"}
+    # kept by another --metric_for_best_model: the card names that metric, not breed accuracy
+    args = train.TrainConfig(output_dir="outputs/blip-lora-pets", metric_for_best_model="loss", greater_is_better=False)
+    metric = yaml.safe_load(train.card_metadata(cfg, args, 3.96))["model-index"][0]["results"][0]["metrics"][0]
+    assert metric == {"type": "loss", "value": 3.96, "name": "validation loss"}
 
 
 PLAIN_PEFT = """
