@@ -587,8 +587,7 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     device = image_embeds.device
     num_candidates = input_ids.shape[0]
     packed = pack_candidates(input_ids, attention_mask)
-    ids, segments = packed["input_ids"].to(device), packed["segments"].to(device)
-    positions = packed["position_ids"].to(device)[0]
+    ids, positions, segments = (packed[k].to(device) for k in ("input_ids", "position_ids", "segments"))
     # row i may see row j: j is not later in its caption, and j is shared or of i's own candidate
     allowed = (positions[None, :] <= positions[:, None]) & ((segments[None, :] < 0) | (segments[None, :] == segments[:, None]))
     dtype = image_embeds.dtype if image_embeds.dtype.is_floating_point else torch.float32
@@ -643,7 +642,7 @@ def pack_candidates(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> di
         segments += [c] * (len(r) - 1 - shared)
         targets += r[shared + 1:]
     long = dict(dtype=torch.long)
-    return {"input_ids": torch.tensor([ids], **long), "position_ids": torch.tensor([positions], **long),
+    return {"input_ids": torch.tensor(ids, **long), "position_ids": torch.tensor(positions, **long),
             "segments": torch.tensor(segments, **long), "targets": torch.tensor(targets, **long),
             "last_shared": shared - 1, "first_targets": torch.tensor([r[shared] for r in rows], **long)}
 

@@ -187,6 +187,20 @@ def _one_by_one(model, pixel_values, caption, tokenizer):
     return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).sum().item()
 
 
+def test_candidates_pack_their_shared_start_once_and_drop_padding():
+    from model import SHARED, pack_candidates
+
+    # [DEC]=9 a=5 photo=6 | x y [SEP]=3 ; [DEC] a photo | z [SEP] pad ; the shared start is 3 tokens
+    ids = torch.tensor([[9, 5, 6, 7, 8, 3], [9, 5, 6, 4, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    p = pack_candidates(ids, mask)
+    assert p["input_ids"].tolist() == [9, 5, 6, 7, 8, 4]  # [SEP]s are targets only; no padding
+    assert p["position_ids"].tolist() == [0, 1, 2, 3, 4, 3]
+    assert p["segments"].tolist() == [SHARED] * 3 + [0, 0, 1]
+    assert p["last_shared"] == 2 and p["first_targets"].tolist() == [7, 4]
+    assert p["targets"].tolist()[:2] == [5, 6] and p["targets"].tolist()[3:] == [8, 3, 3]
+
+
 @torch.no_grad()
 def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter, tmp_path, monkeypatch):
     cwd, _ = demo_run
