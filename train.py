@@ -246,8 +246,7 @@ def card_metadata(cfg, args, best) -> str:
     results = [] if best is None else [EvalResult(
         task_type="image-to-text", task_name="Image captioning (breed named in the caption)",
         dataset_type=dataset_id or "oxford-iiit-pet", dataset_name="Oxford-IIIT Pet", dataset_split="validation",
-        metric_type="accuracy" if best_metric_name(args).endswith("accuracy") else best_metric_name(args).split()[-1],
-        metric_name=best_metric_name(args), metric_value=round(float(best), 4))]
+        metric_type=best_metric_name(args).split()[-1], metric_name=best_metric_name(args), metric_value=round(float(best), 4))]
     data = ModelCardData(
         base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
         datasets=[dataset_id] if dataset_id else None, library_name="peft", pipeline_tag="image-to-text",
