@@ -282,6 +282,12 @@ def same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def same_source(a, b) -> bool:
+    """The same model or data set: the same name, or two existing paths to the same place."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+                      and same_path(a, b))
+
+
 def inside(path: str, folder: str) -> bool:
     """True when `path` is `folder` or lies below it."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)

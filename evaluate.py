@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from transformers import set_seed
 
 from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check_seed, locked_output_dir, parse_config,
-                    pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
+                    pick_device, pick_dtype, run_main, same_path, same_source, save_run_config, staged_outputs)
 from data import NUM_BREEDS, load_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
 from metrics import ModelPredictions, Predictions, compute_metrics
@@ -51,14 +51,10 @@ def parse_args(argv=None):
         use_demo_assets(cfg)
     base = base_model_for(cfg, args.adapter)
     cfg.dataset = data_for(cfg, args.adapter)
-    if not _same_model(base, adapter_base):
+    if not same_source(base, adapter_base):
         logger.warning("adapter %s was trained on %r; evaluating it on %r", args.adapter, adapter_base, base)
     cfg.model_name_or_path = base
     return cfg, args
-
-
-def _same_model(a: str, b: str) -> bool:
-    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProces
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
 
-from config import DEFAULT_DATASET, UserError, hub_reachable, is_local, offline_hint
+from config import DEFAULT_DATASET, UserError, hub_reachable, is_local, offline_hint, same_source
 from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -390,7 +390,8 @@ def _graphed(step, device):
     as CUDA graphs require; the casts then are part of the graph.
     """
     state = step.__self__
-    saved = [t.clone() for t in (state.ids, state.position, state.done, state.steps)]
+    advanced = (state.ids, state.position, state.done, state.steps)  # what a step changes besides the K/V slot
+    saved = [t.clone() for t in advanced]
     autocast = torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
                               enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
     try:
@@ -411,7 +412,7 @@ def _graphed(step, device):
         if torch.cuda.is_available():
             torch.cuda.synchronize(device)
         replay = step
-    for tensor, value in zip((state.ids, state.position, state.done, state.steps), saved):
+    for tensor, value in zip(advanced, saved):
         tensor.copy_(value)
     return replay
 
@@ -543,17 +544,12 @@ def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tupl
             raise UserError(f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
                             f"{adapter_dir!r} lacks or cannot be read; use --split test") from None
         return cfg.val_fraction, seed
-    if split != "test" and not _same_source(trained.get("dataset"), cfg.dataset):
+    if split != "test" and not same_source(trained.get("dataset"), cfg.dataset):
         logger.warning("the adapter was trained on %r, not %r: --split %s is rebuilt on another data set than its own",
                        trained.get("dataset"), cfg.dataset, split)
     if (fraction, trained_seed) != (cfg.val_fraction, seed):
         logger.info("splitting the data as the adapter's training run did: val_fraction %g, seed %d", fraction, trained_seed)
     return fraction, trained_seed
-
-
-def _same_source(a, b) -> bool:
-    return a == b or (isinstance(a, str) and os.path.exists(a) and os.path.exists(b) and
-                      os.path.realpath(a) == os.path.realpath(b))
 
 
 def base_model_for(cfg, adapter_dir: str) -> str:
