@@ -548,6 +548,25 @@ class _PixelItems(torch.utils.data.Dataset):
         return i, self.image_processor(image, return_tensors="pt")["pixel_values"][0], None
 
 
+def _stack_piece(items: list):
+    """(positions, pixel_values (n, C, H, W) or None, {position: reason}) of one piece, built in the worker.
+
+    Stacked where the images were made, straight into shared memory (as torch's default_collate
+    does): the main process gets one tensor per piece instead of stacking 32 freshly mapped ones,
+    which took it ~2 ms an image, as long as a worker takes to decode and preprocess one.
+    """
+    good = [(i, px) for i, px, reason in items if reason is None]
+    bad = {i: reason for i, _, reason in items if reason is not None}
+    if not good:
+        return [], None, bad
+    first = good[0][1]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        out = first.new_empty(0).set_(first.untyped_storage()._new_shared(len(good) * first.nbytes, device=first.device)
+                                      ).view((len(good),) + tuple(first.shape))
+    return [i for i, _ in good], torch.stack([px for _, px in good], out=out), bad
+
+
 def image_workers(num_images: int) -> int:
     """Processes for decoding and preprocessing images: JPEG decoding and the processor's numpy
     resize/rescale/normalise cost ~5-15 ms per 384 px image on one core, as much as the GPU spends on
@@ -555,35 +574,41 @@ def image_workers(num_images: int) -> int:
     return 0 if num_images < 64 else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def pixel_batches(records: list, image_processor, batch_size: int, num_workers: Optional[int] = None):
+def pixel_batches(records: list, image_processor, batch_size: int, num_workers: Optional[int] = None,
+                  device=None):
     """(generator of (records, pixel_values) batches in order, {image_id: reason} of unreadable images).
 
     The same pixel values as image_processor(images) on the main process, computed by
     `num_workers` worker processes (default: image_workers). Unreadable images are left out of
-    their batch and recorded in the dict as the generator reaches them.
+    their batch and recorded in the dict as the generator reaches them. With `device`, batches
+    come back on it (pieces are moved as they arrive and joined there).
     """
     bad = {}
     workers = image_workers(len(records)) if num_workers is None else num_workers
     # Workers hand over pieces of at most 32 images (a 256-image batch would keep one worker busy
     # for seconds while the others wait, and hold 450 MB in shared memory per piece)
     loader = torch.utils.data.DataLoader(_PixelItems(records, image_processor), batch_size=min(batch_size, 32),
-                                         num_workers=workers, collate_fn=list,
+                                         num_workers=workers, collate_fn=_stack_piece,
                                          generator=torch.Generator(),  # its seed draw leaves the global RNG alone
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def gen():
-        good = []
-        for items in loader:
-            for i, px, reason in items:
-                if reason is not None:
-                    bad[records[i].image_id] = reason
-                else:
-                    good.append((i, px))
-            while len(good) >= batch_size:
-                part, good[:] = good[:batch_size], good[batch_size:]
-                yield [records[i] for i, _ in part], torch.stack([px for _, px in part])
-        if good:
-            yield [records[i] for i, _ in good], torch.stack([px for _, px in good])
+        positions, pieces, held = [], [], 0
+        for piece_positions, pixels, piece_bad in loader:
+            bad.update({records[i].image_id: reason for i, reason in piece_bad.items()})
+            if pixels is None:
+                continue
+            positions += piece_positions
+            pieces.append(pixels if device is None else pixels.to(device))
+            held += len(piece_positions)
+            while held >= batch_size:
+                # a whole piece that is a whole batch (batch size <= 32, no unreadable image) is not copied
+                joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                yield [records[i] for i in positions[:batch_size]], joined[:batch_size]
+                positions, held = positions[batch_size:], held - batch_size
+                pieces = [joined[batch_size:]] if held else []
+        if held:
+            yield [records[i] for i in positions], pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     return gen(), bad
 
@@ -684,8 +709,10 @@ class EmbeddingCache:
             out.append(self._keys[memo])
         return out
 
-    def build(self, records: list, encode, image_processor, batch_size: int = 32) -> int:
-        """Encode and store every record not cached yet; returns how many were encoded."""
+    def build(self, records: list, encode, image_processor, batch_size: int = 32, device=None) -> int:
+        """Encode and store every record not cached yet; returns how many were encoded.
+
+        `encode` gets batches of pixel values, on `device` when one is given (pixel_batches)."""
         import fcntl
 
         keys = self.keys(records)
@@ -699,45 +726,58 @@ class EmbeddingCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             self.index = self._read_index()  # another run may have added chunks meanwhile
             todo = [(r, k) for r, k in zip(records, keys) if k is not None and k not in self.index]
-            return self._encode(todo, encode, image_processor, batch_size) if todo else 0
+            return self._encode(todo, encode, image_processor, batch_size, device) if todo else 0
 
-    def _encode(self, todo: list, encode, image_processor, batch_size: int) -> int:
+    def _encode(self, todo: list, encode, image_processor, batch_size: int, device) -> int:
         import tempfile
         import uuid
+        from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
 
         chunk = f"chunk-{uuid.uuid4().hex}.npy"
         fd, tmp_chunk = tempfile.mkstemp(prefix=".chunk-", suffix=".npy.tmp", dir=self.dir)
-        os.close(fd)
         key_of = {id(r): k for r, k in todo}
-        rows, out = {}, None
+        rows, shape, writing = {}, None, None
         # images are decoded and preprocessed in worker processes, in order (pixel_batches)
-        batches, pending = pixel_batches([r for r, _ in todo], image_processor, batch_size)
+        batches, pending = pixel_batches([r for r, _ in todo], image_processor, batch_size, device=device)
         bar = tqdm(total=len(todo), desc="caching image embeddings", unit="img")
-        try:
-            for batch, pixels in batches:
-                # converted on the device: half the bytes to copy back, and no slow numpy cast on the host
-                # (torch's and numpy's float16 rounding agree: both round to nearest even)
-                emb = encode(pixels).to(getattr(torch, self.dtype)).cpu().numpy()
-                if out is None:  # shape known after the first batch; sized for every image still to do
-                    out = np.lib.format.open_memmap(tmp_chunk, mode="w+", dtype=self.dtype,
-                                                    shape=(len(todo),) + emb.shape[1:])
-                start = len(rows)
-                out[start:start + len(emb)] = emb
-                for k, record in enumerate(batch):
-                    rows[key_of[id(record)]] = start + k
-                bar.update(len(batch))
-            bar.close()
-            self.bad.update(pending)
-            if out is None:
-                return 0
-            out.flush()
-            del out
-            os.replace(tmp_chunk, os.path.join(self.dir, chunk))  # complete or absent
-        finally:
-            if os.path.exists(tmp_chunk):
+        # The chunk is an .npy file written front to back by a second thread while the next batch is
+        # encoded: stores into a fresh memory map cost the main process ~2 ms an image (page faults)
+        with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1) as writer:
+            try:
+                for batch, pixels in batches:
+                    # converted on the device: half the bytes to copy back, and no slow numpy cast on the host
+                    # (torch's and numpy's float16 rounding agree: both round to nearest even)
+                    emb = encode(pixels).to(getattr(torch, self.dtype)).cpu().numpy()
+                    if shape is None:  # sized for every image still to do; rows of unreadable ones stay zero
+                        shape = (len(todo),) + emb.shape[1:]
+                        np.lib.format.write_array_header_1_0(
+                            f, {"descr": np.lib.format.dtype_to_descr(emb.dtype), "fortran_order": False, "shape": shape})
+                        data_start = f.tell()
+                    if writing is not None:
+                        writing.result()  # one batch in flight: a slow disk holds the loop, not memory
+                    writing = writer.submit(f.write, memoryview(np.ascontiguousarray(emb)).cast("B"))
+                    start = len(rows)
+                    for k, record in enumerate(batch):
+                        rows[key_of[id(record)]] = start + k
+                    bar.update(len(batch))
+                if writing is not None:
+                    writing.result()
+                bar.close()
+                self.bad.update(pending)
+                if shape is None:
+                    return 0
+                f.truncate(data_start + emb.itemsize * int(np.prod(shape)))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the index points at it
+            except BaseException:
                 os.remove(tmp_chunk)
+                raise
+        if shape is None:
+            os.remove(tmp_chunk)
+            return 0
+        os.replace(tmp_chunk, os.path.join(self.dir, chunk))  # complete or absent
         self.index.update({key: [chunk, row] for key, row in rows.items()})
         fd, tmp_index = tempfile.mkstemp(prefix=".index-", suffix=".json.tmp", dir=self.dir)
         with os.fdopen(fd, "w") as f:
@@ -752,6 +792,9 @@ class EmbeddingCache:
             self._chunks[chunk] = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
         # stays in the stored (half) precision: half the bytes to copy and move; the model casts on its device
         return torch.from_numpy(np.array(self._chunks[chunk][row]))
+
+
+PRELOAD_ROWS = 256  # rows per copy in CachedEmbeddingDataset.preload
 
 
 class CachedEmbeddingDataset(torch.utils.data.Dataset):
@@ -782,10 +825,19 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
         for chunk, pairs in by_chunk.items():
             self.cache.get(self.items[pairs[0][0]][1])  # opens the chunk's memory map
             array = self.cache._chunks[chunk]
-            for s in range(0, len(pairs), 256):  # in slices: never the whole set in host memory at once
-                part = pairs[s:s + 256]
-                rows = torch.from_numpy(np.ascontiguousarray(array[[r for _, r in part]]))
-                out[torch.tensor([p for p, _ in part], device=device)] = rows.to(device)
+            # Runs of consecutive rows (a set cached in one build is one run per split) are copied
+            # straight from the memory map; a gather through a host copy took twice as long
+            pairs.sort(key=lambda pair: pair[1])
+            start = 0
+            for k in range(1, len(pairs) + 1):
+                if (k < len(pairs) and k - start < PRELOAD_ROWS and pairs[k][0] == pairs[k - 1][0] + 1
+                        and pairs[k][1] == pairs[k - 1][1] + 1):
+                    continue
+                (p0, r0), n = pairs[start], k - start
+                with warnings.catch_warnings():  # read-only map: only read here, never written
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    out[p0:p0 + n].copy_(torch.from_numpy(array[r0:r0 + n]))
+                start = k
         self.preloaded = out
         return self
 

@@ -90,7 +90,8 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
     out = Predictions([], [], {name: ModelPredictions([], []) for name in models}, candidates[1][:, 1:].sum(-1).numpy())
     scores = {name: [] for name in models}
     # images are decoded and preprocessed by worker processes while the GPU works (pixel_batches)
-    batches, bad = pixel_batches(records, processor.image_processor, batch_size)
+    device = next(next(iter(models.values())).parameters()).device
+    batches, bad = pixel_batches(records, processor.image_processor, batch_size, device=device)
     bar = tqdm(total=len(records), unit="img", desc="evaluating", disable=not show_progress)
     for batch, pixels in batches:
         batch_out = evaluate_batch(models, processor, pixels, candidates, cfg, share_embeddings)

@@ -386,7 +386,7 @@ def make_datasets(model, processor, splits, cfg, args):
             if args.process_index == 0:
                 model.vision_model.to(args.device).eval()
                 cache.build(splits["train"] + splits["validation"], encode, processor.image_processor,
-                            args.per_device_eval_batch_size)
+                            args.per_device_eval_batch_size, device=args.device)
         datasets = (CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
                     CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template))
         if args.device.type == "cuda" and fits_on_gpu(datasets, args.device):

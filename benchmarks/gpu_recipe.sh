@@ -11,13 +11,15 @@
 #   OUT=/tmp/out bash benchmarks/gpu_recipe.sh            # from the repository root; ~5 min on an H100
 #   TV=10 TE=14 BL_EVAL=518 SKIP="explain profile bl_train bl_explain" bash benchmarks/gpu_recipe.sh  # old vs new top-1 only
 #   TV=2 TE=2 SIZE=64 MODEL=tiny BL_TRAIN=32 BL_EVAL=16 TSCALE=10 BUDGET=3600 bash benchmarks/gpu_recipe.sh  # CPU dry run
+#   MODEL=tiny IMAGE_SIZE=384 SKIP="profile train_compiled" TSCALE=20 BUDGET=7200 bash benchmarks/gpu_recipe.sh
+#       # the host side at full size on a CPU: a narrow model at 384 px (577 image tokens), real split sizes
 #
 # Writes flat files to $OUT: timings.txt, stages.log, summary.txt, recipe.json, profile.txt,
 # metrics.json, train_history.json, attention_metrics.json. Wheels in $WHL (default .whl) are
 # installed first (datasets, rouge-score, ... where the machine lacks them).
 set -u
 P=$(pwd); W=$(mktemp -d); OUT=${OUT:-$W/out}; mkdir -p "$OUT"
-TV=${TV:-100}; TE=${TE:-99}; SIZE=${SIZE:-384}; MODEL=${MODEL:-base}; PY=${PY:-python3}; WHL=${WHL:-.whl}
+TV=${TV:-100}; TE=${TE:-99}; SIZE=${SIZE:-384}; MODEL=${MODEL:-base}; IMAGE_SIZE=${IMAGE_SIZE:-64}; PY=${PY:-python3}; WHL=${WHL:-.whl}
 BL_TRAIN=${BL_TRAIN:-1024}; BL_EVAL=${BL_EVAL:-512}
 # Every stage has its own limit (TSCALE multiplies them, for slow dry runs), and all of them
 # together end BUDGET seconds after the start, so the summary is always written
@@ -45,7 +47,7 @@ BASE=$([ "$MODEL" = base ] && echo True || echo False)
 stage build 60 $PY -c "
 from demo import build_tiny_blip; from data import caption_for
 words = ' '.join(caption_for(i, 'A photo of {article} {breed}, a type of pet.') for i in range(37)).replace(',', ' ').replace('.', ' ').split() + ['cat','dog']
-build_tiny_blip('$W/base', words, base_sized=$BASE); print('built')"
+build_tiny_blip('$W/base', words, image_size=$IMAGE_SIZE, base_sized=$BASE); print('built')"
 stage data 90 $PY benchmarks/gen_pets.py "$W/pets" "$TV" "$TE" "$SIZE"
 
 # The new path: the full recipe, three scripts as a user runs them

@@ -120,3 +120,63 @@ def test_sdpa_vision_attention_matches_eager(demo_assets):
     weights = model.vision_model(pixel_values=pixels, output_attentions=True).attentions
     assert len(weights) == len(attentions) and all(w is not None for w in weights)
     assert torch.allclose(weights[0].sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_copy", [256, 2])
+def test_preload_gives_each_item_its_stored_embedding(setup, tmp_path, monkeypatch, rows_per_copy):
+    import data
+
+    model, processor, records = setup
+    monkeypatch.setattr(data, "PRELOAD_ROWS", rows_per_copy)
+    _build(tmp_path, model, processor, records[3:9], "float16")
+    missing = Record("missing", 0, str(tmp_path / "nope.jpg"))
+    cache, _ = _build(tmp_path, model, processor, records + [missing], "float16")  # a second chunk, one bad image
+    # items in another order than their rows, across both chunks, with runs of consecutive rows
+    order = records[9:] + records[:2] + [missing] + records[3:7] + [records[8], records[7], records[2]]
+    dataset = CachedEmbeddingDataset(order, cache, TEMPLATE)
+    assert len(dataset) == len(records) and list(dataset.bad_images) == ["missing"]
+    stored = [dataset[i]["image_embeds"] for i in range(len(dataset))]
+    dataset.preload(torch.device("cpu"))
+    assert dataset.preloaded.shape == (len(records),) + stored[0].shape
+    for i in range(len(dataset)):
+        assert torch.equal(dataset[i]["image_embeds"], stored[i]), i
+    # and the stored rows are the encoder's outputs for those images (fp16 rounding)
+    with torch.no_grad():
+        pixels = processor.image_processor([data.load_image(dataset.items[-1][0])], return_tensors="pt")
+        expected = image_embeddings(model, pixels["pixel_values"])[0]
+    assert torch.allclose(dataset[-1]["image_embeds"].float(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_a_failed_chunk_write_raises_and_leaves_nothing_behind(setup, tmp_path, monkeypatch):
+    import errno
+
+    model, processor, records = setup
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # the chunk file: its third write (the second batch's rows) finds the disk full
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)) if "b" in mode else real_fdopen(fd, mode))
+    with pytest.raises(OSError, match="No space left"):
+        _build(tmp_path, model, processor, records, "float16")
+    monkeypatch.undo()
+    cache_dir = EmbeddingCache(str(tmp_path), vision_fingerprint(model, processor), "float16").dir
+    assert [n for n in os.listdir(cache_dir) if n != ".lock"] == []  # no chunk, no temporary file, no index
+    _, n = _build(tmp_path, model, processor, records, "float16")
+    assert n == len(records)
