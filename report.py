@@ -81,11 +81,18 @@ def _plt():
 def plot_confusion(matrix, title: str, path: str) -> None:
     import seaborn as sns
 
+    from seaborn.utils import relative_luminance
+
     plt = _plt()
-    annot = np.where(matrix > 0, matrix.astype(str), "")
     fig, ax = plt.subplots(figsize=(15, 13))
-    sns.heatmap(matrix, annot=annot, fmt="", cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
-                linewidths=0.3, linecolor="#eeeeee", annot_kws={"fontsize": 7}, ax=ax)
+    mesh = sns.heatmap(matrix, cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
+                       linewidths=0.3, linecolor="#eeeeee", ax=ax).collections[0]
+    # Counts written only where there are any, in seaborn's contrasting colour: its own annotation
+    # makes a text for each of the 1,444 cells, empty ones too, which took 1 of the figure's 1.4 s
+    for row, col in zip(*np.nonzero(matrix)):
+        dark = relative_luminance(mesh.cmap(mesh.norm(matrix[row, col]))) <= 0.408
+        ax.text(col + 0.5, row + 0.5, str(matrix[row, col]), ha="center", va="center", fontsize=7,
+                color="w" if dark else ".15")
     ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
     ax.tick_params(labelsize=8)
     plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")

@@ -358,3 +358,30 @@ def test_bad_options_fail_before_heavy_work():
         evaluate.parse_args(["--per_device_eval_batch_size", "0"])
     with pytest.raises(UserError, match="no_such_flag"):
         evaluate.parse_args(["--no_such_flag", "1"])
+
+
+def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp_path):
+    """The counts are drawn by hand (non-zero cells only, for speed): the image equals seaborn's annot= one."""
+    import matplotlib
+    import seaborn as sns
+    from PIL import Image
+
+    from report import LABELS, _plt, plot_confusion
+
+    matrix = np.zeros((len(BREED_NAMES) + 1, len(BREED_NAMES) + 1), dtype=int)
+    np.fill_diagonal(matrix, 40)
+    matrix[3, 7], matrix[10, 37], matrix[37, 2], matrix[5, 5] = 2, 9, 25, 17  # light, mid and dark cells
+    plot_confusion(matrix, "title", str(tmp_path / "fast.png"))
+    plt = _plt()  # the same figure through seaborn's annotation
+    fig, ax = plt.subplots(figsize=(15, 13))
+    sns.heatmap(matrix, annot=np.where(matrix > 0, matrix.astype(str), ""), fmt="", cmap="Blues", xticklabels=LABELS,
+                yticklabels=LABELS, cbar_kws={"label": "images"}, linewidths=0.3, linecolor="#eeeeee",
+                annot_kws={"fontsize": 7}, ax=ax)
+    ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title="title")
+    ax.tick_params(labelsize=8)
+    matplotlib.pyplot.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
+    fig.tight_layout()
+    fig.savefig(tmp_path / "seaborn.png", dpi=110)
+    plt.close(fig)
+    fast, reference = (np.asarray(Image.open(tmp_path / n).convert("RGB")) for n in ("fast.png", "seaborn.png"))
+    assert fast.shape == reference.shape and np.array_equal(fast, reference)
