@@ -111,6 +111,8 @@ class TrainConfig(TrainingArguments):
     use_embedding_cache: bool = field(default=True, metadata={"help": "cache image embeddings (off when LoRA targets the vision encoder)"})
     embedding_cache_dir: str = "outputs/cache"
     embedding_cache_dtype: Literal["float16", "float32"] = field(default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"})
+    cuda_graphs: bool = field(default=False, metadata={"help": "on one CUDA GPU, run the training step's forward and backward "
+                                                               "as CUDA graphs (no compilation; not yet measured, see README)"})
 
 
 DEMO_TRAIN_OVERRIDES = dict(

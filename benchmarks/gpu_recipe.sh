@@ -2,10 +2,11 @@
 # The whole recipe at real shapes on one GPU (issue 13): base-sized random BLIP (224M, 384 px),
 # synthetic 37-breed pets at the official split sizes (3,700 trainval / 3,663 test); train.py
 # defaults (5 epochs, batch 16), evaluate.py on the whole test split, explainability.py on 8 images;
-# a torch.profiler summary of one training step and one evaluation batch; one epoch of training
-# compiled with CUDA graphs (SKIP=train_compiled leaves it out); and, where .baseline/
-# holds an older copy of the project (`git archive <commit> | tar -x -C .baseline`), that path on a
-# reduced run (1 epoch of 1,024 images; evaluation of 512 test images with the NEW adapter) for
+# train.py again with --cuda_graphs True; a torch.profiler summary of one training step and one
+# evaluation batch; one epoch of training
+# compiled with CUDA graphs, by inductor and by the cudagraphs backend (SKIP="train_compiled
+# train_cudagraphs" leaves them out); and, where .baseline/ holds an older copy of the project
+# (`git archive <commit> | tar -x -C .baseline`), that path on a reduced run (1 epoch of 1,024 images; evaluation of 512 test images with the NEW adapter) for
 # img/s side by side and the top-1 breeds compared on the common images.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_recipe.sh            # from the repository root; ~5 min on an H100
@@ -44,6 +45,8 @@ stage() {
   awk -v n="$name" -v r=$rc -v s="$s" -v e="$(date +%s.%N)" 'BEGIN{printf "%s rc=%s %.1f s\n", n, r, e - s}' | tee -a "$OUT/timings.txt"
 }
 BASE=$([ "$MODEL" = base ] && echo True || echo False)
+# --cuda_graphs is refused without a GPU (a CPU dry run skips that stage)
+$PY -c "import torch; raise SystemExit(not torch.cuda.is_available())" 2>/dev/null || SKIP="${SKIP:-} train_graphs"
 stage build 60 $PY -c "
 from demo import build_tiny_blip; from data import caption_for
 words = ' '.join(caption_for(i, 'A photo of {article} {breed}, a type of pet.') for i in range(37)).replace(',', ' ').replace('.', ' ').split() + ['cat','dog']
@@ -56,6 +59,10 @@ stage train 240 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" 
 stage evaluate 120 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval"
 cp "$W/run/train_history.json" "$W/eval/metrics.json" "$OUT/" 2>/dev/null
 stage explain 60 $PY explainability.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/explain" --num_images 8
+# train.py's defaults again with the training step recorded as CUDA graphs (--cuda_graphs: no compilation),
+# on the cache the first run built (its build time is in the first run's timing line)
+stage train_graphs 240 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run_graphs" \
+  --embedding_cache_dir "$W/cache" --logging_steps 50 --cuda_graphs True
 stage profile 150 $PY benchmarks/profile_gpu.py "$W/base"
 cp "$W/profile.log" "$OUT/profile.txt"
 # The training loop compiled with CUDA graphs (torch.compile reduce-overhead; batches padded to one
@@ -63,6 +70,10 @@ cp "$W/profile.log" "$OUT/profile.txt"
 stage train_compiled 180 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run_compiled" \
   --embedding_cache_dir "$W/cache" --logging_steps 50 --num_train_epochs 1 --eval_strategy no --save_strategy no \
   --load_best_model_at_end False --torch_compile True --torch_compile_mode reduce-overhead
+# The same with the cudagraphs backend: CUDA graphs of AOTAutograd's graphs, no Triton compilation
+stage train_cudagraphs 120 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run_cudagraphs" \
+  --embedding_cache_dir "$W/cache" --logging_steps 50 --num_train_epochs 1 --eval_strategy no --save_strategy no \
+  --load_best_model_at_end False --torch_compile True --torch_compile_backend cudagraphs
 
 # Today's path (.baseline/), reduced: one epoch of BL_TRAIN images without validation or checkpoints
 # (the loop's img/s), and evaluate.py on BL_EVAL test images with the new adapter (img/s; same predictions?)

@@ -3,10 +3,10 @@ decode loop against transformers' generate, on the project's current path. For g
 
     python benchmarks/profile_gpu.py MODEL_DIR [--batch 16] [--eval_batch 64]
 
-Prints: median step times (host-synchronised), the top operators by device and by host time, the
-number of kernel launches per step, greedy captions by generate, by the own loop without and with
-a CUDA graph on the same embeddings (ratios taken in one run; the ids must be identical), and the
-37-breed ranking alone.
+Prints: median step times (host-synchronised: eager, frozen weights cast, train.py's --cuda_graphs,
+compiled two ways), the top operators by device and by host time, the number of kernel launches
+per step, greedy captions by generate, by the own loop without and with a CUDA graph on the same
+embeddings (ratios taken in one run; the ids must be identical), and the 37-breed ranking alone.
 """
 
 import argparse
@@ -60,7 +60,7 @@ def main():
     p.add_argument("--eval_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                   help="also time the step under torch.compile reduce-overhead (default: on a GPU)")
+                   help="also time the step compiled, reduce-overhead and the cudagraphs backend (default: on a GPU)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -105,21 +105,54 @@ def main():
     t_cast = timed(step, device, a.repeats)
     print(f"training step, frozen weights in {dtype}: {t_cast * 1e3:.1f} ms = {a.batch / t_cast:.0f} img/s "
           f"({t_step / t_cast:.2f}x)")
-    if a.compile if a.compile is not None else device.type == "cuda":
-        eager_model, model = model, torch.compile(model, mode="reduce-overhead")
+    if device.type == "cuda":  # train.py --cuda_graphs: forward and backward recorded, no compilation
+        from train import GraphedLoss
+
+        graphed = GraphedLoss(model.get_base_model(), dtype)
+
+        def graphed_step():
+            loss = graphed({"image_embeds": embeds, **batch})
+            if loss is None:
+                raise RuntimeError("recording failed (see the warning above)")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         try:
             sync(device)
             start = time.perf_counter()
-            for _ in range(3):  # compiles forward and backward, then records the graphs
-                step()
+            graphed_step()
             sync(device)
             first = time.perf_counter() - start
-            t_compiled = timed(step, device, a.repeats)
-            print(f"training step, compiled (reduce-overhead): {t_compiled * 1e3:.1f} ms = {a.batch / t_compiled:.0f} img/s "
-                  f"({t_step / t_compiled:.2f}x the first step above); first 3 steps incl. compiling {first:.1f} s")
-        except Exception as e:  # report it and go on: the evaluation measurements below still count
-            print(f"training step, compiled (reduce-overhead): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        model = eager_model
+            t_graphed = timed(graphed_step, device, a.repeats)
+            print(f"training step, --cuda_graphs: {t_graphed * 1e3:.1f} ms = {a.batch / t_graphed:.0f} img/s "
+                  f"({t_step / t_graphed:.2f}x the first step above); first step incl. recording {first:.1f} s")
+            with profile(activities=acts) as prof:
+                graphed_step()
+                sync(device)
+            table(prof, device, f"one training step with --cuda_graphs, batch {a.batch}", rows=10)
+        except Exception as e:
+            print(f"training step, --cuda_graphs: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    if a.compile if a.compile is not None else device.type == "cuda":
+        # inductor with CUDA graphs (Triton kernels: long to compile), and the "cudagraphs" backend
+        # (AOTAutograd's graphs replayed as recorded, eager kernels: no kernel compilation)
+        for label, options in (("reduce-overhead", {"mode": "reduce-overhead"}), ("cudagraphs backend", {"backend": "cudagraphs"})):
+            eager_model, model = model, torch.compile(model, **options)
+            try:
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(3):  # compiles forward and backward, then records the graphs
+                    step()
+                sync(device)
+                first = time.perf_counter() - start
+                t_compiled = timed(step, device, a.repeats)
+                print(f"training step, compiled ({label}): {t_compiled * 1e3:.1f} ms = {a.batch / t_compiled:.0f} img/s "
+                      f"({t_step / t_compiled:.2f}x the first step above); first 3 steps incl. compiling {first:.1f} s")
+            except Exception as e:  # report it and go on: the evaluation measurements below still count
+                print(f"training step, compiled ({label}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            model = eager_model
+            torch._dynamo.reset()
 
     # Evaluation: one batch of cached-like embeddings through greedy captions and the 37-breed ranking
     merged = model.merge_and_unload().to(dtype).eval()

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from config import PetConfig
+from config import PetConfig, UserError
 from data import BREED_NAMES, NUM_BREEDS, CaptionCollator, caption_for, longest_caption_tokens
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 
@@ -169,3 +169,56 @@ def test_compiled_training_is_one_graph_with_eagers_losses(demo_assets, tmp_path
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once: no recompilation
     losses = [[e["loss"] for e in run["history"]["train"]] for run in (eager, compiled)]
     assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def _graphs_run(demo_assets, out, *extra):
+    model_dir, data_dir = demo_assets
+    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
+            "--embedding_cache_dir", str(out.parent / "cache"), "--max_steps", "6", "--lora_dropout", "0.1",
+            "--max_train_samples", "18", "--per_device_train_batch_size", "4",  # 4 full batches and one of 2 per epoch
+            "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
+            *extra]
+    result = train.main(argv)
+    return [e["loss"] for e in result["history"]["train"]], load_file(str(out / "adapter_model.safetensors")), result
+
+
+def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, tmp_path, monkeypatch, caplog):
+    """--cuda_graphs, with a stand-in for torch.cuda.make_graphed_callables (no GPU here): recorded once, on the
+    first batch; full batches go through it, the partial one eagerly. If recording fails: one warning, and every
+    step eager. Both give the same losses (LoRA dropout on) and adapter. (Fixed padding against each batch's
+    own: test_fixed_length_padding_gives_the_per_batch_loss.)"""
+    recorded, replays = [], []
+
+    def stand_in(module, sample_args):
+        recorded.append([tuple(a.shape) for a in sample_args])
+        return lambda *args: replays.append([tuple(a.shape) for a in args]) or module(*args)
+
+    def failing(module, sample_args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(train.GraphedLoss, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train.GraphedLoss, "make_graphed", staticmethod(stand_in))
+    losses, adapter, result = _graphs_run(demo_assets, tmp_path / "graphs", "--cuda_graphs", "True")
+    pad_to = result["trainer"].data_collator.pad_to
+    assert pad_to == longest_caption_tokens(load_processor(demo_assets[0]).tokenizer, TEMPLATE)
+    assert len(recorded) == 1 and recorded[0][0][0] == 4 and recorded[0][1:] == [(4, pad_to)] * 3
+    assert len(replays) == 5 and all(r == recorded[0] for r in replays)  # steps 1-4 and 6; step 5 (2 images) eager
+
+    monkeypatch.setattr(train.GraphedLoss, "make_graphed", staticmethod(failing))
+    with caplog.at_level("WARNING", logger="train"):
+        eager_losses, eager_adapter, _ = _graphs_run(demo_assets, tmp_path / "failed", "--cuda_graphs", "True")
+    warnings = [r.getMessage() for r in caplog.records if "--cuda_graphs" in r.getMessage()]
+    assert len(warnings) == 1 and "stream is capturing" in warnings[0] and "runs eagerly" in warnings[0]
+    assert len(losses) == 6 and losses == eager_losses
+    assert all(torch.equal(t, eager_adapter[k]) for k, t in adapter.items())
+
+
+def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatch):
+    model_dir, data_dir = demo_assets
+    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(tmp_path / "x"),
+            "--cuda_graphs", "True"]
+    with pytest.raises(UserError, match="--cuda_graphs needs a CUDA GPU"):
+        train.parse_args(argv)
+    monkeypatch.setattr(train.GraphedLoss, "DEVICES", ("cuda", "cpu"))
+    with pytest.raises(UserError, match="pass one of them"):
+        train.parse_args(argv + ["--torch_compile", "True"])
