@@ -80,6 +80,10 @@ def check_train_options(cfg, args) -> None:
             raise UserError("--cuda_graphs and --torch_compile both record the step: pass one of them")
         if args.world_size > 1:
             raise UserError("--cuda_graphs works on one GPU; leave it off under torchrun / accelerate launch")
+        if args.gradient_accumulation_steps > 1:
+            # the gradients autograd hands over live in the graph's buffers, which the next replay overwrites
+            raise UserError("--cuda_graphs cannot accumulate gradients: use a larger --per_device_train_batch_size "
+                            "instead of --gradient_accumulation_steps, or leave --cuda_graphs off")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
     if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
@@ -221,8 +225,10 @@ class GraphedLoss:
     once, on the first batch (after three warm-up passes that leave the gradients alone), and
     replays each as a single launch; no compilation, unlike torch.compile. Batches of another shape
     (the epoch's last, partial one) run eagerly; the collator pads every batch to one length. The
-    optimizer, clipping and scheduler stay Trainer's. Cached image embeddings only; if recording
-    fails (no CUDA, an operation a graph cannot hold), one warning and the step runs eagerly.
+    optimizer, clipping and scheduler stay Trainer's. Cached image embeddings only, and no gradient
+    accumulation (autograd hands over the gradients in the graph's own buffers, which the next replay
+    overwrites; Trainer sets them to None after each optimizer step). If recording fails (an
+    operation a graph cannot hold), one warning and the step runs eagerly.
     """
 
     make_graphed = staticmethod(torch.cuda.make_graphed_callables)  # the tests put a stand-in here

@@ -222,3 +222,5 @@ def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatc
     monkeypatch.setattr(train.GraphedLoss, "DEVICES", ("cuda", "cpu"))
     with pytest.raises(UserError, match="pass one of them"):
         train.parse_args(argv + ["--torch_compile", "True"])
+    with pytest.raises(UserError, match="cannot accumulate gradients"):
+        train.parse_args(argv + ["--gradient_accumulation_steps", "2"])
