@@ -551,20 +551,15 @@ class _PixelItems(torch.utils.data.Dataset):
 def _stack_piece(items: list):
     """(positions, pixel_values (n, C, H, W) or None, {position: reason}) of one piece, built in the worker.
 
-    Stacked where the images were made, straight into shared memory (as torch's default_collate
-    does): the main process gets one tensor per piece instead of stacking 32 freshly mapped ones,
-    which took it ~2 ms an image, as long as a worker takes to decode and preprocess one.
+    Stacked where the images were made; in a worker default_collate stacks straight into shared
+    memory. The main process then gets one tensor per piece instead of stacking 32 freshly mapped
+    ones, which took it ~2 ms an image, as long as a worker takes to decode and preprocess one.
     """
     good = [(i, px) for i, px, reason in items if reason is None]
     bad = {i: reason for i, _, reason in items if reason is not None}
     if not good:
         return [], None, bad
-    first = good[0][1]
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        out = first.new_empty(0).set_(first.untyped_storage()._new_shared(len(good) * first.nbytes, device=first.device)
-                                      ).view((len(good),) + tuple(first.shape))
-    return [i for i, _ in good], torch.stack([px for _, px in good], out=out), bad
+    return [i for i, _ in good], torch.utils.data.default_collate([px for _, px in good]), bad
 
 
 def image_workers(num_images: int) -> int:
