@@ -97,7 +97,7 @@ def main():
     table(prof, device, f"one training step, batch {a.batch}")
 
     # The step as train.py now runs it: frozen weights stored in bf16 (no per-step casts), eager;
-    # then compiled with CUDA graphs (torch.compile reduce-overhead), first calls = compile time
+    # then as CUDA graphs: recorded (--cuda_graphs), compiled two ways; first calls = recording/compiling
     if dtype != torch.float32:
         cast_frozen_linears(model, dtype)
     for _ in range(2):
@@ -105,6 +105,23 @@ def main():
     t_cast = timed(step, device, a.repeats)
     print(f"training step, frozen weights in {dtype}: {t_cast * 1e3:.1f} ms = {a.batch / t_cast:.0f} img/s "
           f"({t_step / t_cast:.2f}x)")
+    def measure(label, run, first_calls, what) -> bool:
+        """Times `run`, its first calls apart (recording or compiling); prints it, or why it failed."""
+        try:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(first_calls):
+                run()
+            sync(device)
+            first = time.perf_counter() - start
+            t = timed(run, device, a.repeats)
+            print(f"training step, {label}: {t * 1e3:.1f} ms = {a.batch / t:.0f} img/s ({t_step / t:.2f}x the first "
+                  f"step above); first {first_calls} step(s) incl. {what} {first:.1f} s")
+            return True
+        except Exception as e:  # report it and go on: the evaluation measurements below still count
+            print(f"training step, {label}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            return False
+
     if device.type == "cuda":  # train.py --cuda_graphs: forward and backward recorded, no compilation
         from train import GraphedLoss
 
@@ -119,38 +136,17 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        try:
-            sync(device)
-            start = time.perf_counter()
-            graphed_step()
-            sync(device)
-            first = time.perf_counter() - start
-            t_graphed = timed(graphed_step, device, a.repeats)
-            print(f"training step, --cuda_graphs: {t_graphed * 1e3:.1f} ms = {a.batch / t_graphed:.0f} img/s "
-                  f"({t_step / t_graphed:.2f}x the first step above); first step incl. recording {first:.1f} s")
+        if measure("--cuda_graphs", graphed_step, 1, "recording"):
             with profile(activities=acts) as prof:
                 graphed_step()
                 sync(device)
             table(prof, device, f"one training step with --cuda_graphs, batch {a.batch}", rows=10)
-        except Exception as e:
-            print(f"training step, --cuda_graphs: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if a.compile if a.compile is not None else device.type == "cuda":
         # inductor with CUDA graphs (Triton kernels: long to compile), and the "cudagraphs" backend
         # (AOTAutograd's graphs replayed as recorded, eager kernels: no kernel compilation)
         for label, options in (("reduce-overhead", {"mode": "reduce-overhead"}), ("cudagraphs backend", {"backend": "cudagraphs"})):
             eager_model, model = model, torch.compile(model, **options)
-            try:
-                sync(device)
-                start = time.perf_counter()
-                for _ in range(3):  # compiles forward and backward, then records the graphs
-                    step()
-                sync(device)
-                first = time.perf_counter() - start
-                t_compiled = timed(step, device, a.repeats)
-                print(f"training step, compiled ({label}): {t_compiled * 1e3:.1f} ms = {a.batch / t_compiled:.0f} img/s "
-                      f"({t_step / t_compiled:.2f}x the first step above); first 3 steps incl. compiling {first:.1f} s")
-            except Exception as e:  # report it and go on: the evaluation measurements below still count
-                print(f"training step, compiled ({label}): FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            measure(f"compiled ({label})", step, 3, "compiling")  # compiles forward and backward, records the graphs
             model = eager_model
             torch._dynamo.reset()
 
