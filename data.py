@@ -761,15 +761,14 @@ class EmbeddingCache:
                     writing.result()
                 bar.close()
                 self.bad.update(pending)
-                if shape is None:
-                    return 0
-                f.truncate(data_start + emb.itemsize * int(np.prod(shape)))
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the index points at it
+                if shape is not None:
+                    f.truncate(data_start + emb.itemsize * int(np.prod(shape)))
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the index points at it
             except BaseException:
                 os.remove(tmp_chunk)
                 raise
-        if shape is None:
+        if shape is None:  # not one image could be read
             os.remove(tmp_chunk)
             return 0
         os.replace(tmp_chunk, os.path.join(self.dir, chunk))  # complete or absent

@@ -80,7 +80,6 @@ def _plt():
 
 def plot_confusion(matrix, title: str, path: str) -> None:
     import seaborn as sns
-
     from seaborn.utils import relative_luminance
 
     plt = _plt()

@@ -232,7 +232,7 @@ class GraphedLoss:
     """
 
     make_graphed = staticmethod(torch.cuda.make_graphed_callables)  # the tests put a stand-in here
-    DEVICES = ("cuda",)  # and a CPU here
+    DEVICES = ("cuda",)  # the tests add "cpu", with the stand-in
     KEYS = ("image_embeds", "input_ids", "attention_mask", "labels")
 
     def __init__(self, model, dtype):

@@ -178,5 +178,8 @@ def test_a_failed_chunk_write_raises_and_leaves_nothing_behind(setup, tmp_path, 
     monkeypatch.undo()
     cache_dir = EmbeddingCache(str(tmp_path), vision_fingerprint(model, processor), "float16").dir
     assert [n for n in os.listdir(cache_dir) if n != ".lock"] == []  # no chunk, no temporary file, no index
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")  # hashed, then unreadable: the build has nothing to write
+    cache, n = _build(tmp_path, model, processor, [Record("broken", 0, str(tmp_path / "broken.jpg"))], "float16")
+    assert n == 0 and "broken" in cache.bad and [n for n in os.listdir(cache_dir) if n != ".lock"] == []
     _, n = _build(tmp_path, model, processor, records, "float16")
     assert n == len(records)
