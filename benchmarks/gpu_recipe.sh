@@ -3,10 +3,10 @@
 # synthetic 37-breed pets at the official split sizes (3,700 trainval / 3,663 test); train.py
 # defaults (5 epochs, batch 16), evaluate.py on the whole test split, explainability.py on 8 images;
 # train.py again with --cuda_graphs True; a torch.profiler summary of one training step and one
-# evaluation batch; one epoch of training
-# compiled with CUDA graphs, by inductor and by the cudagraphs backend (SKIP="train_compiled
-# train_cudagraphs" leaves them out); and, where .baseline/ holds an older copy of the project
-# (`git archive <commit> | tar -x -C .baseline`), that path on a reduced run (1 epoch of 1,024 images; evaluation of 512 test images with the NEW adapter) for
+# evaluation batch; one epoch of training compiled with CUDA graphs, by inductor and by the
+# cudagraphs backend (SKIP="train_compiled train_cudagraphs" leaves them out); and, where .baseline/
+# holds an older copy of the project (`git archive <commit> | tar -x -C .baseline`), that path on a
+# reduced run (1 epoch of 1,024 images; evaluation of 512 test images with the NEW adapter) for
 # img/s side by side and the top-1 breeds compared on the common images.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_recipe.sh            # from the repository root; ~5 min on an H100
