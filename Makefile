@@ -2,13 +2,16 @@
 # make app    install into .venv, then serve the web demo offline on http://127.0.0.1:7860
 # make test   install into .venv, then run the test suite (what CI runs)
 # make test-fast  the same without the tests marked slow: a one-minute loop while developing
+# make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
+#                   resolution, torch as $(TORCH)), then the fast tests and the demo's three scripts (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
+LOWEST ?= .venv-lowest
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo app test test-fast clean
+.PHONY: install demo app test test-fast test-lowest clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +34,22 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The floors in requirements*.txt are promises (pip keeps any installed version that meets them), so this
+# installs exactly them. torch is installed by pip (it finds the local CPU build) and held at that version:
+# uv would otherwise resolve torch itself, from the index, to the CUDA build.
+test-lowest:
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q "$(TORCH)" uv
+	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
+		-r requirements.txt -r requirements-dev.txt -c $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/uv pip list --python $(LOWEST)/bin/python
+	$(LOWEST)/bin/python -m pytest -q -m "not slow" tests
+	cd "$$(mktemp -d)" && $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/train.py --demo \
+		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/evaluate.py --demo \
+		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/explainability.py --demo
 
 clean:
 	rm -rf outputs
