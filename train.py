@@ -73,6 +73,7 @@ def check_train_options(cfg, args) -> None:
     if args.max_steps == -1 and not args.num_train_epochs > 0:
         raise UserError(f"--num_train_epochs must be positive, not {args.num_train_epochs}: it would save an untrained adapter")
     check_seed(args.seed)
+    check_report_to(args.report_to)
     if args.cuda_graphs:
         if args.device.type not in GraphedLoss.DEVICES:
             raise UserError(f"--cuda_graphs needs a CUDA GPU (this run is on {args.device.type}); leave it off")
@@ -90,6 +91,20 @@ def check_train_options(cfg, args) -> None:
         # the adapter would be saved into the base model's folder, which then loads with it applied
         raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "
                         f"{cfg.model_name_or_path!r}; pass another folder")
+
+
+def check_report_to(report_to) -> None:
+    """--report_to names integrations that are installed: Trainer would fail only after the data and model load."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in (n for n in names if n not in ("none", "all")):
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"--report_to {name}: not an integration Trainer knows; use one of "
+                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)")
+        if name not in get_available_reporting_integrations():
+            raise UserError(f"--report_to {name}: its package is not installed; `pip install {name}`, "
+                            "or leave --report_to out")
 
 
 # Settings a resumed run must share with the run that wrote the checkpoint (written into each checkpoint)
@@ -367,23 +382,20 @@ LoRA adapter for `{base}` that captions pet photos as
 
 ## Use
 
-With this project:
+With plain transformers and PEFT: the base model with this LoRA merged in, captioned by the
+`image-text-to-text` pipeline (transformers 5 has no `image-to-text` pipeline; `text=""` asks for a
+caption with no prompt, exactly like `generate`):
 
-```python
-from model import load_lora_for_inference, generate_caption
-model, processor = load_lora_for_inference("{args.output_dir}")
-print(generate_caption(model, processor, [image]))
-```
-
-With plain transformers and PEFT:
-
+<!-- pipeline-snippet -->
 ```python
 from peft import AutoPeftModel
-from transformers import BlipProcessor
-model = AutoPeftModel.from_pretrained("{args.output_dir}").merge_and_unload().eval()
-processor = BlipProcessor.from_pretrained("{args.output_dir}")
-ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=30)
-print(processor.decode(ids[0], skip_special_tokens=True))
+from PIL import Image
+from transformers import AutoProcessor, pipeline
+
+adapter = "{args.output_dir}"  # this folder, or the Hub repo id it was pushed to
+model = AutoPeftModel.from_pretrained(adapter).merge_and_unload().eval()  # base model + LoRA, merged
+captioner = pipeline("image-text-to-text", model=model, processor=AutoProcessor.from_pretrained(adapter))
+print(captioner(Image.open("pet.jpg"), text="", max_new_tokens=30)[0]["generated_text"])
 ```
 """
     with open(path, "w") as f:
