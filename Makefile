@@ -3,13 +3,14 @@
 # make test   install into .venv, then run the test suite (what CI runs)
 # make test-fast  the same without the tests marked slow: a one-minute loop while developing
 # make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
-#                   resolution, torch as $(TORCH)), then the fast tests and the demo's three scripts (CI runs it)
+#                   resolution, torch as $(TORCH)), then the demo's three scripts and the fast tests (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 LOWEST ?= .venv-lowest
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
 TORCH ?= torch==2.13.0
+UV ?= uv==0.13.9
 
 .PHONY: install demo app test test-fast test-lowest clean
 
@@ -41,15 +42,15 @@ test-fast: install
 test-lowest:
 	rm -rf $(LOWEST)
 	$(PYTHON) -m venv $(LOWEST)
-	$(LOWEST)/bin/pip install -q "$(TORCH)" uv
+	$(LOWEST)/bin/pip install -q "$(TORCH)" "$(UV)"
 	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LOWEST)/constraints.txt
 	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
 		-r requirements.txt -r requirements-dev.txt -c $(LOWEST)/constraints.txt
 	$(LOWEST)/bin/uv pip list --python $(LOWEST)/bin/python
-	$(LOWEST)/bin/python -m pytest -q -m "not slow" tests
-	cd "$$(mktemp -d)" && $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/train.py --demo \
+	d="$$(mktemp -d)" && cd "$$d" && $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/train.py --demo \
 		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/evaluate.py --demo \
-		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/explainability.py --demo
+		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/explainability.py --demo; rc=$$?; rm -rf "$$d"; exit $$rc
+	$(LOWEST)/bin/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf outputs

@@ -392,7 +392,7 @@ from peft import AutoPeftModel
 from PIL import Image
 from transformers import AutoProcessor, pipeline
 
-adapter = "{args.output_dir}"  # this folder, or the Hub repo id it was pushed to
+adapter = "{args.output_dir}"  # train.py's --output_dir, or the Hub repo id it was pushed to
 model = AutoPeftModel.from_pretrained(adapter).merge_and_unload().eval()  # base model + LoRA, merged
 captioner = pipeline("image-text-to-text", model=model, processor=AutoProcessor.from_pretrained(adapter))
 print(captioner(Image.open("pet.jpg"), text="", max_new_tokens=30)[0]["generated_text"])
