@@ -122,6 +122,11 @@ def set_vision_attention(model, implementation: str = "sdpa"):
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForPetCaptioning:
     kwargs = _local_or_cached(name_or_path)
     if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+            # transformers would load the adapter's own base and apply the adapter: the "zero-shot" model
+            # would be the fine-tuned one, silently
+            raise UserError(f"{name_or_path!r} holds a LoRA adapter, not a base model; pass it as --adapter and leave "
+                            "out --model_name_or_path (the adapter names its base) or pass the base model's folder")
         # The saved adapter records this as its base: absolute, so it loads from any working directory
         name_or_path = os.path.abspath(name_or_path)
     try:
@@ -140,7 +145,31 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
     if missing:
         raise UserError(f"the model at {name_or_path!r} lacks {len(missing)} weights (first: {', '.join(missing[:3])}); "
                         "it is incomplete: download it again")
+    check_finite_model(model, f"the model at {name_or_path!r}", "it is damaged: download it again")
     return model
+
+
+@torch.no_grad()
+def check_finite_model(model, what: str, fix: str) -> None:
+    """UserError unless every weight of `model` and its output on a probe input are finite numbers.
+
+    Both, because each misses what the other finds: a NaN in an embedding row the probe never
+    looks up, and finite weights whose product overflows (an adapter scaled by lora_alpha 1e30,
+    a model run in fp16). Whatever `model` is (base, PEFT-wrapped, merged), the probe is a blank
+    image and the caption start, in the model's own dtype and device: what inference computes.
+    """
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{what} has NaN or infinite weights (first: {name}); {fix}")
+    param = next(model.parameters())
+    config = model.config
+    side = config.vision_config.image_size
+    pixels = torch.zeros(1, 3, side, side, dtype=param.dtype, device=param.device)
+    ids = torch.tensor([[config.text_config.bos_token_id, config.text_config.sep_token_id]], device=param.device)
+    logits = model(pixel_values=pixels, input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        half = " (or run it with --precision fp32)" if param.dtype in (torch.float16, torch.bfloat16) else ""
+        raise UserError(f"{what} computes NaN or infinite outputs in {str(param.dtype).replace('torch.', '')}; {fix}{half}")
 
 
 def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
@@ -234,7 +263,12 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     check_loaded_keys(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
-    return model.to(device).eval(), processor
+    model = model.to(device).eval()
+    # the stored tensors are finite (check_adapter), but lora_alpha / r scales them into the model
+    check_finite_model(model, f"adapter {adapter_dir!r} (lora_alpha {adapter_config.get('lora_alpha')}, "
+                              f"r {adapter_config.get('r')}) applied to {base!r}",
+                       "check lora_alpha and r in its adapter_config.json, or re-train it")
+    return model, processor
 
 
 def check_loaded_keys(peft_model, adapter_dir: str) -> None:
