@@ -119,3 +119,158 @@ def test_a_sound_model_passes_the_check(demo_assets):
         model.text_decoder.bert.embeddings.word_embeddings.weight[3, 0] = float("inf")  # a row no probe looks up
     with pytest.raises(UserError, match="word_embeddings"):
         check_finite_model(model, "the tiny model", "")
+
+
+# ---------------------------------------------------------------------------
+# Images are told apart by what identifies them, not by a base name or an id column
+
+
+def _saved_dataset(path, splits: dict) -> str:
+    """A save_to_disk DatasetDict from {split: {column: values}} (image: file paths, label: breed names)."""
+    import datasets
+
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+                          for name, columns in splits.items()}).save_to_disk(path)
+    return path
+
+
+def _pngs(folder, names):
+    from PIL import Image
+
+    paths = []
+    for k, name in enumerate(names):
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (16, 16), (20 * k, 100, 200 - 20 * k)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_leakage_check_tells_repeated_file_names_in_other_folders_apart(tmp_path, caplog):
+    from data import load_splits
+
+    train_paths = _pngs(tmp_path, ["cats/1.png", "cats/2.png", "cats/3.png", "cats/4.png"])
+    test_paths = _pngs(tmp_path, ["dogs/1.png", "dogs/2.png"])
+    data = _saved_dataset(str(tmp_path / "hf"), {
+        "train": {"image": train_paths + test_paths[:1], "path": train_paths + test_paths[:1],
+                  "label": ["abyssinian"] * 4 + ["beagle"]},  # dogs/1.png really is in both splits
+        "test": {"image": test_paths, "path": test_paths, "label": ["beagle"] * 2}})
+    with caplog.at_level("WARNING"):
+        splits = load_splits(data, 0.0)
+    # cats/1.png and cats/2.png are not "also in the test split"; dogs/1.png (the one beagle) is
+    assert sorted(r.label for r in splits["train"]) == [0] * 4
+    assert sorted(r.identity for r in splits["train"]) == sorted(train_paths)
+    assert "Dropped 1 images from trainval" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["no_split_folders", "garbled_json", "truncated_arrow"])
+def test_damaged_save_to_disk_folder_is_one_line(tmp_path, damage):
+    import glob
+
+    from data import load_splits
+
+    paths = _pngs(tmp_path, [f"{k}.png" for k in range(8)])
+    data = _saved_dataset(str(tmp_path / "hf"), {s: {"image": paths, "label": ["pug", "beagle"] * 4} for s in ("train", "test")})
+    if damage == "no_split_folders":  # a save killed after dataset_dict.json
+        for split in ("train", "test"):
+            shutil.rmtree(os.path.join(data, split))
+    elif damage == "garbled_json":
+        open(os.path.join(data, "dataset_dict.json"), "w").write('{"splits": ["train", "te')
+    else:
+        for arrow in glob.glob(os.path.join(data, "*", "*.arrow")):
+            os.truncate(arrow, os.path.getsize(arrow) // 2)
+    with pytest.raises(UserError, match="save_to_disk folder .* is incomplete or corrupt"):
+        load_splits(data)
+
+
+def test_shards_merge_by_position_not_by_image_id():
+    import numpy as np
+
+    from data import Record
+    from metrics import ModelPredictions, Predictions
+
+    records = [Record("same", k % 2, f"img{k}.png") for k in range(5)]  # one id for every image
+
+    def shard(positions):
+        models = {"m": ModelPredictions([f"caption {p}" for p in positions], np.array([[p, 0.0] for p in positions]))}
+        return positions, Predictions(["same"] * len(positions), [records[p].label for p in positions], models, None), {}
+
+    merged, _ = evaluate.merge_shards([shard([0, 2, 4]), shard([1, 3])], records)
+    assert merged.models["m"].captions == [f"caption {p}" for p in range(5)]
+    assert merged.models["m"].scores[:, 0].tolist() == list(range(5)) and merged.label == [0, 1, 0, 1, 0]
+    assert merged.records == records
+    with pytest.raises(RuntimeError, match="two processes"):
+        evaluate.merge_shards([shard([0, 2]), shard([2])], records)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_a_split_with_repeated_image_ids(tiny_adapter, demo_assets, tmp_path):
+    import pandas as pd
+
+    from conftest import run_script
+    from test_distributed import torchrun
+
+    images = sorted(os.listdir(os.path.join(demo_assets[1], "images")))[:7]
+    columns = {"image": [os.path.join(demo_assets[1], "images", n) for n in images], "image_id": ["pet"] * 7,
+               "label": [n.rsplit("_", 1)[0] for n in images]}
+    data = _saved_dataset(str(tmp_path / "hf"), {"train": columns, "test": columns})
+    common = ["--adapter", tiny_adapter[0], "--dataset", data, "--per_device_eval_batch_size", "2",
+              "--bootstrap_samples", "10"]
+    one = run_script(["evaluate.py", *common, "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(["evaluate.py", *common, "--output_dir", str(tmp_path / "two")], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("one", "two"))
+    assert len(a) == 7 and (a["image_id"] == "pet").all()
+    pd.testing.assert_frame_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Resuming from a checkpoint that cannot be trusted or does not fit: one line
+
+
+class _RunsCode:
+    """Unpickled without weights_only, this would create its marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _checkpoint_copy(tiny_adapter, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(tiny_adapter[0], out)
+    return out, os.path.join(out, "checkpoint-2")
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth", "scheduler.pt", "garbage"])
+def test_resume_from_a_hostile_or_damaged_checkpoint_file_is_one_line(tiny_adapter, tmp_path, name):
+    out, checkpoint = _checkpoint_copy(tiny_adapter, tmp_path)
+    marker = str(tmp_path / "code-ran")
+    if name == "garbage":
+        open(os.path.join(checkpoint, "optimizer.pt"), "wb").write(b"PK\x03\x04 not really a zip")
+    else:
+        torch.save({"state": _RunsCode(marker)}, os.path.join(checkpoint, name))
+    argv = tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint]
+    message = "cannot be read: its optimizer.pt is damaged" if name == "garbage" else f"cannot be trusted: its {name}"
+    with pytest.raises(UserError, match=message):
+        train.main(argv)
+    assert not os.path.exists(marker)
+
+
+def test_resume_with_a_rank_edited_into_settings_and_config_is_one_line(tiny_adapter, tmp_path):
+    out, checkpoint = _checkpoint_copy(tiny_adapter, tmp_path)
+    _edit_json(os.path.join(checkpoint, train.RUN_SETTINGS_FILE), lora_r=8)
+    _edit_json(os.path.join(checkpoint, "adapter_config.json"), r=8)  # the weights stay r=16
+    argv = tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint, "--lora_r", "8"]
+    with pytest.raises(UserError, match=r"other shapes than the LoRA modules .*\(16, 64\) stored, \(8, 64\)"):
+        train.main(argv)
+
+
+def test_resume_from_an_intact_checkpoint_still_works(tiny_adapter, tmp_path):
+    out, checkpoint = _checkpoint_copy(tiny_adapter, tmp_path)
+    os.remove(os.path.join(out, "adapter_model.safetensors"))
+    result = train.main(tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint])
+    assert result["trainer"].state.global_step >= 2 and os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
