@@ -13,7 +13,7 @@ from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProces
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
 
-from config import DEFAULT_DATASET, UserError, hub_reachable, is_local, offline_hint, same_source
+from config import DEFAULT_DATASET, UserError, finish_interrupted_save, hub_reachable, is_local, offline_hint, same_source
 from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -271,24 +271,33 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     return model, processor
 
 
-def check_loaded_keys(peft_model, adapter_dir: str) -> None:
-    """UserError unless the adapter file's tensors are exactly the LoRA weights the loaded model has.
+def check_loaded_keys(peft_model, adapter_dir: str, fix: str = "re-save or re-train it") -> None:
+    """UserError unless the adapter file's tensors are exactly the LoRA weights of `peft_model`, in their shapes.
 
     PEFT loads non-strictly: weights under other module names (or target_modules that match other
     modules than the weights') are skipped with a warning, and the "fine-tuned" model is the base.
+    Shapes, for a file that PEFT would refuse with a state-dict traceback (an r edited in the config).
     """
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
-        saved = set(f.keys())
-    expected = set(get_peft_model_state_dict(peft_model).keys())
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        detail = f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else \
-            f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})"
+    try:
+        with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # missing, truncated or not safetensors
+        raise UserError(f"the adapter weights in {adapter_dir!r} cannot be read ({type(e).__name__}: "
+                        f"{str(e)[:MAX_ERROR_CHARS]}); {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
+    reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+    if extra or missing or reshaped:
+        k = (reshaped or [None])[0]
+        detail = (f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else
+                  f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})" if missing else
+                  f"{len(reshaped)} stored weights have other shapes than the LoRA modules (first: {k}, {saved[k]} "
+                  f"stored, {expected[k]} in the model: another r or base model)")
         raise UserError(f"adapter {adapter_dir!r} does not fit its own adapter_config.json or this base model: {detail}; "
-                        "re-save or re-train it")
+                        f"{fix}")
 
 
 # ---------------------------------------------------------------------------
@@ -517,6 +526,7 @@ def check_adapter(adapter_dir: str) -> dict:
 
     if not os.path.isdir(adapter_dir):
         raise UserError(f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter")
+    finish_interrupted_save(adapter_dir)  # train.py killed while moving the adapter's files in: complete it first
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(config_path):
