@@ -274,3 +274,142 @@ def test_resume_from_an_intact_checkpoint_still_works(tiny_adapter, tmp_path):
     os.remove(os.path.join(out, "adapter_model.safetensors"))
     result = train.main(tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint])
     assert result["trainer"].state.global_step >= 2 and os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------
+# A result folder holds one run's files: all old or all new, even after kill -9 while moving them in
+
+# Runs a script with os.replace wrapped: SIGKILL right after the N-th rename out of a `.saving-` folder
+# (a save's plan, each of its files, its file list), i.e. at that moment of moving a result set into place.
+KILL_DRIVER = """
+import os, runpy, signal, sys
+after, real, moved = int(os.environ["KILL_AFTER_MOVES"]), os.replace, [0]
+def replace(src, dst):
+    real(src, dst)
+    if os.sep + ".saving-" in os.fspath(src):
+        moved[0] += 1
+        if moved[0] == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+SAVE_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from config import locked_output_dir, staged_outputs
+out, tag, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+with locked_output_dir(out), staged_outputs(out) as tmp:
+    for name in names:
+        open(os.path.join(tmp, name), "w").write(tag)
+"""
+
+
+def _killed_at(script, args, moves, tmp_path, timeout=600):
+    import subprocess
+    import sys
+
+    driver = tmp_path / "kill_driver.py"
+    driver.write_text(KILL_DRIVER)
+    env = {**os.environ, "KILL_AFTER_MOVES": str(moves), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(driver), script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _result_files(out):
+    return sorted(n for n in os.listdir(out) if not n.startswith("."))
+
+
+@pytest.mark.parametrize("moves", range(1, 9))
+def test_a_save_killed_while_moving_is_completed_by_the_next_opener(moves, tmp_path):
+    from conftest import ROOT
+    from config import MOVING, finish_interrupted_save, staged_outputs
+
+    out = str(tmp_path / "out")
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_SCRIPT.format(root=ROOT))
+    os.makedirs(out)
+    with staged_outputs(out) as tmp:
+        for name in ("a", "b", "c", "d", "old_only"):
+            open(os.path.join(tmp, name), "w").write("old")
+    new = _killed_at(str(script), [out, "new", "a,b,c,d,new_only"], moves, tmp_path)
+    # plan, 5 files, file list: killed at each of the 7 renames, or not at all
+    assert new.returncode == (-9 if moves <= 7 else 0), new.stderr
+    assert os.path.exists(os.path.join(out, MOVING)) == (moves <= 7)  # the interrupted move is marked
+    finish_interrupted_save(out)  # what evaluate.py, train.py (their lock) and the adapter's readers do first
+    assert _result_files(out) == ["a", "b", "c", "d", "new_only"]
+    assert {open(os.path.join(out, n)).read() for n in _result_files(out)} == {"new"}
+    assert not [n for n in os.listdir(out) if n.startswith((".saving-", MOVING))]
+
+
+def test_a_save_killed_before_moving_leaves_the_old_set(tmp_path):
+    from conftest import ROOT
+
+    out = str(tmp_path / "out")
+    script = tmp_path / "save.py"
+    script.write_text(SAVE_SCRIPT.format(root=ROOT))
+    assert _killed_at(str(script), [out, "old", "a,b"], 0, tmp_path).returncode == 0
+    script.write_text(SAVE_SCRIPT.format(root=ROOT).replace('write(tag)', 'write(tag); os.kill(os.getpid(), 9)'))
+    assert _killed_at(str(script), [out, "new", "a,b,c"], 0, tmp_path).returncode == -9
+    from config import locked_output_dir
+
+    with locked_output_dir(out):
+        assert _result_files(out) == ["a", "b"] and {open(os.path.join(out, n)).read() for n in "ab"} == {"old"}
+    assert not [n for n in os.listdir(out) if n.startswith(".saving-")]
+
+
+@pytest.mark.slow
+def test_evaluate_killed_while_moving_its_results_leaves_one_run(tiny_adapter, demo_assets, tmp_path):
+    import pandas as pd
+
+    from conftest import ROOT
+    from config import MOVING, locked_output_dir
+
+    out = str(tmp_path / "eval")
+    common = ["--adapter", tiny_adapter[0], "--dataset", demo_assets[1], "--output_dir", out, "--bootstrap_samples", "10"]
+    script = os.path.join(ROOT, "evaluate.py")
+    first = _killed_at(script, common + ["--max_eval_samples", "4"], 0, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = _result_files(out)
+    assert len(files) >= 8, files
+    killed = _killed_at(script, common + ["--max_eval_samples", "6"], 5, tmp_path)  # plan + 4 of the files
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, MOVING))  # the folder says it is a mix until the next run
+    with locked_output_dir(out):  # the next run's first step
+        assert _result_files(out) == files
+        assert len(pd.read_csv(os.path.join(out, "predictions.csv"))) == 6
+        assert json.load(open(os.path.join(out, "run_config.json")))["PetConfig"]["max_eval_samples"] == 6
+        assert json.load(open(os.path.join(out, "metrics.json")))["num_samples"] == 6
+        assert "6" in open(os.path.join(out, "report.md")).read()
+
+
+@pytest.mark.slow
+def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(tiny_adapter, tmp_path):
+    from conftest import ROOT
+    from config import MOVING
+    from model import check_adapter, load_lora_for_inference
+
+    out, _ = _checkpoint_copy(tiny_adapter, tmp_path)
+    argv = tiny_adapter[1] + ["--output_dir", out, "--seed", "8"]  # a new run (seed 8) into the old run's folder
+    killed = _killed_at(os.path.join(ROOT, "train.py"), argv, 3, tmp_path)  # plan, README.md, adapter_model.safetensors
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, MOVING))
+    check_adapter(out)  # evaluate.py, explainability.py and app.py check the adapter first
+    assert not os.path.exists(os.path.join(out, MOVING))
+    assert json.load(open(os.path.join(out, "run_config.json")))["TrainConfig"]["seed"] == 8
+    with open(os.path.join(out, "README.md")) as f:
+        assert "seed 8" in f.read()
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))  # checkpoints are not part of the result set
+    load_lora_for_inference(out)
+
+
+def test_explain_rerun_with_fewer_images_leaves_only_its_own_figures(tiny_adapter, demo_assets, tmp_path):
+    out = str(tmp_path / "explain")
+    argv = ["--adapter", tiny_adapter[0], "--dataset", demo_assets[1], "--output_dir", out]
+    explainability.main(argv + ["--num_images", "3"])
+    assert len([n for n in os.listdir(out) if n[:3].isdigit()]) == 3
+    result = explainability.main(argv + ["--num_images", "1"])
+    figures = sorted(n for n in os.listdir(out) if n.endswith(".png") and n != "attention_metrics.png")
+    assert figures == [image["figure"] for image in result["metrics"]["images"]] and len(figures) == 1
