@@ -301,7 +301,8 @@ def locked_output_dir(out: str):
     """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
 
     The lock is flock on out/.lock, released by the kernel when the process ends (even killed), so
-    a stale lock never blocks. Under the lock, `.saving-*` folders left by a killed save are removed.
+    a stale lock never blocks. Under the lock, a save that was killed while moving its files into
+    place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
     """
     import fcntl
 
@@ -314,32 +315,109 @@ def locked_output_dir(out: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another run is writing to {out!r}; wait for it or pass another --output_dir") from None
+        _finish_move(out)
         for name in os.listdir(out):
-            if name.startswith(".saving-"):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            path = os.path.join(out, name)
+            if name.startswith(".saving-") and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".saving-"):
+                os.remove(path)
         yield out
     finally:
         os.close(fd)
 
 
+# A save's file names, so that the next save removes what it no longer writes (a rerun with fewer figures)
+OUTPUT_SET = ".output_set.json"
+# Present while a save moves its files into place: a folder holding it is a mix of two runs until _finish_move
+MOVING = ".moving.json"
+
+
 @contextmanager
 def staged_outputs(out: str, last: tuple = ()):
-    """Yield a temporary folder inside `out`; when the block succeeds, move its files into `out`.
+    """Yield a temporary folder inside `out`; when the block succeeds, its files replace the previous set in `out`.
 
-    A full disk or a kill while writing leaves the previous outputs untouched (and a `.saving-*`
-    folder that the next locked run removes), never old and new files mixed. Files named in `last`
-    move last, so their presence marks a complete set (the adapter's config).
+    The folder holds one run's complete set of files, never a mix. A full disk or a kill while
+    writing leaves the previous set untouched (and a `.saving-*` folder that the next locked run
+    removes). Moving the files in is one rename each, so first the plan (the new names, the old
+    ones to remove) is written to out/.moving.json; a kill while moving leaves it, and whatever
+    next opens the folder (locked_output_dir, finish_interrupted_save) completes the move before
+    reading or writing anything: the folder is then all new. Files named in `last` move last.
+    Other files in `out` (checkpoints, the lock) are not part of the set and stay.
     """
+    _finish_move(out)
     tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
     try:
         yield tmp
-        for name in sorted(os.listdir(tmp), key=lambda n: n in last):
-            target = os.path.join(out, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
+        names = sorted(os.listdir(tmp), key=lambda n: n in last)
+        stale = [n for n in _read_names(os.path.join(out, OUTPUT_SET)) if n not in names]
+        _write_json(os.path.join(out, MOVING), {"staging": os.path.basename(tmp), "files": names, "stale": stale})
+        _finish_move(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(out, MOVING)):  # an interrupted move keeps its files for _finish_move
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_interrupted_save(folder: str) -> None:
+    """Complete a save into `folder` that was killed while moving its files in, so a reader sees one whole set."""
+    if os.path.exists(os.path.join(folder, MOVING)):
+        with locked_output_dir(folder):  # completes it under the lock; a save running now gets the one line
+            pass
+
+
+def _finish_move(out: str) -> None:
+    """Carry out out/.moving.json, if a save left one: every staged file moved in, the stale ones removed."""
+    path = os.path.join(out, MOVING)
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+        staging = os.path.join(out, _plain_name(plan["staging"], ".saving-"))
+        files, stale = [_plain_name(n) for n in plan["files"]], [_plain_name(n) for n in plan["stale"]]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
+                        f"the files in {out!r} may come from two runs: delete it and run again") from None
+    for name in files:
+        source, target = os.path.join(staging, name), os.path.join(out, name)
+        if not os.path.lexists(source):  # moved before the interruption
+            continue
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(source, target)
+    for name in stale:
+        target = os.path.join(out, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    _write_json(os.path.join(out, OUTPUT_SET), files)
+    os.remove(path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plain_name(name, prefix: str = "") -> str:
+    """`name` if it is a file name in the folder itself (the plan is a file someone could edit), else ValueError."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or not name.startswith(prefix):
+        raise ValueError(f"{name!r} is not a plain file name")
+    return name
+
+
+def _read_names(path: str) -> list:
+    """The names in an OUTPUT_SET file; [] when there is none or it cannot be read (then nothing is removed)."""
+    try:
+        with open(path) as f:
+            return [_plain_name(n) for n in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _write_json(path: str, value) -> None:
+    """Write JSON complete or not at all (temporary file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".json", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -150,6 +150,12 @@ class Record:
     label: int
     source: Any  # a file path, or (datasets.Dataset, row) for Hub and save_to_disk sources
     trimap: Optional[str] = None  # path of the official trimap (1 pet, 2 background, 3 border)
+    uid: Optional[str] = None  # what tells images apart where image_id may not: a `path` column's full path
+
+    @property
+    def identity(self) -> str:
+        """The same image in two splits has the same identity; two images never do (cats/1.jpg, dogs/1.jpg)."""
+        return self.uid or self.image_id
 
 
 class BadImage(Exception):
@@ -324,8 +330,9 @@ def _records_from_hf(dataset, split: str) -> list:
     feature = dataset.features["label"]
     raw = dataset["label"]
     names = feature.names if isinstance(feature, ClassLabel) else None
+    paths = [str(p) for p in dataset["path"]] if "path" in dataset.column_names else None
     ids = dataset["image_id"] if "image_id" in dataset.column_names else (
-        [os.path.splitext(os.path.basename(p))[0] for p in dataset["path"]] if "path" in dataset.column_names else None
+        [os.path.splitext(os.path.basename(p))[0] for p in paths] if paths is not None else None
     )
     kept, unlabelled = [], 0
     for row, value in enumerate(raw):
@@ -343,7 +350,8 @@ def _records_from_hf(dataset, split: str) -> list:
         raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
     # Decode ourselves so a broken image is skipped, not raised inside datasets
     dataset = dataset.cast_column("image", ImageFeature(decode=False))
-    return [Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row)) for row, label in kept]
+    return [Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row), uid=paths[row] if paths else None)
+            for row, label in kept]
 
 
 def _hf_splits(dataset_dict, seed: int) -> dict:
@@ -386,6 +394,18 @@ def _load_hub(name: str, seed: int) -> dict:
     return _hf_splits(datasets.load_dataset(name), seed)
 
 
+def _load_from_disk(path: str):
+    """datasets.load_from_disk, with a half-written or damaged folder as one UserError line."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path)
+    except Exception as e:  # a missing split folder, garbled JSON, a truncated .arrow: datasets, json and pyarrow types
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise UserError(f"save_to_disk folder {path!r} is incomplete or corrupt ({type(e).__name__}: {first[:150]}); "
+                        "save the data set again (Dataset.save_to_disk) or pass another --dataset") from None
+
+
 def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict:
     """{"train", "validation", "test"} record lists from any supported source.
 
@@ -398,18 +418,16 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
                             "(from annotations.tar.gz of the Oxford-IIIT Pet release)")
         splits = load_official_layout(dataset)
     elif os.path.isdir(dataset) and _is_save_to_disk(dataset):
-        import datasets
-
-        splits = _hf_splits(datasets.load_from_disk(dataset), seed)
+        splits = _hf_splits(_load_from_disk(dataset), seed)
     else:
         splits = _load_hub(dataset, seed)
     # An image in both trainval and test would be trained on and then scored as unseen
-    test_ids = {r.image_id for r in splits["test"]}
-    overlap = [r.image_id for r in splits["trainval"] if r.image_id in test_ids]
+    test_ids = {r.identity for r in splits["test"]}
+    overlap = [r.identity for r in splits["trainval"] if r.identity in test_ids]
     if overlap:
         logger.warning("Dropped %d images from trainval that are also in the test split (first: %s)", len(overlap),
                        ", ".join(overlap[:5]))
-        splits["trainval"] = [r for r in splits["trainval"] if r.image_id not in test_ids]
+        splits["trainval"] = [r for r in splits["trainval"] if r.identity not in test_ids]
     train, validation = stratified_split(splits["trainval"], val_fraction, seed)
     return {"train": train, "validation": validation, "test": splits["test"]}
 

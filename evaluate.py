@@ -111,22 +111,23 @@ def predict(models: dict, processor, records: list, cfg, batch_size: int, share_
 
 
 def merge_shards(shards: list, records: list):
-    """Per-process (Predictions, bad) -> one Predictions in the order of `records`, each image once."""
-    position = {r.image_id: i for i, r in enumerate(records)}
+    """Per-process (positions in `records`, Predictions, bad) -> one Predictions in the order of `records`, each once.
+
+    By position, not by image_id: a data set may give two images one id (cats/1.jpg, dogs/1.jpg).
+    """
     rows, bad = [], {}
-    for shard, shard_bad in shards:
+    for positions, shard, shard_bad in shards:
         bad.update(shard_bad)
-        for j, image_id in enumerate(shard.image_id):
-            rows.append((position[image_id], image_id, shard.label[j],
-                         {m: (p.captions[j], p.scores[j]) for m, p in shard.models.items()}))
+        for j, position in enumerate(positions):
+            rows.append((position, shard.label[j], {m: (p.captions[j], p.scores[j]) for m, p in shard.models.items()}))
     rows.sort(key=lambda row: row[0])
     if len({row[0] for row in rows}) != len(rows):
         raise RuntimeError("an image was evaluated by two processes")
-    models = {m: ModelPredictions([r[3][m][0] for r in rows],
-                                  np.stack([r[3][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS)))
-              for m in shards[0][0].models}
-    merged = Predictions([r[1] for r in rows], [r[2] for r in rows], models, shards[0][0].candidate_tokens,
-                         records=[records[r[0]] for r in rows])
+    models = {m: ModelPredictions([r[2][m][0] for r in rows],
+                                  np.stack([r[2][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS)))
+              for m in shards[0][1].models}
+    merged = Predictions([records[r[0]].image_id for r in rows], [r[1] for r in rows], models,
+                         shards[0][1].candidate_tokens, records=[records[r[0]] for r in rows])
     return merged, bad
 
 
@@ -173,15 +174,18 @@ def _evaluate(cfg, args):
                 "shared by both models" if shared else "computed per model")
 
     start = time.perf_counter()
-    shard = records[state.process_index::state.num_processes]
+    positions = range(state.process_index, len(records), state.num_processes)
+    shard = [records[i] for i in positions]
     if args.per_device_eval_batch_size is None:  # captions are launch-bound on a GPU: big batches
         args.per_device_eval_batch_size = 256 if device.type == "cuda" else 32
     predictions, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
                                show_progress=state.is_main_process)
     if state.num_processes > 1:
-        # Records can hold a whole datasets.Dataset: gather without them, the main process has them all
+        # Records can hold a whole datasets.Dataset: gather their positions instead, the main process has them all
+        position_of = {id(r): i for i, r in zip(positions, shard)}
+        evaluated = [position_of[id(r)] for r in predictions.records]  # unreadable images left out
         predictions.records = []
-        predictions, bad = merge_shards(gather_object([(predictions, bad)]), records)
+        predictions, bad = merge_shards(gather_object([(evaluated, predictions, bad)]), records)
         if not state.is_main_process:
             return None
     seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProces
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
 
-from config import DEFAULT_DATASET, UserError, hub_reachable, is_local, offline_hint, same_source
+from config import DEFAULT_DATASET, UserError, finish_interrupted_save, hub_reachable, is_local, offline_hint, same_source
 from data import NUM_BREEDS, caption_for, tokenize_captions
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ def set_vision_attention(model, implementation: str = "sdpa"):
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForPetCaptioning:
     kwargs = _local_or_cached(name_or_path)
     if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+            # transformers would load the adapter's own base and apply the adapter: the "zero-shot" model
+            # would be the fine-tuned one, silently
+            raise UserError(f"{name_or_path!r} holds a LoRA adapter, not a base model; pass it as --adapter and leave "
+                            "out --model_name_or_path (the adapter names its base) or pass the base model's folder")
         # The saved adapter records this as its base: absolute, so it loads from any working directory
         name_or_path = os.path.abspath(name_or_path)
     try:
@@ -140,7 +145,31 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
     if missing:
         raise UserError(f"the model at {name_or_path!r} lacks {len(missing)} weights (first: {', '.join(missing[:3])}); "
                         "it is incomplete: download it again")
+    check_finite_model(model, f"the model at {name_or_path!r}", "it is damaged: download it again")
     return model
+
+
+@torch.no_grad()
+def check_finite_model(model, what: str, fix: str) -> None:
+    """UserError unless every weight of `model` and its output on a probe input are finite numbers.
+
+    Both, because each misses what the other finds: a NaN in an embedding row the probe never
+    looks up, and finite weights whose product overflows (an adapter scaled by lora_alpha 1e30,
+    a model run in fp16). Whatever `model` is (base, PEFT-wrapped, merged), the probe is a blank
+    image and the caption start, in the model's own dtype and device: what inference computes.
+    """
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{what} has NaN or infinite weights (first: {name}); {fix}")
+    param = next(model.parameters())
+    config = model.config
+    side = config.vision_config.image_size
+    pixels = torch.zeros(1, 3, side, side, dtype=param.dtype, device=param.device)
+    ids = torch.tensor([[config.text_config.bos_token_id, config.text_config.sep_token_id]], device=param.device)
+    logits = model(pixel_values=pixels, input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        half = " (or run it with --precision fp32)" if param.dtype in (torch.float16, torch.bfloat16) else ""
+        raise UserError(f"{what} computes NaN or infinite outputs in {str(param.dtype).replace('torch.', '')}; {fix}{half}")
 
 
 def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
@@ -234,27 +263,41 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     check_loaded_keys(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
-    return model.to(device).eval(), processor
+    model = model.to(device).eval()
+    # the stored tensors are finite (check_adapter), but lora_alpha / r scales them into the model
+    check_finite_model(model, f"adapter {adapter_dir!r} (lora_alpha {adapter_config.get('lora_alpha')}, "
+                              f"r {adapter_config.get('r')}) applied to {base!r}",
+                       "check lora_alpha and r in its adapter_config.json, or re-train it")
+    return model, processor
 
 
-def check_loaded_keys(peft_model, adapter_dir: str) -> None:
-    """UserError unless the adapter file's tensors are exactly the LoRA weights the loaded model has.
+def check_loaded_keys(peft_model, adapter_dir: str, fix: str = "re-save or re-train it") -> None:
+    """UserError unless the adapter file's tensors are exactly the LoRA weights of `peft_model`, in their shapes.
 
     PEFT loads non-strictly: weights under other module names (or target_modules that match other
     modules than the weights') are skipped with a warning, and the "fine-tuned" model is the base.
+    Shapes, for a file that PEFT would refuse with a state-dict traceback (an r edited in the config).
     """
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
-        saved = set(f.keys())
-    expected = set(get_peft_model_state_dict(peft_model).keys())
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        detail = f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else \
-            f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})"
+    try:
+        with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # missing, truncated or not safetensors
+        raise UserError(f"the adapter weights in {adapter_dir!r} cannot be read ({type(e).__name__}: "
+                        f"{str(e)[:MAX_ERROR_CHARS]}); {fix}") from None
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
+    reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+    if extra or missing or reshaped:
+        k = (reshaped or [None])[0]
+        detail = (f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else
+                  f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})" if missing else
+                  f"{len(reshaped)} stored weights have other shapes than the LoRA modules (first: {k}, {saved[k]} "
+                  f"stored, {expected[k]} in the model: another r or base model)")
         raise UserError(f"adapter {adapter_dir!r} does not fit its own adapter_config.json or this base model: {detail}; "
-                        "re-save or re-train it")
+                        f"{fix}")
 
 
 # ---------------------------------------------------------------------------
@@ -483,6 +526,7 @@ def check_adapter(adapter_dir: str) -> dict:
 
     if not os.path.isdir(adapter_dir):
         raise UserError(f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter")
+    finish_interrupted_save(adapter_dir)  # train.py killed while moving the adapter's files in: complete it first
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(config_path):

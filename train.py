@@ -11,6 +11,8 @@ run_config.json, train_history.json and training_curves.png to --output_dir.
 import json
 import logging
 import os
+import pickle
+import re
 import time
 
 import torch
@@ -22,8 +24,8 @@ from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
                   load_splits, longest_caption_tokens, report_bad_images, subsample)
 from demo import use_demo_assets
-from model import (captions_from_embeddings, cast_frozen_linears, check_fits, create_lora_model, has_vision_lora,
-                   image_embeddings, load_base_model, load_processor, save_adapter, vision_fingerprint)
+from model import (captions_from_embeddings, cast_frozen_linears, check_fits, check_loaded_keys, create_lora_model,
+                   has_vision_lora, image_embeddings, load_base_model, load_processor, save_adapter, vision_fingerprint)
 
 logger = logging.getLogger("train")
 
@@ -422,6 +424,38 @@ def resume_point(cfg, args):
     return path
 
 
+# What Trainer unpickles when it resumes (weights_only, so no code runs; rng_state_N.pth per process too)
+CHECKPOINT_PICKLES = re.compile(r"(optimizer|scheduler|scaler)\.pt|rng_state(_\d+)?\.pth")
+
+
+def check_checkpoint(model, path: str) -> None:
+    """UserError unless Trainer can resume `model` from checkpoint `path`, read as Trainer reads it.
+
+    Else a hostile or damaged file is an UnpicklingError (weights_only refuses it: good, but a
+    traceback), and weights of another shape than the run's LoRA a PEFT state-dict traceback.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
+    fix = "start afresh (without --resume_from_checkpoint) or in another --output_dir"
+    check_loaded_keys(model, path, fix)
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        try:
+            if name == "trainer_state.json":
+                with open(file) as f:
+                    json.load(f)
+            elif CHECKPOINT_PICKLES.fullmatch(name):
+                with safe_globals():  # the numpy types Trainer's own loading allows (the RNG state)
+                    torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"checkpoint {path!r} cannot be trusted: its {name} holds objects other than tensors and plain "
+                            f"values, which could run code (refused unread; nothing ran); {fix}") from None
+        except Exception as e:  # truncated or garbled: zip, pickle and json raise their own types
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise UserError(f"checkpoint {path!r} cannot be read: its {name} is damaged ({type(e).__name__}: "
+                            f"{first[:150]}); {fix}") from None
+
+
 def _find_checkpoint(args, value):
     if value.lower() in ("true", "last", "latest"):
         # The newest COMPLETE checkpoint: a run killed while saving leaves a checkpoint-N folder
@@ -527,6 +561,8 @@ def _train(cfg, args):
     base = load_base_model(cfg.model_name_or_path)
     check_fits(base, processor, cfg.model_name_or_path)
     model = create_lora_model(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if resume:
+        check_checkpoint(model, resume)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.print_trainable_parameters()
 
