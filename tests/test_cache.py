@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from config import PetConfig
-from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_splits)
+from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_image,
+                  load_splits)
 from model import create_lora_model, has_vision_lora, image_embeddings, load_base_model, load_processor, vision_fingerprint
 
 TEMPLATE = PetConfig().caption_template
@@ -183,3 +184,24 @@ def test_a_failed_chunk_write_raises_and_leaves_nothing_behind(setup, tmp_path, 
     assert n == 0 and "broken" in cache.bad and [n for n in os.listdir(cache_dir) if n != ".lock"] == []
     _, n = _build(tmp_path, model, processor, records, "float16")
     assert n == len(records)
+
+
+def test_encoders_that_differ_in_one_middle_layer_share_no_embeddings(setup, tmp_path):
+    """The key covers every tensor of the encoder, not a sample of them."""
+    model, processor, records = setup
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.vision_model.encoder.layers[0].mlp.fc1.weight[3, 5] += 0.5  # one weight of a layer not at either end
+    assert vision_fingerprint(other, processor) != vision_fingerprint(model, processor)
+    cache_a, n_a = _build(tmp_path, model, processor, records, "float32")
+    cache_b, n_b = _build(tmp_path, other, processor, records, "float32")
+    assert n_a == n_b == len(records) and cache_a.dir != cache_b.dir  # the second encoder encoded every image itself
+    key = cache_b.keys(records[:1])[0]
+    with torch.no_grad():
+        pixels = processor.image_processor([load_image(records[0])], return_tensors="pt")["pixel_values"]
+        expected_b, expected_a = image_embeddings(other, pixels)[0], image_embeddings(model, pixels)[0]
+    assert (expected_a - expected_b).abs().max() > 1e-3  # the change reaches the embeddings
+    assert torch.allclose(cache_b.get(key), expected_b, atol=1e-5)
+    assert torch.allclose(cache_a.get(key), expected_a, atol=1e-5)
+    # any dtype is hashed (bfloat16 has no numpy type), and a cast is another key
+    assert vision_fingerprint(copy.deepcopy(model).to(torch.bfloat16), processor) != vision_fingerprint(model, processor)
