@@ -1,5 +1,6 @@
 """app.py: the handler called directly, and the page in a real (headless) Chromium."""
 
+import io
 import json
 import os
 import shutil
@@ -134,6 +135,72 @@ def test_bad_input_is_a_message_not_an_exception(captioner, tmp_path, monkeypatc
     assert "1,000 pixels" in app.handle(captioner, str(tmp_path / "big.png"))[0]
     with pytest.raises(UserError, match="too large"):
         captioner.analyse(str(tmp_path / "big.png"))
+
+
+def _request_image(payload):
+    """What the app's image input hands its callback for a request's file object (as Gradio validated it)."""
+    from gradio.data_classes import ImageData
+
+    return app.image_input().preprocess(ImageData(**payload))
+
+
+def test_requests_reach_the_callback_unopened(tmp_path, monkeypatch):
+    """A data: URL is bytes judged by load_image (pixel limit read from the header, nothing decoded); a path
+    outside Gradio's upload folder (a file object sent without its "meta") is refused, not opened."""
+    import base64
+
+    from PIL import ImageFile
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    bomb = Image.new("1", (13000, 13000))  # 169 M pixels: 21 KB as a PNG, 2.4 GB in Gradio's decoder
+    buffer = io.BytesIO()
+    bomb.save(buffer, "PNG")
+    del bomb
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    start = time.perf_counter()
+    image = _request_image({"path": "x.png", "url": url})
+    assert isinstance(image, io.BytesIO) and decoded == []
+    with pytest.raises(UserError, match="too large"):
+        app.read_image(image)
+    assert decoded == [] and time.perf_counter() - start < 2  # refused from the header
+    small = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(small, "PNG")
+    image = _request_image({"path": "x.png", "url": "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()})
+    assert app.read_image(image).getpixel((3, 3)) == (200, 10, 10)  # a small data: URL still works
+    for url, message in [("data:image/png,rawbytes", "not an image"), ("data:image/png;base64,@@@", "not an image"),
+                         ("data:image/png;base64," + "A" * (app.MAX_UPLOAD_BYTES * 4 // 3 + 8), "larger than")]:
+        with pytest.raises(UserError, match=message):
+            app.read_image(_request_image({"path": "x.png", "url": url}))
+    # Paths: only files in Gradio's upload folder, symbolic links resolved
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    uploaded = tmp_path / "uploads" / "abc" / "photo.png"
+    uploaded.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(uploaded)
+    (uploaded.parent / "link.png").symlink_to(secret)
+    assert _request_image({"path": str(uploaded)}) == str(uploaded)
+    for path in [str(secret), str(uploaded.parent / "link.png"), str(uploaded.parent / ".." / ".." / "secret.png"), ""]:
+        with pytest.raises(UserError, match="not uploaded here"):
+            app.read_image(_request_image({"path": path}))
+    assert set(decoded) == {(30, 20)}  # only the small image was ever decoded
+
+
+def test_urls_are_refused_before_gradio_fetches_them(tmp_path, monkeypatch):
+    import asyncio
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or 1 / 0)
+    image = app.image_input()
+    for url in ["http://example.com/cat.png", "https://127.0.0.1.nip.io/a.jpg", "ftp://example.com/a.png"]:
+        assert asyncio.run(image.async_move_resource_to_block_cache(url)) == app.REFUSED_URL
+        assert image.move_resource_to_block_cache(url) == app.REFUSED_URL
+        for payload in [{"path": app.REFUSED_URL}, {"path": url}, {"path": "x.png", "url": url}]:
+            with pytest.raises(UserError, match="not as links"):
+                app.read_image(_request_image(payload))
+    assert looked_up == [] and image.temp_files == set()
 
 
 def test_a_bug_is_one_line_in_the_page(captioner, test_images, monkeypatch):
