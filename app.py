@@ -48,6 +48,7 @@ TOP_K = 5
 DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
 MAX_UPLOAD_BYTES = 50 << 20  # the pixel limit is data.load_image's, as everywhere in the project
 EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
+NOT_AN_IMAGE = "That file is not an image this app can read. Try a JPEG, PNG or WebP photo."
 MAP_LABEL = "Cross-attention"
 EMPTY_RESULT = [None, None, None, gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
 
@@ -109,13 +110,13 @@ def _data_url_bytes(url: str):
     """The bytes of a base64 data: URL as a file object (not decoded as an image), or Refused."""
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
-        return Refused("That file is not an image this app can read. Try a JPEG, PNG or WebP photo.")
+        return Refused(NOT_AN_IMAGE)
     if len(payload) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
         return Refused(f"That file is larger than the {MAX_UPLOAD_BYTES >> 20} MB this app accepts.")
     try:
         return io.BytesIO(base64.b64decode(payload, validate=True))
     except binascii.Error:
-        return Refused("That file is not an image this app can read. Try a JPEG, PNG or WebP photo.")
+        return Refused(NOT_AN_IMAGE)
 
 
 def parse_args(argv=None):
@@ -149,7 +150,7 @@ def read_image(image) -> Image.Image:
         if "DecompressionBomb" in str(e):
             raise UserError(f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
                             "image in this project. Shrink it and try again.") from None
-        raise UserError("That file is not an image this app can read. Try a JPEG, PNG or WebP photo.") from None
+        raise UserError(NOT_AN_IMAGE) from None
 
 
 class PetCaptioner:

@@ -3,13 +3,11 @@ import os
 import time
 
 import numpy as np
-
 import pytest
 import torch
 
 from config import PetConfig
-from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_image,
-                  load_splits)
+from data import CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_image, load_splits
 from model import create_lora_model, has_vision_lora, image_embeddings, load_base_model, load_processor, vision_fingerprint
 
 TEMPLATE = PetConfig().caption_template
@@ -253,6 +251,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker processes from Linux's /proc")
 def test_a_killed_build_holds_no_lock_and_leaves_no_temporary_chunk(tmp_path):
     """kill -9 of a run during the cache build: its image workers die with it, and a rerun at once is not refused."""
