@@ -17,18 +17,25 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it must never call home
 
+import base64
+import binascii
+import io
 import logging
 import random
+import re
 import socket
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import gradio as gr
 import numpy as np
 import torch
+from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
-from config import (DEMO_APP_OVERRIDES, AppConfig, PetConfig, UserError, check_seed, parse_config, pick_device, pick_dtype,
-                    run_main, same_path, save_run_config)
+from config import (DEMO_APP_OVERRIDES, AppConfig, PetConfig, UserError, check_seed, inside, parse_config, pick_device,
+                    pick_dtype, run_main, same_path, save_run_config)
 from data import BREED_NAMES, UNKNOWN, BadImage, Record, breed_from_caption, load_image, load_splits
 from demo import use_demo_assets
 from explainability import explain, load_models, overlay
@@ -39,30 +46,77 @@ logger = logging.getLogger("app")
 MODELS = {"zero_shot": "Zero-shot BLIP", "fine_tuned": "Fine-tuned (LoRA)"}
 TOP_K = 5
 DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
-MAX_UPLOAD = "50mb"  # bytes; the pixel limit is data.load_image's, as everywhere in the project
+MAX_UPLOAD_BYTES = 50 << 20  # the pixel limit is data.load_image's, as everywhere in the project
 EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
+NOT_AN_IMAGE = "That file is not an image this app can read. Try a JPEG, PNG or WebP photo."
 MAP_LABEL = "Cross-attention"
 EMPTY_RESULT = [None, None, None, gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
 
 
-def image_input(**kwargs) -> gr.Image:
-    """gr.Image whose callbacks get the uploaded file's path unopened.
+@dataclass(frozen=True)
+class Refused:
+    """An input refused before anything opened it; read_image turns it into the page's message."""
 
-    gr.Image opens every upload with PIL before the callback runs, so a text file or a
-    decompression bomb would fail inside Gradio with its own error. Here data.load_image judges
-    it, with the project's pixel limit, and the page says what is wrong. (An instance attribute,
-    not a subclass: Gradio writes a .pyi stub next to the source of every Component subclass.)
+    message: str
+
+
+URL_MESSAGE = "Images are taken as uploads only, not as links: download it and upload the file."
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, ftp://, file://...
+REFUSED_URL = "<a URL, refused>"  # the path Gradio is handed instead of fetching a URL: no file has it
+
+
+def image_input(**kwargs) -> gr.Image:
+    """gr.Image whose callbacks get an upload unopened, and whose requests Gradio never opens or fetches.
+
+    Gradio would fetch a file path that is a URL (looking the host name up first), decode a data:
+    URL in full before the callback runs, open every upload with PIL, and take the path of a file
+    object sent without its "meta" field as it is, whatever server file it names. Here a URL is
+    refused before Gradio's fetch, only files in Gradio's upload folder and data: URLs (as bytes)
+    reach the callback, and data.load_image judges them: it reads the size from the header and
+    applies the project's pixel limit before decoding. (Instance attributes, not a subclass:
+    Gradio writes a .pyi stub next to the source of every Component subclass.)
     """
     image = gr.Image(type="filepath", **kwargs)
-    gradio_preprocess = image.preprocess
+    move, async_move = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
 
-    def preprocess(payload):
-        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
-            return payload.path
-        return gradio_preprocess(payload)
+    def guarded_move(url_or_file_path):
+        return REFUSED_URL if _is_url(url_or_file_path) else move(url_or_file_path)
 
-    image.preprocess = preprocess
+    async def guarded_async_move(url_or_file_path):  # what a request's files go through, before any fetch
+        return REFUSED_URL if _is_url(url_or_file_path) else await async_move(url_or_file_path)
+
+    image.move_resource_to_block_cache, image.async_move_resource_to_block_cache = guarded_move, guarded_async_move
+    image.preprocess = lambda payload: None if payload is None else request_image(payload.path, payload.url)
     return image
+
+
+def _is_url(path) -> bool:
+    return isinstance(path, str) and URL_SCHEME.match(path) is not None
+
+
+def request_image(path: Optional[str], url: Optional[str]):
+    """What a request's image becomes for the callback: a file path in Gradio's upload folder, a data:
+    URL's bytes, or Refused; nothing is opened here."""
+    if url and url.startswith("data:"):
+        return _data_url_bytes(url)
+    if path == REFUSED_URL or _is_url(path) or _is_url(url):
+        return Refused(URL_MESSAGE)
+    if not path or not inside(path, gradio_upload_folder()):
+        return Refused("That file was not uploaded here: upload the image, paste it, or pick an example below.")
+    return path
+
+
+def _data_url_bytes(url: str):
+    """The bytes of a base64 data: URL as a file object (not decoded as an image), or Refused."""
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        return Refused(NOT_AN_IMAGE)
+    if len(payload) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+        return Refused(f"That file is larger than the {MAX_UPLOAD_BYTES >> 20} MB this app accepts.")
+    try:
+        return io.BytesIO(base64.b64decode(payload, validate=True))
+    except binascii.Error:
+        return Refused(NOT_AN_IMAGE)
 
 
 def parse_args(argv=None):
@@ -85,16 +139,18 @@ def parse_args(argv=None):
 
 
 def read_image(image) -> Image.Image:
-    """RGB image from an upload (a file path or a PIL image), or a UserError the page shows."""
+    """RGB image from an upload (a file path, bytes in a file object, a PIL image), or a UserError the page shows."""
     if image is None or (isinstance(image, str) and not image):
         raise UserError(EMPTY_MESSAGE)
+    if isinstance(image, Refused):
+        raise UserError(image.message)
     try:
         return load_image(Record("upload", -1, image))
     except BadImage as e:
         if "DecompressionBomb" in str(e):
             raise UserError(f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
                             "image in this project. Shrink it and try again.") from None
-        raise UserError("That file is not an image this app can read. Try a JPEG, PNG or WebP photo.") from None
+        raise UserError(NOT_AN_IMAGE) from None
 
 
 class PetCaptioner:
@@ -210,7 +266,7 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
                         gr.Image(label=MAP_LABEL, interactive=False, elem_id=f"{key}-map", height=320),
                     ]
         fn = lambda img: handle(captioner, img)  # noqa: E731
-        submit.click(fn, inputs=image, outputs=outputs)
+        submit.click(fn, inputs=image, outputs=outputs, api_name="caption")
         if examples:
             gr.Examples([[p] for p, _ in examples], inputs=image, outputs=outputs, fn=fn, run_on_click=True,
                         cache_examples=False, example_labels=[b for _, b in examples], label="Examples from the data set")
@@ -247,7 +303,7 @@ def main(argv=None):
     # System fonts: the default theme's web fonts would be one more thing to fetch
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     build_ui(captioner, examples).launch(
-        server_name=args.host, server_port=port, share=False, theme=theme, ssr_mode=False, max_file_size=MAX_UPLOAD,
+        server_name=args.host, server_port=port, share=False, theme=theme, ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES,
         allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]], quiet=True)
 
 

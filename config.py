@@ -296,25 +296,77 @@ def inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-@contextmanager
-def locked_output_dir(out: str):
-    """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
+_HELD_LOCKS = set()  # descriptors of the lock files this process holds (exclusive_lock)
 
-    The lock is flock on out/.lock, released by the kernel when the process ends (even killed), so
-    a stale lock never blocks. Under the lock, a save that was killed while moving its files into
-    place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
+
+def _drop_held_locks_in_child():
+    """In a forked child (a DataLoader worker): close the parent's lock files.
+
+    A flock lock belongs to the open file, which fork shares: a worker that outlived its killed
+    parent would hold the run's lock until it noticed, seconds later. The parent keeps its lock.
+    """
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N' from a lock file its holder wrote, else 'another process' (one that has not written yet)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+@contextmanager
+def exclusive_lock(path: str, busy):
+    """Hold an exclusive flock on `path`, with this process's pid written in it, for the block.
+
+    The kernel releases it when the process ends, even killed, so a stale lock never blocks, and
+    forked children do not hold it. When another process holds it, `busy(holder)` is called with
+    'pid N': it raises to refuse, or returns to wait for the lock.
     """
     import fcntl
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another run is writing to {out!r}; wait for it or pass another --output_dir") from None
+            busy(_lock_holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
+
+
+@contextmanager
+def locked_output_dir(out: str):
+    """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
+
+    The lock is out/.lock (exclusive_lock). Under the lock, a save that was killed while moving its
+    files into place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
+    os.makedirs(out, exist_ok=True)
+
+    def refuse(holder):
+        raise UserError(f"another run is writing to {out!r} ({holder}); wait for it or pass another --output_dir")
+
+    with exclusive_lock(os.path.join(out, ".lock"), refuse):
         _finish_move(out)
         for name in os.listdir(out):
             path = os.path.join(out, name)
@@ -323,8 +375,6 @@ def locked_output_dir(out: str):
             elif name.startswith(".saving-"):
                 os.remove(path)
         yield out
-    finally:
-        os.close(fd)
 
 
 # A save's file names, so that the next save removes what it no longer writes (a rerun with fewer figures)

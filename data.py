@@ -5,6 +5,7 @@ source (Hub id | official-layout folder | save_to_disk folder)
   -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import logging
 import os
 import random
 import re
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from config import UserError, hub_reachable, is_local, offline_hint
+from config import UserError, exclusive_lock, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -587,6 +589,24 @@ def image_workers(num_images: int) -> int:
     return 0 if num_images < 64 else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def _die_with_parent(parent_pid: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: on Linux the kernel kills the worker when its parent dies.
+
+    A worker of a killed run would otherwise go on decoding for seconds, until its watchdog
+    noticed. (The signal follows the thread that started the workers: pixel_batches is iterated
+    on the thread that keeps running.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the prctl call
+        os._exit(1)
+
+
 def pixel_batches(records: list, image_processor, batch_size: int, num_workers: Optional[int] = None,
                   device=None):
     """(generator of (records, pixel_values) batches in order, {image_id: reason} of unreadable images).
@@ -603,6 +623,7 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
     loader = torch.utils.data.DataLoader(_PixelItems(records, image_processor), batch_size=min(batch_size, 32),
                                          num_workers=workers, collate_fn=_stack_piece,
                                          generator=torch.Generator(),  # its seed draw leaves the global RNG alone
+                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def gen():
@@ -662,10 +683,10 @@ class EmbeddingCache:
     chunk file (N, tokens, hidden) holding only the images not cached yet. Unreadable images are
     recorded in `bad` and never cached.
 
-    Several runs may share the folder: a build holds an exclusive lock (flock on .lock) while it
-    re-reads the index, encodes what is missing and writes a uniquely named chunk and the new
-    index, each complete or absent (temporary file + rename). A corrupt index or chunk is dropped
-    with a warning and its images are encoded again.
+    Several runs may share the folder: a build holds an exclusive lock (config.exclusive_lock on
+    .lock) while it re-reads the index, removes what killed builds left, encodes what is missing
+    and writes a uniquely named chunk and the new index, each complete or absent (temporary file +
+    rename). A corrupt index or chunk is dropped with a warning and its images are encoded again.
     """
 
     def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
@@ -726,20 +747,35 @@ class EmbeddingCache:
         """Encode and store every record not cached yet; returns how many were encoded.
 
         `encode` gets batches of pixel values, on `device` when one is given (pixel_batches)."""
-        import fcntl
-
         keys = self.keys(records)
         self.bad.update({r.image_id: "unreadable (missing since the listing)" for r, k in zip(records, keys) if k is None})
         os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, ".lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("waiting for another run that is writing the embedding cache %s", self.dir)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+
+        def wait(holder):
+            logger.info("waiting for another run (%s) that is writing the embedding cache %s", holder, self.dir)
+
+        with exclusive_lock(os.path.join(self.dir, ".lock"), wait):
             self.index = self._read_index()  # another run may have added chunks meanwhile
+            self._remove_leftovers()
             todo = [(r, k) for r, k in zip(records, keys) if k is not None and k not in self.index]
             return self._encode(todo, encode, image_processor, batch_size, device) if todo else 0
+
+    def _remove_leftovers(self) -> None:
+        """Delete what killed builds left: temporary chunks and indexes, and chunks no index entry points at.
+
+        Called under the lock, so no live builder owns any of them (each writes only while holding it).
+        """
+        used = {entry[0] for entry in self.index.values()}
+        for name in os.listdir(self.dir):
+            temporary = name.startswith((".chunk-", ".index-")) and name.endswith(".tmp")
+            if temporary or (re.fullmatch(r"chunk-[0-9a-f]{32}\.npy", name) and name not in used):
+                try:
+                    os.remove(os.path.join(self.dir, name))
+                except OSError as e:  # e.g. a read-only cache shared by others: what is left only wastes space
+                    logger.warning("could not remove %s from the embedding cache: %s", name, e)
+                    continue
+                self._chunks.pop(name, None)
+                logger.info("removed %s, left in the embedding cache by a run that did not finish", name)
 
     def _encode(self, todo: list, encode, image_processor, batch_size: int, device) -> int:
         import tempfile

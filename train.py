@@ -573,7 +573,7 @@ def _train(cfg, args):
             raise UserError(f"no {name} image could be read (see the warnings above); check the data set")
     if args.bf16 or args.fp16:
         # Saves autocast re-casting every frozen weight at every step (same numbers). After
-        # make_datasets: the embedding cache's key hashes fp32 weights (vision_fingerprint).
+        # make_datasets: the embedding cache's key hashes the weights as loaded (vision_fingerprint).
         cast = cast_frozen_linears(model, autocast_dtype(args))
         logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
     # Compiled or graphed, every batch is padded to one length, so the graphs see one shape (and the last batch's)

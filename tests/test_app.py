@@ -1,5 +1,6 @@
 """app.py: the handler called directly, and the page in a real (headless) Chromium."""
 
+import io
 import json
 import os
 import shutil
@@ -136,6 +137,72 @@ def test_bad_input_is_a_message_not_an_exception(captioner, tmp_path, monkeypatc
         captioner.analyse(str(tmp_path / "big.png"))
 
 
+def _request_image(payload):
+    """What the app's image input hands its callback for a request's file object (as Gradio validated it)."""
+    from gradio.data_classes import ImageData
+
+    return app.image_input().preprocess(ImageData(**payload))
+
+
+def test_requests_reach_the_callback_unopened(tmp_path, monkeypatch):
+    """A data: URL is bytes judged by load_image (pixel limit read from the header, nothing decoded); a path
+    outside Gradio's upload folder (a file object sent without its "meta") is refused, not opened."""
+    import base64
+
+    from PIL import ImageFile
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    bomb = Image.new("1", (13000, 13000))  # 169 M pixels: 21 KB as a PNG, 2.4 GB in Gradio's decoder
+    buffer = io.BytesIO()
+    bomb.save(buffer, "PNG")
+    del bomb
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    start = time.perf_counter()
+    image = _request_image({"path": "x.png", "url": url})
+    assert isinstance(image, io.BytesIO) and decoded == []
+    with pytest.raises(UserError, match="too large"):
+        app.read_image(image)
+    assert decoded == [] and time.perf_counter() - start < 2  # refused from the header
+    small = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(small, "PNG")
+    image = _request_image({"path": "x.png", "url": "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()})
+    assert app.read_image(image).getpixel((3, 3)) == (200, 10, 10)  # a small data: URL still works
+    for url, message in [("data:image/png,rawbytes", "not an image"), ("data:image/png;base64,@@@", "not an image"),
+                         ("data:image/png;base64," + "A" * (app.MAX_UPLOAD_BYTES * 4 // 3 + 8), "larger than")]:
+        with pytest.raises(UserError, match=message):
+            app.read_image(_request_image({"path": "x.png", "url": url}))
+    # Paths: only files in Gradio's upload folder, symbolic links resolved
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    uploaded = tmp_path / "uploads" / "abc" / "photo.png"
+    uploaded.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(uploaded)
+    (uploaded.parent / "link.png").symlink_to(secret)
+    assert _request_image({"path": str(uploaded)}) == str(uploaded)
+    for path in [str(secret), str(uploaded.parent / "link.png"), str(uploaded.parent / ".." / ".." / "secret.png"), ""]:
+        with pytest.raises(UserError, match="not uploaded here"):
+            app.read_image(_request_image({"path": path}))
+    assert set(decoded) == {(30, 20)}  # only the small image was ever decoded
+
+
+def test_urls_are_refused_before_gradio_fetches_them(tmp_path, monkeypatch):
+    import asyncio
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or 1 / 0)
+    image = app.image_input()
+    for url in ["http://example.com/cat.png", "https://127.0.0.1.nip.io/a.jpg", "ftp://example.com/a.png"]:
+        assert asyncio.run(image.async_move_resource_to_block_cache(url)) == app.REFUSED_URL
+        assert image.move_resource_to_block_cache(url) == app.REFUSED_URL
+        for payload in [{"path": app.REFUSED_URL}, {"path": url}, {"path": "x.png", "url": url}]:
+            with pytest.raises(UserError, match="not as links"):
+                app.read_image(_request_image(payload))
+    assert looked_up == [] and image.temp_files == set()
+
+
 def test_a_bug_is_one_line_in_the_page(captioner, test_images, monkeypatch):
     monkeypatch.setattr(app, "rank_breeds", lambda *a: 1 / 0)
     values = app.handle(captioner, test_images[0][0])
@@ -202,17 +269,64 @@ def _browser_or_skip():
     return sync_playwright
 
 
+OUTSIDE_GUARD = """
+import errno, os, socket
+LOCAL = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "", None}
+
+
+def record(what, host):
+    with open(os.environ["APP_OUTSIDE_LOG"], "a") as f:
+        f.write(f"{what} {host}\\n")
+
+
+real_getaddrinfo, real_connect, real_connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if host not in LOCAL:
+        record("getaddrinfo", host)
+        raise socket.gaierror(socket.EAI_NONAME, "this test lets the app look up no outside name")
+    return real_getaddrinfo(host, *args, **kwargs)
+
+
+def outside(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOCAL:
+        record("connect", address[0])
+        return True
+    return False
+
+
+def connect(self, address):
+    if outside(self, address):
+        raise OSError(errno.ENETUNREACH, "this test lets the app connect nowhere outside")
+    return real_connect(self, address)
+
+
+def connect_ex(self, address):
+    return errno.ENETUNREACH if outside(self, address) else real_connect_ex(self, address)
+
+
+socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex
+"""
+
+
 @pytest.fixture
-def server(demo_run, tmp_path):
-    """`python app.py --demo` on a free loopback port, from the demo run's folder; yields its URL."""
+def served(demo_run, tmp_path):
+    """`python app.py --demo` on a free loopback port, from the demo run's folder, with every outside name
+    lookup and connection of the server refused and recorded (a sitecustomize module); yields
+    (URL, server pid, the file that records outside lookups and connections)."""
     cwd, _ = demo_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    guard, outside = tmp_path / "guard", tmp_path / "outside.log"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(OUTSIDE_GUARD)
     log = open(tmp_path / "app.log", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "APP_OUTSIDE_LOG": str(outside),
+           "PYTHONPATH": os.pathsep.join([str(guard)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--demo", "--port", str(port),
-                             "--output_dir", str(tmp_path / "app")], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             "--output_dir", str(tmp_path / "app")], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -224,11 +338,74 @@ def server(demo_run, tmp_path):
             except OSError:
                 assert time.time() < deadline, "the app did not start in 180 s"
                 time.sleep(0.5)
-        yield url
+        yield url, proc.pid, outside
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+    assert not outside.exists(), f"the server reached outside: {outside.read_text()}"
+
+
+@pytest.fixture
+def server(served):
+    return served[0]
+
+
+def _caption_request(url: str, file_object) -> str:
+    """The status line the running app answers to one request of its API with this file object."""
+    api = url + "gradio_api/call/caption"
+    request = urllib.request.Request(api, data=json.dumps({"data": [file_object]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(request, timeout=30))["event_id"]
+    stream = urllib.request.urlopen(f"{api}/{event}", timeout=120).read().decode()
+    kind, data = stream.rstrip().split("\n")[-2:]
+    assert kind == "event: complete", stream[-500:]
+    return json.loads(data.removeprefix("data: "))[0]
+
+
+def _upload(url: str, name: str, content: bytes) -> str:
+    boundary = "----petcaption-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    [path] = json.load(urllib.request.urlopen(request, timeout=30))
+    return path
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak memory from Linux's /proc")
+def test_hostile_requests_to_the_running_app(served, test_images, tmp_path):
+    """Through the launched app's HTTP API: a small request carrying a huge-dimension PNG is refused from its
+    header, in bounded memory; a URL is refused without a name lookup; a file object naming a server file
+    without being uploaded is refused; an upload still works."""
+    import base64
+
+    url, pid, outside = served
+    meta = {"_type": "gradio.FileData"}
+    bomb = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(bomb, "PNG")  # 169 M pixels in 21 KB
+    bomb = bomb.getvalue()
+    data_url = "data:image/png;base64," + base64.b64encode(bomb).decode()
+    before = _peak_rss_mb(pid)
+    start = time.perf_counter()
+    for file_object in [{"path": "x.png", "url": data_url},  # a data: URL (what Gradio decoded in full)
+                        {"path": _upload(url, "bomb.png", bomb), "meta": meta}]:  # an upload
+        assert "too large" in _caption_request(url, file_object)
+    seconds, grown = time.perf_counter() - start, _peak_rss_mb(pid) - before
+    assert seconds < 10 and grown < 300, (seconds, grown)  # Gradio's decoder took 2.4 GB and 9-18 s
+    for file_object in [{"path": "http://example.com/cat.png", "meta": meta}, {"path": "x.png", "url": "https://example.com/cat.png"}]:
+        assert "not as links" in _caption_request(url, file_object)
+    server_image = str(test_images[0][0])  # a file on the server, never uploaded
+    assert "not uploaded here" in _caption_request(url, {"path": server_image})
+    with open(server_image, "rb") as f:
+        uploaded = _upload(url, "pet.png", f.read())
+    assert _caption_request(url, {"path": uploaded, "meta": meta}).startswith("Answered in")
+    assert not outside.exists(), outside.read_text()
 
 
 def test_page_in_chromium(server, test_images, tmp_path):

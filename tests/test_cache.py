@@ -2,11 +2,12 @@ import copy
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from config import PetConfig
-from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_splits)
+from data import CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_image, load_splits
 from model import create_lora_model, has_vision_lora, image_embeddings, load_base_model, load_processor, vision_fingerprint
 
 TEMPLATE = PetConfig().caption_template
@@ -183,3 +184,170 @@ def test_a_failed_chunk_write_raises_and_leaves_nothing_behind(setup, tmp_path, 
     assert n == 0 and "broken" in cache.bad and [n for n in os.listdir(cache_dir) if n != ".lock"] == []
     _, n = _build(tmp_path, model, processor, records, "float16")
     assert n == len(records)
+
+
+def test_encoders_that_differ_in_one_middle_layer_share_no_embeddings(setup, tmp_path):
+    """The key covers every tensor of the encoder, not a sample of them."""
+    model, processor, records = setup
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.vision_model.encoder.layers[0].mlp.fc1.weight[3, 5] += 0.5  # one weight of a layer not at either end
+    assert vision_fingerprint(other, processor) != vision_fingerprint(model, processor)
+    cache_a, n_a = _build(tmp_path, model, processor, records, "float32")
+    cache_b, n_b = _build(tmp_path, other, processor, records, "float32")
+    assert n_a == n_b == len(records) and cache_a.dir != cache_b.dir  # the second encoder encoded every image itself
+    key = cache_b.keys(records[:1])[0]
+    with torch.no_grad():
+        pixels = processor.image_processor([load_image(records[0])], return_tensors="pt")["pixel_values"]
+        expected_b, expected_a = image_embeddings(other, pixels)[0], image_embeddings(model, pixels)[0]
+    assert (expected_a - expected_b).abs().max() > 1e-3  # the change reaches the embeddings
+    assert torch.allclose(cache_b.get(key), expected_b, atol=1e-5)
+    assert torch.allclose(cache_a.get(key), expected_a, atol=1e-5)
+    # any dtype is hashed (bfloat16 has no numpy type), and a cast is another key
+    assert vision_fingerprint(copy.deepcopy(model).to(torch.bfloat16), processor) != vision_fingerprint(model, processor)
+
+
+KILLED_BUILDER = r'''
+import os, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import torch
+import data
+from config import locked_output_dir
+from data import EmbeddingCache, Record
+
+out, cache_dir, ready = sys.argv[2:5]
+data.image_workers = lambda n: 2  # image workers even on a one-core machine
+
+
+def preprocess(image, return_tensors):
+    return {"pixel_values": torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]}
+
+
+def encode(pixels):
+    open(ready, "w").close()  # the workers are running: kill me now
+    time.sleep(120)
+
+
+records = [Record(f"img{i}", 0, os.path.join(sys.argv[5], f"{i}.png")) for i in range(96)]
+with locked_output_dir(out):  # as train.py holds its output folder during the build
+    EmbeddingCache(cache_dir, "k").build(records, encode, preprocess, batch_size=4)
+'''
+
+
+def _children(pid: int) -> set:
+    kids = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids |= {int(k) for k in f.read().split()}
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, waiting to be reaped
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker processes from Linux's /proc")
+def test_a_killed_build_holds_no_lock_and_leaves_no_temporary_chunk(tmp_path):
+    """kill -9 of a run during the cache build: its image workers die with it, and a rerun at once is not refused."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from config import UserError, locked_output_dir
+    from conftest import ROOT
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(96):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(images / f"{i}.png")
+    script, out, cache_dir, ready = tmp_path / "build.py", tmp_path / "out", tmp_path / "cache", tmp_path / "ready"
+    script.write_text(KILLED_BUILDER)
+    proc = subprocess.Popen([sys.executable, str(script), ROOT, str(out), str(cache_dir), str(ready), str(images)])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, "the build did not start"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [folder] = [os.path.join(cache_dir, d) for d in os.listdir(cache_dir)]
+    assert [n for n in os.listdir(folder) if n.endswith(".tmp")]  # what the killed build was writing
+    try:
+        with locked_output_dir(str(out)):  # refused while a worker of the killed run held the folder's lock
+            with open(os.path.join(folder, ".lock")) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nor does anything hold the cache's lock
+    except (UserError, BlockingIOError) as e:
+        pytest.fail(f"a rerun right after the kill was refused: {e}")
+    deadline = time.time() + 2
+    while any(_alive(w) for w in workers):
+        assert time.time() < deadline, "the killed run's image workers outlived it"
+        time.sleep(0.05)
+    # The rerun removes the killed build's temporary chunk and caches every image
+    preprocess = lambda image, return_tensors: {  # noqa: E731  (the script's, without running it)
+        "pixel_values": torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]}
+    records = [Record(f"img{i}", 0, str(images / f"{i}.png")) for i in range(96)]
+    cache = EmbeddingCache(str(cache_dir), "k")
+    assert cache.build(records, lambda px: px.flatten(2), preprocess, batch_size=4) == 96
+    assert [n for n in os.listdir(folder) if n.endswith(".tmp")] == []
+    assert torch.equal(cache.get(cache.keys(records[5:6])[0]).float(), torch.tensor([5.0, 0, 0])[:, None].expand(3, 64))
+
+
+def test_leftovers_of_killed_builds_are_removed_under_the_lock(setup, tmp_path):
+    """Temporary chunks and indexes, and a chunk renamed into place but never indexed, go; indexed chunks stay."""
+    model, processor, records = setup
+    cache, _ = _build(tmp_path, model, processor, records[:4], "float16")
+    [kept] = [n for n in os.listdir(cache.dir) if n.startswith("chunk-")]
+    leftovers = [".chunk-abc123.npy.tmp", ".index-def456.json.tmp", "chunk-" + "0" * 32 + ".npy"]
+    for name in leftovers:
+        (tmp_path / cache.dir / name).write_bytes(b"\0" * 1000)
+    (tmp_path / cache.dir / "notes.txt").write_text("not the cache's")
+    cache, n = _build(tmp_path, model, processor, records[:6], "float16")
+    assert n == 2
+    names = set(os.listdir(cache.dir))
+    assert not names & set(leftovers) and {kept, "notes.txt", "index.json"} <= names
+    assert len(CachedEmbeddingDataset(records[:6], cache, TEMPLATE)) == 6  # the indexed rows are all still there
+
+
+def test_a_busy_lock_names_the_process_that_holds_it(tmp_path, caplog):
+    import logging
+    import threading
+
+    from config import UserError, exclusive_lock, locked_output_dir
+
+    out = str(tmp_path / "out")
+    with locked_output_dir(out):
+        with pytest.raises(UserError, match=f"another run is writing to .* \\(pid {os.getpid()}\\)"):
+            with locked_output_dir(out):
+                pass
+    cache = EmbeddingCache(str(tmp_path / "cache"), "k")
+    os.makedirs(cache.dir)
+    held, release = threading.Event(), threading.Event()
+
+    def holder():  # another builder, busy until told to stop
+        with exclusive_lock(os.path.join(cache.dir, ".lock"), busy=None):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(30)
+    threading.Timer(1.0, release.set).start()
+    with caplog.at_level(logging.INFO, logger="data"):
+        assert cache.build([], None, None) == 0  # waits for the other builder, then finds nothing to do
+    thread.join()
+    assert f"waiting for another run (pid {os.getpid()})" in caplog.text
