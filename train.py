@@ -246,12 +246,12 @@ class GraphedLoss:
     # Relative difference allowed between the first replay and an eager step, for the loss and for the
     # LoRA gradients (as one vector), by autocast dtype. Replay and eager run the same kernels, so they
     # can differ only by rounding (another reduction order, another cuBLAS algorithm). Measured on the
-    # CPU, the first LoRA step of the base-sized decoder (batch 8, benchmarks/results/cpu-2cores-graph-check.txt):
-    # the batch reordered moves the gradients by 4e-6 in bf16 (2e-7 in fp32); bf16 against fp32, every
-    # rounding at bf16's size, by 8.2e-3, the most rounding can do; one different LoRA dropout mask
-    # (p=0.05) by 0.10. bf16's bound sits 3.7x above the rounding gap and 3x below that mask error.
-    # fp16 rounds 8x finer (3 more mantissa bits); fp32 gets fp16's bound as well, since with --tf32
-    # its matmuls keep 10 mantissa bits, as fp16 does.
+    # CPU at the first LoRA step of the base-sized decoder (benchmarks/graph_check_tolerance.py,
+    # results/cpu-2cores-graph-check.json): the batch reordered moves the gradients by 4e-6 in bf16
+    # (2e-7 in fp32); bf16 against fp32, every rounding at bf16's size, the most rounding can do, by
+    # 8.2e-3; one other LoRA dropout mask (p=0.05) by 0.10. bf16's bound sits 3.7x above that rounding
+    # gap and 3x below that mask error. fp16 rounds 8x finer (3 more mantissa bits); fp32 gets fp16's
+    # bound as well, since with --tf32 its matmuls keep 10 mantissa bits, as fp16 does.
     TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
     def __init__(self, model, dtype):
