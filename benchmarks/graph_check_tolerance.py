@@ -59,15 +59,15 @@ def main():
     def diff(x, y):
         return {"loss": relative_difference(x[0], y[0]), "lora_gradients": relative_difference(x[1], y[1])}
 
-    def lora(dropout, dtype):
+    def lora(dropout):
+        """The LoRA model in fp32 and a copy (the same LoRA initialisation) with its frozen weights in bf16, as train.py stores them."""
         model = create_lora_model(copy.deepcopy(base), 32, 64, dropout, "query,value")
-        if dtype != torch.float32:
-            cast_frozen_linears(model, dtype)  # as train.py stores them
-        return model
+        half = copy.deepcopy(model)
+        cast_frozen_linears(half, torch.bfloat16)
+        return model, half
 
-    fp32, bf16 = lora(0.0, torch.float32), lora(0.0, torch.bfloat16)
+    (fp32, bf16), (dropped32, dropped16) = lora(0.0), lora(0.05)
     reference32, reference16 = step(fp32, torch.float32), step(bf16, torch.bfloat16)
-    dropped32, dropped16 = lora(0.05, torch.float32), lora(0.05, torch.bfloat16)
     record = {
         "batch": a.batch, "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
         "reordered_fp32": diff(step(fp32, torch.float32, reorder=True), reference32),
