@@ -44,13 +44,16 @@ def trainer_metrics(log):
     return {"train_runtime": float(m[-1][0]), "train_samples_per_second": float(m[-1][1])} if m else {}
 
 
+SELF_CHECK = re.compile(r"(INFO|WARNING) \S+: self-check")  # a log line of model.GraphSelfCheck or train.GraphedLoss
+
+
 def self_checks():
     """{stage: [its "self-check" log lines]}: passed, or failed and turned off (model.GraphSelfCheck, train.GraphedLoss)."""
     found = {}
     for name in sorted(os.listdir(work)):
         if name.endswith(".log"):
             with open(os.path.join(work, name), errors="replace") as f:
-                lines = [line.strip() for line in f if "self-check" in line]
+                lines = [line.strip() for line in f if SELF_CHECK.match(line)]
             if lines:
                 found[name.removesuffix(".log")] = lines
     return found

@@ -189,7 +189,7 @@ def main():
     same = all(torch.equal(i, ids["generate"]) for i in ids.values())
     print(f"\ngreedy captions, {a.eval_batch} images x {ids['generate'].shape[1] - 1} steps: "
           + ", ".join(f"{name} {t * 1e3:.0f} ms ({median['generate'] / t:.2f}x)" for name, t in median.items())
-          + f"; identical ids: {same}; CUDA-graph self-check: {graph_check_outcome()}")
+          + f"; identical ids: {same}; the CUDA-graph decoder's own check: {graph_check_outcome()}")
     print(f"37-breed ranking, {a.eval_batch} images: {ranking * 1e3:.0f} ms = {a.eval_batch / ranking:.0f} img/s")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
