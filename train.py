@@ -273,10 +273,10 @@ class GraphedLoss:
         args = tuple(inputs[k] for k in self.KEYS)
         shapes = [tuple(a.shape) for a in args]
         if self.replay is None:
-            # Recorded on the batch with its images rotated by one row: a valid batch of the same shapes, but
-            # another loss, so the checked replay (of this batch) shows whether a replay reads its own inputs.
+            # Recorded on another batch of the same shapes (the images negated, every row the first row's
+            # caption), so the checked replay (of this batch) shows whether a replay reads its own inputs.
             # Forked RNG: the warm-up passes draw dropout masks, and the run's random stream stays eager's.
-            sample = (args[0].roll(1, 0), *args[1:])
+            sample = (-args[0], *(a[:1].expand_as(a).clone() for a in args[1:]))
             try:
                 # autocast off: the recorder refuses autocast's weight cache
                 with torch.autocast(args[0].device.type, enabled=False), torch.random.fork_rng(**_rng_fork(args[0].device)):

@@ -243,19 +243,20 @@ class _ScaledGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-@pytest.mark.parametrize("wrong", ["loss", "gradients"])
+@pytest.mark.parametrize("wrong", ["loss", "gradients", "inputs"])
 def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_assets, eager_graphs_run, tmp_path,
                                                                            monkeypatch, caplog, wrong):
-    """A recorder whose replay is off by 3x the fp32 tolerance (the loss, or only the gradients): the first replayed
-    step's self-check sees it, warns once naming both differences, and that step and all later ones are eager:
-    the eager run's losses and adapter. The check's own forward passes leave the RNG (LoRA dropout) as it was."""
+    """A recorder whose replay is off by 3x the fp32 tolerance (the loss, or only the gradients), or replays the
+    batch it was recorded on whatever it is given (inputs): the first replayed step's self-check sees it, warns
+    once naming both differences, and that step and all later ones are eager: the eager run's losses and
+    adapter. The check's own forward passes leave the RNG (LoRA dropout) as it was."""
     factor = 1 + 3 * train.GraphedLoss.TOLERANCE[torch.float32]
     replays = []
 
     def off(module, sample_args):
         def replay(*args):
             replays.append(1)
-            loss = module(*args)
+            loss = module(*(sample_args if wrong == "inputs" else args))
             return loss * factor if wrong == "loss" else _ScaledGradient.apply(loss, factor)
         return replay
 
@@ -268,8 +269,11 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
     diffs = re.search(r"loss ([\d.e+-]+), LoRA gradients ([\d.e+-]+); tolerance ([\d.e+-]+)", warnings[0])
     loss_diff, grad_diff, tolerance = map(float, diffs.groups())
     assert tolerance == train.GraphedLoss.TOLERANCE[torch.float32]
-    assert loss_diff == pytest.approx(factor - 1 if wrong == "loss" else 0.0, rel=0.02, abs=1e-7)
-    assert grad_diff == pytest.approx(factor - 1, rel=0.02)
+    if wrong == "inputs":  # recorded on another batch of the same shapes: the gradients show it (the loss less so at step 1)
+        assert grad_diff > 10 * tolerance
+    else:
+        assert loss_diff == pytest.approx(factor - 1 if wrong == "loss" else 0.0, rel=0.02, abs=1e-7)
+        assert grad_diff == pytest.approx(factor - 1, rel=0.02)
     assert replays == [1]  # only the check's
     assert not any("self-check passed" in r.getMessage() for r in caplog.records)
     eager_losses, eager_adapter = eager_graphs_run
