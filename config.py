@@ -112,7 +112,8 @@ class TrainConfig(TrainingArguments):
     embedding_cache_dir: str = "outputs/cache"
     embedding_cache_dtype: Literal["float16", "float32"] = field(default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"})
     cuda_graphs: bool = field(default=False, metadata={"help": "on one CUDA GPU, run the training step's forward and backward "
-                                                               "as CUDA graphs (no compilation; not yet measured, see README)"})
+                                                               "as CUDA graphs (no compilation; the first replay is checked against an "
+                                                               "eager step, eager steps if it differs; not yet measured, see README)"})
 
 
 DEMO_TRAIN_OVERRIDES = dict(

@@ -352,18 +352,30 @@ def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 
     computes the image-side cross-attention keys and values once. Every step then has the same
     shapes and touches the same memory, so on a GPU the whole step (argmax and end-of-caption
     bookkeeping included) is captured once as a CUDA graph and replayed: one launch per token.
-    cuda_graph: None = on a GPU; False = plain calls (the CPU's way, or to compare).
-    The start id comes from the model config: the real tokenizer has no bos token.
+    cuda_graph: None = on a GPU; False = plain calls (the CPU's way, or to compare). The graph
+    checks itself on the process's first graphed batch (GraphSelfCheck) and is not used again
+    after a failed capture or check. The start id comes from the model config: the real tokenizer
+    has no bos token.
     """
-    decoder = StaticGreedyDecoder(model, image_embeds, max_new_tokens)
     if cuda_graph is None:
         cuda_graph = image_embeds.device.type == "cuda"
-    step = decoder.step
-    if cuda_graph:
-        step = _graphed(decoder.step, image_embeds.device)
+    ids = _decode(model, image_embeds, max_new_tokens, graphed=True) if cuda_graph and not graph_decoding.off else None
+    if ids is None:  # graphs off, or the capture failed
+        return _decode(model, image_embeds, max_new_tokens, graphed=False)
+    if not graph_decoding.passed:
+        ids = graph_decoding.check(ids, _decode(model, image_embeds, max_new_tokens, graphed=False))
+    return ids
+
+
+def _decode(model, image_embeds: torch.Tensor, max_new_tokens: int, graphed: bool) -> Optional[torch.Tensor]:
+    """The greedy loop, its step replayed as a CUDA graph or called plainly; None if the capture failed."""
+    decoder = StaticGreedyDecoder(model, image_embeds, max_new_tokens)
+    step = graphed_step(decoder.step, image_embeds.device) if graphed else decoder.step
+    if step is None:
+        return None
     # A host check of "every row has its [SEP]" waits for the device, so with a graph it is done
     # every few steps; the steps past the end only write padding, and are cut off below.
-    check_every = GRAPH_CHECK_EVERY if cuda_graph else 1
+    check_every = GRAPH_CHECK_EVERY if graphed else 1
     for t in range(max_new_tokens):
         step()
         if (t + 1) % check_every == 0 and bool(decoder.done.all()):
@@ -372,6 +384,61 @@ def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 
 
 
 GRAPH_CHECK_EVERY = 4
+
+
+class GraphSelfCheck:
+    """Whether this process decodes with CUDA graphs: on until a capture fails or the self-check does.
+
+    A replayed graph runs the kernels it recorded on the memory it recorded, so a capture that went
+    wrong (an operation that records stale state, a buffer read before it is written) would change
+    captions without an error. So the first graphed batch of a process is also decoded by the
+    plain step loop and the ids compared. Cost: that one batch decoded a second time, the plain
+    way (a batch at the speed without graphs), once per process. Any difference: one warning
+    naming the first differing position, the plain loop's ids for that batch, and plain steps
+    for the rest of the process. A failed capture turns graphs off the same way.
+    """
+
+    def __init__(self):
+        self.passed = False  # the first graphed batch gave the plain loop's ids
+        self.off = False  # capture or check failed: plain steps from now on
+
+    def turn_off(self, why: str) -> None:
+        if not self.off:
+            logger.warning("self-check: decoding without CUDA graphs from now on (%s)", why)
+        self.off = True
+
+    def check(self, graphed: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """The ids to use for the checked batch: the graph's if they equal the plain loop's, else the plain loop's."""
+        where = first_difference(graphed, plain)
+        if where is None:
+            self.passed = True
+            logger.info("self-check passed: CUDA-graph decoding gave the plain loop's ids on its first batch "
+                        "(%d rows x %d tokens)", *plain.shape)
+            return graphed
+        row, index, got, want = where
+        self.turn_off(f"its first batch differs from the plain loop at row {row}, token {index}: "
+                      f"id {got} instead of {want}")
+        return plain
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor) -> Optional[tuple]:
+    """(row, token index, a's id, b's id) where two (B, T) id tensors first differ, or None if they are equal.
+
+    "First" in decoding order: the lowest token index at which any row differs, and the lowest row
+    there. A row that is shorter reads -1 past its end (so lengths that differ are a difference).
+    """
+    width = max(a.shape[1], b.shape[1])
+    a, b = (torch.nn.functional.pad(x, (0, width - x.shape[1]), value=-1) for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"different batch sizes: {tuple(a.shape)} and {tuple(b.shape)}")
+    differ = (a != b).nonzero()
+    if not len(differ):
+        return None
+    row, index = differ[differ[:, 1].argmin()].tolist()  # nonzero is row-major: the lowest row first
+    return row, index, int(a[row, index]), int(b[row, index])
+
+
+graph_decoding = GraphSelfCheck()  # one per process: the check runs once
 
 
 class StaticGreedyDecoder:
@@ -437,8 +504,8 @@ class StaticGreedyDecoder:
         self.position += 1
 
 
-def _graphed(step, device):
-    """step() captured as a CUDA graph, so that a replay is one launch; the plain step if capture fails.
+def graphed_step(step, device):
+    """step() captured as a CUDA graph, so that a replay is one launch; None (and graphs off) if capture fails.
 
     As torch's docs do it: a warm-up call on a side stream (lazy cuBLAS and kernel set-up must not
     happen during capture), then the capture. The warm-up really runs, so the decoding state it
@@ -461,20 +528,14 @@ def _graphed(step, device):
         # thread_local: a data loader thread pinning memory meanwhile must not abort the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
             step()
-        replay = graph.replay
     except RuntimeError as e:  # a torch or driver without graph support for some op: slower, same ids
-        if not _GRAPH_FAILED:
-            logger.warning("decoding without CUDA graphs (capture failed: %s)", str(e).splitlines()[0][:MAX_ERROR_CHARS])
-        _GRAPH_FAILED.append(True)
+        graph_decoding.turn_off(f"capture failed: {str(e).splitlines()[0][:MAX_ERROR_CHARS]}")
         if torch.cuda.is_available():
             torch.cuda.synchronize(device)
-        replay = step
+        return None
     for tensor, value in zip(advanced, saved):
         tensor.copy_(value)
-    return replay
-
-
-_GRAPH_FAILED = []
+    return graph.replay
 
 
 @torch.no_grad()

@@ -77,7 +77,7 @@ def check_train_options(cfg, args) -> None:
     check_seed(args.seed)
     check_report_to(args.report_to)
     if args.cuda_graphs:
-        if args.device.type not in GraphedLoss.DEVICES:
+        if not graphs_supported(args.device):
             raise UserError(f"--cuda_graphs needs a CUDA GPU (this run is on {args.device.type}); leave it off")
         if args.torch_compile:
             raise UserError("--cuda_graphs and --torch_compile both record the step: pass one of them")
@@ -234,6 +234,16 @@ class _LossOf(torch.nn.Module):
                               labels=labels).loss
 
 
+def graphs_supported(device) -> bool:
+    """Can --cuda_graphs record the training step on `device`? (torch.cuda.make_graphed_callables: CUDA only)."""
+    return device.type == "cuda"
+
+
+def record_graphs(module, sample_args):
+    """`module`'s forward and backward recorded as CUDA graphs on `sample_args`; a callable that replays them."""
+    return torch.cuda.make_graphed_callables(module, sample_args)
+
+
 class GraphedLoss:
     """--cuda_graphs: the training loss's forward and backward each replayed as one CUDA graph.
 
@@ -245,16 +255,30 @@ class GraphedLoss:
     optimizer, clipping and scheduler stay Trainer's. Cached image embeddings only, and no gradient
     accumulation (autograd hands over the gradients in the graph's own buffers, which the next replay
     overwrites; Trainer sets them to None after each optimizer step). If recording fails (an
-    operation a graph cannot hold), one warning and the step runs eagerly.
+    operation a graph cannot hold), or the first replay does not give the eager step's loss and
+    LoRA gradients (check), one warning and every step runs eagerly.
     """
 
-    make_graphed = staticmethod(torch.cuda.make_graphed_callables)  # the tests put a stand-in here
-    DEVICES = ("cuda",)  # the tests add "cpu", with the stand-in
     KEYS = ("image_embeds", "input_ids", "attention_mask", "labels")
+    # Relative difference allowed between the first replay and an eager step, for the loss and for the
+    # LoRA gradients (as one vector), by autocast dtype. Replay and eager run the same kernels, so they
+    # can differ only by rounding (another reduction order, another cuBLAS algorithm). Measured on the
+    # CPU at the first LoRA step of the base-sized decoder (benchmarks/graph_check_tolerance.py,
+    # results/cpu-2cores-graph-check.json): the batch reordered moves the gradients by 4e-6 in bf16
+    # (2e-7 in fp32); bf16 against fp32, every rounding at bf16's size, the most rounding can do, by
+    # 8.2e-3; one other LoRA dropout mask (p=0.05) by 0.09. bf16's bound sits 3.7x above that rounding
+    # gap and 3x below that mask error. fp16 rounds 8x finer (3 more mantissa bits); fp32 gets fp16's
+    # bound as well, since with --tf32 its matmuls keep 10 mantissa bits, as fp16 does.
+    TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
     def __init__(self, model, dtype):
-        self.loss_of = _LossOf(model, dtype)  # model: the PeftModel's base, not accelerate's autocast-wrapped forward
+        # model: the PeftModel's base, not accelerate's autocast-wrapped forward. Two wrappers of it:
+        # the recorder replaces the forward of the one it records, the other stays eager for the check
+        self.eager, self.recorded = _LossOf(model, dtype), _LossOf(model, dtype)
+        self.tolerance = self.TOLERANCE[dtype]
+        self.replay = None
         self.shapes = None  # the input shapes the graphs were recorded for
+        self.checked = False
         self.failed = False
 
     def __call__(self, inputs: dict):
@@ -262,22 +286,81 @@ class GraphedLoss:
         if self.failed:
             return None
         if set(inputs) != set(self.KEYS):  # pixels (LoRA in the vision encoder, or --use_embedding_cache False)
-            self.failed = True
-            logger.warning("--cuda_graphs applies to cached image embeddings only: the training step runs eagerly")
-            return None
+            return self._eager_from_now("--cuda_graphs applies to cached image embeddings only: the training step runs eagerly")
         args = tuple(inputs[k] for k in self.KEYS)
         shapes = [tuple(a.shape) for a in args]
-        if self.shapes is None:
+        if self.replay is None:
+            # Recorded on another batch of the same shapes (the images negated, every row the first row's
+            # caption), so the checked replay (of this batch) shows whether a replay reads its own inputs.
+            # Forked RNG: the warm-up passes draw dropout masks, and the run's random stream stays eager's.
+            sample = (-args[0], *(a[:1].expand_as(a).clone() for a in args[1:]))
             try:
-                with torch.autocast(args[0].device.type, enabled=False):  # it refuses autocast's weight cache
-                    self.loss_of = self.make_graphed(self.loss_of, args)
+                # autocast off: the recorder refuses autocast's weight cache
+                with torch.autocast(args[0].device.type, enabled=False), torch.random.fork_rng(**_rng_fork(args[0].device)):
+                    self.replay = record_graphs(self.recorded, sample)
             except Exception as e:
-                self.failed = True
-                logger.warning("--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
-                               type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                return None
+                return self._eager_from_now("--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
+                                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             self.shapes = shapes
-        return self.loss_of(*args) if shapes == self.shapes else None
+        if shapes != self.shapes:
+            return None
+        if not self.checked:
+            self.checked = True
+            if not self.check(args):
+                return None
+        return self.replay(*args)
+
+    def _eager_from_now(self, message, *args):
+        self.failed = True
+        logger.warning(message, *args)
+        return None
+
+    def check(self, args) -> bool:
+        """Do the replayed graphs give the eager step's loss and LoRA gradients on this batch (within tolerance)?
+
+        Both run from the step's own RNG state, forked (torch.random.fork_rng) and put back after
+        each, so they draw the same LoRA dropout masks as each other and as the step that follows:
+        the run's random stream, and so its results, are the same as without the check. Dropout
+        stays on because the graphs were recorded in training mode, and a wrong mask is one of the
+        things to catch. Gradients come from torch.autograd.grad, which leaves .grad alone, and no
+        optimizer step is taken here. Cost, once per run: one eager forward and backward and one
+        replay. If they differ: one warning, and this step and every later one run eagerly.
+        """
+        params = [p for p in self.eager.parameters() if p.requires_grad]
+        results = []
+        for loss_of in (self.replay, self.eager):
+            with torch.random.fork_rng(**_rng_fork(args[0].device)):
+                loss = loss_of(*args)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                # copies: the replay's outputs live in the graph's buffers, which the next replay overwrites
+                results.append((loss.detach().float().clone(),
+                                torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
+                                           for g, p in zip(grads, params)])))
+        (loss, grads), (eager_loss, eager_grads) = results
+        loss_diff, grad_diff = relative_difference(loss, eager_loss), relative_difference(grads, eager_grads)
+        name = str(self.eager.dtype).removeprefix("torch.")
+        if loss_diff <= self.tolerance and grad_diff <= self.tolerance:
+            logger.info("self-check passed: --cuda_graphs' first replayed step matches the eager step (relative "
+                        "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s)", loss_diff, grad_diff,
+                        self.tolerance, name)
+            return True
+        self._eager_from_now("self-check: --cuda_graphs' first replayed step differs from the eager step (relative "
+                             "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s): the training step runs "
+                             "eagerly", loss_diff, grad_diff, self.tolerance, name)
+        return False
+
+
+def _rng_fork(device) -> dict:
+    """torch.random.fork_rng's arguments for the CPU's and `device`'s random state."""
+    if device.type != "cuda":
+        return {"devices": []}  # the CPU's state is always forked
+    return {"devices": [device.index if device.index is not None else torch.cuda.current_device()], "device_type": "cuda"}
+
+
+def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """|value - reference| / |reference| (vector norms); inf where either is not finite."""
+    difference = (value - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny)
+    return float(difference) if torch.isfinite(difference) else float("inf")
 
 
 class FiniteLossCheck(TrainerCallback):

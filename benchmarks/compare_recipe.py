@@ -4,7 +4,8 @@
 
 Reads the stage times (OUT_DIR/timings.txt), the `timing:` lines of both train.py logs, both
 evaluations' metrics.json and predictions.csv; checks that the two paths name the same top-1 breed
-(likelihood ranking and captions, both models) on the images both evaluated; prints a table and
+(likelihood ranking and captions, both models) on the images both evaluated; collects the CUDA-graph
+self-checks' lines (decoding, --cuda_graphs training) from every stage's log; prints a table and
 writes OUT_DIR/recipe.json.
 """
 
@@ -43,6 +44,21 @@ def trainer_metrics(log):
     return {"train_runtime": float(m[-1][0]), "train_samples_per_second": float(m[-1][1])} if m else {}
 
 
+SELF_CHECK = re.compile(r"(INFO|WARNING) \S+: self-check")  # a log line of model.GraphSelfCheck or train.GraphedLoss
+
+
+def self_checks():
+    """{stage: [its "self-check" log lines]}: passed, or failed and turned off (model.GraphSelfCheck, train.GraphedLoss)."""
+    found = {}
+    for name in sorted(os.listdir(work)):
+        if name.endswith(".log"):
+            with open(os.path.join(work, name), errors="replace") as f:
+                lines = [line.strip() for line in f if SELF_CHECK.match(line)]
+            if lines:
+                found[name.removesuffix(".log")] = lines
+    return found
+
+
 def metrics(folder):
     path = os.path.join(work, folder, "metrics.json")
     return json.load(open(path)) if os.path.isfile(path) else {}
@@ -74,7 +90,7 @@ def main():
         "train_cudagraphs": {**timing_line("train_cudagraphs.log"), **trainer_metrics("train_cudagraphs.log")},
         "evaluate_new": {k: new_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
         "evaluate_baseline": {k: old_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
-        "common_images": len(common), "identical_on_common_images": same,
+        "common_images": len(common), "identical_on_common_images": same, "self_checks": self_checks(),
         "accuracy_new": {m: {k: new_m.get(m, {}).get(k) for k in ("breed_accuracy", "likelihood_top1")}
                          for m in ("zero_shot", "fine_tuned")},
     }
@@ -106,6 +122,13 @@ def main():
         print(f"three scripts end to end with train.py --cuda_graphs True (its cache build added): {graphed:.1f} s")
         record["end_to_end_cuda_graphs_s"] = graphed
     print(f"identical on {len(common)} common test images: {json.dumps(same)}")
+    checks = record["self_checks"]
+    failed = sum("passed" not in line for lines in checks.values() for line in lines)
+    print(f"self-checks: {sum(map(len, checks.values()))} ran, {failed} failed" if checks
+          else "self-checks: none ran (no CUDA graph was used: no GPU, or graphs off)")
+    for stage, lines in checks.items():
+        for line in lines:
+            print(f"  {stage}: {line}")
     record["end_to_end_new_s"] = ends
     with open(os.path.join(out, "recipe.json"), "w") as f:
         json.dump(record, f, indent=2)

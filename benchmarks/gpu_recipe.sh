@@ -16,7 +16,9 @@
 #       # the host side at full size on a CPU: a narrow model at 384 px (577 image tokens), real split sizes
 #
 # Writes flat files to $OUT: timings.txt, stages.log, summary.txt, recipe.json, profile.txt,
-# metrics.json, train_history.json, attention_metrics.json. Wheels in $WHL (default .whl) are
+# metrics.json, train_history.json, attention_metrics.json. The CUDA-graph self-checks (the decoder's
+# first graphed batch against the plain loop; --cuda_graphs' first replayed step against an eager
+# one) log a "self-check" line each: summary.txt lists them by stage, recipe.json under "self_checks". Wheels in $WHL (default .whl) are
 # installed first (datasets, rouge-score, ... where the machine lacks them).
 set -u
 P=$(pwd); W=$(mktemp -d); OUT=${OUT:-$W/out}; mkdir -p "$OUT"

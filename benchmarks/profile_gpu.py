@@ -10,6 +10,7 @@ embeddings (ratios taken in one run; the ids must be identical), and the 37-bree
 """
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from config import PetConfig  # noqa: E402
 from data import NUM_BREEDS, CaptionCollator, caption_for  # noqa: E402
+import model as model_module  # noqa: E402
 from model import (_generate_ids, breed_candidates, cast_frozen_linears, create_lora_model, greedy_caption_ids,  # noqa: E402
                    load_base_model, load_processor)
 
@@ -62,6 +64,7 @@ def main():
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="also time the step compiled, reduce-overhead and the cudagraphs backend (default: on a GPU)")
     a = p.parse_args()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)  # the self-checks' lines
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     template = PetConfig().caption_template
@@ -130,13 +133,13 @@ def main():
         def graphed_step():
             loss = graphed({"image_embeds": embeds, **batch})
             if loss is None:
-                raise RuntimeError("recording failed (see the warning above)")
+                raise RuntimeError("recording or its self-check failed (see the warning above)")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        if measure("--cuda_graphs", graphed_step, 1, "recording"):
+        if measure("--cuda_graphs", graphed_step, 1, "recording and self-check"):
             with profile(activities=acts) as prof:
                 graphed_step()
                 sync(device)
@@ -186,10 +189,15 @@ def main():
     same = all(torch.equal(i, ids["generate"]) for i in ids.values())
     print(f"\ngreedy captions, {a.eval_batch} images x {ids['generate'].shape[1] - 1} steps: "
           + ", ".join(f"{name} {t * 1e3:.0f} ms ({median['generate'] / t:.2f}x)" for name, t in median.items())
-          + f"; identical ids: {same}")
+          + f"; identical ids: {same}; the CUDA-graph decoder's own check: {graph_check_outcome()}")
     print(f"37-breed ranking, {a.eval_batch} images: {ranking * 1e3:.0f} ms = {a.eval_batch / ranking:.0f} img/s")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def graph_check_outcome() -> str:
+    check = model_module.graph_decoding
+    return "failed, graphs off (see the warning)" if check.off else "passed" if check.passed else "not run"
 
 
 if __name__ == "__main__":

@@ -62,11 +62,23 @@ def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adap
     assert len(set(ends.tolist())) > 1 and (ours == tc.pad_token_id).any()
 
 
+@pytest.fixture
+def fresh_graph_check(monkeypatch):
+    """A process that has not decoded with graphs yet: its self-check still to run."""
+    import model as model_module
+
+    check = model_module.GraphSelfCheck()
+    monkeypatch.setattr(model_module, "graph_decoding", check)
+    return check
+
+
 @pytest.mark.parametrize("max_new_tokens", [30, 3])
-def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monkeypatch, max_new_tokens):
+def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monkeypatch, fresh_graph_check, caplog,
+                                                    max_new_tokens):
     """With a CUDA graph the loop asks "all rows done?" only every few steps and cuts the steps past
     the end off afterwards. The capture itself needs a GPU (benchmarks/profile_gpu.py checks it
-    there); here the graph is replaced by the plain step so the rest of that path runs on the CPU."""
+    there); here the graph is replaced by the plain step so the rest of that path runs on the CPU,
+    and its self-check passes without a warning."""
     import model as model_module
     from data import load_image, load_splits
     from model import image_embeddings, load_lora_for_inference
@@ -76,7 +88,7 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     def ungraphed(step, device):
         return lambda: (calls.append(1), step())
 
-    monkeypatch.setattr(model_module, "_graphed", ungraphed)
+    monkeypatch.setattr(model_module, "graphed_step", ungraphed)
     model, processor = load_lora_for_inference(demo_adapter)
     records = load_splits(os.path.join(demo_run[0], "outputs/demo/pets"), 0.0)["test"][::7]
     pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
@@ -86,27 +98,80 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     # check at steps that miss the real end, so that steps past it run and must be cut off
     check_every = next(k for k in (3, 4, 5, 7) if steps % k)
     monkeypatch.setattr(model_module, "GRAPH_CHECK_EVERY", check_every)
-    ours = greedy_caption_ids(model, embeds, max_new_tokens=max_new_tokens, cuda_graph=True)
+    with caplog.at_level("INFO", logger="model"):
+        ours = greedy_caption_ids(model, embeds, max_new_tokens=max_new_tokens, cuda_graph=True)
     assert torch.equal(ours, reference)
     if max_new_tokens == 30:  # every caption ends before the limit
         assert steps < max_new_tokens and steps < len(calls) < steps + check_every
+    assert fresh_graph_check.passed and not fresh_graph_check.off
+    assert [r.levelname for r in caplog.records if "self-check" in r.getMessage()] == ["INFO"]
     assert torch.equal(greedy_caption_ids(model, embeds, max_new_tokens, cuda_graph=False), reference)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="uses a machine without CUDA, where every capture fails")
-def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_dir, monkeypatch, caplog):
-    """Where capture fails (here: no CUDA at all), decoding goes on without the graph: same ids, one warning."""
+def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(tiny_dir, monkeypatch,
+                                                                                fresh_graph_check, caplog):
+    """A "graph" that writes one wrong id (row 1, token 3): the self-check on the first graphed batch warns once,
+    naming that position, returns the plain loop's ids, and later batches are decoded plainly (the graph is
+    not used again, and no second warning comes)."""
     import model as model_module
 
-    monkeypatch.setattr(model_module, "_GRAPH_FAILED", [])
+    model = load_base_model(tiny_dir).eval()
+    vocab = model.config.text_config.vocab_size
+    captures = []
+
+    def corrupting(step, device):
+        state, calls = step.__self__, []
+        captures.append(1)
+
+        def replay():
+            step()
+            calls.append(1)
+            if len(calls) == 3:  # ids[:, 1:4] are written: change row 1's third token, which step 4 then reads
+                state.ids[1, 3] = (state.ids[1, 3] + 1) % vocab
+        return replay
+
+    monkeypatch.setattr(model_module, "graphed_step", corrupting)
+    embeds = torch.randn(3, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(2))
+    other = torch.randn(2, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level("INFO", logger="model"):
+        first = greedy_caption_ids(model, embeds, 8, cuda_graph=True)
+        second = greedy_caption_ids(model, other, 8, cuda_graph=True)
+        default = greedy_caption_ids(model, other, 8)
+    assert torch.equal(first, _generate(model, embeds, 8)) and torch.equal(second, _generate(model, other, 8))
+    assert torch.equal(default, second)
+    assert captures == [1]  # the graph was tried on the first batch only
+    messages = [r.getMessage() for r in caplog.records if "self-check" in r.getMessage()]
+    assert len(messages) == 1 and caplog.records[-1].levelname == "WARNING", messages
+    assert "row 1, token 3" in messages[0] and "without CUDA graphs" in messages[0]
+    assert fresh_graph_check.off and not fresh_graph_check.passed
+
+
+def test_first_difference_names_the_earliest_token_then_the_row():
+    from model import first_difference
+
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert first_difference(a, a.clone()) is None
+    b = a.clone()
+    b[0, 3], b[1, 2] = 9, 8
+    assert first_difference(a, b) == (1, 2, 3, 8)  # token 2 comes before token 3, whatever the row
+    b[0, 2] = 7
+    assert first_difference(a, b) == (0, 2, 3, 7)
+    assert first_difference(a[:, :3], a) == (0, 3, -1, 4)  # a shorter decode differs where it ends
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="uses a machine without CUDA, where every capture fails")
+def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_dir, fresh_graph_check, caplog):
+    """Where capture fails (here: no CUDA at all), decoding goes on without the graph: same ids, one warning,
+    and graphs stay off for the process."""
     model = load_base_model(tiny_dir).eval()
     embeds = torch.randn(3, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1))
     with caplog.at_level("WARNING", logger="model"):
         first = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
         second = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
     assert torch.equal(first, _generate(model, embeds, 10)) and torch.equal(second, first)
-    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "decoding without CUDA graphs" in caplog.records[0].message
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert "decoding without CUDA graphs" in caplog.records[0].message and "capture failed" in caplog.records[0].message
+    assert fresh_graph_check.off
 
 
 @pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")

@@ -1,6 +1,7 @@
 """The training step's speed-ups change no numbers: frozen weights stored in autocast's dtype, fixed-length padding."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -182,35 +183,121 @@ def _graphs_run(demo_assets, out, *extra):
     return [e["loss"] for e in result["history"]["train"]], load_file(str(out / "adapter_model.safetensors")), result
 
 
-def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, tmp_path, monkeypatch, caplog):
+def _failing(module, sample_args):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(scope="module")
+def eager_graphs_run(demo_assets, tmp_path_factory):
+    """--cuda_graphs whose recording fails: every step eager, with the fixed padding (the reference)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "graphs_supported", lambda device: True)
+        mp.setattr(train, "record_graphs", _failing)
+        losses, adapter, _ = _graphs_run(demo_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True")
+    return losses, adapter
+
+
+def _graph_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--cuda_graphs" in r.getMessage()]
+
+
+def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, eager_graphs_run, tmp_path, monkeypatch,
+                                                                caplog):
     """--cuda_graphs, with a stand-in for torch.cuda.make_graphed_callables (no GPU here): recorded once, on the
-    first batch; full batches go through it, the partial one eagerly. If recording fails: one warning, and every
-    step eager. Both give the same losses (LoRA dropout on) and adapter. (Fixed padding against each batch's
-    own: test_fixed_length_padding_gives_the_per_batch_loss.)"""
+    first batch's shapes; full batches go through it, the partial one eagerly; the self-check passes without a
+    warning. Same losses (LoRA dropout on) and adapter as the run whose recording failed (every step eager), and
+    that run warned once. (Fixed padding against each batch's own: test_fixed_length_padding_gives_the_per_batch_loss.)"""
     recorded, replays = [], []
 
     def stand_in(module, sample_args):
         recorded.append([tuple(a.shape) for a in sample_args])
         return lambda *args: replays.append([tuple(a.shape) for a in args]) or module(*args)
 
-    def failing(module, sample_args):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(train.GraphedLoss, "DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(train.GraphedLoss, "make_graphed", staticmethod(stand_in))
-    losses, adapter, result = _graphs_run(demo_assets, tmp_path / "graphs", "--cuda_graphs", "True")
+    monkeypatch.setattr(train, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(train, "record_graphs", stand_in)
+    with caplog.at_level("INFO", logger="train"):
+        losses, adapter, result = _graphs_run(demo_assets, tmp_path / "graphs", "--cuda_graphs", "True")
     pad_to = result["trainer"].data_collator.pad_to
     assert pad_to == longest_caption_tokens(load_processor(demo_assets[0]).tokenizer, TEMPLATE)
     assert len(recorded) == 1 and recorded[0][0][0] == 4 and recorded[0][1:] == [(4, pad_to)] * 3
-    assert len(replays) == 5 and all(r == recorded[0] for r in replays)  # steps 1-4 and 6; step 5 (2 images) eager
+    # steps 1-4 and 6 (step 5 has 2 images: eager), and the self-check's replay of step 1
+    assert len(replays) == 6 and all(r == recorded[0] for r in replays)
+    assert not _graph_warnings(caplog)
+    assert sum("self-check passed: --cuda_graphs" in r.getMessage() for r in caplog.records) == 1
 
-    monkeypatch.setattr(train.GraphedLoss, "make_graphed", staticmethod(failing))
-    with caplog.at_level("WARNING", logger="train"):
-        eager_losses, eager_adapter, _ = _graphs_run(demo_assets, tmp_path / "failed", "--cuda_graphs", "True")
-    warnings = [r.getMessage() for r in caplog.records if "--cuda_graphs" in r.getMessage()]
-    assert len(warnings) == 1 and "stream is capturing" in warnings[0] and "runs eagerly" in warnings[0]
+    eager_losses, eager_adapter = eager_graphs_run
     assert len(losses) == 6 and losses == eager_losses
     assert all(torch.equal(t, eager_adapter[k]) for k, t in adapter.items())
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient scaled on the way back: a replay whose loss is right and gradients wrong."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+@pytest.mark.parametrize("wrong", ["loss", "gradients", "inputs"])
+def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_assets, eager_graphs_run, tmp_path,
+                                                                           monkeypatch, caplog, wrong):
+    """A recorder whose replay is off by 3x the fp32 tolerance (the loss, or only the gradients), or replays the
+    batch it was recorded on whatever it is given (inputs): the first replayed step's self-check sees it, warns
+    once naming both differences, and that step and all later ones are eager: the eager run's losses and
+    adapter. The check's own forward passes leave the RNG (LoRA dropout) as it was."""
+    factor = 1 + 3 * train.GraphedLoss.TOLERANCE[torch.float32]
+    replays = []
+
+    def off(module, sample_args):
+        def replay(*args):
+            replays.append(1)
+            loss = module(*(sample_args if wrong == "inputs" else args))
+            return loss * factor if wrong == "loss" else _ScaledGradient.apply(loss, factor)
+        return replay
+
+    monkeypatch.setattr(train, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(train, "record_graphs", off)
+    with caplog.at_level("INFO", logger="train"):
+        losses, adapter, _ = _graphs_run(demo_assets, tmp_path / "off", "--cuda_graphs", "True")
+    warnings = _graph_warnings(caplog)
+    assert len(warnings) == 1 and "self-check" in warnings[0] and "runs eagerly" in warnings[0], warnings
+    diffs = re.search(r"loss ([\d.e+-]+), LoRA gradients ([\d.e+-]+); tolerance ([\d.e+-]+)", warnings[0])
+    loss_diff, grad_diff, tolerance = map(float, diffs.groups())
+    assert tolerance == train.GraphedLoss.TOLERANCE[torch.float32]
+    if wrong == "inputs":  # recorded on another batch of the same shapes: the gradients show it (the loss less so at step 1)
+        assert grad_diff > 10 * tolerance
+    else:
+        assert loss_diff == pytest.approx(factor - 1 if wrong == "loss" else 0.0, rel=0.02, abs=1e-7)
+        assert grad_diff == pytest.approx(factor - 1, rel=0.02)
+    assert replays == [1]  # only the check's
+    assert not any("self-check passed" in r.getMessage() for r in caplog.records)
+    eager_losses, eager_adapter = eager_graphs_run
+    assert losses == eager_losses
+    assert all(torch.equal(t, eager_adapter[k]) for k, t in adapter.items())
+
+
+def test_the_failed_recording_warned_once(demo_assets, tmp_path, monkeypatch, caplog):
+    """Recording that raises: exactly one warning, with the recorder's message, and no self-check."""
+    monkeypatch.setattr(train, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(train, "record_graphs", _failing)
+    with caplog.at_level("INFO", logger="train"):
+        _graphs_run(demo_assets, tmp_path / "failed", "--cuda_graphs", "True", "--max_steps", "2")
+    warnings = _graph_warnings(caplog)
+    assert len(warnings) == 1 and "stream is capturing" in warnings[0] and "runs eagerly" in warnings[0]
+    assert not any("self-check" in r.getMessage() for r in caplog.records)
+
+
+def test_relative_difference():
+    assert train.relative_difference(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert train.relative_difference(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) == pytest.approx(0.2)
+    assert train.relative_difference(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert train.relative_difference(torch.tensor([1e-3]), torch.tensor([0.0])) > 1e30  # any difference from zero fails
+    assert train.relative_difference(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
 def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatch):
@@ -219,7 +306,7 @@ def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatc
             "--cuda_graphs", "True"]
     with pytest.raises(UserError, match="--cuda_graphs needs a CUDA GPU"):
         train.parse_args(argv)
-    monkeypatch.setattr(train.GraphedLoss, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(train, "graphs_supported", lambda device: True)
     with pytest.raises(UserError, match="pass one of them"):
         train.parse_args(argv + ["--torch_compile", "True"])
     with pytest.raises(UserError, match="cannot accumulate gradients"):
