@@ -215,6 +215,7 @@ def _read(path: str):
 def _write_json(path: str, data) -> None:
     """Complete or absent: a temporary file renamed into place (shards of a job array may write at once)."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from the group that shares the sweep
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)
@@ -539,7 +540,7 @@ def plot_sweep(summary: dict, path: str) -> None:
     for key, value in summary["baselines"].items():
         ax.axhline(value["mean"], color="gray", linestyle=styles[key][1], label=styles[key][0])
     ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
-    ax.set(ylabel="breed accuracy", ylim=(0, 1.02), title=f"Sweep over seeds {summary['seeds']}")
+    ax.set(ylabel="breed accuracy", ylim=(-0.02, 1.02), xlim=(-0.5, len(settings) - 0.5), title=f"Sweep over seeds {summary['seeds']}")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
