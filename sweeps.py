@@ -12,6 +12,12 @@ A run is finished when its eval/metrics.json exists (evaluate.py writes it last,
 matches; rerunning the sweep skips finished runs and redoes the others from scratch, so a killed sweep resumes.
 Runs go one per GPU at once on a machine with several (CUDA_VISIBLE_DEVICES); past one machine, a job array
 runs one --shard each on a shared folder and a last `--summary_only` call writes the summary.
+
+Time of `make reproduce` on one H100, estimated (not measured) from benchmarks/results/h100-recipe-summary.txt:
+train.py 150 s (37 s of it building the embedding cache, which later runs reuse), evaluate.py 68 s plus about
+1-2 min of baselines (the probe encodes train, validation and test again in bf16; CLIP 3.7k images),
+explainability.py 27 s; the default sweep is 12 runs of about 115-150 s training and 68 s evaluation, the
+baselines in 3 of them: about 40-45 min. In all about 45-50 min, downloads not counted.
 """
 
 import itertools
@@ -57,6 +63,9 @@ class SweepConfig:
                                                          "GPU), e.g. 0,1, or none (one run at a time on the default device)"})
     shard: str = field(default="0/1", metadata={"help": "i/n: run only every n-th run starting at i (a job array's task)"})
     summary_only: bool = field(default=False, metadata={"help": "run nothing; summarise the finished runs"})
+    results: Optional[str] = field(default=None, metadata={"help": "also write a results page here (e.g. outputs/results.md): "
+                                                                   "--eval_dir's headline numbers and baselines, and this sweep"})
+    eval_dir: str = field(default="outputs/eval", metadata={"help": "evaluate.py's output folder, for --results"})
 
 
 # ---------------------------------------------------------------------------
@@ -547,6 +556,51 @@ def plot_sweep(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _ci(value, interval) -> str:
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> None:
+    """One page of evidence: the main run's numbers with intervals, every baseline, and the sweep over seeds."""
+    metrics = _read(os.path.join(eval_dir, "metrics.json"))
+    if metrics is None:
+        raise UserError(f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)")
+    here = os.path.dirname(os.path.abspath(path))
+    link = lambda p: os.path.relpath(os.path.abspath(p), here)
+    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
+    rows = [f"| zero-shot BLIP, caption names the breed | {_ci(zs['breed_accuracy'], zs['breed_accuracy_ci95'])} |",
+            f"| zero-shot BLIP, likelihood ranking top-1 | {_ci(zs['likelihood_top1'], zs['likelihood_top1_ci95'])} |",
+            f"| **fine-tuned BLIP + LoRA, caption names the breed** | {_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} |",
+            f"| fine-tuned BLIP + LoRA, likelihood ranking top-1 | {_ci(ft['likelihood_top1'], ft['likelihood_top1_ci95'])} |"]
+    for key, label in (("linear_probe", "linear probe on frozen BLIP features"), ("clip_zero_shot", "CLIP zero-shot")):
+        b = metrics.get(key) or {}
+        if "accuracy" in b:
+            mc = b["mcnemar_vs_fine_tuned_caption"]
+            rows.append(f"| {label} (McNemar vs fine-tuned captions: {mc['only_first_correct']} vs "
+                        f"{mc['only_second_correct']}, p = {mc['p_value']:.3g}) | {_ci(b['accuracy'], b['accuracy_ci95'])} |")
+        elif b:
+            rows.append(f"| {label} | skipped: {b.get('skipped')} |")
+    sweep = sweep_markdown(summary).split("\n", 2)[2].replace("](sweep.png)", f"]({link(os.path.join(sweep_dir, 'sweep.png'))})")
+    text = f"""# Results
+
+Main run: adapter `{metrics['adapter']}` on `{metrics['base_model']}`, {metrics['num_samples']} {metrics['split']} images of
+`{metrics['dataset']}`. Brackets: 95% bootstrap intervals. Full report: [{link(os.path.join(eval_dir, 'report.md'))}]({link(os.path.join(eval_dir, 'report.md'))})
+(published numbers for context, and which baseline is fair for which question, are there).
+
+| method | breed accuracy |
+|---|---|
+{chr(10).join(rows)}
+
+## Over seeds and settings
+
+{sweep}"""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print(f"Results: {path}")
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -582,6 +636,8 @@ def main(argv=None) -> dict:
             Runner(cfg, grid, slots).run_all(todo)
     summary = summarise(cfg, grid, runs)
     write_summary(cfg, summary)
+    if cfg.results:
+        write_results(cfg.results, cfg.eval_dir, cfg.output_dir, summary)
     print(f"Sweep: {len(runs) - len(summary['missing_runs'])} of {len(runs)} runs finished; best on validation: "
           f"{summary['best']}. Summary: {os.path.join(cfg.output_dir, 'sweep.md')}")
     return summary
