@@ -203,3 +203,25 @@ def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_c
     metrics = json.loads((out / "r16_query+value+key+dense_nall_seed1" / "eval" / "metrics.json").read_text())
     assert "accuracy_ci95" in metrics["linear_probe"] and "accuracy_ci95" in metrics["clip_zero_shot"]
     assert summary["baselines"]["linear_probe"]["n"] == 2
+
+
+def test_one_run_per_gpu_at_a_time_on_several_gpus(tmp_path, monkeypatch):
+    """--gpus 0,1: two runs at once, each child sees only its own GPU (CUDA_VISIBLE_DEVICES)."""
+    stage = ("import os, sys, time; t = time.time(); time.sleep(1.5); "
+             "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time())")
+    monkeypatch.setattr(sweeps.Run, "commands", lambda self, cfg, grid: {"train": [sys.executable, "-c", stage],
+                                                                          "evaluate": [sys.executable, "-c", "pass"]})
+    monkeypatch.setattr(sweeps, "check_trained_setting", lambda run: None)
+    summary = sweeps.main(["--output_dir", str(tmp_path / "s"), "--lora_r", "8,32", "--lora_target_modules", "query,value",
+                           "--seeds", "1,2", "--gpus", "0,1"])
+    spans = {}
+    for log in (tmp_path / "s").glob("*/train.log"):
+        _, gpu, start, end = log.read_text().split()
+        spans.setdefault(gpu, []).append((float(start), float(end)))
+    assert sorted(spans) == ["0", "1"] and sum(len(v) for v in spans.values()) == 4
+    for runs in spans.values():  # one at a time on each GPU
+        runs.sort()
+        assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:]))
+    first0, first1 = spans["0"][0], spans["1"][0]
+    assert first0[0] < first1[1] and first1[0] < first0[1]  # the two GPUs ran at the same time
+    assert len(summary["missing_runs"]) == 4  # the stand-in wrote no metrics: nothing is summarised as finished
