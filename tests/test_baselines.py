@@ -38,6 +38,7 @@ def test_linear_probe_equals_an_independent_sklearn_fit(tiny_blip):
     from sklearn.preprocessing import StandardScaler
 
     model, processor, splits = tiny_blip
+    splits = {k: v[::3] for k, v in splits.items()}  # 72 / 8 / 27 images: the test's time is the images'
     probe = linear_probe(model, processor, splits, splits["test"], batch_size=16)
 
     x = {k: _pooler_outputs(model, processor, splits[k]) for k in ("train", "validation", "test")}
@@ -52,7 +53,7 @@ def test_linear_probe_equals_an_independent_sklearn_fit(tiny_blip):
     expected = best[2].predict(scaler.transform(x["test"]))
     assert probe["C"] == best[1]
     assert (probe["pred"] == y["test"]).mean() == pytest.approx((expected == y["test"]).mean())
-    assert (probe["pred"] != expected).sum() <= 1  # float rounding of batched vs single-image features
+    np.testing.assert_array_equal(probe["pred"], expected)  # image by image, not only in the count
     assert probe["train_images"] == len(splits["train"]) and probe["validation_images"] == len(splits["validation"])
 
 

@@ -173,8 +173,8 @@ def _correct(folder):
 def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_clip):
     out = tmp_path / "sweep"
     argv = [sys.executable, os.path.join(ROOT, "sweep.py"), *DEMO_GRID, "--output_dir", str(out),
-            "--train_args", "--num_train_epochs 2",
-            "--eval_args", f"--max_eval_samples 24 --bootstrap_samples 100 --clip_model {tiny_clip}"]
+            "--train_args", "--num_train_epochs 1",
+            "--eval_args", f"--max_eval_samples 16 --bootstrap_samples 100 --clip_model {tiny_clip}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = out / "r8_query+value+key+dense_nall_seed1" / "eval" / "metrics.json"
     # its own session: the kill reaches the sweep and the train.py / evaluate.py it is running, nothing else
