@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 CLIP_PROMPT = "a photo of a {breed}, a type of pet."  # the CLIP paper's prompt for Oxford-IIIT Pet
 PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, on standardised features
 
-# (model, metric, Oxford-IIIT Pet test accuracy %, source); sources in docs/DESIGN notes
+# (model, Oxford-IIIT Pet test accuracy %, source): the papers' tables and open_clip's results file
 PUBLISHED = [
     ("CLIP ViT-B/32 zero-shot", 87.0, "Radford et al. 2021, Table 11"),
     ("CLIP ViT-B/16 zero-shot", 88.9, "Radford et al. 2021, Table 11"),
@@ -359,7 +359,7 @@ Which comparison answers which question:
   no training on Pets; it only names a breed, it writes no caption.
 
 Published Oxford-IIIT Pet numbers, for context (**not measured here**; official test split, 3,669 images;
-OpenCLIP scores Pets by mean per-class recall, the CLIP paper's metric for Pets is not stated):
+OpenCLIP scores Pets by mean per-class recall; the CLIP paper's metric for Pets was not verified here):
 
 | model | accuracy (%) | source |
 |---|---|---|
