@@ -4,6 +4,9 @@
 # make test-fast  the same without the tests marked slow: a one-minute loop while developing
 # make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
 #                   resolution, torch as $(TORCH)), then the demo's three scripts and the fast tests (CI runs it)
+# make reproduce  on a GPU (`make reproduce TORCH=torch`): train, evaluate with every baseline, explain, the default
+#                 sweep (r 8,32 x query,value / query,key,value,dense x seeds 1,2,3), then outputs/results.md;
+#                 estimated 45-50 min on one H100 after the downloads (sweeps.py's docstring: the arithmetic)
 PYTHON ?= python3
 VENV ?= .venv
 LOWEST ?= .venv-lowest
@@ -12,7 +15,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 UV ?= uv==0.13.9
 
-.PHONY: install demo app test test-fast test-lowest clean
+.PHONY: install demo app test test-fast test-lowest reproduce clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +54,14 @@ test-lowest:
 		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/evaluate.py --demo \
 		&& $(CURDIR)/$(LOWEST)/bin/python $(CURDIR)/explainability.py --demo; rc=$$?; rm -rf "$$d"; exit $$rc
 	$(LOWEST)/bin/python -m pytest -q -m "not slow" tests
+
+# The Hub's model and data set, and CLIP, must be reachable (or in the local Hugging Face cache)
+SWEEP_FLAGS ?=
+reproduce: install
+	$(PY) train.py
+	$(PY) evaluate.py --output_dir outputs/eval
+	$(PY) explainability.py
+	$(PY) sweep.py --output_dir outputs/sweep $(SWEEP_FLAGS) --results outputs/results.md --eval_dir outputs/eval
 
 clean:
 	rm -rf outputs

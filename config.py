@@ -25,6 +25,7 @@ DEFAULT_DATASET = "timm/oxford-iiit-pet"
 OUTPUT_DIR = "outputs/blip-lora-pets"  # the adapter and everything train.py writes
 DEMO_DIR = "outputs/demo"  # tiny model, synthetic data and demo runs
 SEED = 42
+CLIP_DEFAULT = "openai/clip-vit-base-patch16"  # evaluate.py's CLIP zero-shot baseline: BLIP-base's encoder size
 
 
 class UserError(Exception):
@@ -139,6 +140,10 @@ class EvalConfig:
     output_dir: str = field(default="outputs/eval", metadata={"help": "metrics, predictions, figures and report.md"})
     seed: int = field(default=SEED, metadata={"help": "subset (--max_eval_samples), bootstrap and data split"})
     bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% confidence intervals"})
+    linear_probe: bool = field(default=True, metadata={"help": "baseline: logistic regression on the frozen BLIP image "
+                                                                   "features (train split, C chosen on validation; --split test only)"})
+    clip_model: str = field(default=CLIP_DEFAULT, metadata={"help": "baseline: CLIP zero-shot with this Hub id or folder; "
+                                                                    "none turns it off (the default is skipped with a warning offline)"})
 
 
 DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")

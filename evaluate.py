@@ -20,6 +20,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import set_seed
 
+from baselines import check_clip_option, run_baselines
 from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check_seed, locked_output_dir, parse_config,
                     pick_device, pick_dtype, run_main, same_path, same_source, save_run_config, staged_outputs)
 from data import NUM_BREEDS, load_splits, pixel_batches, report_bad_images, subsample
@@ -42,6 +43,7 @@ def parse_args(argv=None):
     if not 1 <= args.bootstrap_samples <= 100_000:  # the resample matrix is samples x images
         raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
     check_seed(args.seed)
+    check_clip_option(args.clip_model)
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
     if os.path.isdir(args.adapter) and same_path(args.output_dir, args.adapter):
@@ -157,7 +159,8 @@ def _evaluate(cfg, args):
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
 
-    records = load_splits(cfg.dataset, *adapter_split_settings(args.adapter, cfg, args.split, args.seed))[args.split]
+    splits = load_splits(cfg.dataset, *adapter_split_settings(args.adapter, cfg, args.split, args.seed))
+    records = splits[args.split]
     records = subsample(records, cfg.max_eval_samples, args.seed)
     if not records:
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
@@ -194,6 +197,10 @@ def _evaluate(cfg, args):
         raise UserError("no readable image to evaluate (see the warning above)")
 
     metrics = compute_metrics(predictions, cfg.caption_template, args.bootstrap_samples, args.seed)
+    # the baselines on the same images, each against the fine-tuned captions
+    baselines = run_baselines(args, zero_shot, processor, splits, predictions, metrics.models["fine_tuned"].correct,
+                              device, dtype)
+    metrics.numbers.update(baselines.numbers)
     info = {
         "adapter": args.adapter, "base_model": cfg.model_name_or_path, "dataset": cfg.dataset, "split": args.split,
         "num_bad_images": len(bad), "bad_images": sorted(bad), "template": cfg.caption_template,
@@ -207,7 +214,7 @@ def _evaluate(cfg, args):
     with staged_outputs(out) as tmp:  # a full disk or a kill leaves the previous results whole
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump({**metrics.numbers, **info}, f, indent=2)
-        predictions_frame(predictions, metrics).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
+        predictions_frame(predictions, metrics).assign(**baselines.columns).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
         failures = failures_frame(predictions, metrics)
         failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
         write_figures(predictions, metrics, failures, cfg.caption_template, tmp)

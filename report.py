@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from baselines import report_section, summary_lines
 from data import BREED_NAMES, NUM_BREEDS, caption_for, load_image
 from metrics import LABELS, MODELS, Metrics, Predictions, confusion, label_index
 
@@ -209,6 +210,7 @@ def write_report(path: str, metrics: Metrics, info: dict) -> None:
     per_breed = "\n".join(
         f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
         for b, v in ft["per_breed"].items())
+    baselines = report_section(numbers) if "fine_tuned" in numbers and ("linear_probe" in numbers or "clip_zero_shot" in numbers) else ""
     figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in FIGURES.items())
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
@@ -235,6 +237,7 @@ baseline, because zero-shot captions rarely name a breed at all. The score is th
 the caption's tokens; the per-token row divides it by the number of tokens, which matters when a model is
 unsure of every token (then long breed names lose to short ones).
 
+{baselines}
 ## Most confused breed pairs (fine-tuned captions)
 
 | true breed | named in caption | images |
@@ -269,4 +272,6 @@ def print_summary(metrics: Metrics, out: str) -> None:
     mc = metrics.numbers["mcnemar_caption"]
     print(f"McNemar (captions): fine-tuned alone right {mc['only_second_correct']}, zero-shot alone right "
           f"{mc['only_first_correct']}, p = {mc['p_value']:.3g}")
+    for line in summary_lines(metrics.numbers):
+        print(line)
     print(f"Report: {os.path.join(out, 'report.md')}")
