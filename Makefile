@@ -11,7 +11,8 @@ PYTHON ?= python3
 VENV ?= .venv
 LOWEST ?= .venv-lowest
 PY := $(VENV)/bin/python
-# The CPU build of torch; on a GPU machine use e.g. `make demo TORCH=torch` for the CUDA build.
+# torch from the default index: the CUDA build on Linux (several GB). For the CPU-only wheels:
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 UV ?= uv==0.13.9
 
@@ -21,7 +22,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 

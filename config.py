@@ -5,6 +5,7 @@ Each entry script parses `PetConfig` plus its own small dataclass with
 (`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail.
 """
 
+import argparse
 import errno
 import json
 import os
@@ -75,11 +76,6 @@ DEMO_OVERRIDES = dict(
 )
 
 
-# On a GPU decoding a caption is launch-bound (a step costs about the same for 32 images or 512):
-# fewer, bigger batches for validation, the embedding cache and evaluation
-GPU_EVAL_BATCH = 128
-
-
 @dataclass
 class TrainConfig(TrainingArguments):
     """TrainingArguments with this project's defaults; every Trainer flag still works."""
@@ -89,8 +85,8 @@ class TrainConfig(TrainingArguments):
     num_train_epochs: float = 5
     learning_rate: float = 1e-4
     per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": f"validation and cache-building batch; "
-                                                                  f"{GPU_EVAL_BATCH} on a GPU unless given"})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "validation and cache-building batch; "
+                                                                  "128 on a GPU unless given"})
     warmup_steps: float = 0.05
     weight_decay: float = 0.01
     eval_strategy: str = "epoch"
@@ -135,8 +131,7 @@ class EvalConfig:
 
     adapter: str = field(default=OUTPUT_DIR, metadata={"help": "LoRA adapter folder written by train.py"})
     split: Literal["test", "validation", "train"] = field(default="test", metadata={"help": "test (the official held-out split), validation or train"})
-    per_device_eval_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "images per batch; default 256 on a GPU, 32 on a CPU"})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "images per batch; 256 on a GPU unless given"})
     output_dir: str = field(default="outputs/eval", metadata={"help": "metrics, predictions, figures and report.md"})
     seed: int = field(default=SEED, metadata={"help": "subset (--max_eval_samples), bootstrap and data split"})
     bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% confidence intervals"})
@@ -149,7 +144,7 @@ class EvalConfig:
 DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
 
 
-class _Parser(HfArgumentParser):
+class OptionParser(HfArgumentParser):
     """argparse's own errors (a value not among a Literal's choices, a word for a number) print the whole usage
     and exit; here they are one UserError line like every other option problem."""
 
@@ -158,20 +153,38 @@ class _Parser(HfArgumentParser):
 
 
 def parse_config(types: tuple, argv=None, demo_overrides=None):
-    """(PetConfig, the script's dataclass) from the command line; --demo applies the demo's defaults.
+    """(PetConfig, the script's dataclass) from the command line, with the demo's and the device's defaults.
 
+    --demo applies the demo's defaults, then the device's (DEVICE_DEFAULTS) apply, each only to options
+    that were not on the command line: a flag the user typed always wins, even when it equals the default.
     A bad or unknown flag becomes one UserError line instead of argparse's traceback.
     """
     # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
     try:
-        cfg, args = _Parser(types, allow_abbrev=False).parse_args_into_dataclasses(args=argv)
+        parser = OptionParser(types, allow_abbrev=False)
+        cfg, args = parser.parse_args_into_dataclasses(args=argv)
+        given = given_options(parser, argv)
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
     if cfg.demo:
-        apply_overrides(cfg, DEMO_OVERRIDES, PetConfig())
-        apply_overrides(args, demo_overrides or {}, type(args)())
+        apply_overrides(cfg, DEMO_OVERRIDES, given)
+        apply_overrides(args, demo_overrides or {}, given)
+    device = args.device if isinstance(args, TrainingArguments) else pick_device()
+    apply_overrides(args, device_defaults(type(args), device), given)
     check_options(cfg)
     return cfg, args
+
+
+def given_options(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The option names on the command line (dataclass field names), whatever their values.
+
+    argparse fills in a default only where the namespace has no value yet: start from a namespace that
+    holds a marker for every option, and what was typed is what no longer holds it.
+    """
+    unset = object()
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_known_args([])[0]), unset))
+    parser.parse_known_args(argv, namespace=namespace)
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 def check_options(cfg) -> None:
@@ -204,11 +217,23 @@ def check_seed(seed: int) -> None:
         raise UserError(f"--seed must be in 0-{2**32 - 1}, not {seed}")
 
 
-def apply_overrides(obj, overrides, defaults):
-    """Set each override on `obj` unless the user changed that field from its default."""
+def apply_overrides(obj, overrides: dict, given: set) -> None:
+    """Set each override on `obj` unless the user gave that option on the command line."""
     for key, value in overrides.items():
-        if getattr(obj, key) == getattr(defaults, key):
+        if key not in given:
             setattr(obj, key, value)
+
+
+# Defaults that depend on the device, per options class; a flag the user gives wins (parse_config).
+# On a GPU decoding a caption is launch-bound (a step costs about the same for 32 images or 512):
+# fewer, bigger batches for validation, the embedding cache and evaluation.
+DEVICE_DEFAULTS = {
+    "cuda": {"TrainConfig": dict(per_device_eval_batch_size=128), "EvalConfig": dict(per_device_eval_batch_size=256)},
+}
+
+
+def device_defaults(options_class: type, device: torch.device) -> dict:
+    return DEVICE_DEFAULTS.get(device.type, {}).get(options_class.__name__, {})
 
 
 def pick_device() -> torch.device:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip import BlipImageProcessorPil
 
-from config import DEMO_DIR, PetConfig, apply_overrides
+from config import DEMO_DIR
 from data import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, caption_for
 
 
@@ -176,7 +176,9 @@ def use_demo_assets(cfg) -> None:
     """--demo: point cfg at the tiny model and the synthetic pets, built once (by one process)."""
     with PartialState().main_process_first():
         model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
-    apply_overrides(cfg, {"model_name_or_path": model_dir, "dataset": data_dir}, PetConfig())
+    # None is "not given": no flag can type it
+    cfg.model_name_or_path = cfg.model_name_or_path or model_dir
+    cfg.dataset = cfg.dataset or data_dir
 
 
 def prepare_demo(demo_dir: str, template: str):

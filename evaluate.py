@@ -37,8 +37,7 @@ logger = logging.getLogger("evaluate")
 def parse_args(argv=None):
     """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
-    batch = args.per_device_eval_batch_size  # None: chosen by device in main()
-    if batch is not None and batch < 1:
+    if args.per_device_eval_batch_size < 1:
         raise UserError("--per_device_eval_batch_size must be at least 1")
     if not 1 <= args.bootstrap_samples <= 100_000:  # the resample matrix is samples x images
         raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
@@ -179,8 +178,6 @@ def _evaluate(cfg, args):
     start = time.perf_counter()
     positions = range(state.process_index, len(records), state.num_processes)
     shard = [records[i] for i in positions]
-    if args.per_device_eval_batch_size is None:  # captions are launch-bound on a GPU: big batches
-        args.per_device_eval_batch_size = 256 if device.type == "cuda" else 32
     predictions, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
                                show_progress=state.is_main_process)
     if state.num_processes > 1:

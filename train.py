@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, GPU_EVAL_BATCH, PetConfig, TrainConfig, UserError,
+from config import (BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, UserError,
                     check_seed, inside, is_local, locked_output_dir, parse_config, pick_dtype, run_main, save_run_config,
                     staged_outputs)
 from data import (CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, breed_from_caption,
@@ -45,8 +45,6 @@ def parse_args(argv=None):
         if os.path.isdir(getattr(cfg, name)):
             setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
     check_train_options(cfg, args)
-    if args.device.type == "cuda" and args.per_device_eval_batch_size == TrainConfig.per_device_eval_batch_size:
-        args.per_device_eval_batch_size = GPU_EVAL_BATCH  # the flag was not given (see config.py)
     if args.device.type != "cuda":
         args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns elsewhere
     # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU

@@ -1,0 +1,75 @@
+"""A flag the user typed wins over every demo preset and device default, even when it equals the default."""
+
+import pytest
+import torch
+
+import config
+from config import (DEMO_APP_OVERRIDES, DEMO_EVAL_OVERRIDES, DEMO_EXPLAIN_OVERRIDES, DEMO_OVERRIDES,
+                    DEMO_TRAIN_OVERRIDES, DEVICE_DEFAULTS, AppConfig, EvalConfig, ExplainConfig, PetConfig,
+                    TrainConfig, parse_config)
+
+SCRIPTS = {TrainConfig: DEMO_TRAIN_OVERRIDES, EvalConfig: DEMO_EVAL_OVERRIDES,
+           ExplainConfig: DEMO_EXPLAIN_OVERRIDES, AppConfig: DEMO_APP_OVERRIDES}
+
+
+def _cases():
+    """(script options class, options object it lands on, field, preset value) for every demo preset."""
+    for options, presets in SCRIPTS.items():
+        for name, value in DEMO_OVERRIDES.items():
+            yield pytest.param(options, PetConfig, name, value, id=f"{options.__name__}-{name}")
+        for name, value in presets.items():
+            yield pytest.param(options, options, name, value, id=f"{options.__name__}-{name}")
+
+
+def _other_than(value):
+    """A value of the same type that differs from `value`."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    return value + "-other"
+
+
+@pytest.mark.parametrize("options,target,name,preset", list(_cases()))
+def test_demo_presets_apply_and_yield_to_a_typed_flag(options, target, name, preset):
+    cfg, args = parse_config((PetConfig, options), ["--demo"], SCRIPTS[options])
+    parsed = cfg if target is PetConfig else args
+    assert getattr(parsed, name) == preset
+    # The default typed out must stay, not be taken for "not given" (a preset equal to the default: another value)
+    default = getattr(target(), name)
+    typed = default if default != preset else _other_than(preset)
+    cfg, args = parse_config((PetConfig, options), ["--demo", f"--{name}", str(typed)], SCRIPTS[options])
+    parsed = cfg if target is PetConfig else args
+    assert getattr(parsed, name) == typed
+
+
+def _device_cases():
+    for device, per_class in DEVICE_DEFAULTS.items():
+        for class_name, defaults in per_class.items():
+            for name, value in defaults.items():
+                yield pytest.param(device, getattr(config, class_name), name, value, id=f"{device}-{class_name}-{name}")
+
+
+@pytest.mark.parametrize("device,options,name,value", list(_device_cases()))
+def test_device_defaults_apply_and_yield_to_a_typed_flag(device, options, name, value, monkeypatch):
+    fake = torch.device(device)
+    monkeypatch.setattr(config, "pick_device", lambda: fake)
+    monkeypatch.setattr(TrainConfig, "device", property(lambda self: fake))
+    default = getattr(options(), name)
+    assert value != default
+    _, args = parse_config((PetConfig, options), [])
+    assert getattr(args, name) == value
+    _, args = parse_config((PetConfig, options), [f"--{name}", str(default)])
+    assert getattr(args, name) == default
+    monkeypatch.setattr(config, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(TrainConfig, "device", property(lambda self: torch.device("cpu")))
+    _, args = parse_config((PetConfig, options), [])
+    assert getattr(args, name) == default
+
+
+def test_given_options_sees_every_spelling():
+    parser = config.OptionParser((PetConfig, TrainConfig), allow_abbrev=False)
+    given = config.given_options(parser, ["--lora_r", "32", "--learning_rate=1e-4", "--no_use_embedding_cache",
+                                          "--bf16", "--lora-alpha", "64"])
+    assert given == {"lora_r", "learning_rate", "use_embedding_cache", "bf16", "lora_alpha"}
+    assert config.given_options(parser, []) == set()
