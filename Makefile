@@ -4,7 +4,7 @@
 # make test-fast  the same without the tests marked slow: a one-minute loop while developing
 # make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
 #                   resolution, torch as $(TORCH)), then the demo's three scripts and the fast tests (CI runs it)
-# make reproduce  on a GPU (`make reproduce TORCH=torch`): train, evaluate with every baseline, explain, the default
+# make reproduce  on a GPU: train, evaluate with every baseline, explain, the default
 #                 sweep (r 8,32 x query,value / query,key,value,dense x seeds 1,2,3), then outputs/results.md;
 #                 estimated 45-50 min on one H100 after the downloads (sweeps.py's docstring: the arithmetic)
 PYTHON ?= python3
@@ -46,7 +46,7 @@ test-fast: install
 test-lowest:
 	rm -rf $(LOWEST)
 	$(PYTHON) -m venv $(LOWEST)
-	$(LOWEST)/bin/pip install -q "$(TORCH)" "$(UV)"
+	$(LOWEST)/bin/pip install -q $(TORCH) "$(UV)"
 	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(LOWEST)/constraints.txt
 	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
 		-r requirements.txt -r requirements-dev.txt -c $(LOWEST)/constraints.txt
