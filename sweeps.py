@@ -128,15 +128,6 @@ def grid_from(cfg: SweepConfig) -> Grid:
     seeds = _ints("seeds", cfg.seeds, minimum=0)
     for s in seeds:
         check_seed(s)
-    if cfg.demo:
-        # train.py --demo replaces a value equal to the non-demo default by the demo's own (config.apply_overrides)
-        defaults = PetConfig()
-        clash = [f"--lora_r {defaults.lora_r}" for r in ranks if r == defaults.lora_r] + \
-                [f"--lora_target_modules {t}" for t in targets if t == defaults.lora_target_modules]
-        if clash:
-            raise UserError(f"with --demo, train.py replaces {clash[0]} (the non-demo default) by the demo's own "
-                            f"setting; sweep other values, e.g. --lora_r 8,16 --lora_target_modules "
-                            f"{DEMO_OVERRIDES['lora_target_modules']}")
     n_shard = parse_shard(cfg.shard)[1]
     if n_shard < 1:
         raise UserError(f"--shard {cfg.shard!r}: n must be at least 1")
@@ -157,9 +148,9 @@ def parse_shard(text: str) -> tuple:
 
 def default_setting(demo: bool) -> dict:
     """The setting train.py uses without flags (the demo's with --demo): the paired test's reference."""
-    cfg = PetConfig()
-    r, targets = (DEMO_OVERRIDES["lora_r"], DEMO_OVERRIDES["lora_target_modules"]) if demo else (cfg.lora_r, cfg.lora_target_modules)
-    return {"lora_r": r, "lora_target_modules": targets, "max_train_samples": cfg.max_train_samples}
+    cfg, preset = PetConfig(), DEMO_OVERRIDES if demo else {}
+    return {"lora_r": preset.get("lora_r", cfg.lora_r), "max_train_samples": cfg.max_train_samples,
+            "lora_target_modules": preset.get("lora_target_modules", cfg.lora_target_modules)}
 
 
 def setting_name(s: dict) -> str:

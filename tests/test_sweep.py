@@ -34,7 +34,6 @@ DEMO_GRID = ["--demo", "--lora_r", "8,16", "--lora_target_modules", "query,value
     (["--eval_args=--output_dir=x"], "which the sweep sets"),
     (["--train_args", "'unclosed"], "cannot be split"),
     (["--shard", "2/2"], "i must be in"),
-    (["--demo", "--lora_r", "8,32"], "with --demo"),
     (["--no_such_flag"], "not used"),
 ])
 def test_bad_sweep_options_are_one_user_error(argv, message):
