@@ -96,6 +96,8 @@ def test_metrics_on_a_hand_made_set():
     assert m["likelihood_top1"] == pytest.approx(3 / 6)  # images 0, 3, 5
     assert m["likelihood_top5"] == pytest.approx(5 / 6)  # + images 1 and 2 (true breed 2nd); image 4 misses
     assert m["likelihood_top1_per_token"] == m["likelihood_top1"]  # no token counts: the same ranking
+    # ranking first vs breed named: image 0 (ab, ab), 2 (pug vs bengal: no), 3 (pug vs beagle: no), 1 (bengal, bengal)
+    assert m["ranking_agrees_with_caption"] == pytest.approx(2 / 6)
     tokens = np.ones(37)
     tokens[ab] = 10
     m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
@@ -103,6 +105,9 @@ def test_metrics_on_a_hand_made_set():
     scores[1, ab], scores[1, bengal] = -10.0, -2.0  # per token: Abyssinian -1.0 beats Bengal -2.0
     m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
     assert m["likelihood_top1"] == pytest.approx(3 / 6) and m["likelihood_top1_per_token"] == pytest.approx(4 / 6)
+    # per token image 1 now ranks Abyssinian first while its caption names Bengal: one agreement fewer
+    assert m["ranking_agrees_with_caption"] == pytest.approx(2 / 6)
+    assert m["ranking_agrees_with_caption_per_token"] == pytest.approx(1 / 6)
     lo, hi = m["breed_accuracy_ci95"]
     assert 0 <= lo <= 2 / 6 <= hi <= 1
     assert m["confused_pairs"] == [{"true": "Abyssinian", "predicted": "Bengal", "count": 1},
@@ -322,7 +327,7 @@ def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, m
     with pytest.raises(UserError, match="corrupt or truncated"):
         evaluate.parse_args(["--demo", "--adapter", str(truncated)])
     # an adapter for another base model: a tiny BLIP with another vocabulary and image size ...
-    other = build_tiny_blip(str(tmp_path / "other-blip"), ["a", "photo", "of", "pug"], image_size=32)
+    other = build_tiny_blip(str(tmp_path / "other-blip"), image_size=32)
     with pytest.raises(UserError, match="does not fit the base model"):
         evaluate.main(["--demo", "--model_name_or_path", other, "--output_dir", str(tmp_path / "o")])
     # ... and one whose layers have other shapes
