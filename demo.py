@@ -176,16 +176,15 @@ def build_tiny_blip(out_dir: str, image_size: int = 64, seed: int = 0, base_size
 # ---------------------------------------------------------------------------
 # The demo's base: a tiny BLIP pre-trained in full on generic captions, as BLIP was on web captions
 #
-# 70% of each batch pairs a synthetic pet with a generic caption: species, colour, pattern, background,
-# never a breed. Its colour and pattern are drawn independently of its species (drawn with another
-# seed than the demo's data set), so, as in real photos, only the shape (the ears) tells a cat from
-# a dog. 30% pairs a blank image with a text-only sentence that uses the breed names and the
+# 75% of each batch pairs a synthetic pet (of any of the 37 breeds' looks, drawn with another seed
+# than the demo's data set) with a generic caption: species, colour, pattern, background, never a
+# breed. 25% pairs a blank image with a text-only sentence that uses the breed names and the
 # caption template, so every word the fine-tuned captions need has a trained embedding (as
 # BERT-initialised BLIP has); without them LoRA on the frozen LM head cannot produce breed words.
 
 DEMO_BASE_RECIPE = {
     "recipe": 1,  # bump when the recipe changes: a base folder built by another recipe is rebuilt
-    "hidden": 128, "image_size": 64, "patch_size": 8, "images": 1500, "steps": 300, "batch": 32,
+    "hidden": 128, "image_size": 64, "patch_size": 8, "images": 1480, "steps": 300, "batch": 32,
     "text_share": 0.25, "learning_rate": 3e-3, "seed": 0,
 }
 RECIPE_FILE = "demo_recipe.json"
@@ -238,8 +237,7 @@ def pretrain_demo_blip(out_dir: str, template: str, recipe: dict = None, show_pr
     config = _tiny_config(len(tokenizer), _token_ids(tokenizer), recipe["image_size"], recipe["hidden"],
                           recipe["patch_size"])
     model = BlipForConditionalGeneration(config)
-    pets = [(rng.randrange(NUM_BREEDS), (rng.randrange(len(_PALETTE)), rng.randrange(len(_PATTERNS))))
-            for _ in range(recipe["images"])]
+    pets = [(b, _look(b)) for b in range(NUM_BREEDS) for _ in range(recipe["images"] // NUM_BREEDS)]
     pixels = _pixels(processor, [_draw_pet(label, 96, rng, look)[0] for label, look in pets])
     blank = _pixels(processor, [Image.new("RGB", (96, 96), (128, 128, 128))])[0]
     sentences = text_only_sentences(template)

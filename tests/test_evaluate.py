@@ -264,6 +264,9 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
     assert ft["breed_accuracy"] > zs["breed_accuracy"]
     assert ft["breed_accuracy"] >= 0.8 and ft["likelihood_top1"] > zs["likelihood_top1"]
+    # zero-shot like BLIP (the species, no breed); fine-tuned, the ranking the app draws agrees with the caption
+    assert zs["no_breed_rate"] >= 0.8 and zs["species_accuracy"] >= 0.8
+    assert ft["ranking_agrees_with_caption"] >= 0.8
     assert ft["likelihood_top1_per_token"] > zs["likelihood_top1_per_token"]
     assert ft["bleu"] > zs["bleu"] and ft["rougeL"] > zs["rougeL"]
     assert metrics["mcnemar_caption"]["p_value"] < 0.01
