@@ -5,15 +5,8 @@ import os
 import pytest
 import torch
 
-from config import PetConfig
-from data import caption_for
 from demo import build_tiny_blip
 from model import greedy_caption_ids, load_base_model
-
-
-def _words():
-    text = " ".join(caption_for(i, PetConfig().caption_template) for i in range(37))
-    return text.replace(",", " ").replace(".", " ").split() + ["cat", "dog"]
 
 
 def _generate(model, embeds, max_new_tokens):
