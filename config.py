@@ -65,15 +65,9 @@ class PetConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16"})
 
 
-# What --demo changes. The tiny random base cannot learn breeds through LoRA on
-# query,value alone (tried: no breeds after 400 steps); adding key and dense lets it learn in about a minute.
-DEMO_OVERRIDES = dict(
-    lora_target_modules="query,value,key,dense",
-    lora_r=16,  # r=8 reached 0.74-0.96 test accuracy over 4 seeds, r=16 0.93-1.00
-    lora_alpha=32,
-    lora_dropout=0.0,
-    max_new_tokens=16,
-)
+# What --demo changes in the shared options: nothing of the LoRA recipe (the demo base is pre-trained, see demo.py,
+# so the real r=32, alpha=64, dropout 0.05 on query,value learns its breeds); its captions are short.
+DEMO_OVERRIDES = dict(max_new_tokens=16)
 
 
 @dataclass
@@ -113,13 +107,15 @@ class TrainConfig(TrainingArguments):
                                                                "eager step, eager steps if it differs; not yet measured, see README)"})
 
 
+# The demo trains the real recipe with its own schedule only (216 training images, 14 steps an epoch, 2 CPU cores)
 DEMO_TRAIN_OVERRIDES = dict(
     output_dir=f"{DEMO_DIR}/blip-lora",
-    num_train_epochs=20,
-    learning_rate=1e-2,
-    per_device_train_batch_size=16,
-    warmup_steps=0.0,
-    weight_decay=0.0,
+    # 15 epochs: test breed accuracy 0.89, ranking agreeing with the caption 0.75 (seed 0); 30: 0.975-1.00 (3 seeds)
+    num_train_epochs=30,
+    # 420 steps instead of the real run's ~1,000: 5e-3 (as in issue 22's sketch) reached validation accuracy 1.0
+    # by epoch 8-11; the real 1e-4 was not measured on the demo
+    learning_rate=5e-3,
+    per_device_train_batch_size=16,  # the real default
     logging_steps=5,
     embedding_cache_dir=f"{DEMO_DIR}/cache",
 )

@@ -1,8 +1,9 @@
-"""The offline demo: synthetic pets in the official layout, a tiny random BLIP, and `--demo`'s set-up.
+"""The offline demo: synthetic pets in the official layout, a tiny pre-trained BLIP, and `--demo`'s set-up.
 
 Used by the scripts' --demo flag, the tests and the benchmarks; the production modules never need it.
 """
 
+import json
 import os
 import random
 import shutil
@@ -12,11 +13,11 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from PIL import Image, ImageDraw, ImageFilter
-from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-from transformers.models.blip import BlipImageProcessorPil
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
 from config import DEMO_DIR
-from data import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, caption_for
+from data import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for, tokenize_captions
+from model import load_processor
 
 
 # ---------------------------------------------------------------------------
@@ -30,15 +31,20 @@ _PALETTE = [
 _PATTERNS = ["solid", "stripes", "spots", "half"]
 
 
-def _draw_pet(label: int, size: int, rng: random.Random):
-    """(RGB image, pet mask) of one synthetic pet of breed `label`."""
+def _look(label: int) -> tuple:
+    """(colour, pattern) indices of breed `label`'s synthetic pets."""
+    return label % len(_PALETTE), (label // len(_PALETTE)) % len(_PATTERNS)
+
+
+def _draw_pet(label: int, size: int, rng: random.Random, look=None):
+    """(RGB image, pet mask) of one synthetic pet of breed `label`; look=(colour, pattern) indices overrides its look."""
     bg = tuple(rng.randint(150, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), bg)
     noise = np.asarray(image, dtype=np.int16) + np.random.default_rng(rng.randint(0, 2**31)).integers(-25, 26, (size, size, 3))
     image = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
     mask = Image.new("L", (size, size), 0)
-    color = _PALETTE[label % len(_PALETTE)]
-    pattern = _PATTERNS[(label // len(_PALETTE)) % len(_PATTERNS)]
+    colour_index, pattern_index = look or _look(label)
+    color, pattern = _PALETTE[colour_index], _PATTERNS[pattern_index]
     r = rng.uniform(0.22, 0.32) * size
     cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 0.2 * size, size - r - 2)
     body = [cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r]
@@ -116,52 +122,50 @@ def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, t
 
 
 # ---------------------------------------------------------------------------
-# A tiny BLIP for offline demo and tests
+# The demo's processor: the real checkpoint's tokenizer, smaller images
+
+REAL_PROCESSOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures",
+                                  "blip-image-captioning-base")  # the checkpoint's small files (SOURCES.md there)
 
 
-def _word_pieces(word: str) -> list:
-    """Long words become several word pieces, as in BERT's vocabulary (abyssinian -> abys ##sini ##an)."""
-    if len(word) <= 7:
-        return [word]
-    return [word[:4]] + ["##" + word[i:i + 4] for i in range(4, len(word), 4)]
+def real_processor(image_size: int = 64) -> BlipProcessor:
+    """The real checkpoint's processor ([DEC]/[ENC] added, as load_processor does), its images resized to image_size."""
+    processor = load_processor(REAL_PROCESSOR_DIR)
+    processor.image_processor.size = {"height": image_size, "width": image_size}
+    return processor
 
 
-def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int = 0, base_sized: bool = False) -> str:
-    """Save a small random BLIP and an offline processor to `out_dir` in the real checkpoint format.
+def _tiny_config(vocab_size: int, ids: dict, image_size: int, hidden: int, patch: int) -> BlipConfig:
+    return BlipConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, **ids),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch, initializer_range=0.02),
+    )
 
-    The vocabulary covers `words` (lower-cased), so captions built from them tokenise without
-    [UNK]. It loads through the same from_pretrained path as Salesforce/blip-image-captioning-base.
+
+def _token_ids(tokenizer) -> dict:
+    # [SEP] ends a caption (the decoders stop on it); bos is [DEC], which load_processor added
+    return dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+
+
+def build_tiny_blip(out_dir: str, image_size: int = 64, seed: int = 0, base_sized: bool = False,
+                    hidden: int = 32) -> str:
+    """Save a small RANDOM BLIP with the real checkpoint's processor to `out_dir`, in the checkpoint's format.
+
+    For tests that need a model of the right kind, not a trained one. The vocabulary is the real
+    one (30,524 with [DEC]/[ENC]); hidden 32 keeps its 30,524-row embedding and LM head cheap.
     base_sized=True gives the shapes of blip-image-captioning-base instead (224M parameters,
-    384 px, a 30,524-token vocabulary padded with [unusedN]), random weights: for benchmarks.
+    384 px), random weights: for benchmarks.
     """
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = list(specials)
-    for w in sorted({w.lower() for w in words}):
-        for piece in _word_pieces(w):
-            if piece not in vocab:
-                vocab.append(piece)
-    for p in ".,'-":
-        if p not in vocab:
-            vocab.append(p)
-    if base_sized:
-        image_size = 384
-        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
-    # Like the real checkpoint's files: no bos token, no [DEC]. load_processor adds [DEC] and [ENC]
-    # as the next two ids, which the model's vocabulary (two larger) and bos_token_id expect.
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = BlipProcessor(image_processor, tokenizer)
-    ids = dict(bos_token_id=len(vocab), sep_token_id=vocab.index("[SEP]"), pad_token_id=0,
-               eos_token_id=vocab.index("[SEP]"))
+    processor = real_processor(384 if base_sized else image_size)
+    tokenizer = processor.tokenizer
+    ids = _token_ids(tokenizer)
     if base_sized:  # the base checkpoint's shapes from a config (vocabulary 30,524, bos 30522)
         config = BlipConfig(text_config=dict(num_attention_heads=12, **ids), vision_config=dict(initializer_range=0.02))
     else:
-        config = BlipConfig(
-            text_config=dict(vocab_size=len(vocab) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=64, **ids),
-            vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=image_size, patch_size=16, initializer_range=0.02),
-        )
+        config = _tiny_config(len(tokenizer), ids, image_size, hidden, patch=16)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)
     model.save_pretrained(out_dir)
@@ -169,11 +173,120 @@ def build_tiny_blip(out_dir: str, words: list, image_size: int = 64, seed: int =
     return out_dir
 
 
+# ---------------------------------------------------------------------------
+# The demo's base: a tiny BLIP pre-trained in full on generic captions, as BLIP was on web captions
+#
+# 75% of each batch pairs a synthetic pet (of any of the 37 breeds' looks, drawn with another seed
+# than the demo's data set) with a generic caption: species, colour, pattern, background, never a
+# breed. 25% pairs a blank image with a text-only sentence that uses the breed names and the
+# caption template, so every word the fine-tuned captions need has a trained embedding (as
+# BERT-initialised BLIP has); without them LoRA on the frozen LM head cannot produce breed words.
+
+DEMO_BASE_RECIPE = {
+    "recipe": 1,  # bump when the recipe changes: a base folder built by another recipe is rebuilt
+    "hidden": 128, "image_size": 64, "patch_size": 8, "images": 1480, "steps": 300, "batch": 32,
+    "text_share": 0.25, "learning_rate": 3e-3, "seed": 0,
+}
+RECIPE_FILE = "demo_recipe.json"
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "cyan", "brown", "pink", "grey"]  # _PALETTE's
+_PATTERN_WORDS = {"solid": "", "stripes": "striped ", "spots": "spotted ", "half": "two-tone "}
+
+
+def generic_captions(species: str, look: tuple) -> list:
+    """Captions of a pet that name its species, colour and pattern, never a breed."""
+    colour, pattern = _COLOURS[look[0]], _PATTERN_WORDS[_PATTERNS[look[1]]]
+    return [f"a photo of a {species}.", f"a {pattern}{colour} {species}.", f"a photo of a {pattern}{colour} {species}.",
+            f"a {colour} {species} on a light background.", f"a {species} on a light background.",
+            f"a picture of a {species}."]
+
+
+def text_only_sentences(template: str) -> list:
+    """Sentences with every breed name and the caption template: text-only pre-training, on a blank image."""
+    out = []
+    for b in range(NUM_BREEDS):
+        name = BREED_NAMES[b].lower()
+        out += [caption_for(b, template), f"the {name} is a breed of {SPECIES[b]}.",
+                f"{article(name)} {name} is a type of pet.", f"a photo of {article(name)} {name}."]
+    return out
+
+
+def _pixels(processor, images) -> torch.Tensor:
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _caption_loss(model, pixels, input_ids, mask) -> torch.Tensor:
+    """BLIP's captioning loss, with the LM head (a 30,524-way projection: most of the step) run on the real
+    next-token targets only, not on padding."""
+    embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+    hidden = model.text_decoder.bert(input_ids=input_ids, attention_mask=mask, encoder_hidden_states=embeds,
+                                     is_decoder=True, use_cache=False).last_hidden_state
+    scored = mask[:, 1:].bool()  # position i predicts token i + 1
+    logits = model.text_decoder.cls(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits, input_ids[:, 1:][scored])
+
+
+def pretrain_demo_blip(out_dir: str, template: str, recipe: dict = None, show_progress: bool = True) -> str:
+    """Build the demo's base in `out_dir`: the tiny BLIP, pre-trained in full (seeded), and the real processor."""
+    from tqdm.auto import tqdm
+
+    recipe = dict(DEMO_BASE_RECIPE if recipe is None else recipe, template=template)
+    rng = random.Random(recipe["seed"] + 1)  # another seed than write_synthetic_pets' 0: unseen images
+    torch.manual_seed(recipe["seed"])
+    processor = real_processor(recipe["image_size"])
+    tokenizer = processor.tokenizer
+    config = _tiny_config(len(tokenizer), _token_ids(tokenizer), recipe["image_size"], recipe["hidden"],
+                          recipe["patch_size"])
+    model = BlipForConditionalGeneration(config)
+    pets = [(b, _look(b)) for b in range(NUM_BREEDS) for _ in range(recipe["images"] // NUM_BREEDS)]
+    pixels = _pixels(processor, [_draw_pet(label, 96, rng, look)[0] for label, look in pets])
+    blank = _pixels(processor, [Image.new("RGB", (96, 96), (128, 128, 128))])[0]
+    sentences = text_only_sentences(template)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
+    steps, batch = recipe["steps"], recipe["batch"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    model.train()
+    n_text = round(batch * recipe["text_share"])
+    bar = tqdm(range(steps), desc="pre-training the demo base", disable=not show_progress)
+    for _ in bar:
+        chosen = [rng.randrange(len(pets)) for _ in range(batch - n_text)]
+        captions = [rng.choice(generic_captions(SPECIES[pets[i][0]], pets[i][1])) for i in chosen]
+        captions += rng.choices(sentences, k=n_text)
+        images = torch.cat([pixels[chosen], blank.expand(n_text, -1, -1, -1)])
+        input_ids, mask = tokenize_captions(tokenizer, captions, config.text_config.bos_token_id)
+        loss = _caption_loss(model, images, input_ids, mask)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, RECIPE_FILE), "w") as f:
+        json.dump({**recipe, "final_loss": round(loss.item(), 4)}, f, indent=2)
+    return out_dir
+
+
+def built_by(model_dir: str) -> dict:
+    """The recipe a demo base folder records ({} for none: an older random tiny-blip, or a half-written one)."""
+    try:
+        with open(os.path.join(model_dir, RECIPE_FILE)) as f:
+            recipe = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return recipe if isinstance(recipe, dict) and os.path.isfile(os.path.join(model_dir, "config.json")) else {}
+
+
+def is_current_base(model_dir: str, template: str) -> bool:
+    recipe = built_by(model_dir)
+    return bool(recipe) and all(recipe.get(k) == v for k, v in {**DEMO_BASE_RECIPE, "template": template}.items())
+
+
 DEMO_BREEDS = list(range(8))  # Abyssinian .. Beagle: 4 cats and 4 dogs, each a distinct colour
 
 
 def use_demo_assets(cfg) -> None:
-    """--demo: point cfg at the tiny model and the synthetic pets, built once (by one process)."""
+    """--demo: point cfg at the demo base and the synthetic pets, built once (by one process)."""
     with PartialState().main_process_first():
         model_dir, data_dir = prepare_demo(DEMO_DIR, cfg.caption_template)
     # None is "not given": no flag can type it
@@ -182,7 +295,11 @@ def use_demo_assets(cfg) -> None:
 
 
 def prepare_demo(demo_dir: str, template: str):
-    """(tiny model folder, synthetic data folder) under demo_dir, built once and reused."""
+    """(demo base folder, synthetic data folder) under demo_dir, built once and reused.
+
+    A base folder that records another recipe or template (or none: the random tiny-blip of
+    earlier versions) is rebuilt.
+    """
     data_dir, model_dir = os.path.join(demo_dir, "pets"), os.path.join(demo_dir, "tiny-blip")
     os.makedirs(demo_dir, exist_ok=True)
     # Build in a temporary folder and rename, so an interrupted build is never reused half-written
@@ -191,10 +308,9 @@ def prepare_demo(demo_dir: str, template: str):
         write_synthetic_pets(tmp, breeds=DEMO_BREEDS)
         shutil.rmtree(data_dir, ignore_errors=True)
         os.replace(tmp, data_dir)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        words = " ".join(caption_for(i, template) for i in range(len(BREED_NAMES)))
+    if not is_current_base(model_dir, template):
         tmp = tempfile.mkdtemp(dir=demo_dir)
-        build_tiny_blip(tmp, words.replace(",", " ").replace(".", " ").split() + ["cat", "dog"])
+        pretrain_demo_blip(tmp, template)
         shutil.rmtree(model_dir, ignore_errors=True)
         os.replace(tmp, model_dir)
     return model_dir, data_dir

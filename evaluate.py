@@ -170,7 +170,7 @@ def _evaluate(cfg, args):
                                                     loaded_base=zero_shot)  # merged into a copy: loaded once
     zero_shot = zero_shot.to(device).eval()
     models = {"zero_shot": zero_shot, "fine_tuned": fine_tuned}
-    # LoRA on query,value (or the demo's key,dense) leaves the vision encoder as it was: embed each image once
+    # LoRA on the text decoder (query,value) leaves the vision encoder as it was: embed each image once
     shared = same_vision_encoder(zero_shot, fine_tuned)
     logger.info("vision encoders %s: image embeddings %s", "identical" if shared else "differ",
                 "shared by both models" if shared else "computed per model")

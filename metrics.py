@@ -135,7 +135,8 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
     references = [caption_for(t, template) for t in labels]
     f1 = per_breed_scores(labels, pred)
     tokens = np.ones(scores.shape[1]) if candidate_tokens is None else np.asarray(candidate_tokens, float)
-    top1_per_token = np.argmax(scores / tokens, axis=1) == labels
+    per_token_first = np.argmax(scores / tokens, axis=1)
+    top1_per_token = per_token_first == labels
     numbers = {
         "breed_accuracy": float(correct.mean()), "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
         "species_accuracy": float(species_ok.mean()), "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
@@ -143,6 +144,10 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
         "likelihood_top1": float(top1.mean()), "likelihood_top1_ci95": bootstrap_ci(top1, samples, seed),
         "likelihood_top5": float(top5.mean()),
         "likelihood_top1_per_token": float(top1_per_token.mean()),
+        # does the ranking's first breed match the breed the caption names (none named: no)? The app draws a ranking
+        # next to the caption: the one that agrees more often is the one to show
+        "ranking_agrees_with_caption": float((order[:, 0] == pred).mean()),
+        "ranking_agrees_with_caption_per_token": float((per_token_first == pred).mean()),
         "macro_f1": float(np.mean([v["f1"] for v in f1.values()])) if f1 else 0.0,
         "bleu": bleu(captions, references), "rougeL": rouge_l(captions, references),
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])),

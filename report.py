@@ -15,6 +15,8 @@ KEY_ROWS = [  # (label, key, format)
     ("likelihood ranking top-1", "likelihood_top1", "ci"),
     ("likelihood ranking top-5", "likelihood_top5", "f"),
     ("likelihood ranking top-1, per-token mean", "likelihood_top1_per_token", "f"),
+    ("ranking top-1 = breed the caption names", "ranking_agrees_with_caption", "f"),
+    ("the same, per-token ranking", "ranking_agrees_with_caption_per_token", "f"),
     ("macro F1 over breeds (captions)", "macro_f1", "f"),
     ("BLEU (0-100)", "bleu", "f1"),
     ("ROUGE-L F", "rougeL", "f"),

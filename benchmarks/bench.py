@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from config import PetConfig  # noqa: E402
 from data import (NUM_BREEDS, CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
                   load_image, load_splits)
-from demo import build_tiny_blip, write_synthetic_pets  # noqa: E402
+from demo import DEMO_BASE_RECIPE, build_tiny_blip, write_synthetic_pets  # noqa: E402
 from model import (cast_frozen_linears, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
                    vision_fingerprint)
 
@@ -63,8 +63,7 @@ def build_model(kind: str, workdir: str) -> str:
     depth (12 text layers, so the 48 query/value LoRA modules and the op count of base): host overhead."""
     path = os.path.join(workdir, f"{kind}-blip")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        words = " ".join(caption_for(i, TEMPLATE) for i in range(NUM_BREEDS)).replace(",", " ").replace(".", " ").split()
-        build_tiny_blip(path, words, base_sized=(kind == "base"))
+        build_tiny_blip(path, base_sized=(kind == "base"), hidden=DEMO_BASE_RECIPE["hidden"])
         if kind == "deep":
             from transformers import BlipConfig, BlipForConditionalGeneration
 

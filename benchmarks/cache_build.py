@@ -64,7 +64,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="cache-bench-")
     try:
-        build_tiny_blip(os.path.join(work, "model"), ["a", "photo"], image_size=384)  # only its processor is used
+        build_tiny_blip(os.path.join(work, "model"), image_size=384)  # only its processor is used
         write_synthetic_pets(os.path.join(work, "pets"), trainval_per_breed=-(-a.images // NUM_BREEDS), test_per_breed=0,
                              size=384)
         sides = {"baseline": os.path.abspath(a.baseline), "this": ROOT}

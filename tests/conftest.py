@@ -1,6 +1,7 @@
-"""Shared fixtures: everything is generated offline (tiny BLIP, synthetic pets), nothing downloaded."""
+"""Shared fixtures: everything is generated offline (tiny BLIPs, synthetic pets), nothing downloaded."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,15 +32,21 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    """(tiny model folder, synthetic data folder), built once for the session."""
+    """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session."""
     root = tmp_path_factory.mktemp("demo")
     return prepare_demo(str(root), PetConfig().caption_template)
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """`python train.py --demo` run once as a subprocess in a fresh folder; returns (cwd, completed process)."""
+def demo_run(tmp_path_factory, demo_assets):
+    """`python train.py --demo` run once as a subprocess in a fresh folder; returns (cwd, completed process).
+
+    The folder gets copies of the session's demo base and pets, which --demo finds built (and
+    checks by its recipe), so the base is pre-trained once per session, not twice.
+    """
     cwd = tmp_path_factory.mktemp("demo_run")
+    for built in demo_assets:
+        shutil.copytree(built, os.path.join(cwd, DEMO_DIR, os.path.basename(built)))
     proc = run_script(["train.py", "--demo"], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc

@@ -68,6 +68,10 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             assert [name for name, _ in r["top"]] == [BREED_NAMES[i] for i in top]
             np.testing.assert_allclose([p for _, p in r["top"]], probs[top], rtol=1e-5)
             assert len(probs) == 37 and sum(p for _, p in r["top"]) < 1
+            # the per-token ranking is named only where its first breed is not the summed ranking's
+            tokens = (breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template)[1][:, 1:].sum(-1)).numpy()
+            per_token = int(np.argmax(scores[0].numpy() / tokens))
+            assert r["per_token_first"] == (None if per_token == top[0] else BREED_NAMES[per_token])
             # The map: the input enlarged to the display size with a colour overlay on it
             assert r["heatmap"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and r["heatmap"].dtype == np.uint8
         # The demo adapter names the right breed, and its map is that breed word's
@@ -102,7 +106,9 @@ def test_handler_fills_every_output(captioner, test_images):
     for k, key in enumerate(app.MODELS):
         caption, breed, top, heatmap = values[1 + 4 * k:5 + 4 * k]
         assert caption and isinstance(breed, str)
-        assert isinstance(top, dict) and len(top) == 5 and all(0 < p < 1 for p in top.values())
+        bars = top["value"]
+        assert isinstance(bars, dict) and len(bars) == 5 and all(0 < p < 1 for p in bars.values())
+        assert top["label"].startswith(app.RANKING_LABEL) and "summed" in top["label"]
         assert heatmap["value"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and "Cross-attention" in heatmap["label"]
     assert values[6] == BREED_NAMES[label]  # fine-tuned "breed named"
     assert values[8]["label"] == f"Cross-attention of “{BREED_NAMES[label].lower()}”"

@@ -101,8 +101,9 @@ def test_sdpa_vision_attention_matches_eager(demo_assets):
     model = load_base_model(demo_assets[0])
     attentions = [m for m in model.modules() if isinstance(m, BlipAttention)]
     assert attentions and all(type(m) is BlipVisionSdpaAttention for m in attentions)  # the default
-    model = create_lora_model(model, target_modules="qkv,query,value")  # LoRA inside the vision attention too
-    model.train()  # dropout is 0 in BLIP's config, so train mode is deterministic
+    # LoRA inside the vision attention too, without LoRA's dropout: BLIP's own is 0, so train mode is deterministic
+    model = create_lora_model(model, dropout=0.0, target_modules="qkv,query,value")
+    model.train()
     pixels = torch.randn(3, 3, *[model.config.vision_config.image_size] * 2, generator=torch.Generator().manual_seed(0))
     results = {}
     for implementation in ("eager", "sdpa"):

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -179,6 +180,52 @@ def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(demo_assets)
     keep = batch["attention_mask"] == 1
     assert torch.equal(batch["labels"][keep], batch["input_ids"][keep])
     assert batch["input_ids"][short, lengths[short] - 1] == tok.sep_token_id
+
+
+def test_demo_processor_tokenises_breeds_as_the_real_checkpoint(demo_assets):
+    """The demo runs on the real tokenizer: its saved processor splits breed names as the fixture's files do."""
+    from transformers import BertTokenizer
+
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "blip-image-captioning-base")
+    real = BertTokenizer.from_pretrained(fixture)  # the files alone, not through the project's loader
+    demo = load_processor(demo_assets[0]).tokenizer
+    assert demo.tokenize("abyssinian") == real.tokenize("abyssinian") == ["abyss", "##inian"]
+    for text in (caption_for(BREEDS.index("shiba_inu"), TEMPLATE), "a photo of a cat."):
+        assert demo(text)["input_ids"] == real(text)["input_ids"]
+    # plus BLIP's [DEC] and [ENC] after the 30,522 real entries, and a model with that vocabulary
+    assert len(real) == 30522 and len(demo) == 30524
+    assert demo.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [30522, 30523]
+    assert json.load(open(os.path.join(demo_assets[0], "config.json")))["text_config"]["vocab_size"] == 30524
+
+
+def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_path, monkeypatch):
+    """An old random tiny-blip (no recipe file) or one built by another recipe is rebuilt; a current one is kept."""
+    import demo
+
+    built = []
+
+    def fake_pretrain(out, template, recipe=None, show_progress=True):  # the real one takes about a minute
+        built.append(out)
+        open(os.path.join(out, "config.json"), "w").write("{}")
+        json.dump({**demo.DEMO_BASE_RECIPE, "template": template}, open(os.path.join(out, demo.RECIPE_FILE), "w"))
+        return out
+
+    monkeypatch.setattr(demo, "pretrain_demo_blip", fake_pretrain)
+    monkeypatch.setattr(demo, "write_synthetic_pets", lambda root, breeds: os.makedirs(os.path.join(root, "annotations"))
+                        or open(os.path.join(root, "annotations", "list.txt"), "w").close())
+    base = tmp_path / "tiny-blip"
+    base.mkdir()
+    (base / "config.json").write_text('{"random": true}')  # as the random demo of earlier versions left it
+    model_dir, _ = demo.prepare_demo(str(tmp_path), TEMPLATE)
+    assert len(built) == 1 and model_dir == str(base) and json.loads((base / "config.json").read_text()) == {}
+    demo.prepare_demo(str(tmp_path), TEMPLATE)
+    assert len(built) == 1  # reused
+    recipe = json.loads((base / demo.RECIPE_FILE).read_text())
+    (base / demo.RECIPE_FILE).write_text(json.dumps({**recipe, "recipe": recipe["recipe"] - 1}))
+    demo.prepare_demo(str(tmp_path), TEMPLATE)
+    assert len(built) == 2 and demo.is_current_base(str(base), TEMPLATE)
+    assert not demo.is_current_base(str(base), "A {breed}.")  # another template: its words were not pre-trained
+    assert sorted(os.listdir(tmp_path)) == ["pets", "tiny-blip"]  # no temporary folder left behind
 
 
 def test_synthetic_breeds_differ_visibly(small_pets):

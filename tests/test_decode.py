@@ -5,15 +5,8 @@ import os
 import pytest
 import torch
 
-from config import PetConfig
-from data import caption_for
 from demo import build_tiny_blip
 from model import greedy_caption_ids, load_base_model
-
-
-def _words():
-    text = " ".join(caption_for(i, PetConfig().caption_template) for i in range(37))
-    return text.replace(",", " ").replace(".", " ").split() + ["cat", "dog"]
 
 
 def _generate(model, embeds, max_new_tokens):
@@ -28,7 +21,7 @@ def _generate(model, embeds, max_new_tokens):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return build_tiny_blip(str(tmp_path_factory.mktemp("tiny")), _words())
+    return build_tiny_blip(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -176,7 +169,7 @@ def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_
 
 @pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")
 def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
-    model = load_base_model(build_tiny_blip(str(tmp_path / "base"), _words(), base_sized=True)).eval()
+    model = load_base_model(build_tiny_blip(str(tmp_path / "base"), base_sized=True)).eval()
     with torch.no_grad():
         model.text_decoder.cls.predictions.bias[model.config.text_config.sep_token_id] += 8.0
     embeds = torch.randn(3, 577, 768, generator=torch.Generator().manual_seed(0))

@@ -176,7 +176,7 @@ def _broken_adapter(demo_adapter, tmp_path, case):
         raw = open(path / "adapter_model.safetensors", "rb").read()
         open(path / "adapter_model.safetensors", "wb").write(raw[: len(raw) // 3])
     elif case == "other_base":
-        other = build_tiny_blip(str(tmp_path / "other-base"), ["cat"], image_size=32)
+        other = build_tiny_blip(str(tmp_path / "other-base"), image_size=32)
         cfg = json.load(open(path / "adapter_config.json"))
         # same module names, another hidden size
         json.dump({**cfg, "base_model_name_or_path": _wider(other)}, open(path / "adapter_config.json", "w"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import train
-from config import DEMO_DIR, UserError, run_main
-from data import breed_from_caption, load_image, load_splits
+from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES, UserError, run_main
+from data import SPECIES, UNKNOWN, breed_from_caption, load_image, load_splits, species_from_caption
 from model import generate_caption, load_base_model, load_lora_for_inference
 
 from conftest import run_script
@@ -28,14 +28,19 @@ def test_train_demo_subprocess_writes_everything(demo_run, demo_adapter):
     assert f"Adapter saved to {DEMO_DIR}/blip-lora/" in proc.stdout.strip().splitlines()[-1]
     history = json.load(open(os.path.join(demo_adapter, "train_history.json")))
     val = history["validation"]
-    assert len(val) == 20 and all("loss" in e and "breed_accuracy" in e for e in val)
+    epochs = DEMO_TRAIN_OVERRIDES["num_train_epochs"]
+    assert len(val) == epochs and all("loss" in e and "breed_accuracy" in e for e in val)
     assert history["train"][-1]["loss"] < history["train"][0]["loss"]
     run_config = json.load(open(os.path.join(demo_adapter, "run_config.json")))
     assert "train.py --demo" in run_config["command"]
-    assert run_config["PetConfig"]["lora_target_modules"] == "query,value,key,dense"
+    assert run_config["PetConfig"]["lora_target_modules"] == "query,value"
+    # the demo fine-tunes with the real recipe, not one of its own
+    adapter = json.load(open(os.path.join(demo_adapter, "adapter_config.json")))
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (32, 64, 0.05)
+    assert set(adapter["target_modules"]) == {"query", "value"}
     card = open(os.path.join(demo_adapter, "README.md")).read()
     best = max(e["breed_accuracy"] for e in val)
-    assert f"**{best:.3f}**" in card and "library_name: peft" in card and "20 epochs (" in card
+    assert f"**{best:.3f}**" in card and "library_name: peft" in card and f"{epochs} epochs (" in card
     from PIL import Image
     assert Image.open(os.path.join(demo_adapter, "training_curves.png")).size[0] > 500
 
@@ -46,10 +51,12 @@ def test_demo_learns_breeds_on_held_out_images(demo_run, demo_adapter):
     model, processor = load_lora_for_inference(demo_adapter)
     tuned, captions = _accuracy(model, processor, test)
     base = load_base_model(os.path.join(cwd, DEMO_DIR, "tiny-blip")).eval()
-    untrained, _ = _accuracy(base, processor, test)
-    chance = 1 / len({r.label for r in test})
+    untrained, base_captions = _accuracy(base, processor, test)
     assert tuned >= 0.8, captions[:5]
-    assert untrained <= 2 * chance
+    # the pre-trained base captions like zero-shot BLIP: the species (a random base: half), no breed
+    assert untrained <= 0.1 and sum(breed_from_caption(c) == UNKNOWN for c in base_captions) >= 0.8 * len(test)
+    species = [species_from_caption(c) == SPECIES[r.label] for c, r in zip(base_captions, test)]
+    assert sum(species) >= 0.6 * len(test), base_captions[:5]  # measured 0.675-0.875 (the goal: 0.9)
 
 
 def test_reload_gives_the_same_captions_merged_or_not(demo_run, demo_adapter, tmp_path):
