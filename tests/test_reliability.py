@@ -514,7 +514,29 @@ def test_other_os_errors_still_raise():
         config.run_main(main)
 
 
-def test_requirements_pin_a_torch_that_loads_checkpoints_with_weights_only():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert "torch>=2.6" in open(os.path.join(root, "requirements.txt")).read().split()
-    assert "weights_only=True" in open(os.path.join(root, "README.md")).read()
+class _RunsCode:
+    """A pickle payload that creates a file when unpickled: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_hostile_pytorch_model_bin_is_refused_without_running_code(tmp_path):
+    """The Hub's base checkpoint is pytorch_model.bin: it must load with weights_only=True (torch >= 2.6)."""
+    from demo import build_tiny_blip
+
+    folder = build_tiny_blip(str(tmp_path / "base"), hidden=32)
+    for name in os.listdir(folder):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            os.remove(os.path.join(folder, name))
+    marker = tmp_path / "code-ran"
+    torch.save({"text_decoder.cls.predictions.bias": _RunsCode(str(marker))}, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(UserError, match="cannot load the model"):
+        load_base_model(folder)
+    assert not marker.exists()
+    requirement = next(line for line in open(os.path.join(config.__file__.rsplit(os.sep, 1)[0], "requirements.txt"))
+                       if line.startswith("torch"))
+    assert requirement.split("#")[0].strip() == "torch>=2.6"
