@@ -301,15 +301,20 @@ def _names(pred) -> list:
 LABELS = {"linear_probe": "linear probe on frozen BLIP image features", "clip_zero_shot": "CLIP zero-shot"}
 
 
+def _measured(numbers: dict):
+    """(label, the baseline's numbers or None, its reason when skipped) for each baseline that was asked for."""
+    for key, label in LABELS.items():
+        b = numbers.get(key)
+        if b:
+            yield label, (None if "skipped" in b else b), b.get("skipped")
+
+
 def summary_lines(numbers: dict) -> list:
     """One line per baseline for the printed summary."""
     lines = []
-    for key, label in LABELS.items():
-        b = numbers.get(key)
-        if not b:
-            continue
-        if "skipped" in b:
-            lines.append(f"{label}: skipped ({b['skipped']})")
+    for label, b, skipped in _measured(numbers):
+        if b is None:
+            lines.append(f"{label}: skipped ({skipped})")
             continue
         lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
@@ -324,12 +329,9 @@ def report_section(numbers: dict) -> str:
     ft = numbers["fine_tuned"]
     lo, hi = ft["breed_accuracy_ci95"]
     rows = [f"| fine-tuned BLIP + LoRA, breed named in the caption | {ft['breed_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | - | - |"]
-    for key, label in LABELS.items():
-        b = numbers.get(key)
-        if not b:
-            continue
-        if "skipped" in b:
-            rows.append(f"| {label} | skipped: {b['skipped']} | - | - |")
+    for label, b, skipped in _measured(numbers):
+        if b is None:
+            rows.append(f"| {label} | skipped: {skipped} | - | - |")
             continue
         lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
