@@ -177,7 +177,8 @@ def given_options(parser: argparse.ArgumentParser, argv=None) -> set:
     argparse fills in a default only where the namespace has no value yet: start from a namespace that
     holds a marker for every option, and what was typed is what no longer holds it.
     """
-    unset = object()
+    # a list, so that "append"/"extend" options can copy and extend it; what they store is then a copy
+    unset = type("Unset", (list,), {})()
     namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_known_args([])[0]), unset))
     parser.parse_known_args(argv, namespace=namespace)
     return {name for name, value in vars(namespace).items() if value is not unset}

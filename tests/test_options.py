@@ -73,3 +73,10 @@ def test_given_options_sees_every_spelling():
                                           "--bf16", "--lora-alpha", "64"])
     assert given == {"lora_r", "learning_rate", "use_embedding_cache", "bf16", "lora_alpha"}
     assert config.given_options(parser, []) == set()
+
+
+def test_given_options_sees_repeatable_options():
+    parser = config.OptionParser((PetConfig, ExplainConfig), allow_abbrev=False)
+    assert config.given_options(parser, ["--image", "a.jpg", "--image", "b.png", "--seed", "1"]) == {"image", "seed"}
+    _, ex = parse_config((PetConfig, ExplainConfig), ["--demo", "--image", "a.jpg", "--image", "b.png"], DEMO_EXPLAIN_OVERRIDES)
+    assert ex.image == ["a.jpg", "b.png"]
