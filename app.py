@@ -24,6 +24,8 @@ import logging
 import random
 import re
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -34,16 +36,20 @@ import torch
 from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
-from config import (DEMO_APP_OVERRIDES, AppConfig, PetConfig, UserError, check_seed, inside, parse_config, pick_device,
-                    pick_dtype, run_main, same_path, save_run_config)
-from data import BREED_NAMES, UNKNOWN, BadImage, Record, breed_from_caption, load_image, load_splits
+from attention import explain, overlay
+from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
+from config import DEMO_APP_OVERRIDES, AppConfig, PetConfig, base_model_for, check_seed, data_for, parse_config
+from data import BadImage, Record, load_image, load_splits
 from demo import use_demo_assets
-from explainability import explain, load_models, overlay
-from model import base_model_for, breed_candidates, check_adapter, data_for, image_embeddings, rank_breeds
+from devices import pick_device, pick_dtype
+from inference import breed_candidates, embeddings_per_model, rank_breeds
+from metrics import MODELS
+from model import check_adapter, load_model_pair
+from run_io import UserError, inside, run_main, same_path, save_run_config, setup_logging
 
 logger = logging.getLogger("app")
 
-MODELS = {"zero_shot": "Zero-shot BLIP", "fine_tuned": "Fine-tuned (LoRA)"}
+TITLES = dict(zip(MODELS, ("Zero-shot BLIP", "Fine-tuned (LoRA)")))  # a column per model
 TOP_K = 5
 DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
 MAX_UPLOAD_BYTES = 50 << 20  # the pixel limit is data.load_image's, as everywhere in the project
@@ -162,9 +168,10 @@ class PetCaptioner:
     def __init__(self, cfg, args):
         self.cfg, self.device = cfg, pick_device()
         self.dtype = pick_dtype(self.device, cfg.precision)
-        base, tuned, self.processor, self.base_name, self.shared = load_models(cfg, args, self.device, self.dtype)
-        self.models = {"zero_shot": base, "fine_tuned": tuned}
-        self.candidates = breed_candidates(base, self.processor.tokenizer, cfg.caption_template)
+        self.base_name = cfg.model_name_or_path
+        pair = load_model_pair(self.base_name, args.adapter, self.device, self.dtype)
+        self.processor, self.models, self.shared = pair.processor, pair.models, pair.shared_vision
+        self.candidates = breed_candidates(pair.zero_shot, self.processor.tokenizer, cfg.caption_template)
         self.candidate_tokens = self.candidates[1][:, 1:].sum(-1)  # tokens scored per breed, [SEP] included
 
     @torch.no_grad()
@@ -175,10 +182,9 @@ class PetCaptioner:
         scale = DISPLAY_SIDE / max(image.size)
         shown = np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                         Image.Resampling.BICUBIC))
-        out, embeds = {}, None
+        out, embeds_of = {}, embeddings_per_model(self.models, pixels, self.shared)
         for key, model in self.models.items():
-            if embeds is None or not self.shared:  # LoRA on the text decoder only: the image is embedded once
-                embeds = image_embeddings(model, pixels)
+            embeds = embeds_of[key]
             explained = explain(model, self.processor, embeds, self.cfg, layers=None)[0]
             scores, order = rank_breeds(model, embeds, self.candidates)
             probs = torch.softmax(scores[0].float(), dim=-1)
@@ -267,7 +273,7 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
                 status = gr.Markdown(elem_id="status")
         outputs = [status]
         with gr.Row():
-            for key, title in MODELS.items():
+            for key, title in TITLES.items():
                 with gr.Column(elem_id=key):
                     gr.Markdown(f"## {title}")
                     outputs += [
@@ -292,14 +298,15 @@ def free_port(host: str) -> int:
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     cfg, args = parse_args(argv)
     if cfg.demo and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         # A fresh clone has no demo adapter yet: train it (about a minute on a CPU), then serve it
         logger.info("no demo adapter in %s: training one with `train.py --demo` first", args.adapter)
-        import train
-
-        train.main(["--demo", "--output_dir", args.adapter])
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        if subprocess.run([sys.executable, script, "--demo", "--output_dir", args.adapter]).returncode != 0:
+            raise UserError(f"training the demo adapter failed (see above); run `python train.py --demo --output_dir "
+                            f"{args.adapter}` to see why, then start the app again")
     # The same rule as evaluate.py and explainability.py: the flags if given, else the adapter's own base and data
     cfg.model_name_or_path = base_model_for(cfg, args.adapter)
     cfg.dataset = data_for(cfg, args.adapter)

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from config import CLIP_DEFAULT, UserError, hub_reachable, is_local, offline_hint
-from data import BREED_NAMES, NUM_BREEDS, EmbeddingCache, pixel_batches
+from breeds import BREED_NAMES, NUM_BREEDS
+from config import CLIP_DEFAULT
+from data import pixel_batches
+from embedding_cache import EmbeddingCache
 from metrics import bootstrap_ci, mcnemar
+from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def score(labels, pred, reference_correct, samples: int, seed: int) -> dict:
 
 def adapter_cache(adapter_dir: str, model, processor):
     """The embedding cache train.py filled for this adapter (its run_config.json says where), or None."""
-    from model import vision_fingerprint
+    from embedding_cache import vision_fingerprint
 
     try:
         with open(os.path.join(adapter_dir, "run_config.json")) as f:

@@ -15,10 +15,10 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw, ImageFilter
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
+from breeds import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for
 from config import DEMO_DIR
-from data import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for, tokenize_captions
+from data import tokenize_captions
 from model import load_processor
-
 
 # ---------------------------------------------------------------------------
 # Synthetic pets in the official layout

@@ -15,21 +15,40 @@ import os
 import time
 
 import numpy as np
-import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import set_seed
 
 from baselines import check_clip_option, run_baselines
-from config import (DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, UserError, check_seed, locked_output_dir, parse_config,
-                    pick_device, pick_dtype, run_main, same_path, same_source, save_run_config, staged_outputs)
-from data import NUM_BREEDS, load_splits, pixel_batches, report_bad_images, subsample
+from breeds import NUM_BREEDS
+from config import (
+    DEMO_EVAL_OVERRIDES,
+    EvalConfig,
+    PetConfig,
+    adapter_split_settings,
+    base_model_for,
+    check_seed,
+    data_for,
+    parse_config,
+)
+from data import load_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
+from devices import pick_device, pick_dtype
+from inference import breed_candidates, evaluate_batch
 from metrics import ModelPredictions, Predictions, compute_metrics
-from model import (adapter_split_settings, base_model_for, breed_candidates, captions_from_embeddings, check_adapter,
-                   data_for, image_embeddings, load_base_model, load_lora_for_inference, rank_breeds,
-                   same_vision_encoder)
+from model import check_adapter, load_model_pair
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
+from run_io import (
+    UserError,
+    join_cpu_processes,
+    locked_output_dir,
+    run_main,
+    same_path,
+    same_source,
+    save_run_config,
+    setup_logging,
+    staged_outputs,
+)
 
 logger = logging.getLogger("evaluate")
 
@@ -60,25 +79,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------
 # Predictions
-
-
-@torch.no_grad()
-def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cfg, share_embeddings: bool) -> dict:
-    """Captions and breed likelihood scores of one batch of images (pixel values) under each model.
-
-    The vision encoder runs once per batch when the models share it (LoRA on the text decoder only).
-    """
-    first = next(iter(models.values()))
-    param = next(first.parameters())
-    pixels = pixels.to(param.device, param.dtype, non_blocking=True)
-    shared = image_embeddings(first, pixels) if share_embeddings else None
-    out = {}
-    for name, model in models.items():
-        embeds = shared if share_embeddings else image_embeddings(model, pixels)
-        captions = captions_from_embeddings(model, processor, embeds, cfg.max_new_tokens, cfg.num_beams)
-        scores, _ = rank_breeds(model, embeds, candidates)
-        out[name] = {"captions": captions, "scores": scores.cpu().numpy()}
-    return out
 
 
 def predict(models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool,
@@ -136,11 +136,8 @@ def merge_shards(shards: list, records: list):
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # several CPU processes (torchrun): accelerate joins them into one group only when told it is on
-        # CPU; otherwise each process believed it was alone, evaluated every image and wrote the outputs
-        PartialState(cpu=True)
+    setup_logging()
+    join_cpu_processes()
     cfg, args = parse_args(argv)
     if PartialState().is_main_process:
         with locked_output_dir(args.output_dir):  # a second evaluation into this folder gets one line, not a mix
@@ -165,13 +162,8 @@ def _evaluate(cfg, args):
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
     logger.info("data: %d %s images from %s", len(records), args.split, cfg.dataset)
 
-    zero_shot = load_base_model(cfg.model_name_or_path, dtype=dtype)
-    fine_tuned, processor = load_lora_for_inference(args.adapter, cfg.model_name_or_path, dtype=dtype, device=device,
-                                                    loaded_base=zero_shot)  # merged into a copy: loaded once
-    zero_shot = zero_shot.to(device).eval()
-    models = {"zero_shot": zero_shot, "fine_tuned": fine_tuned}
-    # LoRA on the text decoder (query,value) leaves the vision encoder as it was: embed each image once
-    shared = same_vision_encoder(zero_shot, fine_tuned)
+    pair = load_model_pair(cfg.model_name_or_path, args.adapter, device, dtype)
+    zero_shot, processor, models, shared = pair.zero_shot, pair.processor, pair.models, pair.shared_vision
     logger.info("vision encoders %s: image embeddings %s", "identical" if shared else "differ",
                 "shared by both models" if shared else "computed per model")
 

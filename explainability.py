@@ -18,38 +18,33 @@ import logging
 import os
 import re
 
-import cv2
 import numpy as np
-import torch
 from PIL import Image
 from transformers import set_seed
 
-from config import (DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, UserError, check_seed, locked_output_dir,
-                    parse_config, pick_device, pick_dtype, run_main, same_path, save_run_config, staged_outputs)
-from data import (BREED_NAMES, BREED_PHRASES, CAT_WORDS, DOG_WORDS, BadImage, Record, load_image, load_splits,
-                  load_trimap, normalise_text, report_bad_images, subsample)
+from attention import explain, load_pet_mask, overlay, pet_share, pointing_hit
+from breeds import BREED_NAMES
+from config import (
+    DEMO_EXPLAIN_OVERRIDES,
+    ExplainConfig,
+    PetConfig,
+    adapter_split_settings,
+    base_model_for,
+    check_seed,
+    data_for,
+    parse_config,
+)
+from data import BadImage, Record, load_image, load_splits, report_bad_images, subsample
 from demo import use_demo_assets
-from model import (adapter_split_settings, base_model_for, caption_ids_from_embeddings, check_adapter,
-                   cross_attention_maps, data_for, image_embeddings, load_base_model, load_lora_for_inference,
-                   same_vision_encoder)
+from devices import device_setting, pick_device, pick_dtype
+from inference import embeddings_per_model
+from metrics import MODELS, display
+from model import check_adapter, load_model_pair
+from report import pyplot
+from run_io import UserError, locked_output_dir, run_main, same_path, save_run_config, setup_logging, staged_outputs
 
 logger = logging.getLogger("explain")
 
-MODELS = ("zero_shot", "fine_tuned")  # the keys of attention_metrics.json, as in evaluate.py's metrics.json
-MAX_OTHER_WORDS = 6  # word panels per row besides the breed, so a figure stays readable
-EXPLAIN_BATCH = 16  # images per decoder batch (the cross-attention maps of a batch are held at once)
-
-
-STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
-ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
-BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
-# The longest breed name or alias is 4 words; the caption's words may also hold a "-" or "'" between them
-MAX_SUBJECT_WORDS = 6
-
-
-def display(model_key: str) -> str:
-    """How a model key reads in figures and reports: zero_shot -> zero-shot."""
-    return model_key.replace("_", "-")
 
 
 def parse_layers(text: str):
@@ -86,139 +81,8 @@ def parse_args(argv=None):
 # Tokens -> words -> maps
 
 
-def word_spans(tokens: list, special: set) -> list:
-    """[(word, start, end)]: word pieces (##xx) joined to their word; token positions [start, end)."""
-    words = []
-    for i, tok in enumerate(tokens):
-        if tok is None or tok in special:  # None: an id the tokenizer does not know
-            continue
-        if tok.startswith("##") and words and words[-1][2] == i:
-            word, start, _ = words[-1]
-            words[-1] = (word + tok[2:], start, i + 1)
-        else:
-            words.append((tok, i, i + 1))
-    return words
-
-
-def _is_word(text: str) -> bool:
-    return bool(re.search(r"[a-z0-9]", text.lower()))
-
-
-def subject_span(words: list):
-    """(first word, end word, kind) of what the caption says the pet is.
-
-    kind "breed": the longest run of words that is a breed name or alias (plural allowed);
-    else "animal": the first word like cat/dog/puppy; else None.
-    """
-    for n in range(min(MAX_SUBJECT_WORDS, len(words)), 0, -1):
-        for s in range(len(words) - n + 1):
-            run = words[s:s + n]
-            if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
-                continue
-            text = normalise_text(" ".join(w for w, _, _ in run)).strip()
-            if any(t in BREED_OF_PHRASE for t in (text, re.sub(r"e?s$", "", text))):
-                return s, s + n, "breed"
-    for s, (w, _, _) in enumerate(words):
-        if w.lower() in ANIMAL_WORDS:
-            return s, s + 1, "animal"
-    return None
-
-
-def span_map(maps: np.ndarray, start: int, end: int) -> np.ndarray:
-    """Map of the tokens at positions [start, end): the mean of the steps that predict them.
-
-    maps[i] is the attention of the query at token i, which predicts token i + 1, so token j
-    was written by step j - 1. The mean of distributions is a distribution.
-    """
-    return maps[start - 1:end - 1].mean(axis=0)
-
-
-def pet_share(grid_map: np.ndarray, mask: np.ndarray):
-    """(share of the attention inside the pet, share of the image the pet covers).
-
-    The mask (H, W, bool) is averaged over each patch's area, so a patch half on the pet counts half.
-    """
-    rows, cols = grid_map.shape
-    fraction = cv2.resize(mask.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA)
-    return float((grid_map * fraction).sum() / grid_map.sum()), float(mask.mean())
-
-
-def pointing_hit(grid_map: np.ndarray, mask: np.ndarray) -> bool:
-    """Pointing game: is the centre of the most-attended patch on the pet?"""
-    rows, cols = grid_map.shape
-    r, c = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
-    h, w = mask.shape
-    return bool(mask[min(h - 1, int((r + 0.5) * h / rows)), min(w - 1, int((c + 0.5) * w / cols))])
-
-
-def load_pet_mask(trimap_path: str, size):
-    """Pet mask from an official trimap (1 pet, 2 background, 3 border): pet and its border band.
-
-    None, with a warning, for an unreadable trimap. One of another size than the image is resized to it,
-    with a warning: the official trimaps match their images, so a mismatch may mean the wrong trimap.
-    """
-    try:
-        trimap = load_trimap(trimap_path)
-    except BadImage as e:
-        logger.warning("not scoring against an unreadable trimap: %s", e)
-        return None
-    mask = trimap != 2
-    if mask.shape != (size[1], size[0]):
-        logger.warning("trimap %s is %dx%d, its image %dx%d: resized to the image", trimap_path, mask.shape[1],
-                       mask.shape[0], size[0], size[1])
-        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
-    return mask
-
-
-def overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The patch map upsampled to the image (H, W, 3 uint8 RGB), coloured with JET, blended in."""
-    h, w = image.shape[:2]
-    heat = np.clip(cv2.resize(grid_map.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC), 0, None)
-    # Each panel stretched to its own range (min blue, max red); the title gives the contrast
-    heat = (heat - heat.min()) / (heat.max() - heat.min()) if heat.max() > heat.min() else np.zeros_like(heat)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    return cv2.addWeighted(image, 1 - alpha, np.ascontiguousarray(colour), alpha, 0)
-
-
 # ---------------------------------------------------------------------------
 # Models
-
-
-@torch.no_grad()
-def explain(model, processor, embeds, cfg, layers) -> list:
-    """Per image: caption, word panels [(label, grid map)], subject (kind, map) from one model."""
-    ids, mask = caption_ids_from_embeddings(model, embeds, cfg.max_new_tokens, cfg.num_beams)
-    maps = cross_attention_maps(model, embeds, ids, mask, layers).cpu().numpy()
-    special = set(processor.tokenizer.all_special_tokens)
-    results = []
-    for b in range(ids.shape[0]):
-        n = int(mask[b].sum())
-        tokens = processor.tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
-        words = word_spans(tokens, special)
-        subject = subject_span(words)
-        panels, subject_map, kind = [], None, None
-        if subject is not None:
-            s, e, kind = subject
-            subject_map = span_map(maps[b], words[s][1], words[e - 1][2])
-            panels.append((f"{kind}: {' '.join(w for w, _, _ in words[s:e])}", subject_map))
-        skip = set(range(subject[0], subject[1])) if subject else set()
-        for k, (w, start, end) in enumerate(words):
-            if k not in skip and _is_word(w) and w.lower() not in STOPWORDS and len(panels) <= MAX_OTHER_WORDS:
-                panels.append((w, span_map(maps[b], start, end)))
-        caption = processor.tokenizer.decode(ids[b, :n].tolist(), skip_special_tokens=True).strip()
-        results.append({"caption": caption, "panels": panels, "subject_map": subject_map, "subject_kind": kind})
-    return results
-
-
-def load_models(cfg, ex, device, dtype):
-    """(zero-shot base, merged fine-tuned model, processor, base name, vision encoders identical?)."""
-    base_name = cfg.model_name_or_path  # base_model_for: --model_name_or_path, else the adapter's own base
-    base = load_base_model(base_name, dtype=dtype)
-    tuned, processor = load_lora_for_inference(ex.adapter, base_model=base_name, dtype=dtype, device=device,
-                                               loaded_base=base)  # merged into a copy: the base loads once
-    base = base.to(device).eval()
-    # LoRA on the text decoder only leaves the vision encoder untouched: embed each image once
-    return base, tuned, processor, base_name, same_vision_encoder(base, tuned)
 
 
 def collect_images(cfg, ex):
@@ -254,10 +118,7 @@ def collect_images(cfg, ex):
 
 
 def draw_figure(path: str, name: str, image: Image.Image, rows: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rgb = np.asarray(image)
     cols = 1 + max(len(r["panels"]) for r in rows.values())
@@ -301,10 +162,7 @@ def summarise(per_image: list) -> dict:
 
 
 def plot_metrics(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [("mean_pet_attention_share", "attention on pet"), ("mean_mask_share", "pet area (chance)"),
             ("pointing_game_hit_rate", "pointing game")]
@@ -355,7 +213,7 @@ def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> Non
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     cfg, ex = parse_args(argv)
     with locked_output_dir(ex.output_dir):  # a second run into this folder gets one line, not a mix
         with staged_outputs(ex.output_dir) as tmp:  # a full disk or a kill leaves the previous outputs whole
@@ -370,19 +228,21 @@ def _explain(cfg, ex, out):
     device = pick_device()
     dtype = pick_dtype(device, cfg.precision)
 
-    base, tuned, processor, base_name, shared = load_models(cfg, ex, device, dtype)
+    base_name = cfg.model_name_or_path  # base_model_for: --model_name_or_path, else the adapter's own base
+    pair = load_model_pair(base_name, ex.adapter, device, dtype)
+    processor = pair.processor
     items = collect_images(cfg, ex)
     logger.info("explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers)
 
     # every image through each model at once, in batches: decoding is launch-bound on a GPU
     explained = {m: [] for m in MODELS}
-    for start in range(0, len(items), EXPLAIN_BATCH):
-        images = [image for _, image, _ in items[start:start + EXPLAIN_BATCH]]
+    batch = device_setting("explain_batch", device)
+    for start in range(0, len(items), batch):
+        images = [image for _, image, _ in items[start:start + batch]]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
-        base_embeds = image_embeddings(base, pixels)
-        tuned_embeds = base_embeds if shared else image_embeddings(tuned, pixels)
-        explained[MODELS[0]] += explain(base, processor, base_embeds, cfg, layers)
-        explained[MODELS[1]] += explain(tuned, processor, tuned_embeds, cfg, layers)
+        embeds = embeddings_per_model(pair.models, pixels, pair.shared_vision)
+        for m, model in pair.models.items():
+            explained[m] += explain(model, processor, embeds[m], cfg, layers)
 
     per_image = []
     for k, (name, image, record) in enumerate(items, 1):

@@ -8,9 +8,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data import BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, species_from_caption
+from breeds import BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, species_from_caption
 
-MODELS = ("zero_shot", "fine_tuned")
+MODELS = ("zero_shot", "fine_tuned")  # the keys of every output: metrics.json, predictions.csv, attention_metrics.json
+
+
+def display(model_key: str) -> str:
+    """How a model key reads in figures and reports: zero_shot -> zero-shot."""
+    return model_key.replace("_", "-")
+
 LABELS = BREED_NAMES + ["unknown"]  # confusion-matrix order; UNKNOWN (-1) is the last column
 
 

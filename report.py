@@ -5,8 +5,9 @@ import os
 import numpy as np
 
 from baselines import report_section, summary_lines
-from data import BREED_NAMES, NUM_BREEDS, caption_for, load_image
-from metrics import LABELS, MODELS, Metrics, Predictions, confusion, label_index
+from breeds import BREED_NAMES, NUM_BREEDS, caption_for
+from data import load_image
+from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, label_index
 
 KEY_ROWS = [  # (label, key, format)
     ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
@@ -72,7 +73,8 @@ def failures_frame(predictions: Predictions, metrics: Metrics):
     return frame.sort_values(["model", "true_breed_rank", "margin"], ascending=[False, False, False], kind="stable")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: every figure here is written, none shown (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +87,7 @@ def plot_confusion(matrix, title: str, path: str) -> None:
     import seaborn as sns
     from seaborn.utils import relative_luminance
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(15, 13))
     mesh = sns.heatmap(matrix, cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
                        linewidths=0.3, linecolor="#eeeeee", ax=ax).collections[0]
@@ -104,10 +106,10 @@ def plot_confusion(matrix, title: str, path: str) -> None:
 
 
 def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     counts = {"truth": np.bincount(label_index(predictions.label), minlength=NUM_BREEDS + 1)}
     for name in MODELS:
-        counts[name.replace("_", "-")] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
+        counts[display(name)] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
     y = np.arange(len(LABELS))
     fig, ax = plt.subplots(figsize=(9, 12))
     for k, (name, c) in enumerate(counts.items()):
@@ -122,7 +124,7 @@ def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> 
 
 
 def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     lengths = {name.replace("_", "-"): [len(c.split()) for c in predictions.models[name].captions] for name in MODELS}
     reference = [len(caption_for(t, template).split()) for t in predictions.label]
     top = max([max(v) for v in lengths.values()] + reference) + 1
@@ -139,7 +141,7 @@ def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> 
 
 
 def plot_per_breed_accuracy(metrics, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     breeds = [b for b, v in metrics.numbers["fine_tuned"]["per_breed"].items() if v["support"] > 0]
     y = np.arange(len(breeds))
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(breeds) + 1.5))
@@ -159,7 +161,7 @@ def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16
     """Image grid of the fine-tuned model's worst failures: true breed, caption, predicted breed under each."""
     import textwrap
 
-    plt = _plt()
+    plt = pyplot()
     worst = failures[failures["model"] == "fine_tuned"].head(limit)
     if worst.empty:
         fig, ax = plt.subplots(figsize=(6, 2))

@@ -10,7 +10,7 @@ Each run is `train.py` then `evaluate.py` in its own folder under --output_dir; 
 runs and redoes unfinished ones. One run per GPU at a time (--gpus); a job array shares the grid with --shard i/n.
 """
 
-from config import run_main
+from run_io import run_main
 from sweeps import main
 
 if __name__ == "__main__":

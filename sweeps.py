@@ -31,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from config import DEMO_OVERRIDES, PetConfig, UserError, check_seed, locked_output_dir, save_run_config
+from config import DEMO_OVERRIDES, PetConfig, check_seed
+from report import pyplot
+from run_io import UserError, locked_output_dir, save_run_config, setup_logging
 
 logger = logging.getLogger("sweep")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -524,10 +526,7 @@ Baselines on the same test images (they do not depend on the LoRA setting: score
 
 
 def plot_sweep(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = summary["settings"]
     x = np.arange(len(settings))
@@ -610,7 +609,7 @@ def parse_args(argv=None) -> tuple:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     cfg, grid = parse_args(argv)
     check_sweep_folder(cfg, grid)
     runs = plan(cfg, grid)

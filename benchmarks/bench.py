@@ -28,12 +28,13 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from breeds import NUM_BREEDS, caption_for
 from config import PetConfig  # noqa: E402
-from data import (NUM_BREEDS, CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, caption_for,  # noqa: E402
-                  load_image, load_splits)
+from data import CaptionCollator, PetCaptionDataset, load_image, load_splits
 from demo import DEMO_BASE_RECIPE, build_tiny_blip, write_synthetic_pets  # noqa: E402
-from model import (cast_frozen_linears, create_lora_model, image_embeddings, load_base_model, load_processor,  # noqa: E402
-                   vision_fingerprint)
+from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
+from inference import image_embeddings
+from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 
 TEMPLATE = PetConfig().caption_template
 
@@ -218,8 +219,7 @@ def vision(kind, workdir, device, dtype, batch, repeats):
 
 def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=12):
     """3. Everything evaluate.py needs per image, the naive way against the project's path; same predictions."""
-    from evaluate import evaluate_batch
-    from model import breed_candidates
+    from inference import breed_candidates, evaluate_batch
 
     model_dir = build_model(kind, workdir)
     processor = load_processor(model_dir)
@@ -353,7 +353,7 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
 def decoding(kind, workdir, device, dtype, n_images, repeats, steps=30):
     """6. Greedy captions: transformers' generate against the project's loop (plain calls, and on a GPU
     its CUDA graph), on the same random embeddings; a model that never writes [SEP] runs all steps."""
-    from model import _generate_ids, greedy_caption_ids
+    from inference import generate_ids, greedy_caption_ids
 
     model = load_base_model(build_model(kind, workdir), dtype=dtype).to(device).eval()
     with torch.no_grad():
@@ -361,7 +361,7 @@ def decoding(kind, workdir, device, dtype, n_images, repeats, steps=30):
     vision = model.config.vision_config
     shape = (n_images, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
     embeds = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    paths = {"generate": lambda: _generate_ids(model, embeds, steps, 1),
+    paths = {"generate": lambda: generate_ids(model, embeds, steps, 1),
              "loop": lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=False)}
     if device.type == "cuda":
         paths["graph"] = lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=True)

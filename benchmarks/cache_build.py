@@ -27,7 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child(project, work, n, batch):
     sys.path.insert(0, project)
     import torch
-    from data import CachedEmbeddingDataset, EmbeddingCache, load_splits
+
+    from data import load_splits
+    from embedding_cache import CachedEmbeddingDataset, EmbeddingCache
     from model import load_processor
 
     processor = load_processor(os.path.join(work, "model"))
@@ -59,7 +61,7 @@ def main():
     if a.child:
         return child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
     sys.path.insert(0, ROOT)
-    from data import NUM_BREEDS
+    from breeds import NUM_BREEDS
     from demo import build_tiny_blip, write_synthetic_pets
 
     work = tempfile.mkdtemp(prefix="cache-bench-")

@@ -8,7 +8,7 @@ import sys
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import NUM_BREEDS  # noqa: E402
+from breeds import NUM_BREEDS  # noqa: E402
 from demo import write_synthetic_pets  # noqa: E402
 
 root, tv, te, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -22,11 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from breeds import NUM_BREEDS, caption_for
 from config import PetConfig  # noqa: E402
-from data import NUM_BREEDS, CaptionCollator, caption_for  # noqa: E402
+from data import CaptionCollator  # noqa: E402
 from demo import build_tiny_blip  # noqa: E402
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor  # noqa: E402
-from train import relative_difference  # noqa: E402
+from trainer import relative_difference  # noqa: E402
 
 
 def main():

@@ -10,7 +10,6 @@ embeddings (ratios taken in one run; the ids must be identical), and the 37-bree
 """
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -21,11 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+import inference  # noqa: E402
+from breeds import NUM_BREEDS, caption_for
 from config import PetConfig  # noqa: E402
-from data import NUM_BREEDS, CaptionCollator, caption_for  # noqa: E402
-import model as model_module  # noqa: E402
-from model import (_generate_ids, breed_candidates, cast_frozen_linears, create_lora_model, greedy_caption_ids,  # noqa: E402
-                   load_base_model, load_processor)
+from data import CaptionCollator  # noqa: E402
+from inference import breed_candidates, generate_ids, greedy_caption_ids
+from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
+from run_io import setup_logging
 
 
 def sync(device):
@@ -64,7 +65,7 @@ def main():
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                    help="also time the step compiled, reduce-overhead and the cudagraphs backend (default: on a GPU)")
     a = p.parse_args()
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)  # the self-checks' lines
+    setup_logging()  # the self-checks' lines
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     template = PetConfig().caption_template
@@ -126,7 +127,7 @@ def main():
             return False
 
     if device.type == "cuda":  # train.py --cuda_graphs: forward and backward recorded, no compilation
-        from train import GraphedLoss
+        from trainer import GraphedLoss
 
         graphed = GraphedLoss(model.get_base_model(), dtype)
 
@@ -157,7 +158,7 @@ def main():
     merged = model.merge_and_unload().to(dtype).eval()
     emb = torch.randn(a.eval_batch, tokens, vc.hidden_size, device=device, dtype=dtype)
     candidates = breed_candidates(merged, processor.tokenizer, template)
-    from model import rank_breeds
+    from inference import rank_breeds
 
     @torch.no_grad()
     def eval_batch():
@@ -175,7 +176,7 @@ def main():
 
     # The greedy loop (with and without a CUDA graph) against generate, same embeddings: a random
     # model never writes [SEP], so all run the whole 30 steps (the worst case for each)
-    paths = {"generate": lambda: _generate_ids(merged, emb, 30, 1),
+    paths = {"generate": lambda: generate_ids(merged, emb, 30, 1),
              "own loop, plain": lambda: greedy_caption_ids(merged, emb, 30, cuda_graph=False),
              "own loop, default (CUDA graph on a GPU)": lambda: greedy_caption_ids(merged, emb, 30)}
     with torch.no_grad():
@@ -196,7 +197,7 @@ def main():
 
 
 def graph_check_outcome() -> str:
-    check = model_module.graph_decoding
+    check = inference.graph_decoding
     return "failed, graphs off (see the warning)" if check.off else "passed" if check.passed else "not run"
 
 

@@ -15,12 +15,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from config import UserError
-from data import BREED_NAMES, Record, load_image, load_splits
-
-from conftest import ROOT
+from breeds import BREED_NAMES
+from data import Record, load_image, load_splits
+from run_io import UserError
 
 pytest.importorskip("gradio")
 import app  # noqa: E402
@@ -48,7 +48,7 @@ def test_images(demo_run):
 
 
 def test_result_matches_an_independent_computation(captioner, test_images):
-    from model import breed_candidates, generate_caption, image_embeddings, rank_breeds
+    from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
 
     for path, label in test_images:
         result = captioner.analyse(path)
@@ -223,15 +223,21 @@ def test_options_are_checked():
 
 
 def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_adapter, tmp_path, monkeypatch):
-    """`app.py --demo` on a fresh clone: train.py --demo runs first (stubbed here), then the app launches."""
+    """`app.py --demo` on a fresh clone: train.py --demo runs first (a stand-in here), then the app launches."""
     import gradio as gr
-    import train
 
     cwd, _ = demo_run
     monkeypatch.chdir(cwd)
     new_adapter, out = tmp_path / "adapter", tmp_path / "app"
     trained, launched = [], {}
-    monkeypatch.setattr(train, "main", lambda argv: trained.append(argv) or shutil.copytree(demo_adapter, argv[-1]))
+
+    def train_script(command):  # `python train.py --demo --output_dir X` in a process of its own
+        trained.append(command[2:])
+        assert command[:2] == [sys.executable, os.path.join(ROOT, "train.py")]
+        shutil.copytree(demo_adapter, command[-1])
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(app.subprocess, "run", train_script)
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
     threads = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)  # not for the rest of the session
@@ -249,6 +255,9 @@ def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_ad
     trained.clear()
     app.main(["--demo", "--adapter", str(new_adapter), "--output_dir", str(out)])
     assert trained == []  # an adapter that exists is served as it is
+    monkeypatch.setattr(app.subprocess, "run", lambda command: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(UserError, match="training the demo adapter failed"):
+        app.main(["--demo", "--adapter", str(tmp_path / "other"), "--output_dir", str(out)])
 
 
 # ---------------------------------------------------------------------------

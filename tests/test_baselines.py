@@ -8,16 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_script
 
 import evaluate
-from baselines import (CLIP_PROMPT, check_clip_option, clip_scores, linear_probe, load_clip, mean_per_class_recall,
-                       pooled_features)
-from config import CLIP_DEFAULT, DEMO_DIR, UserError
-from data import BREED_NAMES, EmbeddingCache, load_image, load_splits
+from baselines import (
+    CLIP_PROMPT,
+    check_clip_option,
+    clip_scores,
+    linear_probe,
+    load_clip,
+    mean_per_class_recall,
+    pooled_features,
+)
+from breeds import BREED_NAMES
+from config import CLIP_DEFAULT, DEMO_DIR
+from data import load_image, load_splits
+from embedding_cache import EmbeddingCache, vision_fingerprint
+from inference import image_embeddings
 from metrics import mcnemar
-from model import image_embeddings, load_base_model, load_processor, vision_fingerprint
-
-from conftest import run_script
+from model import load_base_model, load_processor
+from run_io import UserError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from config import PetConfig
-from data import CachedEmbeddingDataset, CaptionCollator, EmbeddingCache, PetCaptionDataset, Record, load_image, load_splits
-from model import create_lora_model, has_vision_lora, image_embeddings, load_base_model, load_processor, vision_fingerprint
+from data import CaptionCollator, PetCaptionDataset, Record, load_image, load_splits
+from devices import DEVICE_DEFAULTS
+from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
+from inference import image_embeddings
+from model import create_lora_model, has_vision_lora, load_base_model, load_processor
 
 TEMPLATE = PetConfig().caption_template
 
@@ -126,10 +129,9 @@ def test_sdpa_vision_attention_matches_eager(demo_assets):
 
 @pytest.mark.parametrize("rows_per_copy", [256, 2])
 def test_preload_gives_each_item_its_stored_embedding(setup, tmp_path, monkeypatch, rows_per_copy):
-    import data
 
     model, processor, records = setup
-    monkeypatch.setattr(data, "PRELOAD_ROWS", rows_per_copy)
+    monkeypatch.setitem(DEVICE_DEFAULTS["cpu"], "preload_rows", rows_per_copy)
     _build(tmp_path, model, processor, records[3:9], "float16")
     missing = Record("missing", 0, str(tmp_path / "nope.jpg"))
     cache, _ = _build(tmp_path, model, processor, records + [missing], "float16")  # a second chunk, one bad image
@@ -144,7 +146,7 @@ def test_preload_gives_each_item_its_stored_embedding(setup, tmp_path, monkeypat
         assert torch.equal(dataset[i]["image_embeds"], stored[i]), i
     # and the stored rows are the encoder's outputs for those images (fp16 rounding)
     with torch.no_grad():
-        pixels = processor.image_processor([data.load_image(dataset.items[-1][0])], return_tensors="pt")
+        pixels = processor.image_processor([load_image(dataset.items[-1][0])], return_tensors="pt")
         expected = image_embeddings(model, pixels["pixel_values"])[0]
     assert torch.allclose(dataset[-1]["image_embeds"].float(), expected, atol=2e-3, rtol=2e-3)
 
@@ -214,8 +216,9 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 import torch
 import data
-from config import locked_output_dir
-from data import EmbeddingCache, Record
+from run_io import locked_output_dir
+from data import Record
+from embedding_cache import EmbeddingCache
 
 out, cache_dir, ready = sys.argv[2:5]
 data.image_workers = lambda n: 2  # image workers even on a one-core machine
@@ -261,10 +264,10 @@ def test_a_killed_build_holds_no_lock_and_leaves_no_temporary_chunk(tmp_path):
     import subprocess
     import sys
 
+    from conftest import ROOT
     from PIL import Image
 
-    from config import UserError, locked_output_dir
-    from conftest import ROOT
+    from run_io import UserError, locked_output_dir
 
     images = tmp_path / "images"
     images.mkdir()
@@ -328,7 +331,7 @@ def test_a_busy_lock_names_the_process_that_holds_it(tmp_path, caplog):
     import logging
     import threading
 
-    from config import UserError, exclusive_lock, locked_output_dir
+    from run_io import UserError, exclusive_lock, locked_output_dir
 
     out = str(tmp_path / "out")
     with locked_output_dir(out):
@@ -348,7 +351,7 @@ def test_a_busy_lock_names_the_process_that_holds_it(tmp_path, caplog):
     thread.start()
     held.wait(30)
     threading.Timer(1.0, release.set).start()
-    with caplog.at_level(logging.INFO, logger="data"):
+    with caplog.at_level(logging.INFO, logger="embedding_cache"):
         assert cache.build([], None, None) == 0  # waits for the other builder, then finds nothing to do
     thread.join()
     assert f"waiting for another run (pid {os.getpid()})" in caplog.text

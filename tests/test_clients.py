@@ -8,13 +8,14 @@ import sys
 import textwrap
 
 import pytest
+from conftest import ROOT
 
 import train
-from config import DEMO_DIR, OUTPUT_DIR, UserError
+from config import DEMO_DIR, OUTPUT_DIR
 from data import load_image, load_splits
-from model import generate_caption, load_lora_for_inference
-
-from conftest import ROOT
+from inference import generate_caption
+from model import load_lora_for_inference
+from run_io import UserError
 
 MARKER = "<!-- pipeline-snippet -->"
 PROJECT_MODULES = ("config", "data", "demo", "model", "metrics", "report", "train", "evaluate", "explainability", "app")

@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from config import PetConfig, UserError
-from data import (BREED_NAMES, BREEDS, SPECIES, BadImage, CaptionCollator, PetCaptionDataset, Record, breed_index,
-                  caption_for, load_image, load_splits, stratified_split)
+from breeds import BREED_NAMES, BREEDS, SPECIES, breed_index, caption_for
+from config import PetConfig
+from data import BadImage, CaptionCollator, PetCaptionDataset, Record, load_image, load_splits, stratified_split
 from demo import write_synthetic_pets
 from model import load_processor
+from run_io import UserError
 
 TEMPLATE = PetConfig().caption_template
 

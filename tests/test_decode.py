@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from demo import build_tiny_blip
-from model import greedy_caption_ids, load_base_model
+from devices import DEVICE_DEFAULTS
+from inference import greedy_caption_ids
+from model import load_base_model
 
 
 def _generate(model, embeds, max_new_tokens):
@@ -42,7 +44,8 @@ def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adap
     """The trained demo adapter writes breed captions of different lengths: rows end at different
     steps and are padded after their [SEP], as generate pads them."""
     from data import load_image, load_splits
-    from model import image_embeddings, load_lora_for_inference
+    from inference import image_embeddings
+    from model import load_lora_for_inference
 
     model, processor = load_lora_for_inference(demo_adapter, dtype=dtype)
     records = load_splits(os.path.join(demo_run[0], "outputs/demo/pets"), 0.0)["test"][::5]
@@ -58,10 +61,10 @@ def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adap
 @pytest.fixture
 def fresh_graph_check(monkeypatch):
     """A process that has not decoded with graphs yet: its self-check still to run."""
-    import model as model_module
+    import inference as inference_module
 
-    check = model_module.GraphSelfCheck()
-    monkeypatch.setattr(model_module, "graph_decoding", check)
+    check = inference_module.GraphSelfCheck()
+    monkeypatch.setattr(inference_module, "graph_decoding", check)
     return check
 
 
@@ -72,16 +75,17 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     the end off afterwards. The capture itself needs a GPU (benchmarks/profile_gpu.py checks it
     there); here the graph is replaced by the plain step so the rest of that path runs on the CPU,
     and its self-check passes without a warning."""
-    import model as model_module
+    import inference as inference_module
     from data import load_image, load_splits
-    from model import image_embeddings, load_lora_for_inference
+    from inference import image_embeddings
+    from model import load_lora_for_inference
 
     calls = []
 
     def ungraphed(step, device):
         return lambda: (calls.append(1), step())
 
-    monkeypatch.setattr(model_module, "graphed_step", ungraphed)
+    monkeypatch.setattr(inference_module, "graphed_step", ungraphed)
     model, processor = load_lora_for_inference(demo_adapter)
     records = load_splits(os.path.join(demo_run[0], "outputs/demo/pets"), 0.0)["test"][::7]
     pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
@@ -90,8 +94,8 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     steps = reference.shape[1] - 1
     # check at steps that miss the real end, so that steps past it run and must be cut off
     check_every = next(k for k in (3, 4, 5, 7) if steps % k)
-    monkeypatch.setattr(model_module, "GRAPH_CHECK_EVERY", check_every)
-    with caplog.at_level("INFO", logger="model"):
+    monkeypatch.setitem(DEVICE_DEFAULTS["cpu"], "graph_check_every", check_every)
+    with caplog.at_level("INFO", logger="inference"):
         ours = greedy_caption_ids(model, embeds, max_new_tokens=max_new_tokens, cuda_graph=True)
     assert torch.equal(ours, reference)
     if max_new_tokens == 30:  # every caption ends before the limit
@@ -106,7 +110,7 @@ def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(
     """A "graph" that writes one wrong id (row 1, token 3): the self-check on the first graphed batch warns once,
     naming that position, returns the plain loop's ids, and later batches are decoded plainly (the graph is
     not used again, and no second warning comes)."""
-    import model as model_module
+    import inference as inference_module
 
     model = load_base_model(tiny_dir).eval()
     vocab = model.config.text_config.vocab_size
@@ -123,10 +127,10 @@ def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(
                 state.ids[1, 3] = (state.ids[1, 3] + 1) % vocab
         return replay
 
-    monkeypatch.setattr(model_module, "graphed_step", corrupting)
+    monkeypatch.setattr(inference_module, "graphed_step", corrupting)
     embeds = torch.randn(3, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(2))
     other = torch.randn(2, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(4))
-    with caplog.at_level("INFO", logger="model"):
+    with caplog.at_level("INFO", logger="inference"):
         first = greedy_caption_ids(model, embeds, 8, cuda_graph=True)
         second = greedy_caption_ids(model, other, 8, cuda_graph=True)
         default = greedy_caption_ids(model, other, 8)
@@ -140,7 +144,7 @@ def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(
 
 
 def test_first_difference_names_the_earliest_token_then_the_row():
-    from model import first_difference
+    from inference import first_difference
 
     a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
     assert first_difference(a, a.clone()) is None
@@ -158,7 +162,7 @@ def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_
     and graphs stay off for the process."""
     model = load_base_model(tiny_dir).eval()
     embeds = torch.randn(3, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(1))
-    with caplog.at_level("WARNING", logger="model"):
+    with caplog.at_level("WARNING", logger="inference"):
         first = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
         second = greedy_caption_ids(model, embeds, 10, cuda_graph=True)
     assert torch.equal(first, _generate(model, embeds, 10)) and torch.equal(second, first)

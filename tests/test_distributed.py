@@ -8,12 +8,11 @@ import sys
 
 import pandas as pd
 import torch
+from conftest import ROOT
 from transformers import BlipConfig
 
 from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES
 from model import BlipForPetCaptioning, create_lora_model
-
-from conftest import ROOT
 
 
 def free_port():

@@ -5,17 +5,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 import evaluate
-from config import DEMO_DIR, PetConfig, UserError
-from data import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, load_image, load_splits, species_from_caption
+from breeds import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, species_from_caption
+from config import DEMO_DIR, PetConfig
+from data import load_image, load_splits
 from demo import build_tiny_blip
+from inference import breed_candidates, caption_log_likelihoods, image_embeddings, rank_breeds
 from metrics import bleu, bootstrap_ci, confused_pairs, confusion, mcnemar, model_metrics, rouge_l
-from model import (breed_candidates, caption_log_likelihoods, image_embeddings, load_base_model, load_processor,
-                   load_lora_for_inference, rank_breeds, same_vision_encoder)
+from model import load_base_model, load_lora_for_inference, load_processor, same_vision_encoder
 from report import FIGURES
-
-from conftest import run_script
+from run_io import UserError
 
 TEMPLATE = PetConfig().caption_template
 OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", "run_config.json"] + list(FIGURES)
@@ -193,7 +194,7 @@ def _one_by_one(model, pixel_values, caption, tokenizer):
 
 
 def test_candidates_pack_their_shared_start_once_and_drop_padding():
-    from model import SHARED, pack_candidates
+    from inference import SHARED, pack_candidates
 
     # [DEC]=9 a=5 photo=6 | x y [SEP]=3 ; [DEC] a photo | z [SEP] pad ; the shared start is 3 tokens
     ids = torch.tensor([[9, 5, 6, 7, 8, 3], [9, 5, 6, 4, 3, 0]])
@@ -376,13 +377,13 @@ def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp
     import seaborn as sns
     from PIL import Image
 
-    from report import LABELS, _plt, plot_confusion
+    from report import LABELS, plot_confusion, pyplot
 
     matrix = np.zeros((len(BREED_NAMES) + 1, len(BREED_NAMES) + 1), dtype=int)
     np.fill_diagonal(matrix, 40)
     matrix[3, 7], matrix[10, 37], matrix[37, 2], matrix[5, 5] = 2, 9, 25, 17  # light, mid and dark cells
     plot_confusion(matrix, "title", str(tmp_path / "fast.png"))
-    plt = _plt()  # the same figure through seaborn's annotation
+    plt = pyplot()  # the same figure through seaborn's annotation
     fig, ax = plt.subplots(figsize=(15, 13))
     sns.heatmap(matrix, annot=np.where(matrix > 0, matrix.astype(str), ""), fmt="", cmap="Blues", xticklabels=LABELS,
                 yticklabels=LABELS, cbar_kws={"label": "images"}, linewidths=0.3, linecolor="#eeeeee",

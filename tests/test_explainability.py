@@ -5,15 +5,26 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 
-from config import DEMO_DIR, UserError
+from attention import (
+    cross_attention_maps,
+    load_pet_mask,
+    overlay,
+    patch_grid,
+    pet_share,
+    pointing_hit,
+    span_map,
+    subject_span,
+    word_spans,
+)
+from config import DEMO_DIR
 from data import load_image, load_splits
-from explainability import (load_pet_mask, overlay, parse_layers, pet_share, pointing_hit, span_map, subject_span,
-                            word_spans)
-from model import cross_attention_maps, image_embeddings, load_base_model, load_processor, patch_grid
-
-from conftest import run_script
+from explainability import parse_layers
+from inference import image_embeddings
+from model import load_base_model, load_processor
+from run_io import UserError
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script
 from PIL import Image
 
 import train
-from config import UserError, run_main
 from data import BadImage, Record, load_image, load_splits
 from demo import build_tiny_blip, write_synthetic_pets
 from model import load_lora_for_inference
-
-from conftest import ROOT, run_script
-
+from run_io import UserError, run_main
 
 # ---------------------------------------------------------------------------
 # Image files
@@ -189,6 +187,7 @@ def _broken_adapter(demo_adapter, tmp_path, case):
 def _wider(path):
     cfg = json.load(open(os.path.join(path, "config.json")))
     from transformers import BlipConfig
+
     from model import BlipForPetCaptioning
     cfg["text_config"]["hidden_size"] = 96
     model = BlipForPetCaptioning(BlipConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"]))

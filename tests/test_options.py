@@ -4,9 +4,20 @@ import pytest
 import torch
 
 import config
-from config import (DEMO_APP_OVERRIDES, DEMO_EVAL_OVERRIDES, DEMO_EXPLAIN_OVERRIDES, DEMO_OVERRIDES,
-                    DEMO_TRAIN_OVERRIDES, DEVICE_DEFAULTS, AppConfig, EvalConfig, ExplainConfig, PetConfig,
-                    TrainConfig, parse_config)
+from config import (
+    DEMO_APP_OVERRIDES,
+    DEMO_EVAL_OVERRIDES,
+    DEMO_EXPLAIN_OVERRIDES,
+    DEMO_OVERRIDES,
+    DEMO_TRAIN_OVERRIDES,
+    AppConfig,
+    EvalConfig,
+    ExplainConfig,
+    PetConfig,
+    TrainConfig,
+    parse_config,
+)
+from devices import DEVICE_DEFAULTS
 
 SCRIPTS = {TrainConfig: DEMO_TRAIN_OVERRIDES, EvalConfig: DEMO_EVAL_OVERRIDES,
            ExplainConfig: DEMO_EXPLAIN_OVERRIDES, AppConfig: DEMO_APP_OVERRIDES}

@@ -22,12 +22,14 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 import evaluate
 import explainability
 import train
-from config import PetConfig, UserError
-from data import CaptionCollator, breed_index, caption_for, load_image, load_splits
+from attention import subject_span, word_spans
+from breeds import breed_index, caption_for
+from config import PetConfig
+from data import CaptionCollator, load_image, load_splits
 from demo import write_synthetic_pets
-from explainability import subject_span, word_spans
-from model import (breed_candidates, check_fits, generate_caption, image_embeddings, load_base_model,
-                   load_lora_for_inference, load_processor, rank_breeds)
+from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
+from model import check_fits, load_base_model, load_lora_for_inference, load_processor
+from run_io import UserError
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "blip-image-captioning-base")
 TEMPLATE = PetConfig().caption_template

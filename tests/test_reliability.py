@@ -14,15 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import evaluate
 import explainability
+import run_io
 import train
-from config import EvalConfig, PetConfig, UserError, locked_output_dir, parse_config, staged_outputs
-from data import BadImage, CachedEmbeddingDataset, EmbeddingCache, Record, load_image, load_splits
+import trainer
+from config import EvalConfig, PetConfig, adapter_split_settings, parse_config
+from data import BadImage, Record, load_image, load_splits
 from demo import write_synthetic_pets
-from model import (adapter_split_settings, image_embeddings, load_base_model, load_lora_for_inference, load_processor,
-                   vision_fingerprint)
+from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
+from inference import image_embeddings
+from model import load_base_model, load_lora_for_inference, load_processor
+from run_io import UserError, locked_output_dir, staged_outputs
 
 TRAIN_SEED = 7
 
@@ -351,13 +354,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_adapter, change):
 def test_resume_accepts_its_own_checkpoint_and_refuses_one_without_settings(tiny_adapter, tmp_path):
     out, argv = tiny_adapter
     cfg, args = train.parse_args(argv + ["--resume_from_checkpoint", "True"])
-    assert train.resume_point(cfg, args) == os.path.join(out, "checkpoint-2")
+    assert trainer.resume_point(cfg, args) == os.path.join(out, "checkpoint-2")
     old = str(tmp_path / "old")
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(old, "checkpoint-2"))
-    os.remove(os.path.join(old, "checkpoint-2", train.RUN_SETTINGS_FILE))
+    os.remove(os.path.join(old, "checkpoint-2", trainer.RUN_SETTINGS_FILE))
     cfg, args = train.parse_args([*argv[:-4], "--output_dir", old, "--resume_from_checkpoint", "True"])
     with pytest.raises(UserError, match="cannot be checked against this run"):
-        train.resume_point(cfg, args)
+        trainer.resume_point(cfg, args)
 
 
 def _corrupt_images(names, images_dir):
@@ -500,7 +503,7 @@ def test_disk_faults_are_one_line(code, capsys):
         raise OSError(code, os.strerror(code), "/data/out/metrics.json")
 
     with pytest.raises(SystemExit) as exit_info:
-        config.run_main(main)
+        run_io.run_main(main)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "/data/out/metrics.json" in err[0]
@@ -511,7 +514,7 @@ def test_other_os_errors_still_raise():
         raise FileNotFoundError(errno.ENOENT, "gone")
 
     with pytest.raises(FileNotFoundError):
-        config.run_main(main)
+        run_io.run_main(main)
 
 
 class _RunsCode:
@@ -537,6 +540,6 @@ def test_a_hostile_pytorch_model_bin_is_refused_without_running_code(tmp_path):
     with pytest.raises(UserError, match="cannot load the model"):
         load_base_model(folder)
     assert not marker.exists()
-    requirement = next(line for line in open(os.path.join(config.__file__.rsplit(os.sep, 1)[0], "requirements.txt"))
+    requirement = next(line for line in open(os.path.join(run_io.__file__.rsplit(os.sep, 1)[0], "requirements.txt"))
                        if line.startswith("torch"))
     assert requirement.split("#")[0].strip() == "torch>=2.6"

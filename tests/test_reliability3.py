@@ -16,7 +16,8 @@ import config
 import evaluate
 import explainability
 import train
-from config import UserError
+import trainer
+from run_io import UserError
 
 TRAIN_SEED = 7
 
@@ -207,7 +208,6 @@ def test_shards_merge_by_position_not_by_image_id():
 @pytest.mark.slow
 def test_two_processes_evaluate_a_split_with_repeated_image_ids(tiny_adapter, demo_assets, tmp_path):
     import pandas as pd
-
     from conftest import run_script
     from test_distributed import torchrun
 
@@ -263,7 +263,7 @@ def test_resume_from_a_hostile_or_damaged_checkpoint_file_is_one_line(tiny_adapt
 
 def test_resume_with_a_rank_edited_into_settings_and_config_is_one_line(tiny_adapter, tmp_path):
     out, checkpoint = _checkpoint_copy(tiny_adapter, tmp_path)
-    _edit_json(os.path.join(checkpoint, train.RUN_SETTINGS_FILE), lora_r=8)
+    _edit_json(os.path.join(checkpoint, trainer.RUN_SETTINGS_FILE), lora_r=8)
     _edit_json(os.path.join(checkpoint, "adapter_config.json"), r=8)  # the weights keep the demo's rank
     trained = config.PetConfig().lora_r  # the demo trains with the default rank
     argv = tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint, "--lora_r", "8"]
@@ -327,7 +327,8 @@ def _result_files(out):
 @pytest.mark.parametrize("moves", range(1, 9))
 def test_a_save_killed_while_moving_is_completed_by_the_next_opener(moves, tmp_path):
     from conftest import ROOT
-    from config import MOVING, finish_interrupted_save, staged_outputs
+
+    from run_io import MOVING, finish_interrupted_save, staged_outputs
 
     out = str(tmp_path / "out")
     script = tmp_path / "save.py"
@@ -355,7 +356,7 @@ def test_a_save_killed_before_moving_leaves_the_old_set(tmp_path):
     assert _killed_at(str(script), [out, "old", "a,b"], 0, tmp_path).returncode == 0
     script.write_text(SAVE_SCRIPT.format(root=ROOT).replace('write(tag)', 'write(tag); os.kill(os.getpid(), 9)'))
     assert _killed_at(str(script), [out, "new", "a,b,c"], 0, tmp_path).returncode == -9
-    from config import locked_output_dir
+    from run_io import locked_output_dir
 
     with locked_output_dir(out):
         assert _result_files(out) == ["a", "b"] and {open(os.path.join(out, n)).read() for n in "ab"} == {"old"}
@@ -365,9 +366,9 @@ def test_a_save_killed_before_moving_leaves_the_old_set(tmp_path):
 @pytest.mark.slow
 def test_evaluate_killed_while_moving_its_results_leaves_one_run(tiny_adapter, demo_assets, tmp_path):
     import pandas as pd
-
     from conftest import ROOT
-    from config import MOVING, locked_output_dir
+
+    from run_io import MOVING, locked_output_dir
 
     out = str(tmp_path / "eval")
     common = ["--adapter", tiny_adapter[0], "--dataset", demo_assets[1], "--output_dir", out, "--bootstrap_samples", "10"]
@@ -390,8 +391,9 @@ def test_evaluate_killed_while_moving_its_results_leaves_one_run(tiny_adapter, d
 @pytest.mark.slow
 def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(tiny_adapter, tmp_path):
     from conftest import ROOT
-    from config import MOVING
+
     from model import check_adapter, load_lora_for_inference
+    from run_io import MOVING
 
     out, _ = _checkpoint_copy(tiny_adapter, tmp_path)
     argv = tiny_adapter[1] + ["--output_dir", out, "--seed", "8"]  # a new run (seed 8) into the old run's folder

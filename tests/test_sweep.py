@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_script
 
 import sweeps
-from config import UserError
 from metrics import mcnemar
-
-from conftest import ROOT, run_script
+from run_io import UserError
 
 DEMO_GRID = ["--demo", "--lora_r", "8,32", "--lora_target_modules", "query,value", "--seeds", "1,2"]  # r=32: the default
 

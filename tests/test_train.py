@@ -3,13 +3,15 @@ import os
 
 import pytest
 import torch
+from conftest import run_script
 
 import train
-from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES, UserError, run_main
-from data import SPECIES, UNKNOWN, breed_from_caption, load_image, load_splits, species_from_caption
-from model import generate_caption, load_base_model, load_lora_for_inference
-
-from conftest import run_script
+from breeds import SPECIES, UNKNOWN, breed_from_caption, species_from_caption
+from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES
+from data import load_image, load_splits
+from inference import generate_caption
+from model import load_base_model, load_lora_for_inference
+from run_io import UserError, run_main
 
 EXPECTED_FILES = ["adapter_model.safetensors", "adapter_config.json", "processor_config.json", "tokenizer_config.json",
                   "README.md", "run_config.json", "train_history.json", "training_curves.png"]

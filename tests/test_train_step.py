@@ -8,9 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from config import PetConfig, UserError
-from data import BREED_NAMES, NUM_BREEDS, CaptionCollator, caption_for, longest_caption_tokens
+import trainer
+from breeds import BREED_NAMES, NUM_BREEDS, caption_for
+from config import PetConfig
+from data import CaptionCollator, longest_caption_tokens
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
+from run_io import UserError
 
 TEMPLATE = PetConfig().caption_template
 
@@ -193,7 +196,7 @@ def eager_graphs_run(demo_assets, tmp_path_factory):
     """--cuda_graphs whose recording fails: every step eager, with the fixed padding (the reference)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "graphs_supported", lambda device: True)
-        mp.setattr(train, "record_graphs", _failing)
+        mp.setattr(trainer, "record_graphs", _failing)
         losses, adapter, _ = _graphs_run(demo_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True")
     return losses, adapter
 
@@ -215,8 +218,8 @@ def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, eag
         return lambda *args: replays.append([tuple(a.shape) for a in args]) or module(*args)
 
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(train, "record_graphs", stand_in)
-    with caplog.at_level("INFO", logger="train"):
+    monkeypatch.setattr(trainer, "record_graphs", stand_in)
+    with caplog.at_level("INFO", logger="trainer"):
         losses, adapter, result = _graphs_run(demo_assets, tmp_path / "graphs", "--cuda_graphs", "True")
     pad_to = result["trainer"].data_collator.pad_to
     assert pad_to == longest_caption_tokens(load_processor(demo_assets[0]).tokenizer, TEMPLATE)
@@ -251,7 +254,7 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
     batch it was recorded on whatever it is given (inputs): the first replayed step's self-check sees it, warns
     once naming both differences, and that step and all later ones are eager: the eager run's losses and
     adapter. The check's own forward passes leave the RNG (LoRA dropout) as it was."""
-    factor = 1 + 3 * train.GraphedLoss.TOLERANCE[torch.float32]
+    factor = 1 + 3 * trainer.GraphedLoss.TOLERANCE[torch.float32]
     replays = []
 
     def off(module, sample_args):
@@ -262,14 +265,14 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
         return replay
 
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(train, "record_graphs", off)
-    with caplog.at_level("INFO", logger="train"):
+    monkeypatch.setattr(trainer, "record_graphs", off)
+    with caplog.at_level("INFO", logger="trainer"):
         losses, adapter, _ = _graphs_run(demo_assets, tmp_path / "off", "--cuda_graphs", "True")
     warnings = _graph_warnings(caplog)
     assert len(warnings) == 1 and "self-check" in warnings[0] and "runs eagerly" in warnings[0], warnings
     diffs = re.search(r"loss ([\d.e+-]+), LoRA gradients ([\d.e+-]+); tolerance ([\d.e+-]+)", warnings[0])
     loss_diff, grad_diff, tolerance = map(float, diffs.groups())
-    assert tolerance == train.GraphedLoss.TOLERANCE[torch.float32]
+    assert tolerance == trainer.GraphedLoss.TOLERANCE[torch.float32]
     if wrong == "inputs":  # recorded on another batch of the same shapes: the gradients show it (the loss less so at step 1)
         assert grad_diff > 10 * tolerance
     else:
@@ -285,8 +288,8 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
 def test_the_failed_recording_warned_once(demo_assets, tmp_path, monkeypatch, caplog):
     """Recording that raises: exactly one warning, with the recorder's message, and no self-check."""
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(train, "record_graphs", _failing)
-    with caplog.at_level("INFO", logger="train"):
+    monkeypatch.setattr(trainer, "record_graphs", _failing)
+    with caplog.at_level("INFO", logger="trainer"):
         _graphs_run(demo_assets, tmp_path / "failed", "--cuda_graphs", "True", "--max_steps", "2")
     warnings = _graph_warnings(caplog)
     assert len(warnings) == 1 and "stream is capturing" in warnings[0] and "runs eagerly" in warnings[0]
@@ -294,11 +297,11 @@ def test_the_failed_recording_warned_once(demo_assets, tmp_path, monkeypatch, ca
 
 
 def test_relative_difference():
-    assert train.relative_difference(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
-    assert train.relative_difference(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) == pytest.approx(0.2)
-    assert train.relative_difference(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
-    assert train.relative_difference(torch.tensor([1e-3]), torch.tensor([0.0])) > 1e30  # any difference from zero fails
-    assert train.relative_difference(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert trainer.relative_difference(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert trainer.relative_difference(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) == pytest.approx(0.2)
+    assert trainer.relative_difference(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
+    assert trainer.relative_difference(torch.tensor([1e-3]), torch.tensor([0.0])) > 1e30  # any difference from zero fails
+    assert trainer.relative_difference(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
 def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatch):

@@ -1,0 +1,281 @@
+"""What every run does around its work: one-line errors, logging, the output-folder lock, staged outputs,
+the resolved config written next to them, and path predicates.
+"""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from urllib.parse import urlparse
+
+
+def is_local(name: str) -> bool:
+    """A local path (existing, or path-like) rather than a Hugging Face Hub id, which is "owner/name"."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of huggingface_hub's ~45 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_hint(what: str, name: str, flag: str) -> str:
+    return (
+        f"{what} {name!r} is not a local folder, not in the Hugging Face cache, and the Hub is unreachable. "
+        f"Pass {flag} /path/to/local/copy, or run with --demo to use the offline tiny model and synthetic data."
+    )
+
+
+def save_run_config(path: str, *configs) -> None:
+    """Write the resolved options and the command line next to a run's outputs."""
+    record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    for cfg in configs:
+        record[type(cfg).__name__] = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+
+
+# Disk and permission faults the user fixes outside the program: one line, not a traceback
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def setup_logging() -> None:
+    """Every script's log lines: level, logger name, message, from INFO up."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def join_cpu_processes() -> None:
+    """Under torchrun on CPUs, make the processes one (gloo) group; call before anything picks a device.
+
+    TrainingArguments (which sets up its devices while parsing) and accelerate's PartialState form a
+    group only when told they are on CPU; otherwise each process believes it is alone and does all the work.
+    """
+    import torch
+    from accelerate import PartialState
+
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        PartialState(cpu=True)
+
+
+def run_main(main) -> None:
+    """Entry-point wrapper: a UserError (or a full disk, a read-only folder) becomes one line on stderr, exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {os.strerror(e.errno)}{where}: free some space or pick a writable --output_dir", file=sys.stderr)
+        sys.exit(2)
+
+
+def same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def same_source(a, b) -> bool:
+    """The same model or data set: the same name, or two existing paths to the same place."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+                      and same_path(a, b))
+
+
+def inside(path: str, folder: str) -> bool:
+    """True when `path` is `folder` or lies below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+_HELD_LOCKS = set()  # descriptors of the lock files this process holds (exclusive_lock)
+
+
+def _drop_held_locks_in_child():
+    """In a forked child (a DataLoader worker): close the parent's lock files.
+
+    A flock lock belongs to the open file, which fork shares: a worker that outlived its killed
+    parent would hold the run's lock until it noticed, seconds later. The parent keeps its lock.
+    """
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N' from a lock file its holder wrote, else 'another process' (one that has not written yet)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+@contextmanager
+def exclusive_lock(path: str, busy):
+    """Hold an exclusive flock on `path`, with this process's pid written in it, for the block.
+
+    The kernel releases it when the process ends, even killed, so a stale lock never blocks, and
+    forked children do not hold it. When another process holds it, `busy(holder)` is called with
+    'pid N': it raises to refuse, or returns to wait for the lock.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy(_lock_holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
+
+
+@contextmanager
+def locked_output_dir(out: str):
+    """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
+
+    The lock is out/.lock (exclusive_lock). Under the lock, a save that was killed while moving its
+    files into place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
+    os.makedirs(out, exist_ok=True)
+
+    def refuse(holder):
+        raise UserError(f"another run is writing to {out!r} ({holder}); wait for it or pass another --output_dir")
+
+    with exclusive_lock(os.path.join(out, ".lock"), refuse):
+        _finish_move(out)
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            if name.startswith(".saving-") and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".saving-"):
+                os.remove(path)
+        yield out
+
+
+# A save's file names, so that the next save removes what it no longer writes (a rerun with fewer figures)
+OUTPUT_SET = ".output_set.json"
+# Present while a save moves its files into place: a folder holding it is a mix of two runs until _finish_move
+MOVING = ".moving.json"
+
+
+@contextmanager
+def staged_outputs(out: str, last: tuple = ()):
+    """Yield a temporary folder inside `out`; when the block succeeds, its files replace the previous set in `out`.
+
+    The folder holds one run's complete set of files, never a mix. A full disk or a kill while
+    writing leaves the previous set untouched (and a `.saving-*` folder that the next locked run
+    removes). Moving the files in is one rename each, so first the plan (the new names, the old
+    ones to remove) is written to out/.moving.json; a kill while moving leaves it, and whatever
+    next opens the folder (locked_output_dir, finish_interrupted_save) completes the move before
+    reading or writing anything: the folder is then all new. Files named in `last` move last.
+    Other files in `out` (checkpoints, the lock) are not part of the set and stay.
+    """
+    _finish_move(out)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp), key=lambda n: n in last)
+        stale = [n for n in _read_names(os.path.join(out, OUTPUT_SET)) if n not in names]
+        _write_json(os.path.join(out, MOVING), {"staging": os.path.basename(tmp), "files": names, "stale": stale})
+        _finish_move(out)
+    finally:
+        if not os.path.exists(os.path.join(out, MOVING)):  # an interrupted move keeps its files for _finish_move
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_interrupted_save(folder: str) -> None:
+    """Complete a save into `folder` that was killed while moving its files in, so a reader sees one whole set."""
+    if os.path.exists(os.path.join(folder, MOVING)):
+        with locked_output_dir(folder):  # completes it under the lock; a save running now gets the one line
+            pass
+
+
+def _finish_move(out: str) -> None:
+    """Carry out out/.moving.json, if a save left one: every staged file moved in, the stale ones removed."""
+    path = os.path.join(out, MOVING)
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+        staging = os.path.join(out, _plain_name(plan["staging"], ".saving-"))
+        files, stale = [_plain_name(n) for n in plan["files"]], [_plain_name(n) for n in plan["stale"]]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
+                        f"the files in {out!r} may come from two runs: delete it and run again") from None
+    for name in files:
+        source, target = os.path.join(staging, name), os.path.join(out, name)
+        if not os.path.lexists(source):  # moved before the interruption
+            continue
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(source, target)
+    for name in stale:
+        target = os.path.join(out, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+    _write_json(os.path.join(out, OUTPUT_SET), files)
+    os.remove(path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plain_name(name, prefix: str = "") -> str:
+    """`name` if it is a file name in the folder itself (the plan is a file someone could edit), else ValueError."""
+    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or not name.startswith(prefix):
+        raise ValueError(f"{name!r} is not a plain file name")
+    return name
+
+
+def _read_names(path: str) -> list:
+    """The names in an OUTPUT_SET file; [] when there is none or it cannot be read (then nothing is removed)."""
+    try:
+        with open(path) as f:
+            return [_plain_name(n) for n in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _write_json(path: str, value) -> None:
+    """Write JSON complete or not at all (temporary file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".json", dir=os.path.dirname(path) or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+class UserError(Exception):
+    """A problem the user can fix; entry scripts print it as one line and exit 2."""
