@@ -311,8 +311,8 @@ def main(argv=None):
     cfg.model_name_or_path = base_model_for(cfg, args.adapter)
     cfg.dataset = data_for(cfg, args.adapter)
     if cfg.demo and pick_device().type == "cpu":
-        # The tiny model's matrices are too small to split between threads; on a busy 2-core CPU the
-        # threads waiting for each other made a request 0.2 s -> 2.6-6 s (median of 10, load ~7)
+        # The tiny model's matrices are too small to split between threads: on a busy CPU the threads
+        # would mostly wait for each other
         torch.set_num_threads(1)
     captioner = PetCaptioner(cfg, args)
     examples = write_examples(cfg, args)

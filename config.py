@@ -99,7 +99,7 @@ class TrainConfig(TrainingArguments):
     embedding_cache_dtype: Literal["float16", "float32"] = field(default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"})
     cuda_graphs: bool = field(default=False, metadata={"help": "on one CUDA GPU, run the training step's forward and backward "
                                                                "as CUDA graphs (no compilation; the first replay is checked against an "
-                                                               "eager step, eager steps if it differs; not yet measured, see README)"})
+                                                               "eager step, eager steps if it differs)"})
 
 
 # The demo trains the real recipe with its own schedule only (216 training images, 14 steps an epoch, 2 CPU cores)

@@ -60,7 +60,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
         if dtype not in ("float16", "float32"):  # the command line offers only these (config.TrainConfig)
             raise ValueError(f"embedding cache dtype must be float16 or float32, not {dtype!r}")
-        # v2: content keys (v1 keyed by path, size and mtime)
+        # the layout's version in the folder name: a cache of another layout is never read
         self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}-v2")
         self.dtype = dtype
         self.index_path = os.path.join(self.dir, "index.json")

@@ -148,7 +148,9 @@ def summarise(per_image: list) -> dict:
     for m in MODELS:
         rows = [r[m] for r in per_image if r[m].get("pet_attention_share") is not None]
         kinds = [r[m]["subject_kind"] or "none" for r in per_image if r["has_trimap"]]
-        mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
+        def mean(key, rows=rows):
+            return float(np.mean([r[key] for r in rows])) if rows else None
+
         summary[m] = {
             "images_with_trimap": sum(r["has_trimap"] for r in per_image),
             "images_scored": len(rows),

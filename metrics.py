@@ -124,6 +124,11 @@ class Metrics:
     models: dict  # MODELS name -> ModelMetrics
 
 
+def breeds_named(captions: list) -> np.ndarray:
+    """The breed each caption names (class index, UNKNOWN for none): what every breed accuracy here counts."""
+    return np.array([breed_from_caption(c) for c in captions], dtype=int)
+
+
 def model_metrics(labels, captions, scores, template, samples, seed, candidate_tokens=None) -> ModelMetrics:
     """Every number for one model: caption accuracy, species, unknown share, ranking, per breed, BLEU, ROUGE-L.
 
@@ -132,7 +137,7 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
     model is unsure (the tiny demo model spreads its probability thinly over the vocabulary).
     """
     labels = np.asarray(labels)
-    pred = np.array([breed_from_caption(c) for c in captions], dtype=int)
+    pred = breeds_named(captions)
     correct = pred == labels
     species_ok = np.array([species_from_caption(c) == SPECIES[t] for c, t in zip(captions, labels)])
     order = np.argsort(-scores, axis=1, kind="stable")

@@ -4,12 +4,15 @@ import copy
 import json
 import logging
 import os
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 from transformers import BertTokenizer, BlipForConditionalGeneration, BlipProcessor
 from transformers.models.blip import BlipImageProcessorPil
 from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditionalGenerationModelOutput
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 from run_io import UserError, finish_interrupted_save, hub_reachable, is_local, offline_hint
 
@@ -43,7 +46,7 @@ def load_processor(name_or_path: str) -> BlipProcessor:
     return BlipProcessor(image_processor, tokenizer)
 
 
-def add_decoder_tokens(tokenizer) -> None:
+def add_decoder_tokens(tokenizer: BertTokenizer) -> None:
     """Teach a plain BERT tokenizer BLIP's [DEC] (bos) and [ENC] tokens, as original BLIP does in code.
 
     The checkpoint's tokenizer files have neither (30,522 entries, no bos); its model has 30,524
@@ -92,8 +95,7 @@ class BlipVisionSdpaAttention(BlipAttention):
     """BLIP's vision self-attention through torch.nn.functional.scaled_dot_product_attention.
 
     transformers has no SDPA path for BLIP. Same weights and, in fp32, the same outputs as eager
-    (max difference ~4e-6 on the base-sized encoder); the encoder runs 1.2-1.4x faster on a
-    2-core CPU (benchmarks/bench.py, "vision encoder" row). Asked for attention weights
+    (to rounding); a faster encoder (benchmarks/bench.py, "vision encoder" row). Asked for attention weights
     (output_attentions=True) it falls back to the eager computation, which returns them.
     """
 
@@ -107,7 +109,7 @@ class BlipVisionSdpaAttention(BlipAttention):
         return self.projection(context.transpose(1, 2).reshape(bsz, length, dim)), None
 
 
-def set_vision_attention(model, implementation: str = "sdpa"):
+def set_vision_attention(model: BlipForConditionalGeneration, implementation: str = "sdpa") -> BlipForConditionalGeneration:
     """Switch every BLIP vision self-attention in `model` between "sdpa" and "eager" (same weights)."""
     cls = {"sdpa": BlipVisionSdpaAttention, "eager": BlipAttention}[implementation]
     for module in model.modules():
@@ -147,7 +149,7 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
 
 
 @torch.no_grad()
-def check_finite_model(model, what: str, fix: str) -> None:
+def check_finite_model(model: torch.nn.Module, what: str, fix: str) -> None:
     """UserError unless every weight of `model` and its output on a probe input are finite numbers.
 
     Both, because each misses what the other finds: a NaN in an embedding row the probe never
@@ -169,7 +171,8 @@ def check_finite_model(model, what: str, fix: str) -> None:
         raise UserError(f"{what} computes NaN or infinite outputs in {str(param.dtype).replace('torch.', '')}; {fix}{half}")
 
 
-def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05, target_modules="query,value"):
+def create_lora_model(model: BlipForPetCaptioning, r: int = 32, alpha: int = 64, dropout: float = 0.05,
+                      target_modules: str = "query,value") -> "PeftModel":
     """Wrap `model` with LoRA adapters; task_type stays unset (CAUSAL_LM breaks BLIP's forward)."""
     from peft import LoraConfig, get_peft_model
 
@@ -182,13 +185,12 @@ def create_lora_model(model, r: int = 32, alpha: int = 64, dropout: float = 0.05
     return get_peft_model(model, config)
 
 
-def cast_frozen_linears(model, dtype: torch.dtype) -> int:
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store the frozen weights and biases of `model`'s nn.Linear layers in `dtype`, autocast's; returns how many tensors.
 
     Under autocast every Linear casts its fp32 weight and bias to bf16/fp16 on each call, and
     autocast keeps the cast only for leaf tensors that require grad: the frozen base weights are
-    cast again at every step (242 of the ~1,075 casts of a base-sized LoRA step, each a kernel
-    launch in a launch-bound step). Stored in that dtype already, autocast leaves them alone. `.to` rounds as autocast's
+    cast again at every step, each cast a kernel launch in a launch-bound step. Stored in that dtype already, autocast leaves them alone. `.to` rounds as autocast's
     cast does, so under the same autocast the loss and gradients are bitwise unchanged.
     Left in fp32: anything trainable and LoRA's A/B (the optimizer and fp16's GradScaler need
     fp32 parameters), LayerNorms and embeddings (autocast runs them in fp32, so casting would
@@ -214,7 +216,7 @@ def cast_frozen_linears(model, dtype: torch.dtype) -> int:
     return cast
 
 
-def save_adapter(model, out_dir: str) -> None:
+def save_adapter(model: "PeftModel", out_dir: str) -> None:
     """PEFT's save_pretrained, with adapter_config.json naming transformers' own BLIP class.
 
     PEFT records the wrapped model's class in `auto_mapping`; ours is BlipForPetCaptioning from
@@ -233,7 +235,8 @@ def save_adapter(model, out_dir: str) -> None:
 
 
 def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, merge: bool = True,
-                            dtype: torch.dtype = torch.float32, device="cpu", loaded_base=None):
+                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                            loaded_base: Optional[BlipForPetCaptioning] = None) -> tuple:
     """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False.
 
     loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
@@ -268,7 +271,7 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     return model, processor
 
 
-def check_loaded_keys(peft_model, adapter_dir: str, fix: str = "re-save or re-train it") -> None:
+def check_loaded_keys(peft_model: "PeftModel", adapter_dir: str, fix: str = "re-save or re-train it") -> None:
     """UserError unless the adapter file's tensors are exactly the LoRA weights of `peft_model`, in their shapes.
 
     PEFT loads non-strictly: weights under other module names (or target_modules that match other
@@ -301,7 +304,7 @@ def check_loaded_keys(peft_model, adapter_dir: str, fix: str = "re-save or re-tr
 # Inference
 
 
-def has_vision_lora(model) -> bool:
+def has_vision_lora(model: torch.nn.Module) -> bool:
     return any("vision_model" in n and "lora_" in n for n, _ in model.named_parameters())
 
 
@@ -346,7 +349,7 @@ def check_adapter(adapter_dir: str) -> dict:
     return config
 
 
-def same_vision_encoder(a, b) -> bool:
+def same_vision_encoder(a: BlipForConditionalGeneration, b: BlipForConditionalGeneration) -> bool:
     """True when two BLIP models have identical vision encoders, so image embeddings can be shared."""
     pa, pb = dict(a.vision_model.named_parameters()), dict(b.vision_model.named_parameters())
     return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
@@ -365,7 +368,7 @@ class ModelPair(NamedTuple):
         return {"zero_shot": self.zero_shot, "fine_tuned": self.fine_tuned}
 
 
-def load_model_pair(base_name: str, adapter_dir: str, device, dtype: torch.dtype) -> ModelPair:
+def load_model_pair(base_name: str, adapter_dir: str, device: str | torch.device, dtype: torch.dtype) -> ModelPair:
     """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device."""
     zero_shot = load_base_model(base_name, dtype=dtype)
     fine_tuned, processor = load_lora_for_inference(adapter_dir, base_model=base_name, dtype=dtype, device=device,
@@ -374,7 +377,7 @@ def load_model_pair(base_name: str, adapter_dir: str, device, dtype: torch.dtype
     return ModelPair(zero_shot, fine_tuned, processor, same_vision_encoder(zero_shot, fine_tuned))
 
 
-def check_fits(model, processor, source: str) -> None:
+def check_fits(model: BlipForConditionalGeneration, processor: BlipProcessor, source: str) -> None:
     """UserError when the processor from `source` (a model or adapter folder) does not fit `model`.
 
     Checks the vocabulary, the image size and the decoder's start token: training writes the

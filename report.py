@@ -41,8 +41,12 @@ def key_table(metrics: dict) -> list:
 def predictions_frame(predictions: Predictions, metrics: Metrics):
     import pandas as pd
 
-    top5 = lambda order: ["|".join(BREED_NAMES[b] for b in row[:5]) for row in order]
-    name = lambda xs: [LABELS[x] for x in xs]  # UNKNOWN (-1) -> "unknown"
+    def top5(order):
+        return ["|".join(BREED_NAMES[b] for b in row[:5]) for row in order]
+
+    def name(labels):
+        return [LABELS[x] for x in labels]  # UNKNOWN (-1) -> "unknown"
+
     return pd.DataFrame({
         "image_id": predictions.image_id,
         "true_breed": name(predictions.label),
@@ -92,7 +96,7 @@ def plot_confusion(matrix, title: str, path: str) -> None:
     mesh = sns.heatmap(matrix, cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
                        linewidths=0.3, linecolor="#eeeeee", ax=ax).collections[0]
     # Counts written only where there are any, in seaborn's contrasting colour: its own annotation
-    # makes a text for each of the 1,444 cells, empty ones too, which took 1 of the figure's 1.4 s
+    # makes a text for each of the 1,444 cells, empty ones too, most of the figure's time
     for row, col in zip(*np.nonzero(matrix)):
         dark = relative_luminance(mesh.cmap(mesh.norm(matrix[row, col]))) <= 0.408
         ax.text(col + 0.5, row + 0.5, str(matrix[row, col]), ha="center", va="center", fontsize=7,
@@ -267,7 +271,10 @@ Every wrong prediction is in `failures.csv`; every image in `predictions.csv`.
 def print_summary(metrics: Metrics, out: str) -> None:
     table = [("metric", "zero-shot", "fine-tuned")] + key_table(metrics)
     widths = [max(len(r[i]) for r in table) for i in range(3)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+
+    def line(row):
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths))
+
     print(f"\nEvaluation on {metrics.numbers['num_samples']} images")
     print(line(table[0]))
     print("  ".join("-" * w for w in widths))

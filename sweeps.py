@@ -556,7 +556,10 @@ def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> No
     if metrics is None:
         raise UserError(f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)")
     here = os.path.dirname(os.path.abspath(path))
-    link = lambda p: os.path.relpath(os.path.abspath(p), here)
+
+    def link(p):
+        return os.path.relpath(os.path.abspath(p), here)
+
     zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
     rows = [f"| zero-shot BLIP, caption names the breed | {_ci(zs['breed_accuracy'], zs['breed_accuracy_ci95'])} |",
             f"| zero-shot BLIP, likelihood ranking top-1 | {_ci(zs['likelihood_top1'], zs['likelihood_top1_ci95'])} |",

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import torch
-from transformers import set_seed
+from transformers import BlipProcessor, set_seed
 
 from config import BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, check_seed, parse_config
 from data import CaptionCollator, PetCaptionDataset, load_splits, longest_caption_tokens, report_bad_images, subsample
@@ -48,7 +49,7 @@ from trainer import PetTrainer, autocast, autocast_dtype, check_checkpoint, fits
 logger = logging.getLogger("train")
 
 
-def parse_args(argv=None):
+def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
     join_cpu_processes()  # TrainingArguments sets up its devices while parsing
     cfg, args = parse_config((PetConfig, TrainConfig), argv, DEMO_TRAIN_OVERRIDES)
     if cfg.demo:
@@ -75,7 +76,7 @@ def parse_args(argv=None):
     return cfg, args
 
 
-def check_train_options(cfg, args) -> None:
+def check_train_options(cfg: PetConfig, args: TrainConfig) -> None:
     """train.py's own options, before anything heavy loads: one UserError line each."""
     if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
         raise UserError("batch sizes must be at least 1")
@@ -108,7 +109,7 @@ def check_train_options(cfg, args) -> None:
                         f"{cfg.model_name_or_path!r}; pass another folder")
 
 
-def check_report_to(report_to) -> None:
+def check_report_to(report_to: str | list | None) -> None:
     """--report_to names integrations that are installed: Trainer would fail only after the data and model load."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
@@ -150,13 +151,13 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
     plt.close(fig)
 
 
-def best_metric_name(args) -> str:
+def best_metric_name(args: TrainConfig) -> str:
     """What state.best_metric measures: "validation breed accuracy" by default, else --metric_for_best_model's."""
     metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
     return f"validation {metric.replace('_', ' ')}"
 
 
-def card_metadata(cfg, args, best) -> str:
+def card_metadata(cfg: PetConfig, args: TrainConfig, best: dict) -> str:
     """The model card's YAML header in the Hub's format (huggingface_hub.ModelCardData)."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -173,7 +174,8 @@ def card_metadata(cfg, args, best) -> str:
     return data.to_yaml()
 
 
-def write_model_card(path, cfg, args, splits, history, best, trainable, state):
+def write_model_card(path: str, cfg: PetConfig, args: TrainConfig, splits: dict, history: dict, best: dict,
+                     trainable: int, state: dict) -> None:
     rows = "\n".join(
         f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', float('nan')):.4f} | {e.get('breed_accuracy', float('nan')):.3f} |"
         for e in history["validation"]
@@ -228,7 +230,7 @@ print(captioner(Image.open("pet.jpg"), text="", max_new_tokens=30)[0]["generated
         f.write(card)
 
 
-def make_datasets(model, processor, splits, cfg, args):
+def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig, args: TrainConfig) -> tuple:
     """Training and validation datasets: from cached image embeddings when the encoder is frozen, else pixels."""
     if args.use_embedding_cache and has_vision_lora(model):
         logger.info("LoRA targets the vision encoder: image embeddings change during training, so they are not cached")
@@ -257,7 +259,7 @@ def make_datasets(model, processor, splits, cfg, args):
             PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False))
 
 
-def log_timing(timing: dict, trainer, args) -> None:
+def log_timing(timing: dict, trainer: PetTrainer, args: TrainConfig) -> None:
     """One `timing: {json}` log line: where the run's seconds went (benchmarks/gpu_recipe.sh reads it)."""
     now = time.perf_counter()
     loop = timing["trained"] - timing["cached"] - trainer.seconds_outside_loop
@@ -269,7 +271,7 @@ def log_timing(timing: dict, trainer, args) -> None:
     logger.info("timing: %s", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
 
 
-def main(argv=None):
+def main(argv: Optional[list] = None) -> dict:
     setup_logging()
     cfg, args = parse_args(argv)
     set_seed(args.seed)

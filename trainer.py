@@ -10,11 +10,12 @@ import pickle
 import re
 import time
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from breeds import breed_from_caption
 from inference import captions_from_embeddings, image_embeddings
+from metrics import breeds_named
 from model import (
     check_loaded_keys,
 )
@@ -124,7 +125,7 @@ class PetTrainer(Trainer):
                 else:
                     embeds = image_embeddings(model, batch["pixel_values"].to(self.args.device))
                 captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
-            correct += sum(breed_from_caption(c) == t for c, t in zip(captions, truth))
+            correct += int((breeds_named(captions) == np.asarray(truth)).sum())
             total += len(truth)
         if world > 1:
             counts = torch.tensor([correct, total], dtype=torch.float64, device=self.args.device)
@@ -162,8 +163,8 @@ def record_graphs(module, sample_args):
 class GraphedLoss:
     """--cuda_graphs: the training loss's forward and backward each replayed as one CUDA graph.
 
-    On a GPU the eager step is launch-bound: ~1,760 kernel launches from Python for 10.6 ms of GPU
-    work (H100, batch 16). torch.cuda.make_graphed_callables records the forward and the backward
+    On a GPU the eager step is launch-bound (thousands of small kernels launched from Python; the
+    profile is in benchmarks/README.md). torch.cuda.make_graphed_callables records the forward and the backward
     once, on the first batch (after three warm-up passes that leave the gradients alone), and
     replays each as a single launch; no compilation, unlike torch.compile. Batches of another shape
     (the epoch's last, partial one) run eagerly; the collator pads every batch to one length. The
@@ -177,13 +178,9 @@ class GraphedLoss:
     KEYS = ("image_embeds", "input_ids", "attention_mask", "labels")
     # Relative difference allowed between the first replay and an eager step, for the loss and for the
     # LoRA gradients (as one vector), by autocast dtype. Replay and eager run the same kernels, so they
-    # can differ only by rounding (another reduction order, another cuBLAS algorithm). Measured on the
-    # CPU at the first LoRA step of the base-sized decoder (benchmarks/graph_check_tolerance.py,
-    # results/cpu-2cores-graph-check.json): the batch reordered moves the gradients by 4e-6 in bf16
-    # (2e-7 in fp32); bf16 against fp32, every rounding at bf16's size, the most rounding can do, by
-    # 8.2e-3; one other LoRA dropout mask (p=0.05) by 0.09. bf16's bound sits 3.7x above that rounding
-    # gap and 3x below that mask error. fp16 rounds 8x finer (3 more mantissa bits); fp32 gets fp16's
-    # bound as well, since with --tf32 its matmuls keep 10 mantissa bits, as fp16 does.
+    # can differ only by rounding; each bound sits between the most rounding can do and what one other
+    # dropout mask does (benchmarks/graph_check_tolerance.py; the figures are in benchmarks/results/README.md).
+    # fp32 gets fp16's bound: with --tf32 its matmuls keep 10 mantissa bits, as fp16 does.
     TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 
     def __init__(self, model, dtype):

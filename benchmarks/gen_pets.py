@@ -31,10 +31,10 @@ if __name__ == "__main__":
             os.replace(f"{part}/annotations/trimaps/{f}", f"{root}/annotations/trimaps/{f}")
         for name in lists:
             lines = open(f"{part}/annotations/{name}").read().splitlines()
-            lists[name] += [l for l in lines if l and (not l.startswith("#") or (name == "list.txt" and part == parts[0]))]
+            lists[name] += [line for line in lines if line and (not line.startswith("#") or (name == "list.txt" and part == parts[0]))]
     for name, lines in lists.items():
-        hdr = [l for l in lines if l.startswith("#")]
-        body = [l for l in lines if not l.startswith("#")]
+        hdr = [line for line in lines if line.startswith("#")]
+        body = [line for line in lines if not line.startswith("#")]
         open(f"{root}/annotations/{name}", "w").write("\n".join(hdr + body) + "\n")
     shutil.rmtree(f"{root}.parts")
     print("pets:", len(lists["trainval.txt"]), "trainval,", len(lists["test.txt"]), "test, size", size)

@@ -103,7 +103,7 @@ def test_handler_fills_every_output(captioner, test_images):
     values = app.handle(captioner, path)
     assert len(values) == 1 + 4 * 2
     assert values[0].startswith("Answered in") and "embedded once" in values[0]
-    for k, key in enumerate(app.MODELS):
+    for k in range(len(app.MODELS)):
         caption, breed, top, heatmap = values[1 + 4 * k:5 + 4 * k]
         assert caption and isinstance(breed, str)
         bars = top["value"]
