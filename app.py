@@ -45,7 +45,7 @@ from devices import pick_device, pick_dtype
 from inference import breed_candidates, embeddings_per_model, rank_breeds
 from metrics import MODELS
 from model import check_adapter, load_model_pair
-from run_io import UserError, inside, run_main, same_path, save_run_config, setup_logging
+from run_io import UserError, check_output_dir, inside, run_main, save_run_config, setup_logging
 
 logger = logging.getLogger("app")
 
@@ -136,11 +136,7 @@ def parse_args(argv=None):
         raise UserError(f"--port must be 0-65535 (0 picks a free port), not {args.port}")
     if args.num_examples < 0:
         raise UserError("--num_examples must be 0 or more")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
-    if same_path(args.output_dir, args.adapter):
-        raise UserError(f"--output_dir {args.output_dir!r} is the adapter folder; its run_config.json would be overwritten: "
-                        "pass another folder")
+    check_output_dir(args.output_dir, args.adapter)
     check_seed(args.seed)
     if not cfg.demo:  # the demo trains its adapter first when it is missing (main)
         check_adapter(args.adapter)

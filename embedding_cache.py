@@ -19,7 +19,7 @@ import torch
 from breeds import caption_for
 from data import Record, pixel_batches
 from devices import device_setting
-from run_io import exclusive_lock
+from run_io import exclusive_lock, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EmbeddingCache:
     chunk file (N, tokens, hidden) holding only the images not cached yet. Unreadable images are
     recorded in `bad` and never cached.
 
-    Several runs may share the folder: a build holds an exclusive lock (config.exclusive_lock on
+    Several runs may share the folder: a build holds an exclusive lock (run_io.exclusive_lock on
     .lock) while it re-reads the index, removes what killed builds left, encodes what is missing
     and writes a uniquely named chunk and the new index, each complete or absent (temporary file +
     rename). A corrupt index or chunk is dropped with a warning and its images are encoded again.
@@ -195,10 +195,7 @@ class EmbeddingCache:
             return 0
         os.replace(tmp_chunk, os.path.join(self.dir, chunk))  # complete or absent
         self.index.update({key: [chunk, row] for key, row in rows.items()})
-        fd, tmp_index = tempfile.mkstemp(prefix=".index-", suffix=".json.tmp", dir=self.dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.index, f)
-        os.replace(tmp_index, self.index_path)
+        write_json_atomic(self.index_path, self.index, prefix=".index-", suffix=".json.tmp")
         return len(rows)
 
     def chunk(self, name: str) -> np.ndarray:

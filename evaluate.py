@@ -40,10 +40,10 @@ from model import check_adapter, load_model_pair
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
 from run_io import (
     UserError,
+    check_output_dir,
     join_cpu_processes,
     locked_output_dir,
     run_main,
-    same_path,
     same_source,
     save_run_config,
     setup_logging,
@@ -62,10 +62,7 @@ def parse_args(argv=None):
         raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
     check_seed(args.seed)
     check_clip_option(args.clip_model)
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
-    if os.path.isdir(args.adapter) and same_path(args.output_dir, args.adapter):
-        raise UserError(f"--output_dir {args.output_dir!r} is the adapter folder; its files would be overwritten: pass another folder")
+    check_output_dir(args.output_dir, args.adapter)
     adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
     if cfg.demo:
         use_demo_assets(cfg)

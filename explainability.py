@@ -41,7 +41,15 @@ from inference import embeddings_per_model
 from metrics import MODELS, display
 from model import check_adapter, load_model_pair
 from report import pyplot
-from run_io import UserError, locked_output_dir, run_main, same_path, save_run_config, setup_logging, staged_outputs
+from run_io import (
+    UserError,
+    check_output_dir,
+    locked_output_dir,
+    run_main,
+    save_run_config,
+    setup_logging,
+    staged_outputs,
+)
 
 logger = logging.getLogger("explain")
 
@@ -65,10 +73,7 @@ def parse_args(argv=None):
         ex.num_images = 0 if ex.image else 8
     if ex.num_images < 0:
         raise UserError("--num_images must be 0 or more")
-    if os.path.isfile(ex.output_dir):
-        raise UserError(f"--output_dir {ex.output_dir!r} is a file; pass a folder")
-    if os.path.isdir(ex.adapter) and same_path(ex.output_dir, ex.adapter):
-        raise UserError(f"--output_dir {ex.output_dir!r} is the adapter folder; its files would be overwritten: pass another folder")
+    check_output_dir(ex.output_dir, ex.adapter)
     check_seed(ex.seed)
     parse_layers(ex.layers)  # fail before loading anything
     check_adapter(ex.adapter)

@@ -53,6 +53,14 @@ def save_run_config(path: str, *configs) -> None:
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def check_output_dir(out: str, adapter: str = None) -> None:
+    """UserError when --output_dir is a file, or is the adapter folder (whose files the outputs would overwrite)."""
+    if os.path.isfile(out):
+        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
+    if adapter is not None and same_path(out, adapter):
+        raise UserError(f"--output_dir {out!r} is the adapter folder; its files would be overwritten: pass another folder")
+
+
 def setup_logging() -> None:
     """Every script's log lines: level, logger name, message, from INFO up."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -166,8 +174,7 @@ def locked_output_dir(out: str):
     The lock is out/.lock (exclusive_lock). Under the lock, a save that was killed while moving its
     files into place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_dir {out!r} is a file; pass a folder")
+    check_output_dir(out)
     os.makedirs(out, exist_ok=True)
 
     def refuse(holder):
@@ -208,7 +215,7 @@ def staged_outputs(out: str, last: tuple = ()):
         yield tmp
         names = sorted(os.listdir(tmp), key=lambda n: n in last)
         stale = [n for n in _read_names(os.path.join(out, OUTPUT_SET)) if n not in names]
-        _write_json(os.path.join(out, MOVING), {"staging": os.path.basename(tmp), "files": names, "stale": stale})
+        write_json_atomic(os.path.join(out, MOVING), {"staging": os.path.basename(tmp), "files": names, "stale": stale})
         _finish_move(out)
     finally:
         if not os.path.exists(os.path.join(out, MOVING)):  # an interrupted move keeps its files for _finish_move
@@ -248,7 +255,7 @@ def _finish_move(out: str) -> None:
             shutil.rmtree(target)
         elif os.path.lexists(target):
             os.remove(target)
-    _write_json(os.path.join(out, OUTPUT_SET), files)
+    write_json_atomic(os.path.join(out, OUTPUT_SET), files)
     os.remove(path)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -269,11 +276,12 @@ def _read_names(path: str) -> list:
         return []
 
 
-def _write_json(path: str, value) -> None:
-    """Write JSON complete or not at all (temporary file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".json", dir=os.path.dirname(path) or ".")
+def write_json_atomic(path: str, value, prefix: str = ".saving-", suffix: str = ".json", indent=None) -> None:
+    """Write JSON complete or not at all: a temporary file (prefix...suffix, in the same folder), then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(path) or ".")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
     with os.fdopen(fd, "w") as f:
-        json.dump(value, f)
+        json.dump(value, f, indent=indent, default=str)
     os.replace(tmp, path)
 
 

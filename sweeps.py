@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,7 +37,7 @@ import numpy as np
 
 from config import DEMO_OVERRIDES, PetConfig, check_seed
 from report import pyplot
-from run_io import UserError, locked_output_dir, save_run_config, setup_logging
+from run_io import UserError, check_output_dir, locked_output_dir, save_run_config, setup_logging, write_json_atomic
 
 logger = logging.getLogger("sweep")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -206,6 +205,11 @@ def plan(cfg: SweepConfig, grid: Grid) -> list:
             for s in grid.settings for seed in grid.seeds]
 
 
+def write_json(path: str, data) -> None:
+    """Complete or absent (shards of a job array may write at once), indented for people to read."""
+    write_json_atomic(path, data, prefix=".tmp-", suffix="", indent=2)
+
+
 def _read(path: str):
     try:
         with open(path) as f:
@@ -214,21 +218,11 @@ def _read(path: str):
         return None
 
 
-def _write_json(path: str, data) -> None:
-    """Complete or absent: a temporary file renamed into place (shards of a job array may write at once)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from the group that shares the sweep
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def check_sweep_folder(cfg: SweepConfig, grid: Grid) -> None:
     """Claim --output_dir for this sweep, or UserError when it holds another sweep's runs (or other files)."""
     identity = {"demo": cfg.demo, "train_args": grid.train_args, "eval_args": grid.eval_args}
     path = os.path.join(cfg.output_dir, SWEEP_FILE)
-    if os.path.isfile(cfg.output_dir):
-        raise UserError(f"--output_dir {cfg.output_dir!r} is a file; pass a folder")
+    check_output_dir(cfg.output_dir)
     saved = _read(path)
     if os.path.exists(path) and saved is None:
         raise UserError(f"{path} is unreadable; remove it, or pass another --output_dir")
@@ -240,7 +234,7 @@ def check_sweep_folder(cfg: SweepConfig, grid: Grid) -> None:
             raise UserError(f"--output_dir {cfg.output_dir!r} holds other files ({', '.join(sorted(others)[:3])}), "
                             "not a sweep; pass an empty or new folder")
         os.makedirs(cfg.output_dir, exist_ok=True)
-        _write_json(path, identity)
+        write_json(path, identity)
         return
     differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in identity.items() if saved.get(k) != v]
     if differ:
@@ -313,7 +307,7 @@ class Runner:
         with locked_output_dir(run.folder):
             for sub in ("adapter", "eval"):  # an unfinished run starts again from scratch
                 shutil.rmtree(os.path.join(run.folder, sub), ignore_errors=True)
-            _write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
+            write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
             commands = run.commands(self.cfg, self.grid)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if slot is not None:
@@ -459,7 +453,7 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
 
 def write_summary(cfg: SweepConfig, summary: dict) -> None:
     out = cfg.output_dir
-    _write_json(os.path.join(out, "sweep.json"), summary)
+    write_json(os.path.join(out, "sweep.json"), summary)
     plot_sweep(summary, os.path.join(out, "sweep.png"))
     tmp = os.path.join(out, ".sweep.md.tmp")
     with open(tmp, "w") as f:

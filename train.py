@@ -35,6 +35,7 @@ from model import (
 from report import pyplot
 from run_io import (
     UserError,
+    check_output_dir,
     inside,
     is_local,
     join_cpu_processes,
@@ -101,8 +102,7 @@ def check_train_options(cfg: PetConfig, args: TrainConfig) -> None:
             # the gradients autograd hands over live in the graph's buffers, which the next replay overwrites
             raise UserError("--cuda_graphs cannot accumulate gradients: use a larger --per_device_train_batch_size "
                             "instead of --gradient_accumulation_steps, or leave --cuda_graphs off")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir!r} is a file; pass a folder")
+    check_output_dir(args.output_dir)
     if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
         # the adapter would be saved into the base model's folder, which then loads with it applied
         raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "

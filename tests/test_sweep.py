@@ -73,7 +73,7 @@ def _fake_run(labels_right: dict):
         calls.append(run.name)
         os.makedirs(os.path.join(run.folder, "adapter"), exist_ok=True)
         os.makedirs(os.path.join(run.folder, "eval"), exist_ok=True)
-        sweeps._write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
+        sweeps.write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
         rng = np.random.default_rng(run.seed * 100 + run.setting["lora_r"])
         right = rng.random(20) < labels_right[run.setting["lora_r"]]
         with open(os.path.join(run.folder, "adapter", "train_history.json"), "w") as f:
