@@ -1,4 +1,4 @@
-"""Defaults for every script, in one place.
+"""The options of every script, in one place, and the defaults a run takes from --demo or from an adapter.
 
 Each entry script parses `PetConfig` plus its own small dataclass with
 `HfArgumentParser`, so every field below is also a snake_case CLI flag

@@ -1,8 +1,9 @@
-"""Oxford-IIIT Pet: breeds and captions, sources, splits, images, batches, the image-embedding cache.
+"""Oxford-IIIT Pet: sources, splits, records, image decoding, the captioning dataset and collator, image batches.
 
 source (Hub id | official-layout folder | save_to_disk folder)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
   -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
+(the breeds and their captions are breeds.py; the cached image embeddings embedding_cache.py)
 """
 
 import functools

@@ -1,4 +1,5 @@
-"""BLIP + LoRA: load, wrap, reload, caption; image embeddings, likelihood ranking, cross-attention."""
+"""BLIP + LoRA: load the base model and processor, wrap it with LoRA, save, reload and check adapters, load the
+zero-shot + fine-tuned pair. Captioning and ranking are inference.py; cross-attention is attention.py."""
 
 import copy
 import json
