@@ -81,9 +81,14 @@ def join_cpu_processes() -> None:
 
 
 def run_main(main) -> None:
-    """Entry-point wrapper: a UserError (or a full disk, a read-only folder) becomes one line on stderr, exit code 2."""
+    """Entry-point wrapper: a UserError (or a full disk, a read-only folder) becomes one line on stderr, exit code 2;
+    Ctrl+C one line and exit code 130, as a shell reports it."""
     try:
         main()
+    except KeyboardInterrupt:
+        # outputs are staged (staged_outputs) and runs resume, so an interruption leaves nothing half-written
+        print("interrupted: finished outputs are kept; run the same command again to continue", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
