@@ -87,7 +87,7 @@ def run_main(main) -> None:
         main()
     except KeyboardInterrupt:
         # outputs are staged (staged_outputs) and runs resume, so an interruption leaves nothing half-written
-        print("interrupted: finished outputs are kept; run the same command again to continue", file=sys.stderr)
+        print("interrupted: the output folder keeps what was finished, nothing half-written", file=sys.stderr)
         sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
