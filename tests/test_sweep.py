@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
 
 import sweeps
+from helpers import ROOT, run_script
 from metrics import mcnemar
 from run_io import UserError
 
