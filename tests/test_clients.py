@@ -94,7 +94,7 @@ def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(tiny_ass
     result = train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1],
                          "--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache"),
                          "--report_to", "tensorboard", "--num_train_epochs", str(epochs), "--logging_steps", "1",
-                         "--max_train_samples", "32", "--max_eval_samples", "16", "--per_device_train_batch_size", "8"])
+                         "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8"])
     runs = glob.glob(str(out / "runs" / "*"))
     assert len(runs) == 1, runs
     events = EventAccumulator(runs[0])

@@ -188,7 +188,9 @@ def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(ti
     from run_io import MOVING
 
     out, _ = checkpoint_copy(tiny_adapter, tmp_path)
-    argv = tiny_adapter[1] + ["--output_dir", out, "--seed", "8"]  # a new run (seed 8) into the old run's folder
+    # a new run (seed 8) into the old run's folder; without --demo, which in a new process would first build
+    # (pre-train) the demo base in the working folder
+    argv = [a for a in tiny_adapter[1] if a != "--demo"] + ["--output_dir", out, "--seed", "8", "--max_new_tokens", "16"]
     killed = _killed_at(os.path.join(ROOT, "train.py"), argv, 3, tmp_path)  # plan, README.md, adapter_model.safetensors
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert os.path.exists(os.path.join(out, MOVING))

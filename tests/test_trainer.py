@@ -109,7 +109,9 @@ def _adapter_weights(folder):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter(tiny_assets, tmp_path):
     """SIGKILL after the first checkpoint, resume, and end where an uninterrupted run ends."""
-    common = ["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1], "--num_train_epochs", "4",
+    # no --demo: in a new process it would first build (pre-train) the demo base in the working folder
+    common = ["--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1], "--num_train_epochs", "4",
+              "--max_new_tokens", "16",
               "--max_train_samples", "64", "--embedding_cache_dir", str(tmp_path / "cache")]  # 4 steps an epoch
     full = run_script(["train.py", *common, "--output_dir", str(tmp_path / "full")], cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
