@@ -5,7 +5,6 @@ kind; `demo_assets` is the demo's pre-trained base, for the tests marked slow th
 """
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import demo  # noqa: E402
 from config import DEMO_DIR, PetConfig  # noqa: E402
 from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, write_synthetic_pets  # noqa: E402
-from helpers import run_script, train_argv  # noqa: E402
+from helpers import copy_demo, run_script, train_argv  # noqa: E402
 
 _real_prepare_demo = prepare_demo
 PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-train the demo base or train on it
@@ -87,8 +86,7 @@ def demo_run(tmp_path_factory, demo_assets):
     checks by its recipe), so the base is pre-trained once per session, not twice.
     """
     cwd = tmp_path_factory.mktemp("demo_run")
-    for built in demo_assets:
-        shutil.copytree(built, os.path.join(cwd, DEMO_DIR, os.path.basename(built)))
+    copy_demo(demo_assets, cwd)
     proc = run_script(["train.py", "--demo"], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc

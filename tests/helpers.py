@@ -23,6 +23,15 @@ def run_script(args, cwd, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def copy_demo(demo_assets, cwd):
+    """Copy the session's built demo (base and pets) to `cwd`/outputs/demo, where a --demo run started in `cwd` finds
+    it (checked by its recipe) instead of pre-training the base again."""
+    from config import DEMO_DIR
+
+    for built in demo_assets:
+        shutil.copytree(built, os.path.join(cwd, DEMO_DIR, os.path.basename(built)))
+
+
 def free_port():
     """A port no one listens on now: a fixed one collides with a concurrent test run on the same machine."""
     with socket.socket() as s:
