@@ -1,3 +1,5 @@
+"""embedding_cache.py: cached embeddings give the stock loss; the cache is keyed by content, shared, locked and rebuilt when corrupt."""
+
 import copy
 import logging
 import os

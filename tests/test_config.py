@@ -1,4 +1,5 @@
-"""A flag the user typed wins over every demo preset and device default, even when it equals the default."""
+"""config.py: a flag the user typed wins over every demo preset and device default (even when it equals the default);
+no abbreviated flags; evaluate and explain take the adapter's own base model, data and split unless told otherwise."""
 
 import json
 import os

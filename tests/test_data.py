@@ -1,3 +1,5 @@
+"""data.py and breeds.py: data sources, annotation files, images (hostile ones too), the collator, the synthetic pets."""
+
 import json
 import logging
 import os

@@ -1,3 +1,5 @@
+"""evaluate.py and metrics.py: breeds read from captions, the metrics against hand computations, the demo evaluation."""
+
 import json
 import os
 import shutil

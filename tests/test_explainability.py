@@ -1,3 +1,5 @@
+"""explainability.py and attention.py: cross-attention maps against a recomputation, pet masks, the demo explanation."""
+
 import json
 import logging
 import os

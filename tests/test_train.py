@@ -1,3 +1,5 @@
+"""train.py: its options, unreadable training data, the demo run end to end, the logged loss under accumulation."""
+
 import json
 import logging
 import os
