@@ -1,9 +1,9 @@
 # make demo   install into .venv, then train, evaluate and explain on the offline demo
 # make app    install into .venv, then serve the web demo offline on http://127.0.0.1:7860
-# make test   install into .venv, then run the test suite (what CI runs)
-# make test-fast  the same without the tests marked slow: a one-minute loop while developing
+# make test      install into .venv, then the test suite: every test not marked slow (random tiny models)
+# make test-all  the same with the slow tests (pre-trained demo base, demo runs, several processes); CI runs it
 # make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
-#                   resolution, torch as $(TORCH)), then the demo's three scripts and the fast tests (CI runs it)
+#                   resolution, torch as $(TORCH)), then the demo's three scripts and make test's tests (CI runs it)
 # make reproduce  on a GPU: train, evaluate with every baseline, explain, the default
 #                 sweep (r 8,32 x query,value / query,key,value,dense x seeds 1,2,3), then outputs/results.md;
 #                 estimated 45-50 min on one H100 after the downloads (sweeps.py's docstring: the arithmetic)
@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 UV ?= uv==0.13.9
 
-.PHONY: install demo app test test-fast test-lowest reproduce clean
+.PHONY: install demo app test test-all lint test-lowest reproduce clean
 
 install: $(VENV)/.installed
 
@@ -35,10 +35,13 @@ app: install
 	$(PY) app.py --demo
 
 test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
 	$(PY) -m pytest -q tests
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+lint: install
+	$(PY) -m ruff check .
 
 # The floors in requirements*.txt are promises (pip keeps any installed version that meets them), so this
 # installs exactly them. torch is installed by pip (it finds the local CPU build) and held at that version:

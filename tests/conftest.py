@@ -1,8 +1,10 @@
-"""Shared fixtures: everything is generated offline (tiny BLIPs, synthetic pets), nothing downloaded."""
+"""Shared fixtures: everything is generated offline (tiny BLIPs, synthetic pets), nothing downloaded.
+
+Two bases: `tiny_assets` is a RANDOM tiny BLIP (the real tokenizer) for tests that need a model of the right
+kind; `demo_assets` is the demo's pre-trained base, for the tests marked slow that need a trained model.
+"""
 
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,29 +14,68 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import demo  # noqa: E402
 from config import DEMO_DIR, PetConfig  # noqa: E402
-from demo import prepare_demo  # noqa: E402
+from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, write_synthetic_pets  # noqa: E402
+from helpers import copy_demo, run_script, train_argv  # noqa: E402
 
-
-def run_script(args, cwd, timeout=600, env=None):
-    """Run `python <script> ...` from the repository in `cwd`; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+_real_prepare_demo = prepare_demo
+PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-train the demo base or train on it
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that needs the trained demo adapter is slow: `train.py --demo` alone takes a minute or more."""
-    for item in items:
-        if "demo_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
+    """The slow mark is written on each test; this only checks that no test needing the pre-trained base lacks it."""
+    unmarked = [item.nodeid for item in items
+                if PRE_TRAINED & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("mark these tests @pytest.mark.slow (they need the pre-trained demo base): "
+                                + ", ".join(unmarked))
+
+
+def _tiny_assets(tmp_path_factory):
+    """(random tiny base folder, synthetic demo data folder), built on first use in the session."""
+    root = tmp_path_factory.getbasetemp() / "tiny-demo"
+    model_dir, data_dir = str(root / "tiny-blip"), str(root / "pets")
+    if not root.is_dir():
+        build_tiny_blip(model_dir)
+        write_synthetic_pets(data_dir, breeds=DEMO_BREEDS)
+    return model_dir, data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """(random tiny base folder, synthetic demo data folder): a model of the right kind, not a trained one."""
+    return _tiny_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_folder(tmp_path_factory):
+    """The suite runs in a temporary folder, so nothing lands in the checkout's outputs/.
+
+    In that folder an in-process --demo gets the random tiny base and data (every such test passes its own
+    --model_name_or_path and --dataset, or only parses options): --demo builds its demo first, and the
+    pre-trained base is what the slow tests' demo_run and demo_assets build, each in its own folder.
+    """
+    folder = tmp_path_factory.mktemp("cwd")
+    start = os.getcwd()
+    os.chdir(folder)
+
+    def prepare(demo_dir, template):
+        if demo_dir == DEMO_DIR and os.getcwd() == str(folder):
+            return _tiny_assets(tmp_path_factory)
+        return _real_prepare_demo(demo_dir, template)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "prepare_demo", prepare)
+        yield str(folder)
+    os.chdir(start)
 
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session."""
+    """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session: slow tests only."""
     root = tmp_path_factory.mktemp("demo")
-    return prepare_demo(str(root), PetConfig().caption_template)
+    return _real_prepare_demo(str(root), PetConfig().caption_template)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +86,7 @@ def demo_run(tmp_path_factory, demo_assets):
     checks by its recipe), so the base is pre-trained once per session, not twice.
     """
     cwd = tmp_path_factory.mktemp("demo_run")
-    for built in demo_assets:
-        shutil.copytree(built, os.path.join(cwd, DEMO_DIR, os.path.basename(built)))
+    copy_demo(demo_assets, cwd)
     proc = run_script(["train.py", "--demo"], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
@@ -56,6 +96,24 @@ def demo_run(tmp_path_factory, demo_assets):
 def demo_adapter(demo_run):
     cwd, _ = demo_run
     return os.path.join(cwd, DEMO_DIR, "blip-lora")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_assets, tmp_path_factory):
+    """(folder, train.py argv) of a 2-step adapter on the random tiny base, seed 7 and val_fraction 0.2 (not the
+    defaults), with its checkpoint-2."""
+    import train
+
+    out = str(tmp_path_factory.mktemp("tiny-adapter") / "adapter")
+    argv = train_argv(tiny_assets, out, tmp_path_factory.mktemp("cache"))
+    train.main(argv)
+    return out, argv
+
+
+@pytest.fixture
+def pets(tmp_path):
+    """A small synthetic pet set of two breeds (8 trainval and 4 test images), to damage."""
+    return write_synthetic_pets(str(tmp_path / "pets"), breeds=[0, 1], trainval_per_breed=4, test_per_breed=2, size=32)
 
 
 @pytest.fixture(scope="session")

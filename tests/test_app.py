@@ -15,11 +15,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image
 
 from breeds import BREED_NAMES
 from data import Record, load_image, load_splits
+from helpers import ROOT
 from run_io import UserError
 
 pytest.importorskip("gradio")
@@ -47,6 +47,7 @@ def test_images(demo_run):
     return [(r.source, r.label) for r in list(picked.values())[:3]]
 
 
+@pytest.mark.slow
 def test_result_matches_an_independent_computation(captioner, test_images):
     from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
 
@@ -83,6 +84,7 @@ def test_result_matches_an_independent_computation(captioner, test_images):
         assert np.abs(tuned["heatmap"].astype(int) - plain).mean() > 20  # coloured, not the bare image
 
 
+@pytest.mark.slow
 def test_one_image_is_embedded_once_for_both_models(captioner, test_images, monkeypatch):
     assert captioner.shared  # LoRA on the text decoder: identical vision encoders
     calls = []
@@ -98,6 +100,7 @@ def test_one_image_is_embedded_once_for_both_models(captioner, test_images, monk
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_handler_fills_every_output(captioner, test_images):
     path, label = test_images[0]
     values = app.handle(captioner, path)
@@ -122,6 +125,7 @@ def _png_with_size(width, height) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_message_not_an_exception(captioner, tmp_path, monkeypatch):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
@@ -209,6 +213,7 @@ def test_urls_are_refused_before_gradio_fetches_them(tmp_path, monkeypatch):
     assert looked_up == [] and image.temp_files == set()
 
 
+@pytest.mark.slow
 def test_a_bug_is_one_line_in_the_page(captioner, test_images, monkeypatch):
     monkeypatch.setattr(app, "rank_breeds", lambda *a: 1 / 0)
     values = app.handle(captioner, test_images[0][0])
@@ -222,6 +227,7 @@ def test_options_are_checked():
         app.parse_args(["--no_such_flag", "1"])
 
 
+@pytest.mark.slow
 def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_adapter, tmp_path, monkeypatch):
     """`app.py --demo` on a fresh clone: train.py --demo runs first (a stand-in here), then the app launches."""
     import gradio as gr
@@ -393,6 +399,7 @@ def _peak_rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak memory from Linux's /proc")
 def test_hostile_requests_to_the_running_app(served, test_images, tmp_path):
     """Through the launched app's HTTP API: a small request carrying a huge-dimension PNG is refused from its
@@ -423,6 +430,7 @@ def test_hostile_requests_to_the_running_app(served, test_images, tmp_path):
     assert not outside.exists(), outside.read_text()
 
 
+@pytest.mark.slow
 def test_page_in_chromium(server, test_images, tmp_path):
     sync_playwright = _browser_or_skip()
     path, label = test_images[0]

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_script
 
 import evaluate
 from baselines import (
@@ -24,6 +23,7 @@ from breeds import BREED_NAMES
 from config import CLIP_DEFAULT, DEMO_DIR
 from data import load_image, load_splits
 from embedding_cache import EmbeddingCache, vision_fingerprint
+from helpers import run_script
 from inference import image_embeddings
 from metrics import mcnemar
 from model import load_base_model, load_processor
@@ -31,8 +31,8 @@ from run_io import UserError
 
 
 @pytest.fixture(scope="module")
-def tiny_blip(demo_assets):
-    model_dir, data_dir = demo_assets
+def tiny_blip(tiny_assets):
+    model_dir, data_dir = tiny_assets
     return load_base_model(model_dir).eval(), load_processor(model_dir), load_splits(data_dir)
 
 
@@ -77,10 +77,10 @@ def test_pooled_features_from_the_cache_are_the_pooler_output(tiny_blip, tmp_pat
     np.testing.assert_allclose(feats, _pooler_outputs(model, processor, records), atol=1e-5)
 
 
-def test_clip_scores_equal_clip_logits(tiny_clip, demo_assets):
+def test_clip_scores_equal_clip_logits(tiny_clip, tiny_assets):
     from transformers import CLIPModel, CLIPProcessor
 
-    records = load_splits(demo_assets[1])["test"][:5]
+    records = load_splits(tiny_assets[1])["test"][:5]
     model, processor = load_clip(tiny_clip, "cpu", torch.float32)
     logits, positions = clip_scores(model, processor, records, batch_size=2)
     assert positions == list(range(5))
@@ -97,16 +97,16 @@ def test_mean_per_class_recall():
     assert mean_per_class_recall([0, 0, 0, 1], [0, 1, 1, 1]) == pytest.approx(2 / 3)
 
 
-def test_bad_clip_model_options_are_one_line(tmp_path, demo_assets):
+def test_bad_clip_model_options_are_one_line(tmp_path, tiny_assets):
     check_clip_option("none")
     check_clip_option(CLIP_DEFAULT)  # a Hub id: checked when loaded
     with pytest.raises(UserError, match="does not exist"):
         check_clip_option(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="holds no CLIP model"):
-        check_clip_option(demo_assets[0])  # a BLIP folder
+        check_clip_option(tiny_assets[0])  # a BLIP folder
     with pytest.raises(UserError, match="holds no CLIP model"):
         evaluate.parse_args(["--clip_model", str(tmp_path)])  # an empty folder, found before any model loads
-    proc = run_script(["evaluate.py", "--clip_model", demo_assets[0]], cwd=tmp_path, timeout=120)
+    proc = run_script(["evaluate.py", "--clip_model", tiny_assets[0]], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "holds no CLIP model" in proc.stderr
 
@@ -124,6 +124,7 @@ def _demo_cwd(adapter):
     return adapter[:-len(os.path.join(DEMO_DIR, "blip-lora"))]
 
 
+@pytest.mark.slow
 def test_evaluate_demo_reports_every_baseline(demo_adapter, tiny_clip, tmp_path):
     out = tmp_path / "eval"
     proc = run_script(["evaluate.py", "--demo", "--clip_model", tiny_clip, "--output_dir", str(out),
@@ -144,6 +145,7 @@ def test_evaluate_demo_reports_every_baseline(demo_adapter, tiny_clip, tmp_path)
     assert "linear probe on frozen BLIP image features" in proc.stdout and "CLIP zero-shot: top-1" in proc.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_demo_without_clip_says_skipped(demo_adapter, tmp_path):
     cwd = _demo_cwd(demo_adapter)
     out = tmp_path / "eval"

@@ -1,10 +1,14 @@
+"""embedding_cache.py: cached embeddings give the stock loss; the cache is keyed by content, shared, locked and rebuilt when corrupt."""
+
 import copy
+import logging
 import os
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from config import PetConfig
 from data import CaptionCollator, PetCaptionDataset, Record, load_image, load_splits
@@ -17,8 +21,8 @@ TEMPLATE = PetConfig().caption_template
 
 
 @pytest.fixture(scope="module")
-def setup(demo_assets):
-    model_dir, data_dir = demo_assets
+def setup(tiny_assets):
+    model_dir, data_dir = tiny_assets
     model = load_base_model(model_dir).eval()
     processor = load_processor(model_dir)
     records = load_splits(data_dir)["validation"][:12]
@@ -95,13 +99,13 @@ def test_vision_lora_disables_the_cache_and_fingerprint_tracks_weights(setup):
     assert has_vision_lora(create_lora_model(load_base_model(model.name_or_path), 4, 8, 0.0, "qkv"))
 
 
-def test_sdpa_vision_attention_matches_eager(demo_assets):
+def test_sdpa_vision_attention_matches_eager(tiny_assets):
     """The fused vision attention gives eager's outputs and gradients, and eager's weights when asked."""
     from transformers.models.blip.modeling_blip import BlipAttention
 
     from model import BlipVisionSdpaAttention, set_vision_attention
 
-    model = load_base_model(demo_assets[0])
+    model = load_base_model(tiny_assets[0])
     attentions = [m for m in model.modules() if isinstance(m, BlipAttention)]
     assert attentions and all(type(m) is BlipVisionSdpaAttention for m in attentions)  # the default
     # LoRA inside the vision attention too, without LoRA's dropout: BLIP's own is 0, so train mode is deterministic
@@ -264,9 +268,9 @@ def test_a_killed_build_holds_no_lock_and_leaves_no_temporary_chunk(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
     from PIL import Image
 
+    from helpers import ROOT
     from run_io import UserError, locked_output_dir
 
     images = tmp_path / "images"
@@ -355,3 +359,84 @@ def test_a_busy_lock_names_the_process_that_holds_it(tmp_path, caplog):
         assert cache.build([], None, None) == 0  # waits for the other builder, then finds nothing to do
     thread.join()
     assert f"waiting for another run (pid {os.getpid()})" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# Shared by several builders, keyed by content, rebuilt when corrupt
+
+
+@pytest.fixture(scope="module")
+def encoder(setup):
+    model, processor, _ = setup
+    return model, processor
+
+
+def _cache(folder, encoder):
+    model, processor = encoder
+    return EmbeddingCache(str(folder), vision_fingerprint(model, processor), "float32")
+
+
+def _fill(cache, encoder, records):
+    model, processor = encoder
+    return cache.build(records, lambda px: image_embeddings(model, px), processor.image_processor, batch_size=3)
+
+
+def _assert_cached_correctly(cache, encoder, records):
+    model, processor = encoder
+    for r in records:
+        [key] = cache.keys([r])
+        pixels = processor.image_processor(load_image(r), return_tensors="pt")["pixel_values"]
+        assert torch.allclose(cache.get(key), image_embeddings(model, pixels)[0], atol=1e-5), r.image_id
+
+
+def test_two_builders_sharing_the_cache_do_not_mix_rows(tiny_assets, encoder, tmp_path):
+    records = load_splits(tiny_assets[1])["validation"][:10]
+    a, b = _cache(tmp_path, encoder), _cache(tmp_path, encoder)  # both opened before either built
+    assert _fill(a, encoder, records[:5]) == 5
+    assert _fill(b, encoder, records[5:]) == 5  # b's index is stale: it must not reuse a's chunk name or drop a's rows
+    fresh = _cache(tmp_path, encoder)
+    assert len(fresh.index) == 10
+    _assert_cached_correctly(fresh, encoder, records)
+    assert _fill(fresh, encoder, records) == 0
+
+
+def test_cache_is_keyed_by_content_not_size_and_mtime(pets, encoder, tmp_path):
+    records = load_splits(pets, 0.0)["train"][:2]
+    path = records[0].source
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(path, format="BMP")  # BMP: the byte size depends only on the shape
+    cache = _cache(tmp_path / "c", encoder)
+    assert _fill(cache, encoder, records) == 2
+    stat = os.stat(path)
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(path, format="BMP")  # another picture, same size ...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the same mtime
+    assert os.path.getsize(path) == stat.st_size
+    cache = _cache(tmp_path / "c", encoder)
+    assert _fill(cache, encoder, records) == 1
+    _assert_cached_correctly(cache, encoder, records)
+
+
+@pytest.mark.parametrize("damage", ["index", "chunk"])
+def test_corrupt_cache_is_rebuilt_with_a_warning(pets, encoder, tmp_path, damage, caplog):
+    records = load_splits(pets, 0.0)["train"][:4]
+    cache = _cache(tmp_path, encoder)
+    _fill(cache, encoder, records)
+    if damage == "index":
+        open(cache.index_path, "w").write('{"broken": ')
+    else:
+        [chunk] = [n for n in os.listdir(cache.dir) if n.startswith("chunk-")]
+        path = os.path.join(cache.dir, chunk)
+        os.truncate(path, os.path.getsize(path) // 2)
+    with caplog.at_level(logging.WARNING):
+        cache = _cache(tmp_path, encoder)
+        assert _fill(cache, encoder, records) == 4
+    assert "corrupt" in caplog.text
+    _assert_cached_correctly(_cache(tmp_path, encoder), encoder, records)
+
+
+def test_image_deleted_after_listing_is_a_counted_bad_image(pets, encoder, tmp_path):
+    records = load_splits(pets, 0.0)["train"][:3]
+    os.remove(records[1].source)
+    cache = _cache(tmp_path, encoder)
+    assert _fill(cache, encoder, records) == 2
+    dataset = CachedEmbeddingDataset(records, cache, PetConfig().caption_template)
+    assert len(dataset) == 2 and list(dataset.bad_images) == [records[1].image_id]

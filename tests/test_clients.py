@@ -8,11 +8,11 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT
 
 import train
 from config import DEMO_DIR, OUTPUT_DIR
 from data import load_image, load_splits
+from helpers import ROOT
 from inference import generate_caption
 from model import load_lora_for_inference
 from run_io import UserError
@@ -54,6 +54,7 @@ def project_captions(demo_run, demo_adapter):
     return paths, generate_caption(model, processor, [load_image(r) for r in records])
 
 
+@pytest.mark.slow
 def test_readme_pipeline_snippet_gives_the_projects_captions(demo_adapter, project_captions, tmp_path):
     code = snippet(open(os.path.join(ROOT, "README.md")).read())
     assert code.count(f'"{OUTPUT_DIR}"') == 1
@@ -62,6 +63,7 @@ def test_readme_pipeline_snippet_gives_the_projects_captions(demo_adapter, proje
     assert run_snippet(code.replace(f'"{OUTPUT_DIR}"', repr(demo_adapter)), paths, tmp_path) == ours
 
 
+@pytest.mark.slow
 def test_model_card_pipeline_snippet_is_the_readmes_and_works(demo_run, demo_adapter, project_captions):
     cwd, _ = demo_run
     card = open(os.path.join(demo_adapter, "README.md")).read()
@@ -74,6 +76,7 @@ def test_model_card_pipeline_snippet_is_the_readmes_and_works(demo_run, demo_ada
     assert run_snippet(code, paths, cwd) == ours
 
 
+@pytest.mark.slow
 def test_card_pipeline_tag_is_the_hub_task_of_a_captioner(demo_adapter):
     import yaml
 
@@ -83,15 +86,15 @@ def test_card_pipeline_tag_is_the_hub_task_of_a_captioner(demo_adapter):
     assert meta["pipeline_tag"] == "image-to-text" and meta["library_name"] == "peft"
 
 
-def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(demo_assets, tmp_path):
+def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(tiny_assets, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     epochs = 3
-    result = train.main(["--demo", "--model_name_or_path", demo_assets[0], "--dataset", demo_assets[1],
+    result = train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1],
                          "--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache"),
                          "--report_to", "tensorboard", "--num_train_epochs", str(epochs), "--logging_steps", "1",
-                         "--max_train_samples", "32", "--max_eval_samples", "16", "--per_device_train_batch_size", "8"])
+                         "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8"])
     runs = glob.glob(str(out / "runs" / "*"))
     assert len(runs) == 1, runs
     events = EventAccumulator(runs[0])

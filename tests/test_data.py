@@ -1,5 +1,9 @@
+"""data.py and breeds.py: data sources, annotation files, images (hostile ones too), the collator, the synthetic pets."""
+
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from breeds import BREED_NAMES, BREEDS, SPECIES, breed_index, caption_for
 from config import PetConfig
 from data import BadImage, CaptionCollator, PetCaptionDataset, Record, load_image, load_splits, stratified_split
 from demo import write_synthetic_pets
+from helpers import hostile_images, pngs, saved_dataset
 from model import load_processor
 from run_io import UserError
 
@@ -148,8 +153,8 @@ def test_odd_images_become_rgb_and_broken_ones_are_reported(tmp_path):
         load_image(broken)
 
 
-def test_broken_image_never_enters_a_batch(tmp_path, demo_assets):
-    processor = load_processor(demo_assets[0])
+def test_broken_image_never_enters_a_batch(tmp_path, tiny_assets):
+    processor = load_processor(tiny_assets[0])
     good = [_img_record(tmp_path, f"ok{i}", Image.new("RGB", (30, 30), (i * 40, 0, 0))) for i in range(3)]
     broken = _img_record(tmp_path, "broken", raw=b"")
     for r, label in zip(good, (1, 2, 3)):
@@ -164,8 +169,8 @@ def test_broken_image_never_enters_a_batch(tmp_path, demo_assets):
     assert batch["pixel_values"].shape[0] == 3
 
 
-def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(demo_assets):
-    processor = load_processor(demo_assets[0])
+def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(tiny_assets):
+    processor = load_processor(tiny_assets[0])
     tok = processor.tokenizer
     collate = CaptionCollator(tok, tok.bos_token_id)
     captions = [caption_for(BREEDS.index("pug"), TEMPLATE), caption_for(2, TEMPLATE)]
@@ -183,6 +188,7 @@ def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(demo_assets)
     assert batch["input_ids"][short, lengths[short] - 1] == tok.sep_token_id
 
 
+@pytest.mark.slow
 def test_demo_processor_tokenises_breeds_as_the_real_checkpoint(demo_assets):
     """The demo runs on the real tokenizer: its saved processor splits breed names as the fixture's files do."""
     from transformers import BertTokenizer
@@ -239,3 +245,212 @@ def test_synthetic_breeds_differ_visibly(small_pets):
 
     a1, a2, b1 = pet_colour("Abyssinian_1"), pet_colour("Abyssinian_2"), pet_colour("american_bulldog_1")
     assert np.linalg.norm(a1 - b1) > 3 * np.linalg.norm(a1 - a2)
+
+
+# ---------------------------------------------------------------------------
+# Hostile image files
+
+
+@pytest.mark.parametrize("case", ["ok", "zero_byte", "truncated_jpeg", "text_as_jpg", "png_named_jpg", "cmyk_jpeg",
+                                  "16bit_png", "palette", "la", "1x1", "exif_rotated", "decompression_bomb"])
+def test_hostile_image(case, tmp_path):
+    path, expected = hostile_images(str(tmp_path))[case]
+    record = Record(case, 0, path)
+    if expected is None:
+        with pytest.raises(BadImage, match=case):
+            load_image(record)
+    else:
+        img = load_image(record)
+        assert img.mode == "RGB" and img.size == expected
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    path, _ = hostile_images(str(tmp_path))["exif_rotated"]
+    img = np.asarray(load_image(Record("x", 0, path)))
+    # orientation 6 = rotate 90 deg clockwise: the stored left strip ends up on top
+    assert img[2, 10, 2] > 200 and img[-3, 10, 0] > 200
+
+
+def test_sixteen_bit_png_keeps_its_range(tmp_path):
+    path, _ = hostile_images(str(tmp_path))["16bit_png"]
+    arr = np.asarray(load_image(Record("x", 0, path)))[..., 0]
+    assert arr.min() == 0 and arr.max() == 255  # scaled, not clipped to white
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_image_over_the_pixel_limit_but_under_twice_it_is_bad(tmp_path, monkeypatch, mode):
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that (89-179 Mpx by default), and it checks in Image.open
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new(mode, (40, 40)).save(tmp_path / "big.png")  # 1,600 pixels: 1.6x the limit
+    with pytest.raises(BadImage, match="DecompressionBomb"):
+        load_image(Record("big", 0, str(tmp_path / "big.png")))
+    Image.new("RGB", (30, 30)).save(tmp_path / "ok.png")  # 900 pixels: under it
+    assert load_image(Record("ok", 0, str(tmp_path / "ok.png"))).size == (30, 30)
+
+
+# ---------------------------------------------------------------------------
+# Annotations in the official layout
+
+
+def test_missing_list_txt_is_a_clear_error(pets):
+    os.remove(os.path.join(pets, "annotations", "list.txt"))
+    with pytest.raises(UserError, match="list.txt is missing"):
+        load_splits(pets)
+
+
+def test_bad_annotation_lines_are_skipped_and_counted(pets, caplog):
+    path = os.path.join(pets, "annotations", "trainval.txt")
+    lines = open(path).read().splitlines()
+    lines[0] = lines[0].split()[0]  # malformed: no class id
+    lines[1] = f"{lines[1].split()[0]} 99 1 1"  # unknown class id
+    lines.append("Abyssinian_999 1 1 1")  # listed, but the image is missing
+    open(path, "w").write("\n".join(lines) + "\n")
+    os.remove(os.path.join(pets, "annotations", "list.txt"))
+    open(os.path.join(pets, "annotations", "list.txt"), "w").write("# header\n")
+    shutil.copy(os.path.join(pets, "images", "Abyssinian_1.jpg"), os.path.join(pets, "images", "Abyssinian_500.jpg"))
+    with caplog.at_level(logging.INFO):
+        splits = load_splits(pets, 0.0)
+    assert len(splits["train"]) == 8 - 2
+    text = caplog.text
+    assert "Skipped 2 malformed annotation lines, unknown class ids or unsafe names" in text
+    assert "Skipped 1 listed images that are missing (first: Abyssinian_999)" in text
+    assert "3 images are in neither trainval.txt nor test.txt" in text  # the two bad lines' images + the extra one
+
+
+def test_test_images_listed_in_trainval_are_dropped_from_training(pets, caplog):
+    with open(os.path.join(pets, "annotations", "test.txt")) as f:
+        leaked = f.readline()
+    with open(os.path.join(pets, "annotations", "trainval.txt"), "a") as f:
+        f.write(leaked)
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(pets, 0.25)
+    name = leaked.split()[0]
+    assert name in {r.image_id for r in splits["test"]}
+    assert name not in {r.image_id for r in splits["train"] + splits["validation"]}
+    assert "Dropped 1 images from trainval that are also in the test split" in caplog.text
+
+
+def test_unsafe_and_conflicting_annotation_names_are_skipped(pets, tmp_path, caplog):
+    outside = tmp_path / "secret.jpg"
+    Image.new("RGB", (8, 8)).save(outside)
+    path = os.path.join(pets, "annotations", "trainval.txt")
+    lines = open(path).read().splitlines()
+    first = lines[0].split()[0]
+    lines += ["../../secret 1 1 1", f"{tmp_path}/secret 1 1 1", f"{first} 2 2 1"]  # the last: same name, other label
+    open(path, "w").write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(pets, 0.0)
+    ids = {r.image_id for r in splits["train"]}
+    assert not any("secret" in i for i in ids) and first not in ids
+    assert len(ids) == 8 - 1
+    assert "Skipped 2 malformed annotation lines, unknown class ids or unsafe names" in caplog.text
+    assert f"Skipped 1 images listed twice with different labels in trainval.txt (first: {first})" in caplog.text
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_annotation_files_in_other_encodings_are_read(pets, encoding):
+    for name in ("list.txt", "trainval.txt", "test.txt"):
+        path = os.path.join(pets, "annotations", name)
+        text = open(path).read()
+        if name == "list.txt":
+            text = "# Liste des images, annot\u00e9e\n" + text
+        open(path, "w", encoding=encoding).write(text)
+    splits = load_splits(pets, 0.0)
+    assert len(splits["train"]) == 8 and len(splits["test"]) == 4
+
+
+def test_dataset_that_is_an_empty_folder_or_a_file_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("hello")
+    with pytest.raises(UserError, match="neither the official layout"):
+        load_splits(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="is a file"):
+        load_splits(str(tmp_path / "file.txt"))
+
+
+# ---------------------------------------------------------------------------
+# save_to_disk data sets: labels, image columns, repeated file names, damaged folders
+
+
+def _hf_pets(tmp_path, labels, images=None):
+    """A save_to_disk DatasetDict with a ClassLabel column (train and test)."""
+    import datasets
+
+    png = str(tmp_path / "x.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["abyssinian", "beagle"])})
+    rows = {"image": images or [png] * len(labels), "label": labels}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    path = str(tmp_path / "hf")
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(path)
+    return path
+
+
+def test_classlabel_minus_one_is_skipped_not_the_last_breed(tmp_path, caplog):
+    path = _hf_pets(tmp_path, [0, -1, 1, -1])
+    with caplog.at_level(logging.WARNING):
+        splits = load_splits(path, 0.0)
+    assert sorted(r.label for r in splits["test"]) == [0, 4]  # abyssinian, beagle; no Yorkshire Terrier (36)
+    assert "Skipped 2 rows of split 'test' without a label" in caplog.text
+
+
+def test_image_column_of_ints_is_one_line(tmp_path):
+    import datasets
+
+    split = datasets.Dataset.from_dict({"image": [1, 2], "label": ["beagle", "pug"]})
+    path = str(tmp_path / "ints")
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(path)
+    with pytest.raises(UserError, match="'image' column .* not images"):
+        load_splits(path)
+
+
+def test_none_image_cell_is_a_skipped_bad_image(tmp_path):
+    import datasets
+
+    png = str(tmp_path / "x.png")
+    Image.new("RGB", (8, 8)).save(png)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    split = datasets.Dataset.from_dict({"image": [png, None], "label": ["beagle", "pug"]}, features=features)
+    path = str(tmp_path / "none")
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(path)
+    records = load_splits(path, 0.0)["test"]
+    assert load_image(records[0]).size == (8, 8)
+    with pytest.raises(BadImage, match="holds NoneType"):
+        load_image(records[1])
+
+
+def test_leakage_check_tells_repeated_file_names_in_other_folders_apart(tmp_path, caplog):
+    from data import load_splits
+
+    train_paths = pngs(tmp_path, ["cats/1.png", "cats/2.png", "cats/3.png", "cats/4.png"])
+    test_paths = pngs(tmp_path, ["dogs/1.png", "dogs/2.png"])
+    data = saved_dataset(str(tmp_path / "hf"), {
+        "train": {"image": train_paths + test_paths[:1], "path": train_paths + test_paths[:1],
+                  "label": ["abyssinian"] * 4 + ["beagle"]},  # dogs/1.png really is in both splits
+        "test": {"image": test_paths, "path": test_paths, "label": ["beagle"] * 2}})
+    with caplog.at_level("WARNING"):
+        splits = load_splits(data, 0.0)
+    # cats/1.png and cats/2.png are not "also in the test split"; dogs/1.png (the one beagle) is
+    assert sorted(r.label for r in splits["train"]) == [0] * 4
+    assert sorted(r.identity for r in splits["train"]) == sorted(train_paths)
+    assert "Dropped 1 images from trainval" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["no_split_folders", "garbled_json", "truncated_arrow"])
+def test_damaged_save_to_disk_folder_is_one_line(tmp_path, damage):
+    import glob
+
+    from data import load_splits
+
+    paths = pngs(tmp_path, [f"{k}.png" for k in range(8)])
+    data = saved_dataset(str(tmp_path / "hf"), {s: {"image": paths, "label": ["pug", "beagle"] * 4} for s in ("train", "test")})
+    if damage == "no_split_folders":  # a save killed after dataset_dict.json
+        for split in ("train", "test"):
+            shutil.rmtree(os.path.join(data, split))
+    elif damage == "garbled_json":
+        open(os.path.join(data, "dataset_dict.json"), "w").write('{"splits": ["train", "te')
+    else:
+        for arrow in glob.glob(os.path.join(data, "*", "*.arrow")):
+            os.truncate(arrow, os.path.getsize(arrow) // 2)
+    with pytest.raises(UserError, match="save_to_disk folder .* is incomplete or corrupt"):
+        load_splits(data)

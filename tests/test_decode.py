@@ -39,6 +39,7 @@ def test_greedy_loop_gives_generates_ids_to_the_length_limit(tiny_dir, dtype):
     assert torch.equal(ours, _generate(model, embeds.to(dtype), 12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_loop_gives_generates_ids_when_rows_end_apart(demo_run, demo_adapter, dtype):
     """The trained demo adapter writes breed captions of different lengths: rows end at different
@@ -68,6 +69,7 @@ def fresh_graph_check(monkeypatch):
     return check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [30, 3])
 def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monkeypatch, fresh_graph_check, caplog,
                                                     max_new_tokens):
@@ -171,7 +173,7 @@ def test_a_failed_graph_capture_falls_back_to_plain_steps_with_one_warning(tiny_
     assert fresh_graph_check.off
 
 
-@pytest.mark.skipif(os.environ.get("PETCAPTION_SLOW") != "1", reason="base-sized model: set PETCAPTION_SLOW=1")
+@pytest.mark.slow  # a base-sized (224M parameters) random model
 def test_greedy_loop_gives_generates_ids_base_sized(tmp_path):
     model = load_base_model(build_tiny_blip(str(tmp_path / "base"), base_sized=True)).eval()
     with torch.no_grad():

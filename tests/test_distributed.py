@@ -2,33 +2,20 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
-from conftest import ROOT
 from transformers import BlipConfig
 
 from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES
+from helpers import ROOT, run_script, saved_dataset, torchrun
 from model import BlipForPetCaptioning, create_lora_model
 
 
-def free_port():
-    """A port no one listens on now: a fixed one collides with a concurrent test run on the same machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, cwd, nproc=2, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           os.path.join(ROOT, args[0]), *args[1:]]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_training_with_two_processes(demo_run, tmp_path):
     cwd, _ = demo_run
     out = tmp_path / "ddp"
@@ -47,6 +34,7 @@ def test_training_with_two_processes(demo_run, tmp_path):
     assert best_ddp >= 0.6 and best_ddp >= best_single - 0.35, (best_ddp, best_single)
 
 
+@pytest.mark.slow
 def test_evaluation_with_two_processes_gives_the_same_predictions(demo_run, tmp_path):
     cwd, _ = demo_run
     # 15 images in batches of 7: uneven per process and in the last batch, which is what can go wrong
@@ -75,3 +63,22 @@ def test_large_checkpoint_shapes_take_the_same_lora_targets():
     # r=32: self-attention query/value 768->768, cross-attention query 768->768 and value 1024->768
     expected = 12 * 32 * (3 * (768 + 768) + (1024 + 768))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_a_split_with_repeated_image_ids(tiny_adapter, tiny_assets, tmp_path):
+    import pandas as pd
+
+    images = sorted(os.listdir(os.path.join(tiny_assets[1], "images")))[:7]
+    columns = {"image": [os.path.join(tiny_assets[1], "images", n) for n in images], "image_id": ["pet"] * 7,
+               "label": [n.rsplit("_", 1)[0] for n in images]}
+    data = saved_dataset(str(tmp_path / "hf"), {"train": columns, "test": columns})
+    common = ["--adapter", tiny_adapter[0], "--dataset", data, "--per_device_eval_batch_size", "2",
+              "--bootstrap_samples", "10"]
+    one = run_script(["evaluate.py", *common, "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(["evaluate.py", *common, "--output_dir", str(tmp_path / "two")], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("one", "two"))
+    assert len(a) == 7 and (a["image_id"] == "pet").all()
+    pd.testing.assert_frame_equal(a, b)

@@ -1,3 +1,5 @@
+"""evaluate.py and metrics.py: breeds read from captions, the metrics against hand computations, the demo evaluation."""
+
 import json
 import os
 import shutil
@@ -5,13 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
 
 import evaluate
+import explainability
 from breeds import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, species_from_caption
 from config import DEMO_DIR, PetConfig
 from data import load_image, load_splits
 from demo import build_tiny_blip
+from helpers import adapter_copy, edit_json, run_script
 from inference import breed_candidates, caption_log_likelihoods, image_embeddings, rank_breeds
 from metrics import bleu, bootstrap_ci, confused_pairs, confusion, mcnemar, model_metrics, rouge_l
 from model import load_base_model, load_lora_for_inference, load_processor, same_vision_encoder
@@ -207,6 +210,7 @@ def test_candidates_pack_their_shared_start_once_and_drop_padding():
     assert p["targets"].tolist()[:2] == [5, 6] and p["targets"].tolist()[3:] == [8, 3, 3]
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter, tmp_path, monkeypatch):
     cwd, _ = demo_run
@@ -229,6 +233,7 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter,
     assert torch.allclose(caption_log_likelihoods(model, embeds, *candidates, max_rows=37), scores, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_adapter_leaves_the_vision_encoder_alone(demo_run, demo_adapter, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tuned, _ = load_lora_for_inference(demo_adapter)
@@ -253,6 +258,7 @@ def demo_eval(demo_run):
     return os.path.join(cwd, DEMO_DIR, "eval"), proc
 
 
+@pytest.mark.slow
 def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     import pandas as pd
     from PIL import Image
@@ -293,6 +299,7 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     assert "evaluating" in proc.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_the_rest_is_unchanged(demo_eval, demo_run, tmp_path, monkeypatch):
     import pandas as pd
 
@@ -315,6 +322,7 @@ def test_bad_images_are_skipped_counted_and_the_rest_is_unchanged(demo_eval, dem
         (clean["fine_tuned_breed"] == clean["true_breed"]).mean())
 
 
+@pytest.mark.slow
 def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, monkeypatch):
     cwd, _ = demo_run
     monkeypatch.chdir(cwd)
@@ -396,3 +404,58 @@ def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp
     plt.close(fig)
     fast, reference = (np.asarray(Image.open(tmp_path / n).convert("RGB")) for n in ("fast.png", "seaborn.png"))
     assert fast.shape == reference.shape and np.array_equal(fast, reference)
+
+
+# ---------------------------------------------------------------------------
+# Options, adapters and shards
+
+
+def test_huge_bootstrap_is_refused_before_loading(tmp_path):
+    with pytest.raises(UserError, match="--bootstrap_samples must be 1-100000"):
+        evaluate.parse_args(["--adapter", str(tmp_path / "none"), "--bootstrap_samples", "100000000"])
+
+
+def test_evaluate_and_explain_refuse_the_adapter_folder_as_output(tiny_adapter):
+    adapter = tiny_adapter[0]
+    before = open(os.path.join(adapter, "run_config.json")).read()
+    with pytest.raises(UserError, match="is the adapter folder"):
+        evaluate.parse_args(["--adapter", adapter, "--output_dir", adapter])
+    with pytest.raises(UserError, match="is the adapter folder"):
+        explainability.parse_args(["--adapter", adapter, "--output_dir", adapter + "/"])
+    assert open(os.path.join(adapter, "run_config.json")).read() == before
+
+
+def test_evaluate_refuses_an_overflowing_adapter_before_writing(tiny_adapter, tiny_assets, tmp_path):
+    path = adapter_copy(tiny_adapter, tmp_path)
+    edit_json(os.path.join(path, "adapter_config.json"), lora_alpha=1e30)
+    out = tmp_path / "eval"
+    with pytest.raises(UserError, match="NaN or infinite outputs"):
+        evaluate.main(["--adapter", path, "--dataset", tiny_assets[1], "--output_dir", str(out), "--max_eval_samples", "4"])
+    assert not (out / "metrics.json").exists()
+
+
+def test_an_adapter_folder_is_not_a_base_model(tiny_adapter, tiny_assets, tmp_path):
+    adapter = tiny_adapter[0]
+    with pytest.raises(UserError, match="holds a LoRA adapter, not a base model"):
+        evaluate.main(["--adapter", adapter, "--model_name_or_path", adapter, "--dataset", tiny_assets[1],
+                       "--output_dir", str(tmp_path / "eval"), "--max_eval_samples", "4"])
+
+
+def test_shards_merge_by_position_not_by_image_id():
+    import numpy as np
+
+    from data import Record
+    from metrics import ModelPredictions, Predictions
+
+    records = [Record("same", k % 2, f"img{k}.png") for k in range(5)]  # one id for every image
+
+    def shard(positions):
+        models = {"m": ModelPredictions([f"caption {p}" for p in positions], np.array([[p, 0.0] for p in positions]))}
+        return positions, Predictions(["same"] * len(positions), [records[p].label for p in positions], models, None), {}
+
+    merged, _ = evaluate.merge_shards([shard([0, 2, 4]), shard([1, 3])], records)
+    assert merged.models["m"].captions == [f"caption {p}" for p in range(5)]
+    assert merged.models["m"].scores[:, 0].tolist() == list(range(5)) and merged.label == [0, 1, 0, 1, 0]
+    assert merged.records == records
+    with pytest.raises(RuntimeError, match="two processes"):
+        evaluate.merge_shards([shard([0, 2]), shard([2])], records)

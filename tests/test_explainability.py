@@ -1,13 +1,16 @@
+"""explainability.py and attention.py: cross-attention maps against a recomputation, pet masks, the demo explanation."""
+
 import json
+import logging
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
 from PIL import Image
 
+import explainability
 from attention import (
     cross_attention_maps,
     load_pet_mask,
@@ -22,14 +25,15 @@ from attention import (
 from config import DEMO_DIR
 from data import load_image, load_splits
 from explainability import parse_layers
+from helpers import run_script
 from inference import image_embeddings
 from model import load_base_model, load_processor
 from run_io import UserError
 
 
 @pytest.fixture(scope="module")
-def tiny(demo_assets):
-    model_dir, data_dir = demo_assets
+def tiny(tiny_assets):
+    model_dir, data_dir = tiny_assets
     model, processor = load_base_model(model_dir).eval(), load_processor(model_dir)
     images = [load_image(r) for r in load_splits(data_dir)["test"][:2]]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -40,18 +44,29 @@ def tiny(demo_assets):
     return model, processor, pixels, enc["input_ids"], enc["attention_mask"]
 
 
-def _hooked_probs(model):
-    """Forward hooks on every decoder layer's cross-attention module; returns (store, handles)."""
+def _hooked_inputs(model):
+    """Forward hooks on every decoder layer's cross-attention module, keeping what it was given; returns (store, handles)."""
     store, handles = [], []
     for layer in model.text_decoder.bert.encoder.layer:
-        handles.append(layer.crossattention.self.register_forward_hook(lambda mod, args, out: store.append(out[1].detach())))
+        def keep(module, args, kwargs, out):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            store.append((module, hidden.detach(), kwargs["encoder_hidden_states"].detach()))
+        handles.append(layer.crossattention.self.register_forward_hook(keep, with_kwargs=True))
     return store, handles
 
 
+def _attention_probs(module, hidden, encoder_hidden):
+    """softmax(QK^T / sqrt(d)) per head from the module's own query and key projections: (B, heads, T, 1 + patches)."""
+    heads, size = module.num_attention_heads, module.attention_head_size
+    q = module.query(hidden).view(*hidden.shape[:2], heads, size).transpose(1, 2)
+    k = module.key(encoder_hidden).view(*encoder_hidden.shape[:2], heads, size).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / size**0.5, dim=-1)
+
+
 @pytest.mark.parametrize("layers", [None, [-1], [0, 1]])
-def test_maps_equal_a_forward_hook_on_cross_attention_and_are_distributions(tiny, layers):
+def test_maps_equal_attention_recomputed_from_each_layers_inputs_and_are_distributions(tiny, layers):
     model, _, pixels, ids, mask = tiny
-    store, handles = _hooked_probs(model)
+    store, handles = _hooked_inputs(model)
     try:
         maps = cross_attention_maps(model, pixels, ids, mask, layers)
     finally:
@@ -60,7 +75,9 @@ def test_maps_equal_a_forward_hook_on_cross_attention_and_are_distributions(tiny
     n_layers = model.config.text_config.num_hidden_layers
     assert len(store) == n_layers  # one pass, each layer's cross-attention ran once
     chosen = range(n_layers) if layers is None else layers
-    probs = torch.stack([store[i] for i in chosen]).mean(dim=(0, 2))[..., 1:]  # layers, heads; drop CLS
+    # recomputed from each layer's inputs and weights, not read from the attentions the model returns
+    with torch.no_grad():
+        probs = torch.stack([_attention_probs(*store[i]) for i in chosen]).mean(dim=(0, 2))[..., 1:]  # layers, heads; drop CLS
     rows, cols = patch_grid(model)
     assert rows * cols == image_embeddings(model, pixels).shape[1] - 1  # the encoder's patch tokens, CLS aside
     expected = (probs / probs.sum(-1, keepdim=True)).reshape(*ids.shape, rows, cols)
@@ -122,8 +139,8 @@ def test_trimap_pet_mask_is_pet_plus_border(tmp_path):
     assert load_pet_mask(str(tmp_path / "t.png"), (4, 4)).shape == (4, 4)  # resized to the image (W, H)
 
 
-def test_breed_word_pieces_are_gathered_into_one_map(demo_assets):
-    processor = load_processor(demo_assets[0])
+def test_breed_word_pieces_are_gathered_into_one_map(tiny_assets):
+    processor = load_processor(tiny_assets[0])
     tok = processor.tokenizer
     ids = tok("a photo of an abyssinian, a type of pet.")["input_ids"]
     tokens = tok.convert_ids_to_tokens(ids)
@@ -140,8 +157,8 @@ def test_breed_word_pieces_are_gathered_into_one_map(demo_assets):
     assert breed.sum() == pytest.approx(1.0)
 
 
-def test_multi_word_breed_and_fallback_to_the_animal_word(demo_assets):
-    tok = load_processor(demo_assets[0]).tokenizer
+def test_multi_word_breed_and_fallback_to_the_animal_word(tiny_assets):
+    tok = load_processor(tiny_assets[0]).tokenizer
     special = set(tok.all_special_tokens)
 
     def subject(text):
@@ -155,6 +172,7 @@ def test_multi_word_breed_and_fallback_to_the_animal_word(demo_assets):
     assert subject("a photo of a type.") is None
 
 
+@pytest.mark.slow
 def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_path):
     cwd, _ = demo_run
     user = tmp_path / "my pet.png"
@@ -191,6 +209,7 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
     assert run_config["ExplainConfig"]["image"] == [str(user), str(missing), str(not_image)]
 
 
+@pytest.mark.slow
 def test_adapter_problem_is_one_clear_line(demo_run, tmp_path):
     cwd, _ = demo_run
     proc = run_script(["explainability.py", "--demo", "--adapter", str(tmp_path / "nope")], cwd=cwd)
@@ -206,3 +225,24 @@ def test_unknown_flag_is_one_clear_error():
         explainability.parse_args(["--no_such_flag", "1"])
     with pytest.raises(UserError, match="--split: invalid choice"):
         explainability.parse_args(["--split", "dev"])
+
+
+def test_corrupt_and_wrong_size_trimaps_are_warned(tmp_path, caplog):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((4, 4), 1, np.uint8)).save(small)
+    with caplog.at_level(logging.WARNING):
+        assert explainability.load_pet_mask(str(broken), (8, 8)) is None
+        assert explainability.load_pet_mask(str(small), (8, 8)).shape == (8, 8)
+    assert "unreadable trimap" in caplog.text and "is 4x4, its image 8x8" in caplog.text
+
+
+def test_explain_rerun_with_fewer_images_leaves_only_its_own_figures(tiny_adapter, tiny_assets, tmp_path):
+    out = str(tmp_path / "explain")
+    argv = ["--adapter", tiny_adapter[0], "--dataset", tiny_assets[1], "--output_dir", out]
+    explainability.main(argv + ["--num_images", "3"])
+    assert len([n for n in os.listdir(out) if n[:3].isdigit()]) == 3
+    result = explainability.main(argv + ["--num_images", "1"])
+    figures = sorted(n for n in os.listdir(out) if n.endswith(".png") and n != "attention_metrics.png")
+    assert figures == [image["figure"] for image in result["metrics"]["images"]] and len(figures) == 1

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_script
 
 import sweeps
+from helpers import ROOT, copy_demo, run_script
 from metrics import mcnemar
 from run_io import UserError
 
@@ -168,7 +168,8 @@ def _correct(folder):
 
 
 @pytest.mark.slow
-def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_clip):
+def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_clip, demo_assets):
+    copy_demo(demo_assets, tmp_path)  # the session's pre-trained base, not a second pre-training in the first run
     out = tmp_path / "sweep"
     argv = [sys.executable, os.path.join(ROOT, "sweep.py"), *DEMO_GRID, "--output_dir", str(out),
             "--train_args", "--num_train_epochs 1",

@@ -19,10 +19,10 @@ TEMPLATE = PetConfig().caption_template
 
 
 @pytest.fixture(scope="module")
-def pretrained_like(demo_assets):
+def pretrained_like(tiny_assets):
     """The tiny demo model with every weight nudged off its initial value: fresh LayerNorms (1 and 0)
     and zero biases are exact in bf16, so casting them wrongly would change no number and no test could see it."""
-    model_dir, _ = demo_assets
+    model_dir, _ = tiny_assets
     model = load_base_model(model_dir)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -121,8 +121,8 @@ def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
         CaptionCollator(tokenizer, bos, pad_to=short - 1)(items)
 
 
-def _bf16_run(demo_assets, out, cache, *extra):
-    model_dir, data_dir = demo_assets
+def _bf16_run(tiny_assets, out, cache, *extra):
+    model_dir, data_dir = tiny_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
             "--embedding_cache_dir", str(cache), "--precision", "bf16", "--max_steps", "4",
             "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--max_eval_samples", "8",
@@ -135,14 +135,14 @@ def _bf16_run(demo_assets, out, cache, *extra):
 
 
 @pytest.mark.slow
-def test_bf16_training_run_is_unchanged_by_the_cast(demo_assets, tmp_path, monkeypatch):
+def test_bf16_training_run_is_unchanged_by_the_cast(tiny_assets, tmp_path, monkeypatch):
     """Through Trainer (its autocast, validation captions, checkpoints, best model at the end, resume):
     the same losses, accuracies and adapter as with fp32 base weights, and the adapter stays fp32."""
-    cast_history, cast_adapter = _bf16_run(demo_assets, tmp_path / "cast", tmp_path / "cache")
-    resumed_history, resumed_adapter = _bf16_run(demo_assets, tmp_path / "cast", tmp_path / "cache",
+    cast_history, cast_adapter = _bf16_run(tiny_assets, tmp_path / "cast", tmp_path / "cache")
+    resumed_history, resumed_adapter = _bf16_run(tiny_assets, tmp_path / "cast", tmp_path / "cache",
                                                  "--resume_from_checkpoint", str(tmp_path / "cast" / "checkpoint-2"))
     monkeypatch.setattr(train, "cast_frozen_linears", lambda model, dtype: 0)
-    plain_history, plain_adapter = _bf16_run(demo_assets, tmp_path / "plain", tmp_path / "cache")
+    plain_history, plain_adapter = _bf16_run(tiny_assets, tmp_path / "plain", tmp_path / "cache")
     assert cast_history == plain_history and len(cast_history["validation"]) == 2
     assert cast_adapter.keys() == plain_adapter.keys()
     assert all(t.dtype == torch.float32 and torch.equal(t, plain_adapter[k]) for k, t in cast_adapter.items())
@@ -152,13 +152,13 @@ def test_bf16_training_run_is_unchanged_by_the_cast(demo_assets, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_compiled_training_is_one_graph_with_eagers_losses(demo_assets, tmp_path):
+def test_compiled_training_is_one_graph_with_eagers_losses(tiny_assets, tmp_path):
     """--torch_compile True: PEFT + BlipForPetCaptioning.forward compile without graph breaks, the fixed padding
     gives every batch one shape (16 images in batches of 4: no partial batch; the captions' lengths differ), and
     the losses are eager's."""
     from torch._dynamo.utils import counters
 
-    model_dir, data_dir = demo_assets
+    model_dir, data_dir = tiny_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--embedding_cache_dir",
             str(tmp_path / "cache"), "--max_steps", "4", "--max_train_samples", "16", "--per_device_train_batch_size", "4",
             "--logging_steps", "1",
@@ -176,8 +176,8 @@ def test_compiled_training_is_one_graph_with_eagers_losses(demo_assets, tmp_path
     assert len(losses[1]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def _graphs_run(demo_assets, out, *extra):
-    model_dir, data_dir = demo_assets
+def _graphs_run(tiny_assets, out, *extra):
+    model_dir, data_dir = tiny_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
             "--embedding_cache_dir", str(out.parent / "cache"), "--max_steps", "6", "--lora_dropout", "0.1",
             "--max_train_samples", "18", "--per_device_train_batch_size", "4",  # 4 full batches and one of 2 per epoch
@@ -192,12 +192,12 @@ def _failing(module, sample_args):
 
 
 @pytest.fixture(scope="module")
-def eager_graphs_run(demo_assets, tmp_path_factory):
+def eager_graphs_run(tiny_assets, tmp_path_factory):
     """--cuda_graphs whose recording fails: every step eager, with the fixed padding (the reference)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "graphs_supported", lambda device: True)
         mp.setattr(trainer, "record_graphs", _failing)
-        losses, adapter, _ = _graphs_run(demo_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True")
+        losses, adapter, _ = _graphs_run(tiny_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True")
     return losses, adapter
 
 
@@ -205,7 +205,7 @@ def _graph_warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--cuda_graphs" in r.getMessage()]
 
 
-def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, eager_graphs_run, tmp_path, monkeypatch,
+def test_cuda_graphs_take_full_batches_and_give_eagers_training(tiny_assets, eager_graphs_run, tmp_path, monkeypatch,
                                                                 caplog):
     """--cuda_graphs, with a stand-in for torch.cuda.make_graphed_callables (no GPU here): recorded once, on the
     first batch's shapes; full batches go through it, the partial one eagerly; the self-check passes without a
@@ -220,9 +220,9 @@ def test_cuda_graphs_take_full_batches_and_give_eagers_training(demo_assets, eag
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
     monkeypatch.setattr(trainer, "record_graphs", stand_in)
     with caplog.at_level("INFO", logger="trainer"):
-        losses, adapter, result = _graphs_run(demo_assets, tmp_path / "graphs", "--cuda_graphs", "True")
+        losses, adapter, result = _graphs_run(tiny_assets, tmp_path / "graphs", "--cuda_graphs", "True")
     pad_to = result["trainer"].data_collator.pad_to
-    assert pad_to == longest_caption_tokens(load_processor(demo_assets[0]).tokenizer, TEMPLATE)
+    assert pad_to == longest_caption_tokens(load_processor(tiny_assets[0]).tokenizer, TEMPLATE)
     assert len(recorded) == 1 and recorded[0][0][0] == 4 and recorded[0][1:] == [(4, pad_to)] * 3
     # steps 1-4 and 6 (step 5 has 2 images: eager), and the self-check's replay of step 1
     assert len(replays) == 6 and all(r == recorded[0] for r in replays)
@@ -248,7 +248,7 @@ class _ScaledGradient(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("wrong", ["loss", "gradients", "inputs"])
-def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_assets, eager_graphs_run, tmp_path,
+def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(tiny_assets, eager_graphs_run, tmp_path,
                                                                            monkeypatch, caplog, wrong):
     """A recorder whose replay is off by 3x the fp32 tolerance (the loss, or only the gradients), or replays the
     batch it was recorded on whatever it is given (inputs): the first replayed step's self-check sees it, warns
@@ -267,7 +267,7 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
     monkeypatch.setattr(trainer, "record_graphs", off)
     with caplog.at_level("INFO", logger="trainer"):
-        losses, adapter, _ = _graphs_run(demo_assets, tmp_path / "off", "--cuda_graphs", "True")
+        losses, adapter, _ = _graphs_run(tiny_assets, tmp_path / "off", "--cuda_graphs", "True")
     warnings = _graph_warnings(caplog)
     assert len(warnings) == 1 and "self-check" in warnings[0] and "runs eagerly" in warnings[0], warnings
     diffs = re.search(r"loss ([\d.e+-]+), LoRA gradients ([\d.e+-]+); tolerance ([\d.e+-]+)", warnings[0])
@@ -285,12 +285,12 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(demo_
     assert all(torch.equal(t, eager_adapter[k]) for k, t in adapter.items())
 
 
-def test_the_failed_recording_warned_once(demo_assets, tmp_path, monkeypatch, caplog):
+def test_the_failed_recording_warned_once(tiny_assets, tmp_path, monkeypatch, caplog):
     """Recording that raises: exactly one warning, with the recorder's message, and no self-check."""
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
     monkeypatch.setattr(trainer, "record_graphs", _failing)
     with caplog.at_level("INFO", logger="trainer"):
-        _graphs_run(demo_assets, tmp_path / "failed", "--cuda_graphs", "True", "--max_steps", "2")
+        _graphs_run(tiny_assets, tmp_path / "failed", "--cuda_graphs", "True", "--max_steps", "2")
     warnings = _graph_warnings(caplog)
     assert len(warnings) == 1 and "stream is capturing" in warnings[0] and "runs eagerly" in warnings[0]
     assert not any("self-check" in r.getMessage() for r in caplog.records)
@@ -304,8 +304,8 @@ def test_relative_difference():
     assert trainer.relative_difference(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
-def test_cuda_graph_option_errors_are_one_line(demo_assets, tmp_path, monkeypatch):
-    model_dir, data_dir = demo_assets
+def test_cuda_graph_option_errors_are_one_line(tiny_assets, tmp_path, monkeypatch):
+    model_dir, data_dir = tiny_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(tmp_path / "x"),
             "--cuda_graphs", "True"]
     with pytest.raises(UserError, match="--cuda_graphs needs a CUDA GPU"):
