@@ -303,3 +303,31 @@ def test_synthetic_breeds_differ_visibly(small_pets):
 
     a1, a2, b1 = pet_colour("Abyssinian_1"), pet_colour("Abyssinian_2"), pet_colour("american_bulldog_1")
     assert np.linalg.norm(a1 - b1) > 3 * np.linalg.norm(a1 - a2)
+
+
+def test_demo_pretraining_runs_on_its_own_thread_count_whatever_the_callers(tmp_path, monkeypatch):
+    """CPU matrix products split their sums by thread, so pre-training pins its thread count: bases built by
+    callers on 1 and on 2 threads are bit-identical, and the caller's setting is put back."""
+    import demo
+    from safetensors.torch import load_file
+
+    seen = []
+    loss = demo._caption_loss
+    monkeypatch.setattr(demo, "_caption_loss", lambda *a: seen.append(torch.get_num_threads()) or loss(*a))
+    recipe = {**demo.DEMO_BASE_RECIPE, "hidden": 32, "images": 8, "steps": 3, "batch": 4, "threads": 2}
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            out = tmp_path / f"caller-{caller}"
+            out.mkdir()
+            demo.pretrain_demo_blip(str(out), TEMPLATE, recipe, show_progress=False)
+            assert torch.get_num_threads() == caller
+            weights.append(load_file(str(out / "model.safetensors")))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2] * 6
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((tmp_path / "caller-1" / demo.RECIPE_FILE).read_text())["threads"] == 2
