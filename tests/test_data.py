@@ -290,7 +290,6 @@ def test_synthetic_species_differ_in_shape_not_only_ears():
             ys, xs = np.nonzero(np.asarray(mask))
             width, height = xs.max() - xs.min(), ys.max() - ys.min()
             assert (width > 1.2 * height) if SPECIES[label] == "dog" else (height > 1.2 * width), (label, width, height)
-            assert xs.min() >= 1 and ys.min() >= 1 and xs.max() <= 94 and ys.max() <= 94  # the whole pet is in view
 
 
 def test_synthetic_breeds_differ_visibly(small_pets):
