@@ -205,21 +205,33 @@ def test_demo_processor_tokenises_breeds_as_the_real_checkpoint(demo_assets):
     assert json.load(open(os.path.join(demo_assets[0], "config.json")))["text_config"]["vocab_size"] == 30524
 
 
-def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_path, monkeypatch):
-    """An old random tiny-blip (no recipe file) or one built by another recipe is rebuilt; a current one is kept."""
+def _fake_demo_builders(monkeypatch):
+    """demo's two builders replaced by quick fakes that record each build (the real pre-training takes a minute)."""
     import demo
 
-    built = []
+    built = {"base": [], "pets": []}
 
-    def fake_pretrain(out, template, recipe=None, show_progress=True):  # the real one takes about a minute
-        built.append(out)
+    def fake_pretrain(out, template, recipe=None, show_progress=True):
+        built["base"].append(out)
         open(os.path.join(out, "config.json"), "w").write("{}")
         json.dump({**demo.DEMO_BASE_RECIPE, "template": template}, open(os.path.join(out, demo.RECIPE_FILE), "w"))
         return out
 
+    def fake_pets(root, breeds):
+        built["pets"].append(root)
+        os.makedirs(os.path.join(root, "annotations"))
+        open(os.path.join(root, "annotations", "list.txt"), "w").close()
+
     monkeypatch.setattr(demo, "pretrain_demo_blip", fake_pretrain)
-    monkeypatch.setattr(demo, "write_synthetic_pets", lambda root, breeds: os.makedirs(os.path.join(root, "annotations"))
-                        or open(os.path.join(root, "annotations", "list.txt"), "w").close())
+    monkeypatch.setattr(demo, "write_synthetic_pets", fake_pets)
+    return built
+
+
+def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_path, monkeypatch):
+    """An old random tiny-blip (no recipe file) or one built by another recipe is rebuilt; a current one is kept."""
+    import demo
+
+    built = _fake_demo_builders(monkeypatch)["base"]
     base = tmp_path / "tiny-blip"
     base.mkdir()
     (base / "config.json").write_text('{"random": true}')  # as the random demo of earlier versions left it
@@ -233,6 +245,58 @@ def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_p
     assert len(built) == 2 and demo.is_current_base(str(base), TEMPLATE)
     assert not demo.is_current_base(str(base), "A {breed}.")  # another template: its words were not pre-trained
     assert sorted(os.listdir(tmp_path)) == ["pets", "tiny-blip"]  # no temporary folder left behind
+
+
+def test_demo_pets_drawn_by_another_version_are_redrawn_and_current_ones_reused(tmp_path, monkeypatch):
+    """A pets folder with no drawing record (drawn before the record existed) or another one is redrawn."""
+    import demo
+
+    built = _fake_demo_builders(monkeypatch)["pets"]
+    pets = tmp_path / "pets"
+    (pets / "annotations").mkdir(parents=True)
+    (pets / "annotations" / "list.txt").write_text("# drawn by an earlier version\n")
+    assert demo.prepare_demo_data(str(tmp_path)) == str(pets)
+    assert len(built) == 1 and (pets / "annotations" / "list.txt").read_text() == ""
+    assert json.loads((pets / demo.DATA_FILE).read_text()) == demo.DEMO_DATA_RECIPE
+    demo.prepare_demo_data(str(tmp_path))
+    assert len(built) == 1  # reused
+    (pets / demo.DATA_FILE).write_text(json.dumps({**demo.DEMO_DATA_RECIPE, "data": demo.DEMO_DATA_RECIPE["data"] - 1}))
+    demo.prepare_demo_data(str(tmp_path))
+    assert len(built) == 2 and demo.data_drawn_by(str(pets)) == demo.DEMO_DATA_RECIPE
+    # the base records the drawing too: its pre-training images are drawn by the same code
+    assert demo.DEMO_BASE_RECIPE["data"] == demo.DEMO_DATA_RECIPE["data"]
+    assert sorted(os.listdir(tmp_path)) == ["pets"]
+
+
+def test_demo_assets_given_on_the_command_line_are_not_built(tmp_path, monkeypatch):
+    """--demo with --model_name_or_path and --dataset builds nothing under DEMO_DIR (tests pass both)."""
+    import demo
+
+    built = _fake_demo_builders(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cfg = PetConfig(demo=True, model_name_or_path="given-model", dataset="given-pets")
+    demo.use_demo_assets(cfg)
+    assert (cfg.model_name_or_path, cfg.dataset) == ("given-model", "given-pets")
+    assert built == {"base": [], "pets": []} and os.listdir(tmp_path) == []
+    cfg = PetConfig(demo=True, dataset="given-pets")
+    demo.use_demo_assets(cfg)
+    assert cfg.model_name_or_path.endswith("tiny-blip") and len(built["base"]) == 1 and built["pets"] == []
+
+
+def test_synthetic_species_differ_in_shape_not_only_ears():
+    """Dogs stand long on four legs, cats sit upright: the pet mask's bounding box is wider than tall for
+    every dog and taller than wide for every cat, whichever way it faces."""
+    import random
+
+    from demo import _draw_pet
+
+    rng = random.Random(3)
+    for label in (0, 1, 3, 5, 7, 20, 24):  # cats and dogs, 37 breeds' pre-training looks included
+        for _ in range(6):
+            _, mask = _draw_pet(label, 96, rng)
+            ys, xs = np.nonzero(np.asarray(mask))
+            width, height = xs.max() - xs.min(), ys.max() - ys.min()
+            assert (width > 1.2 * height) if SPECIES[label] == "dog" else (height > 1.2 * width), (label, width, height)
 
 
 def test_synthetic_breeds_differ_visibly(small_pets):
@@ -454,3 +518,32 @@ def test_damaged_save_to_disk_folder_is_one_line(tmp_path, damage):
             os.truncate(arrow, os.path.getsize(arrow) // 2)
     with pytest.raises(UserError, match="save_to_disk folder .* is incomplete or corrupt"):
         load_splits(data)
+
+
+def test_demo_pretraining_runs_on_its_own_thread_count_whatever_the_callers(tmp_path, monkeypatch):
+    """CPU matrix products split their sums by thread, so pre-training pins its thread count: bases built by
+    callers on 1 and on 2 threads are bit-identical, and the caller's setting is put back."""
+    from safetensors.torch import load_file
+
+    import demo
+
+    seen = []
+    loss = demo._caption_loss
+    monkeypatch.setattr(demo, "_caption_loss", lambda *a: seen.append(torch.get_num_threads()) or loss(*a))
+    recipe = {**demo.DEMO_BASE_RECIPE, "hidden": 32, "images": 8, "steps": 3, "batch": 4, "threads": 2}
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            out = tmp_path / f"caller-{caller}"
+            out.mkdir()
+            demo.pretrain_demo_blip(str(out), TEMPLATE, recipe, show_progress=False)
+            assert torch.get_num_threads() == caller
+            weights.append(load_file(str(out / "model.safetensors")))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2] * 6
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((tmp_path / "caller-1" / demo.RECIPE_FILE).read_text())["threads"] == 2
