@@ -5,21 +5,20 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import inference
 from breeds import BREED_NAMES
 from data import Record, load_image, load_splits
-from helpers import ROOT
+from helpers import ROOT, png_with_size
 from run_io import UserError
 
 pytest.importorskip("gradio")
@@ -88,8 +87,8 @@ def test_result_matches_an_independent_computation(captioner, test_images):
 def test_one_image_is_embedded_once_for_both_models(captioner, test_images, monkeypatch):
     assert captioner.shared  # LoRA on the text decoder: identical vision encoders
     calls = []
-    real = app.image_embeddings
-    monkeypatch.setattr(app, "image_embeddings", lambda model, pixels: calls.append(1) or real(model, pixels))
+    real = inference.image_embeddings  # what embeddings_per_model, the app's one way to embed, calls
+    monkeypatch.setattr(inference, "image_embeddings", lambda model, pixels: calls.append(1) or real(model, pixels))
     captioner.analyse(test_images[0][0])
     assert len(calls) == 1
     captioner.shared = False  # different encoders: each model embeds the image itself
@@ -117,20 +116,12 @@ def test_handler_fills_every_output(captioner, test_images):
     assert values[8]["label"] == f"Cross-attention of “{BREED_NAMES[label].lower()}”"
 
 
-def _png_with_size(width, height) -> bytes:
-    """A PNG whose header claims width x height: a decompression bomb needs no real pixels."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.slow
 def test_bad_input_is_a_message_not_an_exception(captioner, tmp_path, monkeypatch):
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_with_size(40000, 40000))  # 1.6 G pixels, over PIL's default limit
+    bomb.write_bytes(png_with_size(40000, 40000))  # 1.6 G pixels, over PIL's default limit
     cases = {None: "No image", "": "No image", str(notes): "not an image", str(tmp_path / "missing.jpg"): "not an image",
              str(bomb): "too large"}
     for image, message in cases.items():
