@@ -16,10 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import demo  # noqa: E402
 from config import DEMO_DIR, PetConfig  # noqa: E402
-from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, write_synthetic_pets  # noqa: E402
+from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, prepare_demo_base, prepare_demo_data, write_synthetic_pets  # noqa: E402
 from helpers import copy_demo, run_script, train_argv  # noqa: E402
 
-_real_prepare_demo = prepare_demo
+_real_base, _real_data = prepare_demo_base, prepare_demo_data  # before suite_folder stands in for them
 PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-train the demo base or train on it
 
 
@@ -60,13 +60,18 @@ def suite_folder(tmp_path_factory):
     start = os.getcwd()
     os.chdir(folder)
 
-    def prepare(demo_dir, template):
-        if demo_dir == DEMO_DIR and os.getcwd() == str(folder):
-            return _tiny_assets(tmp_path_factory)
-        return _real_prepare_demo(demo_dir, template)
+    def in_suite_folder(demo_dir):
+        return demo_dir == DEMO_DIR and os.getcwd() == str(folder)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(demo, "prepare_demo", prepare)
+    def base(demo_dir, template):
+        return _tiny_assets(tmp_path_factory)[0] if in_suite_folder(demo_dir) else _real_base(demo_dir, template)
+
+    def data(demo_dir):
+        return _tiny_assets(tmp_path_factory)[1] if in_suite_folder(demo_dir) else _real_data(demo_dir)
+
+    with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets, prepare_demo)
+        mp.setattr(demo, "prepare_demo_base", base)
+        mp.setattr(demo, "prepare_demo_data", data)
         yield str(folder)
     os.chdir(start)
 
@@ -75,7 +80,7 @@ def suite_folder(tmp_path_factory):
 def demo_assets(tmp_path_factory):
     """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session: slow tests only."""
     root = tmp_path_factory.mktemp("demo")
-    return _real_prepare_demo(str(root), PetConfig().caption_template)
+    return prepare_demo(str(root), PetConfig().caption_template)
 
 
 @pytest.fixture(scope="session")
