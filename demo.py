@@ -127,7 +127,7 @@ def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, t
     """Write a synthetic Oxford-IIIT Pet in the official layout and return `root`.
 
     breeds: class indices to include (default: all 37). Pets differ visibly by breed
-    (colour, pattern) and species (ear shape); trimaps mark pet (1), background (2), border (3).
+    (colour, pattern) and species (shape and marks, see _silhouette); trimaps mark pet (1), background (2), border (3).
     """
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
     rng = random.Random(seed)
