@@ -49,8 +49,7 @@ def _silhouette(species: str, r: float, side: int) -> list:
     if species == "cat":
         hr, hx, hy = 0.6 * r, side * 0.25 * r, -1.25 * r
         tail = [(-side * 0.6 * r, 0.8 * r), (-side * 1.2 * r, 0.5 * r), (-side * 1.3 * r, -0.3 * r), (-side * r, -0.8 * r)]
-        chest = [("ellipse", [(side * 0.15 * r - 0.5 * r, -0.75 * r), (side * 0.15 * r + 0.5 * r, 0.6 * r)], 0),
-                 ("ellipse", [(hx - 0.45 * hr, hy + 0.05 * hr), (hx + 0.45 * hr, hy + 0.75 * hr)], 0)]  # chest, muzzle
+        chest = [("ellipse", [(side * 0.2 * r - 0.35 * r, -0.7 * r), (side * 0.2 * r + 0.35 * r, 0.3 * r)], 0)]
         return [("ellipse", [(-0.8 * r, -0.85 * r), (0.8 * r, 0.95 * r)], 0),
                 ("ellipse", [(hx - hr, hy - hr), (hx + hr, hy + hr)], 0),
                 ("polygon", [(hx - hr, hy - 0.3 * hr), (hx - 0.6 * hr, hy - 1.9 * hr), (hx - 0.05 * hr, hy - 0.7 * hr)], 0),
@@ -128,7 +127,7 @@ def write_synthetic_pets(root: str, breeds=None, trainval_per_breed: int = 30, t
     """Write a synthetic Oxford-IIIT Pet in the official layout and return `root`.
 
     breeds: class indices to include (default: all 37). Pets differ visibly by breed
-    (colour, pattern) and species (ear shape); trimaps mark pet (1), background (2), border (3).
+    (colour, pattern) and species (shape and marks, see _silhouette); trimaps mark pet (1), background (2), border (3).
     """
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
     rng = random.Random(seed)
@@ -230,7 +229,7 @@ def build_tiny_blip(out_dir: str, image_size: int = 64, seed: int = 0, base_size
 
 DEMO_BASE_RECIPE = {
     "recipe": 2,  # bump when the recipe changes: a base folder built by another recipe is rebuilt
-    "data": 2,  # DEMO_DATA_RECIPE's: the drawing of its pre-training images
+    "data": 3,  # DEMO_DATA_RECIPE's: the drawing of its pre-training images
     "hidden": 128, "image_size": 64, "patch_size": 8, "images": 1480, "steps": 700, "batch": 12,
     "text_share": 0.25, "learning_rate": 3e-3, "seed": 0, "threads": 1,
 }
@@ -351,7 +350,7 @@ def is_current_base(model_dir: str, template: str) -> bool:
 DEMO_BREEDS = list(range(8))  # Abyssinian .. Beagle: 4 cats and 4 dogs, each a distinct colour
 # How the demo's pets folder is drawn: bump "data" when _draw_pet or write_synthetic_pets changes, so a
 # pets folder drawn before is redrawn (and the base, whose pre-training images it draws too, rebuilt)
-DEMO_DATA_RECIPE = {"data": 2, "breeds": DEMO_BREEDS}
+DEMO_DATA_RECIPE = {"data": 3, "breeds": DEMO_BREEDS}
 DATA_FILE = "demo_data.json"
 
 
