@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import inference
-from breeds import BREED_NAMES
+from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
 from data import Record, load_image, load_splits
 from helpers import ROOT, png_with_size
 from run_io import UserError
@@ -50,6 +50,7 @@ def test_images(demo_run):
 def test_result_matches_an_independent_computation(captioner, test_images):
     from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
 
+    right = 0
     for path, label in test_images:
         result = captioner.analyse(path)
         assert set(result) == {"zero_shot", "fine_tuned"}
@@ -74,13 +75,16 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             assert r["per_token_first"] == (None if per_token == top[0] else BREED_NAMES[per_token])
             # The map: the input enlarged to the display size with a colour overlay on it
             assert r["heatmap"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and r["heatmap"].dtype == np.uint8
-        # The demo adapter names the right breed, and its map is that breed word's
+        # The fine-tuned caption names a breed, the page says that breed, and its map is that breed word's
         tuned = result["fine_tuned"]
-        assert tuned["breed"] == BREED_NAMES[label]
-        assert BREED_NAMES[label].lower() in tuned["caption"]
-        assert tuned["map_word"] == f"breed: {BREED_NAMES[label].lower()}"
+        named = breed_from_caption(tuned["caption"])
+        assert named != UNKNOWN and tuned["breed"] == BREED_NAMES[named]
+        assert tuned["map_word"] == f"breed: {BREED_NAMES[named].lower()}"
+        right += named == label
         plain = np.asarray(image.resize((app.DISPLAY_SIDE, app.DISPLAY_SIDE), Image.Resampling.BICUBIC)).astype(int)
         assert np.abs(tuned["heatmap"].astype(int) - plain).mean() > 20  # coloured, not the bare image
+    # the demo adapter is right on about 95% of the test images (the evaluate test checks >= 0.9 on all 80)
+    assert right >= 2, right
 
 
 @pytest.mark.slow
