@@ -332,14 +332,19 @@ def _pretrain(recipe: dict, show_progress: bool) -> tuple:
     return model.eval(), processor, loss.item()
 
 
-def built_by(model_dir: str) -> dict:
-    """The recipe a demo base folder records ({} for none: an older random tiny-blip, or a half-written one)."""
+def _recorded(folder: str, record_file: str, built_file: str) -> dict:
+    """The recipe `folder` records in record_file ({} for none, or when built_file is missing: half-written)."""
     try:
-        with open(os.path.join(model_dir, RECIPE_FILE)) as f:
+        with open(os.path.join(folder, record_file)) as f:
             recipe = json.load(f)
     except (OSError, ValueError):
         return {}
-    return recipe if isinstance(recipe, dict) and os.path.isfile(os.path.join(model_dir, "config.json")) else {}
+    return recipe if isinstance(recipe, dict) and os.path.isfile(os.path.join(folder, built_file)) else {}
+
+
+def built_by(model_dir: str) -> dict:
+    """The recipe a demo base folder records ({} for none: an older random tiny-blip, or a half-written one)."""
+    return _recorded(model_dir, RECIPE_FILE, "config.json")
 
 
 def is_current_base(model_dir: str, template: str) -> bool:
@@ -382,12 +387,7 @@ def _replace_with(path: str, demo_dir: str, build) -> str:
 
 def data_drawn_by(data_dir: str) -> dict:
     """The recipe a demo pets folder records ({} for none: drawn by an earlier version, or half-written)."""
-    try:
-        with open(os.path.join(data_dir, DATA_FILE)) as f:
-            recipe = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return recipe if isinstance(recipe, dict) and os.path.isfile(os.path.join(data_dir, "annotations", "list.txt")) else {}
+    return _recorded(data_dir, DATA_FILE, os.path.join("annotations", "list.txt"))
 
 
 def prepare_demo_data(demo_dir: str) -> str:
