@@ -87,9 +87,36 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
             return super().forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                                    labels=labels, **kwargs)
         image_embeds = image_embeds.to(self.text_decoder.dtype)  # the cache stores half precision
-        out = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                labels=labels, reduction="mean", **kwargs)
-        return BlipForConditionalGenerationModelOutput(loss=out.loss, logits=out.logits, image_embeds=image_embeds)
+        if labels is None:
+            out = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                    **kwargs)
+            return BlipForConditionalGenerationModelOutput(logits=out.logits, image_embeds=image_embeds)
+        return BlipForConditionalGenerationModelOutput(loss=self.caption_loss(image_embeds, input_ids, attention_mask, labels, **kwargs),
+                                                       image_embeds=image_embeds)
+
+    def caption_loss(self, image_embeds, input_ids, attention_mask, labels, **kwargs) -> torch.Tensor:
+        """BLIP's captioning loss (next-token cross-entropy, its label smoothing, the mean over labelled tokens),
+        with the LM head run on the labelled positions only.
+
+        BLIP's own loss projects every position, padding too, onto the 30,524-word vocabulary and
+        copies those logits once more before the loss: most of a decoder step's work at the demo's
+        sizes. The positions it ignores (label -100) add nothing to its loss, so leaving them out
+        gives the same loss and gradients (tests/test_train_step.py).
+        """
+        decoder = self.text_decoder
+        kwargs.pop("use_cache", None)  # no key/value cache in training, as BLIP's forward does with labels
+        hidden = decoder.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                              is_decoder=True, use_cache=False, **kwargs).last_hidden_state
+        hidden, targets = hidden[:, :-1], labels[:, 1:]  # position i predicts token i + 1
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            # one compiled graph (--torch_compile) or CUDA graph (--cuda_graphs) holds no shape that depends
+            # on the data: every position there, as BLIP does
+            hidden, targets = hidden.flatten(0, 1), targets.flatten()
+        else:
+            scored = targets != -100
+            hidden, targets = hidden[scored], targets[scored]
+        return torch.nn.functional.cross_entropy(decoder.cls(hidden), targets, ignore_index=-100,
+                                                 label_smoothing=decoder.label_smoothing)
 
 
 class BlipVisionSdpaAttention(BlipAttention):

@@ -121,6 +121,31 @@ def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
         CaptionCollator(tokenizer, bos, pad_to=short - 1)(items)
 
 
+def test_loss_on_labelled_positions_is_blips_loss(pretrained_like):
+    """The training loss (BlipForPetCaptioning.caption_loss, the LM head on labelled positions only) is BLIP's
+    own text-decoder loss, label smoothing and padding included, and so are its gradients."""
+    base, processor = pretrained_like
+    items = [{"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Pug", "American Pit Bull Terrier", "Bengal")]
+    batch = CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id)(items)
+    assert (batch["labels"] == -100).any()  # padding, which BLIP's loss must ignore
+    embeds = _batch(base, processor, len(items))["image_embeds"].float()
+    model = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value")
+    model.get_base_model().text_decoder.label_smoothing = 0.1  # checked too (the checkpoint's config leaves it at 0)
+    losses, grads = [], []
+    for ours in (True, False):
+        model.zero_grad()
+        inner = model.get_base_model()
+        if ours:
+            loss = model(image_embeds=embeds, **batch).loss
+        else:
+            loss = inner.text_decoder(encoder_hidden_states=embeds, reduction="mean", **batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8) and grads[0].abs().sum() > 0
+
+
 def _bf16_run(tiny_assets, out, cache, *extra):
     model_dir, data_dir = tiny_assets
     argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
