@@ -38,7 +38,16 @@ from PIL import Image
 
 from attention import explain, overlay
 from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
-from config import DEMO_APP_OVERRIDES, AppConfig, PetConfig, base_model_for, check_seed, data_for, parse_config
+from config import (
+    DEMO_APP_OVERRIDES,
+    AppConfig,
+    PetConfig,
+    adapter_sources_first,
+    base_model_for,
+    check_seed,
+    data_for,
+    parse_config,
+)
 from data import BadImage, Record, load_image, load_splits
 from demo import use_demo_assets
 from devices import pick_device, pick_dtype
@@ -131,6 +140,7 @@ def _data_url_bytes(url: str):
 def parse_args(argv=None):
     cfg, args = parse_config((PetConfig, AppConfig), argv, DEMO_APP_OVERRIDES)
     if cfg.demo:
+        adapter_sources_first(cfg, args.adapter)
         use_demo_assets(cfg)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535 (0 picks a free port), not {args.port}")

@@ -267,6 +267,20 @@ def _adapter_run(adapter_dir: str) -> dict:
         return {}
 
 
+def adapter_sources_first(cfg, adapter_dir: str) -> None:
+    """--demo with an adapter: the base and data set it was trained on, where not given and still on disk, so
+    --demo builds (and points at) only what neither the flags nor the adapter name."""
+    try:
+        base = check_adapter(adapter_dir)["base_model_name_or_path"]
+    except UserError:  # no adapter yet (the app trains the demo's), or a broken one: its own check says so later
+        return
+    trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
+    if cfg.model_name_or_path is None and isinstance(base, str) and os.path.isdir(base):
+        cfg.model_name_or_path = base
+    if cfg.dataset is None and isinstance(trained, str) and os.path.isdir(trained):
+        cfg.dataset = trained
+
+
 def data_for(cfg, adapter_dir: str) -> str:
     """The data set evaluate.py and explainability.py use: --dataset if given, else the one the adapter was trained on."""
     trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")

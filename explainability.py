@@ -28,6 +28,7 @@ from config import (
     DEMO_EXPLAIN_OVERRIDES,
     ExplainConfig,
     PetConfig,
+    adapter_sources_first,
     adapter_split_settings,
     base_model_for,
     check_seed,
@@ -68,6 +69,7 @@ def parse_layers(text: str):
 def parse_args(argv=None):
     cfg, ex = parse_config((PetConfig, ExplainConfig), argv, DEMO_EXPLAIN_OVERRIDES)
     if cfg.demo:
+        adapter_sources_first(cfg, ex.adapter)
         use_demo_assets(cfg)
     if ex.num_images is None:
         ex.num_images = 0 if ex.image else 8

@@ -1,6 +1,7 @@
 """config.py: a flag the user typed wins over every demo preset and device default (even when it equals the default);
 no abbreviated flags; evaluate and explain take the adapter's own base model, data and split unless told otherwise."""
 
+import importlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from config import (
 )
 from data import load_splits
 from devices import DEVICE_DEFAULTS
-from helpers import TRAIN_SEED
+from helpers import TRAIN_SEED, adapter_copy, edit_json
 from run_io import UserError
 
 SCRIPTS = {TrainConfig: DEMO_TRAIN_OVERRIDES, EvalConfig: DEMO_EVAL_OVERRIDES,
@@ -148,3 +149,23 @@ def test_validation_split_needs_the_adapters_run_config(tiny_adapter, tmp_path):
     with pytest.raises(UserError, match="needs the adapter's run_config.json"):
         adapter_split_settings(copy, PetConfig(), "validation", 42)
     assert adapter_split_settings(copy, PetConfig(), "test", 42) == (0.1, 42)
+
+
+@pytest.mark.parametrize("script", ["evaluate", "explainability", "app"])
+def test_demo_with_an_adapter_takes_the_adapters_own_base_and_data(script, tiny_adapter, tiny_assets, tmp_path):
+    """--demo --adapter X: the base and data set X was trained on (when still on disk), not the demo's."""
+    module = importlib.import_module(script)
+    base, data = str(tmp_path / "other-base"), str(tmp_path / "other-pets")
+    shutil.copytree(tiny_assets[0], base)
+    shutil.copytree(tiny_assets[1], data)
+    adapter = adapter_copy(tiny_adapter, tmp_path)
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=base)
+    run = json.load(open(os.path.join(adapter, "run_config.json")))
+    edit_json(os.path.join(adapter, "run_config.json"), PetConfig={**run["PetConfig"], "dataset": data})
+    cfg, _ = module.parse_args(["--demo", "--adapter", adapter, "--output_dir", str(tmp_path / "out")])
+    assert (cfg.model_name_or_path, cfg.dataset) == (base, data)
+    given = str(tmp_path / "given-base")
+    shutil.copytree(tiny_assets[0], given)
+    cfg, _ = module.parse_args(["--demo", "--adapter", adapter, "--model_name_or_path", given,
+                                "--output_dir", str(tmp_path / "out2")])
+    assert cfg.model_name_or_path == given  # a typed flag still wins
