@@ -1,55 +1,126 @@
-"""Pre-train a demo base and score its zero-shot species on the demo test set (issue 22's table).
+"""Pre-train a demo base, then fine-tune and evaluate it with several seeds: issue 22's table.
 
-    python benchmarks/demo_species.py OUT_DIR [--seed 0] [--recipe '{"steps": 500, "batch": 16}']
+    python benchmarks/demo_seeds.py OUT_DIR [--seeds 1 2 3] [--recipe '{"steps": 500}'] [--base DIR]
+        [--train_args "--num_train_epochs 12"] [--explain]
 
-Prints one JSON line: pre-training wall and CPU seconds, species accuracy, share of captions naming
-no breed, species accuracy per breed. The demo pets are drawn into OUT_DIR/pets.
+The demo pets are drawn into OUT_DIR/pets and the base pre-trained into OUT_DIR/base (--base reuses
+one). Each seed runs train.py and evaluate.py (and with --explain explainability.py) on them as
+subprocesses, the demo's defaults plus --train_args. Prints a Markdown table and one JSON line:
+pre-training and per-script wall and CPU seconds, and each run's metrics.
 """
 
 import argparse
 import json
 import os
 import resource
+import shlex
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import demo  # noqa: E402
+from breeds import BREED_NAMES, SPECIES, UNKNOWN, breed_from_caption, species_from_caption  # noqa: E402
 from config import PetConfig  # noqa: E402
-from data import SPECIES, UNKNOWN, breed_from_caption, load_image, load_splits, species_from_caption  # noqa: E402
-from model import generate_caption, load_base_model, load_processor  # noqa: E402
+from data import load_image, load_splits  # noqa: E402
+from inference import generate_caption  # noqa: E402
+from model import load_base_model, load_processor  # noqa: E402
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", default="{}", help="JSON overrides of demo.DEMO_BASE_RECIPE")
-    args = parser.parse_args()
-    template = PetConfig().caption_template
-    recipe = {**demo.DEMO_BASE_RECIPE, "seed": args.seed, **json.loads(args.recipe)}
-    pets, base = demo.prepare_demo_data(args.out_dir), os.path.join(args.out_dir, "base")
-    os.makedirs(base, exist_ok=True)
-    wall, cpu = time.time(), cpu_seconds()
-    demo.pretrain_demo_blip(base, template, recipe, show_progress=False)
-    wall, cpu = time.time() - wall, cpu_seconds() - cpu
+def timed(fn) -> tuple:
+    """(fn's result, wall seconds, CPU seconds of this process and its children)."""
+    wall, cpu = time.time(), cpu_seconds() + cpu_seconds(resource.RUSAGE_CHILDREN)
+    out = fn()
+    return out, round(time.time() - wall, 1), round(cpu_seconds() + cpu_seconds(resource.RUSAGE_CHILDREN) - cpu, 1)
+
+
+def script(name: str, args: list) -> None:
+    subprocess.run([sys.executable, os.path.join(ROOT, name), "--demo", *args], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_seed(out_dir: str, base: str, pets: str, seed: int, train_args: list, explain: bool) -> dict:
+    adapter, evaluation = os.path.join(out_dir, f"lora-{seed}"), os.path.join(out_dir, f"eval-{seed}")
+    common = ["--model_name_or_path", base, "--dataset", pets]
+    row = {"seed": seed}
+    _, row["train_wall_s"], row["train_cpu_s"] = timed(lambda: script("train.py", [
+        *common, "--seed", str(seed), "--output_dir", adapter,
+        "--embedding_cache_dir", os.path.join(out_dir, "cache"), *train_args]))
+    _, row["evaluate_wall_s"], row["evaluate_cpu_s"] = timed(lambda: script("evaluate.py", [
+        *common, "--adapter", adapter, "--output_dir", evaluation, "--linear_probe", "false", "--clip_model", "none"]))
+    with open(os.path.join(evaluation, "metrics.json")) as f:
+        metrics = json.load(f)
+    for model in ("zero_shot", "fine_tuned"):
+        m = metrics[model]
+        row[model] = {k: m[k] for k in ("breed_accuracy", "species_accuracy", "no_breed_rate", "ranking_agrees_with_caption")}
+    if explain:
+        explained = os.path.join(out_dir, f"explain-{seed}")
+        _, row["explain_wall_s"], row["explain_cpu_s"] = timed(lambda: script("explainability.py", [
+            *common, "--adapter", adapter, "--output_dir", explained]))
+        with open(os.path.join(explained, "attention_metrics.json")) as f:
+            summary = json.load(f)["summary"]
+        for model in ("zero_shot", "fine_tuned"):
+            share = summary[model]["mean_pet_attention_share"]  # None when no image had a subject to score
+            row[model]["pet_attention"] = None if share is None else round(share, 3)
+        row["pet_area"] = round(summary["zero_shot"]["mean_mask_share"], 3)
+    return row
+
+
+def zero_shot_species(base: str, pets: str) -> dict:
+    """The base's zero-shot captions of the demo test set: species accuracy (overall and per breed), no breed named."""
     model, processor = load_base_model(base).eval(), load_processor(base)
     test = load_splits(pets)["test"]
     captions = generate_caption(model, processor, [load_image(r) for r in test], max_new_tokens=16)
     right = [species_from_caption(c) == SPECIES[r.label] for c, r in zip(captions, test)]
     per_breed = {}
     for ok, r in zip(right, test):
-        per_breed.setdefault(r.label, []).append(ok)
-    print(json.dumps({"recipe": recipe, "pretrain_wall_s": round(wall, 1), "pretrain_cpu_s": round(cpu, 1),
-                      "species_accuracy": sum(right) / len(test),
-                      "no_breed_rate": sum(breed_from_caption(c) == UNKNOWN for c in captions) / len(test),
-                      "species_per_breed": {k: sum(v) / len(v) for k, v in sorted(per_breed.items())}}))
+        per_breed.setdefault(BREED_NAMES[r.label], []).append(ok)
+    return {"species_accuracy": sum(right) / len(test),
+            "no_breed_rate": sum(breed_from_caption(c) == UNKNOWN for c in captions) / len(test),
+            "species_per_breed": {k: sum(v) / len(v) for k, v in per_breed.items()}}
+
+
+def table(rows: list) -> str:
+    lines = ["| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption | pet attention zs / ft |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        zs, ft = r["zero_shot"], r["fine_tuned"]
+        attention = f"{zs['pet_attention']} / {ft['pet_attention']}" if "pet_attention" in zs else "-"
+        lines.append(f"| {r['seed']} | {zs['species_accuracy']:.4g} / {zs['breed_accuracy']:.3g} / {zs['no_breed_rate']:.3g} "
+                     f"| {ft['breed_accuracy']:.4g} | {ft['ranking_agrees_with_caption']:.4g} | {attention} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3], help="fine-tuning seeds (none: pre-train only)")
+    parser.add_argument("--recipe", default="{}", help="JSON overrides of demo.DEMO_BASE_RECIPE")
+    parser.add_argument("--base", help="an already pre-trained demo base to reuse")
+    parser.add_argument("--train_args", default="", help="extra train.py flags, one string")
+    parser.add_argument("--explain", action="store_true", help="also run explainability.py: pet attention")
+    args = parser.parse_args()
+    template = PetConfig().caption_template
+    pets = demo.prepare_demo_data(args.out_dir)
+    result = {"recipe": {**demo.DEMO_BASE_RECIPE, **json.loads(args.recipe)}}
+    base = args.base
+    if base is None:
+        base = os.path.join(args.out_dir, "base")
+        os.makedirs(base, exist_ok=True)
+        _, result["pretrain_wall_s"], result["pretrain_cpu_s"] = timed(
+            lambda: demo.pretrain_demo_blip(base, template, result["recipe"], show_progress=False))
+    result["zero_shot"] = zero_shot_species(base, pets)
+    print(json.dumps(result["zero_shot"]), flush=True)
+    result["runs"] = [run_seed(args.out_dir, base, pets, s, shlex.split(args.train_args), args.explain) for s in args.seeds]
+    print(table(result["runs"]))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -547,3 +547,23 @@ def test_demo_pretraining_runs_on_its_own_thread_count_whatever_the_callers(tmp_
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert json.loads((tmp_path / "caller-1" / demo.RECIPE_FILE).read_text())["threads"] == 2
+
+
+def test_sampled_head_is_the_full_softmax_when_every_unused_token_is_drawn():
+    """demo.SampledHead: with all unused tokens drawn (correction log 1 = 0) or negatives=None it is the full
+    softmax's cross-entropy; with a few drawn, only the used and drawn rows get a gradient."""
+    from types import SimpleNamespace
+
+    from demo import SampledHead
+
+    torch.manual_seed(0)
+    head = SimpleNamespace(transform=torch.nn.Identity(), decoder=torch.nn.Linear(8, 50))
+    hidden, targets = torch.randn(6, 8), torch.tensor([3, 7, 7, 20, 3, 41])
+    full = torch.nn.functional.cross_entropy(head.decoder(hidden), targets)
+    used = torch.tensor([3, 7, 20, 41, 7])
+    assert SampledHead(used, 50, None).loss(head, hidden, targets).item() == pytest.approx(full.item(), rel=1e-6)
+    assert SampledHead(used, 50, 46).loss(head, hidden, targets).item() == pytest.approx(full.item(), rel=1e-6)
+    sampled = SampledHead(used, 50, 5)
+    sampled.loss(head, hidden, targets).backward()
+    rows = head.decoder.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist()
+    assert set(used.tolist()) <= set(rows) and len(rows) == 4 + 5

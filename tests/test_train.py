@@ -65,7 +65,7 @@ def test_demo_learns_breeds_on_held_out_images(demo_run, demo_adapter):
     # the pre-trained base captions like zero-shot BLIP: the species (a random base: half), no breed
     assert untrained <= 0.1 and sum(breed_from_caption(c) == UNKNOWN for c in base_captions) >= 0.8 * len(test)
     species = [species_from_caption(c) == SPECIES[r.label] for c, r in zip(base_captions, test)]
-    assert sum(species) >= 0.6 * len(test), base_captions[:5]  # measured 0.675-0.875 (the goal: 0.9)
+    assert sum(species) >= 0.6 * len(test), base_captions[:5]  # measured 0.9625 (evaluate's test checks the goal, 0.9)
 
 
 @pytest.mark.slow
