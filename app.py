@@ -139,16 +139,16 @@ def _data_url_bytes(url: str):
 
 def parse_args(argv=None):
     cfg, args = parse_config((PetConfig, AppConfig), argv, DEMO_APP_OVERRIDES)
-    if cfg.demo:
-        adapter_sources_first(cfg, args.adapter)
-        use_demo_assets(cfg)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535 (0 picks a free port), not {args.port}")
     if args.num_examples < 0:
         raise UserError("--num_examples must be 0 or more")
     check_output_dir(args.output_dir, args.adapter)
     check_seed(args.seed)
-    if not cfg.demo:  # the demo trains its adapter first when it is missing (main)
+    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
+        adapter_sources_first(cfg, args.adapter)
+        use_demo_assets(cfg)
+    else:  # the demo trains its adapter first when it is missing (main)
         check_adapter(args.adapter)
     return cfg, args
 

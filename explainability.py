@@ -68,9 +68,6 @@ def parse_layers(text: str):
 
 def parse_args(argv=None):
     cfg, ex = parse_config((PetConfig, ExplainConfig), argv, DEMO_EXPLAIN_OVERRIDES)
-    if cfg.demo:
-        adapter_sources_first(cfg, ex.adapter)
-        use_demo_assets(cfg)
     if ex.num_images is None:
         ex.num_images = 0 if ex.image else 8
     if ex.num_images < 0:
@@ -79,6 +76,9 @@ def parse_args(argv=None):
     check_seed(ex.seed)
     parse_layers(ex.layers)  # fail before loading anything
     check_adapter(ex.adapter)
+    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
+        adapter_sources_first(cfg, ex.adapter)
+        use_demo_assets(cfg)
     cfg.model_name_or_path = base_model_for(cfg, ex.adapter)
     cfg.dataset = data_for(cfg, ex.adapter)
     return cfg, ex

@@ -53,15 +53,7 @@ logger = logging.getLogger("train")
 def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
     join_cpu_processes()  # TrainingArguments sets up its devices while parsing
     cfg, args = parse_config((PetConfig, TrainConfig), argv, DEMO_TRAIN_OVERRIDES)
-    if cfg.demo:
-        use_demo_assets(cfg)
-    cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
-    cfg.dataset = cfg.dataset or DEFAULT_DATASET
-    # Local folders are recorded absolute, so run settings and run_config.json name them from anywhere
-    for name in ("model_name_or_path", "dataset"):
-        if os.path.isdir(getattr(cfg, name)):
-            setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
-    check_train_options(cfg, args)
+    check_train_options(args)
     if args.device.type != "cuda":
         args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns elsewhere
     # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
@@ -74,11 +66,23 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
             args.mixed_precision = "bf16" if args.bf16 else "fp16"
     if args.fp16 and args.device.type == "cpu":
         raise UserError("fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32")
+    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
+        use_demo_assets(cfg)
+    cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
+    cfg.dataset = cfg.dataset or DEFAULT_DATASET
+    # Local folders are recorded absolute, so run settings and run_config.json name them from anywhere
+    for name in ("model_name_or_path", "dataset"):
+        if os.path.isdir(getattr(cfg, name)):
+            setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
+    if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
+        # the adapter would be saved into the base model's folder, which then loads with it applied
+        raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "
+                        f"{cfg.model_name_or_path!r}; pass another folder")
     return cfg, args
 
 
-def check_train_options(cfg: PetConfig, args: TrainConfig) -> None:
-    """train.py's own options, before anything heavy loads: one UserError line each."""
+def check_train_options(args: TrainConfig) -> None:
+    """train.py's own options, before anything heavy loads (the demo's base included): one UserError line each."""
     if args.per_device_train_batch_size < 1 or args.per_device_eval_batch_size < 1:
         raise UserError("batch sizes must be at least 1")
     if args.gradient_accumulation_steps < 1:
@@ -103,10 +107,6 @@ def check_train_options(cfg: PetConfig, args: TrainConfig) -> None:
             raise UserError("--cuda_graphs cannot accumulate gradients: use a larger --per_device_train_batch_size "
                             "instead of --gradient_accumulation_steps, or leave --cuda_graphs off")
     check_output_dir(args.output_dir)
-    if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
-        # the adapter would be saved into the base model's folder, which then loads with it applied
-        raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "
-                        f"{cfg.model_name_or_path!r}; pass another folder")
 
 
 def check_report_to(report_to: str | list | None) -> None:

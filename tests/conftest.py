@@ -19,7 +19,6 @@ from config import DEMO_DIR, PetConfig  # noqa: E402
 from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, prepare_demo_base, prepare_demo_data, write_synthetic_pets  # noqa: E402
 from helpers import copy_demo, run_script, train_argv  # noqa: E402
 
-_real_base, _real_data = prepare_demo_base, prepare_demo_data  # before suite_folder stands in for them
 PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-train the demo base or train on it
 
 
@@ -52,26 +51,27 @@ def tiny_assets(tmp_path_factory):
 def suite_folder(tmp_path_factory):
     """The suite runs in a temporary folder, so nothing lands in the checkout's outputs/.
 
-    In that folder an in-process --demo gets the random tiny base and data (every such test passes its own
-    --model_name_or_path and --dataset, or only parses options): --demo builds its demo first, and the
-    pre-trained base is what the slow tests' demo_run and demo_assets build, each in its own folder.
+    An in-process --demo there must be given --model_name_or_path and --dataset (tiny_assets), or fail
+    on an option before it builds anything: building the demo base pre-trains it, which only the slow
+    tests' demo_run and demo_assets do, each in its own folder. A test that would build it here fails
+    with the reason instead of silently making the fast tier a minute slower.
     """
     folder = tmp_path_factory.mktemp("cwd")
     start = os.getcwd()
     os.chdir(folder)
 
-    def in_suite_folder(demo_dir):
-        return demo_dir == DEMO_DIR and os.getcwd() == str(folder)
+    def refuse(what):
+        def build(demo_dir, *args):
+            if demo_dir == DEMO_DIR and os.getcwd() == str(folder):
+                pytest.fail(f"this test builds the demo {what} in the suite folder: pass --model_name_or_path "
+                            "and --dataset (tiny_assets), or use demo_run / demo_assets in a slow test")
+            return real[what](demo_dir, *args)
+        return build
 
-    def base(demo_dir, template):
-        return _tiny_assets(tmp_path_factory)[0] if in_suite_folder(demo_dir) else _real_base(demo_dir, template)
-
-    def data(demo_dir):
-        return _tiny_assets(tmp_path_factory)[1] if in_suite_folder(demo_dir) else _real_data(demo_dir)
-
+    real = {"base": prepare_demo_base, "data": prepare_demo_data}
     with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets, prepare_demo)
-        mp.setattr(demo, "prepare_demo_base", base)
-        mp.setattr(demo, "prepare_demo_data", data)
+        mp.setattr(demo, "prepare_demo_base", refuse("base"))
+        mp.setattr(demo, "prepare_demo_data", refuse("data"))
         yield str(folder)
     os.chdir(start)
 

@@ -169,3 +169,21 @@ def test_demo_with_an_adapter_takes_the_adapters_own_base_and_data(script, tiny_
     cfg, _ = module.parse_args(["--demo", "--adapter", adapter, "--model_name_or_path", given,
                                 "--output_dir", str(tmp_path / "out2")])
     assert cfg.model_name_or_path == given  # a typed flag still wins
+
+
+@pytest.mark.parametrize("script,bad_option,message", [
+    ("train", ["--learning_rate", "-1"], "--learning_rate"),
+    ("train", ["--num_train_epochs", "0"], "untrained adapter"),
+    ("evaluate", ["--bootstrap_samples", "0"], "--bootstrap_samples"),
+    ("explainability", ["--num_images", "-1"], "--num_images"),
+    ("app", ["--port", "70000"], "--port"),
+])
+def test_demo_checks_the_options_before_building_its_base(script, bad_option, message, tmp_path, monkeypatch):
+    """A bad flag beside --demo is one line at once, not after a minute of pre-training the demo base."""
+    import demo
+
+    monkeypatch.setattr(demo, "prepare_demo_base", lambda *a: pytest.fail("built the demo base before checking"))
+    monkeypatch.setattr(demo, "prepare_demo_data", lambda *a: pytest.fail("drew the demo data before checking"))
+    module = importlib.import_module(script)
+    with pytest.raises(UserError, match=message):
+        module.parse_args(["--demo", "--output_dir", str(tmp_path / "out"), *bad_option])

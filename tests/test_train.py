@@ -152,12 +152,13 @@ def test_bad_options_fail_before_heavy_work(tmp_path):
         train.parse_args(["--embedding_cache_dtype", "bfloat16"])
 
 
-def test_precision_flag_reaches_trainers_autocast(tmp_path):
+def test_precision_flag_reaches_trainers_autocast(tiny_assets, tmp_path):
     """--precision sets bf16 after TrainingArguments derived mixed_precision from the flags, and Trainer's
     autocast follows mixed_precision alone: it must be set too, or the step runs in fp32."""
-    _, args = train.parse_args(["--demo", "--precision", "bf16", "--output_dir", str(tmp_path)])
+    given = ["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1], "--output_dir", str(tmp_path)]
+    _, args = train.parse_args([*given, "--precision", "bf16"])
     assert args.bf16 and not args.fp16 and args.mixed_precision == "bf16"
-    _, args = train.parse_args(["--demo", "--precision", "fp32", "--output_dir", str(tmp_path)])
+    _, args = train.parse_args([*given, "--precision", "fp32"])
     assert not (args.bf16 or args.fp16) and args.mixed_precision == "no"
 
 
