@@ -67,7 +67,9 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             probs /= probs.sum()
             top = np.argsort(-probs, kind="stable")[:5]
             assert [name for name, _ in r["top"]] == [BREED_NAMES[i] for i in top]
-            np.testing.assert_allclose([p for _, p in r["top"]], probs[top], rtol=1e-5)
+            # float32 from two paths (the app shares one image embedding between the models): their last bits
+            # can differ from run to run (CPU kernels can depend on memory alignment); 5.6e-5 seen once
+            np.testing.assert_allclose([p for _, p in r["top"]], probs[top], rtol=5e-4)
             assert len(probs) == 37 and sum(p for _, p in r["top"]) < 1
             # the per-token ranking is named only where its first breed is not the summed ranking's
             tokens = (breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template)[1][:, 1:].sum(-1)).numpy()
