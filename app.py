@@ -42,7 +42,6 @@ from config import (
     DEMO_APP_OVERRIDES,
     AppConfig,
     PetConfig,
-    adapter_sources_first,
     base_model_for,
     check_seed,
     data_for,
@@ -145,9 +144,8 @@ def parse_args(argv=None):
         raise UserError("--num_examples must be 0 or more")
     check_output_dir(args.output_dir, args.adapter)
     check_seed(args.seed)
-    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
-        adapter_sources_first(cfg, args.adapter)
-        use_demo_assets(cfg)
+    if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
+        use_demo_assets(cfg, args.adapter)
     else:  # the demo trains its adapter first when it is missing (main)
         check_adapter(args.adapter)
     return cfg, args

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
 from breeds import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for
-from config import DEMO_DIR
+from config import DEMO_DIR, adapter_sources_first
 from data import tokenize_captions
 from model import load_processor
 
@@ -406,8 +406,14 @@ DEMO_DATA_RECIPE = {"data": 3, "breeds": DEMO_BREEDS}
 DATA_FILE = "demo_data.json"
 
 
-def use_demo_assets(cfg) -> None:
-    """--demo: point cfg at the demo base and the synthetic pets not given, built once (by one process)."""
+def use_demo_assets(cfg, adapter_dir: str = None) -> None:
+    """--demo: point cfg at the demo base and the synthetic pets not given, built once (by one process).
+
+    With an adapter, the base and data it was trained on come first (config.adapter_sources_first).
+    Call it after every option check: building the base pre-trains it, about a minute on a CPU.
+    """
+    if adapter_dir is not None:
+        adapter_sources_first(cfg, adapter_dir)
     # None is "not given": no flag can type it. Only what is not given is built, so a run given both
     # writes nothing under DEMO_DIR
     with PartialState().main_process_first():

@@ -25,7 +25,6 @@ from config import (
     DEMO_EVAL_OVERRIDES,
     EvalConfig,
     PetConfig,
-    adapter_sources_first,
     adapter_split_settings,
     base_model_for,
     check_seed,
@@ -66,8 +65,7 @@ def parse_args(argv=None):
     check_output_dir(args.output_dir, args.adapter)
     adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
     if cfg.demo:
-        adapter_sources_first(cfg, args.adapter)
-        use_demo_assets(cfg)
+        use_demo_assets(cfg, args.adapter)
     base = base_model_for(cfg, args.adapter)
     cfg.dataset = data_for(cfg, args.adapter)
     if not same_source(base, adapter_base):

@@ -28,7 +28,6 @@ from config import (
     DEMO_EXPLAIN_OVERRIDES,
     ExplainConfig,
     PetConfig,
-    adapter_sources_first,
     adapter_split_settings,
     base_model_for,
     check_seed,
@@ -76,9 +75,8 @@ def parse_args(argv=None):
     check_seed(ex.seed)
     parse_layers(ex.layers)  # fail before loading anything
     check_adapter(ex.adapter)
-    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
-        adapter_sources_first(cfg, ex.adapter)
-        use_demo_assets(cfg)
+    if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
+        use_demo_assets(cfg, ex.adapter)
     cfg.model_name_or_path = base_model_for(cfg, ex.adapter)
     cfg.dataset = data_for(cfg, ex.adapter)
     return cfg, ex

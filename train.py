@@ -66,7 +66,7 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
             args.mixed_precision = "bf16" if args.bf16 else "fp16"
     if args.fp16 and args.device.type == "cpu":
         raise UserError("fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32")
-    if cfg.demo:  # after every option check: building the demo base pre-trains it (about a minute)
+    if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
         use_demo_assets(cfg)
     cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
     cfg.dataset = cfg.dataset or DEFAULT_DATASET

@@ -60,6 +60,8 @@ def suite_folder(tmp_path_factory):
     start = os.getcwd()
     os.chdir(folder)
 
+    real = {"base": prepare_demo_base, "data": prepare_demo_data}
+
     def refuse(what):
         def build(demo_dir, *args):
             if demo_dir == DEMO_DIR and os.getcwd() == str(folder):
@@ -68,7 +70,6 @@ def suite_folder(tmp_path_factory):
             return real[what](demo_dir, *args)
         return build
 
-    real = {"base": prepare_demo_base, "data": prepare_demo_data}
     with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets, prepare_demo)
         mp.setattr(demo, "prepare_demo_base", refuse("base"))
         mp.setattr(demo, "prepare_demo_data", refuse("data"))
