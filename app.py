@@ -59,7 +59,9 @@ logger = logging.getLogger("app")
 
 TITLES = dict(zip(MODELS, ("Zero-shot BLIP", "Fine-tuned (LoRA)")))  # a column per model
 TOP_K = 5
-DISPLAY_SIDE = 448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
+DISPLAY_SIDE = (
+    448  # maps are drawn on a copy this size: a 12 MP photo is slow to colour and send, a 64 px one too small to see
+)
 MAX_UPLOAD_BYTES = 50 << 20  # the pixel limit is data.load_image's, as everywhere in the project
 EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
 NOT_AN_IMAGE = "That file is not an image this app can read. Try a JPEG, PNG or WebP photo."
@@ -67,7 +69,12 @@ MAP_LABEL = "Cross-attention"
 # The bars are the summed ranking, which evaluate.py scores (likelihood_top1) and which agrees with the fine-tuned
 # demo's captions (metrics.json: ranking_agrees_with_caption); the per-token one is named where it differs
 RANKING_LABEL = "Top 5 of 37 breeds (softmax of summed caption log-likelihoods)"
-EMPTY_RESULT = [None, None, gr.update(value=None, label=RANKING_LABEL), gr.update(value=None, label=MAP_LABEL)]  # one model's fields after an error
+EMPTY_RESULT = [
+    None,
+    None,
+    gr.update(value=None, label=RANKING_LABEL),
+    gr.update(value=None, label=MAP_LABEL),
+]  # one model's fields after an error
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,10 @@ def read_image(image) -> Image.Image:
         return load_image(Record("upload", -1, image))
     except BadImage as e:
         if "DecompressionBomb" in str(e):
-            raise UserError(f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
-                            "image in this project. Shrink it and try again.") from None
+            raise UserError(
+                f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
+                "image in this project. Shrink it and try again."
+            ) from None
         raise UserError(NOT_AN_IMAGE) from None
 
 
@@ -182,10 +191,15 @@ class PetCaptioner:
     def analyse(self, image) -> dict:
         """{"zero_shot": {...}, "fine_tuned": {...}} for one image; UserError for bad input."""
         image = read_image(image)
-        pixels = self.processor.image_processor([image], return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        pixels = self.processor.image_processor([image], return_tensors="pt")["pixel_values"].to(
+            self.device, self.dtype
+        )
         scale = DISPLAY_SIDE / max(image.size)
-        shown = np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                        Image.Resampling.BICUBIC))
+        shown = np.asarray(
+            image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+            )
+        )
         out, embeds_of = {}, embeddings_per_model(self.models, pixels, self.shared)
         for key, model in self.models.items():
             embeds = embeds_of[key]
@@ -223,13 +237,23 @@ def handle(captioner: PetCaptioner, image) -> list:
         return ["**error:** something went wrong on the server (see its log)."] + EMPTY_RESULT * len(MODELS)
     seconds = time.perf_counter() - start
     logger.info("answered in %.3f s: %s", seconds, {k: r["caption"] for k, r in result.items()})
-    values = [f"Answered in {seconds:.2f} s on {captioner.device.type}"
-              f"{' (image embedded once for both models)' if captioner.shared else ''}."]
+    values = [
+        f"Answered in {seconds:.2f} s on {captioner.device.type}"
+        f"{' (image embedded once for both models)' if captioner.shared else ''}."
+    ]
     for key in MODELS:
         r = result[key]
-        values += [r["caption"], r["breed"] or "no breed named", gr.update(value=dict(r["top"]), label=ranking_label(r)),
-                   gr.update(value=r["heatmap"], label=f"Cross-attention of “{r['map_word'].split(': ', 1)[1]}”"
-                             if r["map_word"] else "No breed or cat/dog word to map")]
+        values += [
+            r["caption"],
+            r["breed"] or "no breed named",
+            gr.update(value=dict(r["top"]), label=ranking_label(r)),
+            gr.update(
+                value=r["heatmap"],
+                label=f"Cross-attention of “{r['map_word'].split(': ', 1)[1]}”"
+                if r["map_word"]
+                else "No breed or cat/dog word to map",
+            ),
+        ]
     return values
 
 
@@ -254,7 +278,7 @@ def write_examples(cfg, args) -> list:
     folder = os.path.join(args.output_dir, "examples")
     os.makedirs(folder, exist_ok=True)
     examples = []
-    for r in list(one_per_breed.values())[:args.num_examples]:
+    for r in list(one_per_breed.values())[: args.num_examples]:
         try:
             image = load_image(r)
         except BadImage:
@@ -267,11 +291,12 @@ def write_examples(cfg, args) -> list:
 
 def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
     with gr.Blocks(title="BLIP + LoRA pet captions") as demo:
-        gr.Markdown("# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
-                    f"Oxford-IIIT Pet. Zero-shot: `{captioner.base_name}`.")
+        gr.Markdown(
+            "# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
+            f"Oxford-IIIT Pet. Zero-shot: `{captioner.base_name}`."
+        )
         with gr.Row():
-            image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image",
-                             height=320)
+            image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image", height=320)
             with gr.Column():
                 submit = gr.Button("Caption it", variant="primary", elem_id="submit")
                 status = gr.Markdown(elem_id="status")
@@ -283,15 +308,22 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
                     outputs += [
                         gr.Textbox(label="Caption", interactive=False, elem_id=f"{key}-caption"),
                         gr.Textbox(label="Breed named", interactive=False, elem_id=f"{key}-breed"),
-                        gr.Label(label=RANKING_LABEL, num_top_classes=TOP_K,
-                                 show_heading=False, elem_id=f"{key}-top"),
+                        gr.Label(label=RANKING_LABEL, num_top_classes=TOP_K, show_heading=False, elem_id=f"{key}-top"),
                         gr.Image(label=MAP_LABEL, interactive=False, elem_id=f"{key}-map", height=320),
                     ]
         fn = lambda img: handle(captioner, img)  # noqa: E731
         submit.click(fn, inputs=image, outputs=outputs, api_name="caption")
         if examples:
-            gr.Examples([[p] for p, _ in examples], inputs=image, outputs=outputs, fn=fn, run_on_click=True,
-                        cache_examples=False, example_labels=[b for _, b in examples], label="Examples from the data set")
+            gr.Examples(
+                [[p] for p, _ in examples],
+                inputs=image,
+                outputs=outputs,
+                fn=fn,
+                run_on_click=True,
+                cache_examples=False,
+                example_labels=[b for _, b in examples],
+                label="Examples from the data set",
+            )
     return demo
 
 
@@ -309,8 +341,10 @@ def main(argv=None):
         logger.info("no demo adapter in %s: training one with `train.py --demo` first", args.adapter)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
         if subprocess.run([sys.executable, script, "--demo", "--output_dir", args.adapter]).returncode != 0:
-            raise UserError(f"training the demo adapter failed (see above); run `python train.py --demo --output_dir "
-                            f"{args.adapter}` to see why, then start the app again")
+            raise UserError(
+                f"training the demo adapter failed (see above); run `python train.py --demo --output_dir "
+                f"{args.adapter}` to see why, then start the app again"
+            )
     # The same rule as evaluate.py and explainability.py: the flags if given, else the adapter's own base and data
     cfg.model_name_or_path = base_model_for(cfg, args.adapter)
     cfg.dataset = data_for(cfg, args.adapter)
@@ -324,10 +358,19 @@ def main(argv=None):
     port = args.port or free_port(args.host)
     print(f"Serving on http://{args.host}:{port} (Ctrl+C stops)", flush=True)
     # System fonts: the default theme's web fonts would be one more thing to fetch
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     build_ui(captioner, examples).launch(
-        server_name=args.host, server_port=port, share=False, theme=theme, ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES,
-        allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]], quiet=True)
+        server_name=args.host,
+        server_port=port,
+        share=False,
+        theme=theme,
+        ssr_mode=False,
+        max_file_size=MAX_UPLOAD_BYTES,
+        allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]],
+        quiet=True,
+    )
 
 
 if __name__ == "__main__":

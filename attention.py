@@ -38,8 +38,13 @@ def patch_grid(model) -> tuple:
 
 
 @torch.no_grad()
-def cross_attention_maps(model, pixel_values_or_embeds: torch.Tensor, input_ids: torch.Tensor,
-                         attention_mask: Optional[torch.Tensor] = None, layers=None) -> torch.Tensor:
+def cross_attention_maps(
+    model,
+    pixel_values_or_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    layers=None,
+) -> torch.Tensor:
     """Decoder cross-attention over the image patches, (B, T, grid_rows, grid_cols), float32.
 
     Teacher-forced over `input_ids`; averaged over heads and the chosen `layers` (indices into the
@@ -54,11 +59,18 @@ def cross_attention_maps(model, pixel_values_or_embeds: torch.Tensor, input_ids:
     chosen = list(range(num_layers)) if layers is None else [int(i) for i in layers]
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
     if not chosen or bad:
-        raise UserError(f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers (0-{num_layers - 1}, or negative from the end)")
+        raise UserError(
+            f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers (0-{num_layers - 1}, or negative from the end)"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    out = model.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=embeds,
-                             output_attentions=True, return_dict=True)
+    out = model.text_decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        encoder_hidden_states=embeds,
+        output_attentions=True,
+        return_dict=True,
+    )
     if out.cross_attentions is None:
         raise RuntimeError("the text decoder returned no cross_attentions; it needs eager attention")
     attn = torch.stack([out.cross_attentions[i].float() for i in chosen]).mean(dim=(0, 2))  # (B, T, 1 + patches)
@@ -103,7 +115,7 @@ def subject_span(words: list):
     """
     for n in range(min(MAX_SUBJECT_WORDS, len(words)), 0, -1):
         for s in range(len(words) - n + 1):
-            run = words[s:s + n]
+            run = words[s : s + n]
             if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
                 continue
             text = normalise_text(" ".join(w for w, _, _ in run)).strip()
@@ -121,7 +133,7 @@ def span_map(maps: np.ndarray, start: int, end: int) -> np.ndarray:
     maps[i] is the attention of the query at token i, which predicts token i + 1, so token j
     was written by step j - 1. The mean of distributions is a distribution.
     """
-    return maps[start - 1:end - 1].mean(axis=0)
+    return maps[start - 1 : end - 1].mean(axis=0)
 
 
 def pet_share(grid_map: np.ndarray, mask: np.ndarray):
@@ -155,8 +167,14 @@ def load_pet_mask(trimap_path: str, size):
         return None
     mask = trimap != 2
     if mask.shape != (size[1], size[0]):
-        logger.warning("trimap %s is %dx%d, its image %dx%d: resized to the image", trimap_path, mask.shape[1],
-                       mask.shape[0], size[0], size[1])
+        logger.warning(
+            "trimap %s is %dx%d, its image %dx%d: resized to the image",
+            trimap_path,
+            mask.shape[1],
+            mask.shape[0],
+            size[0],
+            size[1],
+        )
         mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     return mask
 

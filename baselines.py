@@ -50,6 +50,7 @@ PUBLISHED = [
 @dataclass
 class Baselines:
     """run_baselines' result: metrics.json's entries and predictions.csv's extra columns."""
+
     numbers: dict = field(default_factory=dict)
     columns: dict = field(default_factory=dict)
 
@@ -67,10 +68,14 @@ def score(labels, pred, reference_correct, samples: int, seed: int) -> dict:
     """Accuracy with its interval, mean per-class recall, McNemar against `reference_correct` (the fine-tuned captions)."""
     labels, pred = np.asarray(labels), np.asarray(pred)
     correct = pred == labels
-    return {"accuracy": float(correct.mean()), "accuracy_ci95": bootstrap_ci(correct, samples, seed),
-            "mean_per_class_recall": mean_per_class_recall(labels, pred), "num_samples": int(len(labels)),
-            # first = this baseline, second = the fine-tuned captions
-            "mcnemar_vs_fine_tuned_caption": mcnemar(correct, np.asarray(reference_correct, bool))}
+    return {
+        "accuracy": float(correct.mean()),
+        "accuracy_ci95": bootstrap_ci(correct, samples, seed),
+        "mean_per_class_recall": mean_per_class_recall(labels, pred),
+        "num_samples": int(len(labels)),
+        # first = this baseline, second = the fine-tuned captions
+        "mcnemar_vs_fine_tuned_caption": mcnemar(correct, np.asarray(reference_correct, bool)),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -161,7 +166,9 @@ def linear_probe(model, processor, splits: dict, test_records: list, batch_size:
     """The probe's predictions on `test_records`: {"pred": (n,) with -1 for unreadable images, "C", ...}."""
     xs, ys = {}, {}
     for name, records in (("train", splits["train"]), ("validation", splits["validation"]), ("test", test_records)):
-        x, positions = pooled_features(model, processor.image_processor, records, batch_size, cache, f"probe features, {name}")
+        x, positions = pooled_features(
+            model, processor.image_processor, records, batch_size, cache, f"probe features, {name}"
+        )
         xs[name], ys[name] = x, (np.array([records[i].label for i in positions]), positions)
     train_y = ys["train"][0]
     if len(set(train_y.tolist())) < 2:
@@ -170,8 +177,13 @@ def linear_probe(model, processor, splits: dict, test_records: list, batch_size:
     pred = np.full(len(test_records), -1)
     if len(ys["test"][1]):
         pred[ys["test"][1]] = fitted["model"].predict(xs["test"])
-    return {"pred": pred, "C": fitted["C"], "validation_accuracy": fitted["validation_accuracy"],
-            "train_images": int(len(train_y)), "validation_images": int(len(ys["validation"][0]))}
+    return {
+        "pred": pred,
+        "C": fitted["C"],
+        "validation_accuracy": fitted["validation_accuracy"],
+        "train_images": int(len(train_y)),
+        "validation_images": int(len(ys["validation"][0])),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +201,10 @@ def check_clip_option(name: str) -> None:
         except (OSError, ValueError, AttributeError):
             model_type = None
         if model_type != "clip":
-            raise UserError(f"--clip_model {name!r} holds no CLIP model (config.json with model_type \"clip\"); "
-                            f"pass a CLIP folder, a Hub id such as {CLIP_DEFAULT}, or none")
+            raise UserError(
+                f'--clip_model {name!r} holds no CLIP model (config.json with model_type "clip"); '
+                f"pass a CLIP folder, a Hub id such as {CLIP_DEFAULT}, or none"
+            )
     elif is_local(name):
         raise UserError(f"--clip_model folder {name!r} does not exist; pass a CLIP folder, a Hub id, or none")
 
@@ -205,16 +219,24 @@ def load_clip(name: str, device, dtype):
         model = CLIPModel.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as e:
         if name == CLIP_DEFAULT:
-            logger.warning("CLIP zero-shot baseline skipped: %s cannot be loaded (%s). Pass --clip_model /local/copy, "
-                           "or --clip_model none to silence this", name, str(e).splitlines()[0][:150])
+            logger.warning(
+                "CLIP zero-shot baseline skipped: %s cannot be loaded (%s). Pass --clip_model /local/copy, "
+                "or --clip_model none to silence this",
+                name,
+                str(e).splitlines()[0][:150],
+            )
             return None
         if kwargs:
             raise UserError(offline_hint("CLIP model", name, "--clip_model")) from None
-        raise UserError(f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-                        "pass a CLIP folder or Hub id, or --clip_model none") from None
+        raise UserError(
+            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+            "pass a CLIP folder or Hub id, or --clip_model none"
+        ) from None
     except Exception as e:  # corrupt weights or configs: each library raises its own type
-        raise UserError(f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e)[:150]}); "
-                        "download it again, or pass --clip_model none") from None
+        raise UserError(
+            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e)[:150]}); "
+            "download it again, or pass --clip_model none"
+        ) from None
     return model.to(device).eval(), processor
 
 
@@ -230,8 +252,11 @@ def clip_scores(model, processor, records: list, batch_size: int):
 
     param = next(model.parameters())
     text = processor.tokenizer([CLIP_PROMPT.format(breed=b) for b in BREED_NAMES], padding=True, return_tensors="pt")
-    text_emb = _features(model.get_text_features(input_ids=text["input_ids"].to(param.device),
-                                                attention_mask=text["attention_mask"].to(param.device))).float()
+    text_emb = _features(
+        model.get_text_features(
+            input_ids=text["input_ids"].to(param.device), attention_mask=text["attention_mask"].to(param.device)
+        )
+    ).float()
     text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
     scale = model.logit_scale.exp().float()
     rows, positions = [], []
@@ -251,7 +276,9 @@ def clip_scores(model, processor, records: list, batch_size: int):
 # All of them, for evaluate.py
 
 
-def run_baselines(args, zero_shot, processor, splits: dict, predictions, fine_tuned_correct, device, dtype) -> Baselines:
+def run_baselines(
+    args, zero_shot, processor, splits: dict, predictions, fine_tuned_correct, device, dtype
+) -> Baselines:
     """Every baseline on predictions' images, scored against the fine-tuned captions (fine_tuned_correct)."""
     out = Baselines()
     labels = np.asarray(predictions.label)
@@ -260,27 +287,40 @@ def run_baselines(args, zero_shot, processor, splits: dict, predictions, fine_tu
     if not args.linear_probe:
         out.numbers["linear_probe"] = {"skipped": "--linear_probe False"}
     elif args.split != "test":
-        out.numbers["linear_probe"] = {"skipped": f"fitted on train and tuned on validation, so scored on test only (not {args.split})"}
+        out.numbers["linear_probe"] = {
+            "skipped": f"fitted on train and tuned on validation, so scored on test only (not {args.split})"
+        }
     else:
         try:
-            probe = linear_probe(zero_shot, processor, splits, records, batch, adapter_cache(args.adapter, zero_shot, processor))
+            probe = linear_probe(
+                zero_shot, processor, splits, records, batch, adapter_cache(args.adapter, zero_shot, processor)
+            )
         except ValueError as e:
             logger.warning("linear probe skipped: %s", e)
             out.numbers["linear_probe"] = {"skipped": str(e)}
         else:
             out.numbers["linear_probe"] = _scored(probe["pred"], labels, fine_tuned_correct, args)
-            out.numbers["linear_probe"].update({k: probe[k] for k in ("C", "validation_accuracy", "train_images", "validation_images")})
+            out.numbers["linear_probe"].update(
+                {k: probe[k] for k in ("C", "validation_accuracy", "train_images", "validation_images")}
+            )
             out.columns["linear_probe_breed"] = _names(probe["pred"])
     loaded = None if args.clip_model.lower() == "none" else load_clip(args.clip_model, device, dtype)
     if loaded is None:
-        reason = "--clip_model none" if args.clip_model.lower() == "none" else f"{args.clip_model} could not be loaded (offline?)"
+        reason = (
+            "--clip_model none"
+            if args.clip_model.lower() == "none"
+            else f"{args.clip_model} could not be loaded (offline?)"
+        )
         out.numbers["clip_zero_shot"] = {"skipped": reason, "model": args.clip_model}
     else:
         logits, positions = clip_scores(*loaded, records, batch)
         pred = np.full(len(records), -1)
         pred[positions] = logits.argmax(1)
-        out.numbers["clip_zero_shot"] = {**_scored(pred, labels, fine_tuned_correct, args),
-                                         "model": args.clip_model, "prompt": CLIP_PROMPT}
+        out.numbers["clip_zero_shot"] = {
+            **_scored(pred, labels, fine_tuned_correct, args),
+            "model": args.clip_model,
+            "prompt": CLIP_PROMPT,
+        }
         out.columns["clip_zero_shot_breed"] = _names(pred)
         del loaded
     return out
@@ -321,9 +361,11 @@ def summary_lines(numbers: dict) -> list:
             continue
         lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
-        lines.append(f"{label}: top-1 {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], mean per-class recall "
-                     f"{b['mean_per_class_recall']:.3f}; McNemar vs fine-tuned captions: baseline alone right "
-                     f"{mc['only_first_correct']}, fine-tuned alone {mc['only_second_correct']}, p = {mc['p_value']:.3g}")
+        lines.append(
+            f"{label}: top-1 {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], mean per-class recall "
+            f"{b['mean_per_class_recall']:.3f}; McNemar vs fine-tuned captions: baseline alone right "
+            f"{mc['only_first_correct']}, fine-tuned alone {mc['only_second_correct']}, p = {mc['p_value']:.3g}"
+        )
     return lines
 
 
@@ -331,18 +373,26 @@ def report_section(numbers: dict) -> str:
     """The report's "Baselines" section: measured baselines, published numbers, and which comparison is fair."""
     ft = numbers["fine_tuned"]
     lo, hi = ft["breed_accuracy_ci95"]
-    rows = [f"| fine-tuned BLIP + LoRA, breed named in the caption | {ft['breed_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | - | - |"]
+    rows = [
+        f"| fine-tuned BLIP + LoRA, breed named in the caption | {ft['breed_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | - | - |"
+    ]
     for label, b, skipped in _measured(numbers):
         if b is None:
             rows.append(f"| {label} | skipped: {skipped} | - | - |")
             continue
         lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
-        rows.append(f"| {label} | {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {b['mean_per_class_recall']:.3f} | "
-                    f"{mc['only_first_correct']} vs {mc['only_second_correct']}, p = {mc['p_value']:.3g} |")
+        rows.append(
+            f"| {label} | {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {b['mean_per_class_recall']:.3f} | "
+            f"{mc['only_first_correct']} vs {mc['only_second_correct']}, p = {mc['p_value']:.3g} |"
+        )
     probe = numbers.get("linear_probe", {})
-    probe_note = (f" The probe's C = {probe['C']:g} was chosen on {probe['validation_images']} validation images "
-                  f"and fitted on {probe['train_images']} training images." if "C" in probe else "")
+    probe_note = (
+        f" The probe's C = {probe['C']:g} was chosen on {probe['validation_images']} validation images "
+        f"and fitted on {probe['train_images']} training images."
+        if "C" in probe
+        else ""
+    )
     published = "\n".join(f"| {name} | {acc:.2f} | {source} |" for name, acc, source in PUBLISHED)
     table = "\n".join(rows)
     return f"""## Baselines on the same images

@@ -8,13 +8,43 @@ import numpy as np
 # The 37 breeds in the official class-id order (class id = index + 1). Cat breeds
 # are capitalised in the official file names, dogs are not.
 BREEDS = [
-    "Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
-    "Bengal", "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau",
-    "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees", "havanese",
-    "japanese_chin", "keeshond", "leonberger", "Maine_Coon", "miniature_pinscher", "newfoundland",
-    "Persian", "pomeranian", "pug", "Ragdoll", "Russian_Blue", "saint_bernard", "samoyed",
-    "scottish_terrier", "shiba_inu", "Siamese", "Sphynx", "staffordshire_bull_terrier",
-    "wheaten_terrier", "yorkshire_terrier",
+    "Abyssinian",
+    "american_bulldog",
+    "american_pit_bull_terrier",
+    "basset_hound",
+    "beagle",
+    "Bengal",
+    "Birman",
+    "Bombay",
+    "boxer",
+    "British_Shorthair",
+    "chihuahua",
+    "Egyptian_Mau",
+    "english_cocker_spaniel",
+    "english_setter",
+    "german_shorthaired",
+    "great_pyrenees",
+    "havanese",
+    "japanese_chin",
+    "keeshond",
+    "leonberger",
+    "Maine_Coon",
+    "miniature_pinscher",
+    "newfoundland",
+    "Persian",
+    "pomeranian",
+    "pug",
+    "Ragdoll",
+    "Russian_Blue",
+    "saint_bernard",
+    "samoyed",
+    "scottish_terrier",
+    "shiba_inu",
+    "Siamese",
+    "Sphynx",
+    "staffordshire_bull_terrier",
+    "wheaten_terrier",
+    "yorkshire_terrier",
 ]
 BREED_NAMES = [b.replace("_", " ").title() for b in BREEDS]  # "American Pit Bull Terrier"
 SPECIES = ["cat" if b[0].isupper() else "dog" for b in BREEDS]
@@ -55,11 +85,28 @@ UNKNOWN = -1  # the caption names no breed
 # Other names people (and zero-shot BLIP) use for the breeds. Bare "bulldog" is left out:
 # it names breeds outside the 37 and would credit a guess.
 _ALIASES = {
-    "american_pit_bull_terrier": ["pit bull", "pitbull", "pit bull terrier", "american pit bull", "american pitbull terrier"],
+    "american_pit_bull_terrier": [
+        "pit bull",
+        "pitbull",
+        "pit bull terrier",
+        "american pit bull",
+        "american pitbull terrier",
+    ],
     "yorkshire_terrier": ["yorkie", "yorkshire"],
     "saint_bernard": ["st bernard", "st bernards"],
-    "german_shorthaired": ["german shorthaired pointer", "german short haired pointer", "german shorthair", "german short haired"],
-    "staffordshire_bull_terrier": ["staffordshire", "staffy", "staffie", "stafford bull terrier", "staffordshire terrier"],
+    "german_shorthaired": [
+        "german shorthaired pointer",
+        "german short haired pointer",
+        "german shorthair",
+        "german short haired",
+    ],
+    "staffordshire_bull_terrier": [
+        "staffordshire",
+        "staffy",
+        "staffie",
+        "stafford bull terrier",
+        "staffordshire terrier",
+    ],
     "wheaten_terrier": ["wheaten", "soft coated wheaten terrier", "soft coated wheaten"],
     "scottish_terrier": ["scottie", "scotty", "scottie dog", "scotch terrier"],
     "shiba_inu": ["shiba", "shiba inus"],
@@ -108,7 +155,7 @@ DOG_WORDS = {"dog", "dogs", "puppy", "puppies", "pup", "pups", "doggy"}
 
 
 def species_from_caption(caption: str) -> Optional[str]:
-    """"cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
+    """ "cat" or "dog": from the breed a caption names, else from words like cat/kitten/dog/puppy; None if unclear."""
     label = breed_from_caption(caption)
     if label != UNKNOWN:
         return SPECIES[label]

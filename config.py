@@ -34,15 +34,21 @@ class PetConfig:
 
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": f"Hub id or local folder of a BLIP captioning model (train.py: default {BASE_MODEL}; "
-                          "evaluate.py, explainability.py: default the adapter's own base model)"},
+        metadata={
+            "help": f"Hub id or local folder of a BLIP captioning model (train.py: default {BASE_MODEL}; "
+            "evaluate.py, explainability.py: default the adapter's own base model)"
+        },
     )
     dataset: Optional[str] = field(
         default=None,
-        metadata={"help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder "
-                          f"(train.py: default {DEFAULT_DATASET}; evaluate.py, explainability.py: default the adapter's own)"},
+        metadata={
+            "help": "Hub dataset id, a folder in the official Oxford-IIIT Pet layout, or a save_to_disk folder "
+            f"(train.py: default {DEFAULT_DATASET}; evaluate.py, explainability.py: default the adapter's own)"
+        },
     )
-    demo: bool = field(default=False, metadata={"help": "run offline on a tiny BLIP and a synthetic pet set under outputs/demo"})
+    demo: bool = field(
+        default=False, metadata={"help": "run offline on a tiny BLIP and a synthetic pet set under outputs/demo"}
+    )
     # LoRA: r=32/alpha=64 on the text decoder's attention; the vision encoder stays frozen.
     lora_r: int = 32
     lora_alpha: int = 64
@@ -57,7 +63,9 @@ class PetConfig:
     max_eval_samples: Optional[int] = None
     max_new_tokens: int = 30
     num_beams: int = 1
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16"})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16"}
+    )
 
 
 # What --demo changes in the shared options: nothing of the LoRA recipe (the demo base is pre-trained, see demo.py,
@@ -74,8 +82,9 @@ class TrainConfig(TrainingArguments):
     num_train_epochs: float = 5
     learning_rate: float = 1e-4
     per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "validation and cache-building batch; "
-                                                                  "128 on a GPU unless given"})
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"help": "validation and cache-building batch; 128 on a GPU unless given"}
+    )
     warmup_steps: float = 0.05
     weight_decay: float = 0.01
     eval_strategy: str = "epoch"
@@ -94,12 +103,21 @@ class TrainConfig(TrainingArguments):
     # which makes a GPU wait each step; PetTrainer stops on a NaN/inf loss anyway (checked in batches)
     logging_nan_inf_filter: bool = False
     # The frozen vision encoder's outputs, computed once per image and memory-mapped from disk.
-    use_embedding_cache: bool = field(default=True, metadata={"help": "cache image embeddings (off when LoRA targets the vision encoder)"})
+    use_embedding_cache: bool = field(
+        default=True, metadata={"help": "cache image embeddings (off when LoRA targets the vision encoder)"}
+    )
     embedding_cache_dir: str = "outputs/cache"
-    embedding_cache_dtype: Literal["float16", "float32"] = field(default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"})
-    cuda_graphs: bool = field(default=False, metadata={"help": "on one CUDA GPU, run the training step's forward and backward "
-                                                               "as CUDA graphs (no compilation; the first replay is checked against an "
-                                                               "eager step, eager steps if it differs)"})
+    embedding_cache_dtype: Literal["float16", "float32"] = field(
+        default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"}
+    )
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "on one CUDA GPU, run the training step's forward and backward "
+            "as CUDA graphs (no compilation; the first replay is checked against an "
+            "eager step, eager steps if it differs)"
+        },
+    )
 
 
 # The demo trains the real recipe with its own schedule only (216 training images, 14 steps an epoch, 2 CPU cores)
@@ -122,15 +140,29 @@ class EvalConfig:
     """evaluate.py's own options (the shared ones are in PetConfig)."""
 
     adapter: str = field(default=OUTPUT_DIR, metadata={"help": "LoRA adapter folder written by train.py"})
-    split: Literal["test", "validation", "train"] = field(default="test", metadata={"help": "test (the official held-out split), validation or train"})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "images per batch; 256 on a GPU unless given"})
+    split: Literal["test", "validation", "train"] = field(
+        default="test", metadata={"help": "test (the official held-out split), validation or train"}
+    )
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"help": "images per batch; 256 on a GPU unless given"}
+    )
     output_dir: str = field(default="outputs/eval", metadata={"help": "metrics, predictions, figures and report.md"})
     seed: int = field(default=SEED, metadata={"help": "subset (--max_eval_samples), bootstrap and data split"})
     bootstrap_samples: int = field(default=1000, metadata={"help": "resamples for the 95% confidence intervals"})
-    linear_probe: bool = field(default=True, metadata={"help": "baseline: logistic regression on the frozen BLIP image "
-                                                                   "features (train split, C chosen on validation; --split test only)"})
-    clip_model: str = field(default=CLIP_DEFAULT, metadata={"help": "baseline: CLIP zero-shot with this Hub id or folder; "
-                                                                    "none turns it off (the default is skipped with a warning offline)"})
+    linear_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "baseline: logistic regression on the frozen BLIP image "
+            "features (train split, C chosen on validation; --split test only)"
+        },
+    )
+    clip_model: str = field(
+        default=CLIP_DEFAULT,
+        metadata={
+            "help": "baseline: CLIP zero-shot with this Hub id or folder; "
+            "none turns it off (the default is skipped with a warning offline)"
+        },
+    )
 
 
 DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
@@ -182,6 +214,7 @@ def given_options(parser: argparse.ArgumentParser, argv=None) -> set:
 
 def check_options(cfg) -> None:
     """The shared options, checked before any data or model loads: one UserError line each."""
+
     def require(ok, message):
         if not ok:
             raise UserError(message)
@@ -189,8 +222,10 @@ def check_options(cfg) -> None:
     require(cfg.lora_r >= 1, f"--lora_r must be at least 1, not {cfg.lora_r}")
     require(cfg.lora_alpha > 0, f"--lora_alpha must be positive, not {cfg.lora_alpha}")
     require(0 <= cfg.lora_dropout < 1, f"--lora_dropout must be in [0, 1), not {cfg.lora_dropout}")
-    require(any(t.strip() for t in cfg.lora_target_modules.split(",")),
-            f"--lora_target_modules {cfg.lora_target_modules!r} names no module; e.g. query,value")
+    require(
+        any(t.strip() for t in cfg.lora_target_modules.split(",")),
+        f"--lora_target_modules {cfg.lora_target_modules!r} names no module; e.g. query,value",
+    )
     require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
     require(1 <= cfg.max_new_tokens <= 512, f"--max_new_tokens must be 1-512, not {cfg.max_new_tokens}")
     require(1 <= cfg.num_beams <= 64, f"--num_beams must be 1-64, not {cfg.num_beams}")
@@ -200,8 +235,10 @@ def check_options(cfg) -> None:
     try:
         text = cfg.caption_template.format(breed="Beagle", article="a")
     except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"--caption_template {cfg.caption_template!r} is not a valid template ({type(e).__name__}: {e}); "
-                        "use only {breed} and {article}") from None
+        raise UserError(
+            f"--caption_template {cfg.caption_template!r} is not a valid template ({type(e).__name__}: {e}); "
+            "use only {breed} and {article}"
+        ) from None
     require("Beagle" in text, f"--caption_template {cfg.caption_template!r} must contain {{breed}}")
 
 
@@ -222,7 +259,9 @@ class ExplainConfig:
     """Options of explainability.py (on top of PetConfig)."""
 
     adapter: str = field(default=OUTPUT_DIR, metadata={"help": "folder of the LoRA adapter written by train.py"})
-    split: Literal["train", "validation", "test"] = field(default="test", metadata={"help": "data set split to draw images from: train, validation or test"})
+    split: Literal["train", "validation", "test"] = field(
+        default="test", metadata={"help": "data set split to draw images from: train, validation or test"}
+    )
     num_images: Optional[int] = field(
         default=None,
         metadata={"help": "images drawn (seeded) from --split; default 8, or none when --image is given"},
@@ -233,7 +272,9 @@ class ExplainConfig:
     )
     layers: str = field(
         default="all",
-        metadata={"help": "decoder layers whose cross-attention is averaged: 'all' or indices, e.g. '-1' or '8,9,10,11'"},
+        metadata={
+            "help": "decoder layers whose cross-attention is averaged: 'all' or indices, e.g. '-1' or '8,9,10,11'"
+        },
     )
     output_dir: str = field(default="outputs/explain", metadata={"help": "where figures, metrics and index.md go"})
     seed: int = SEED
@@ -247,9 +288,14 @@ class AppConfig:
     """Options of app.py, the web demo (on top of PetConfig)."""
 
     adapter: str = field(default=OUTPUT_DIR, metadata={"help": "folder of the LoRA adapter written by train.py"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to serve on; 127.0.0.1 is this machine only, 0.0.0.0 every interface"})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address to serve on; 127.0.0.1 is this machine only, 0.0.0.0 every interface"},
+    )
     port: int = field(default=7860, metadata={"help": "port to serve on; 0 picks a free one"})
-    num_examples: int = field(default=4, metadata={"help": "example images from the test split of --dataset, one per breed (seeded)"})
+    num_examples: int = field(
+        default=4, metadata={"help": "example images from the test split of --dataset, one per breed (seeded)"}
+    )
     output_dir: str = field(default="outputs/app", metadata={"help": "run_config.json and the example images"})
     seed: int = SEED
 
@@ -299,14 +345,22 @@ def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tupl
         fraction, trained_seed = float(trained["val_fraction"]), int(run["TrainConfig"]["seed"])
     except (ValueError, KeyError, TypeError):
         if split != "test":
-            raise UserError(f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
-                            f"{adapter_dir!r} lacks or cannot be read; use --split test") from None
+            raise UserError(
+                f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
+                f"{adapter_dir!r} lacks or cannot be read; use --split test"
+            ) from None
         return cfg.val_fraction, seed
     if split != "test" and not same_source(trained.get("dataset"), cfg.dataset):
-        logger.warning("the adapter was trained on %r, not %r: --split %s is rebuilt on another data set than its own",
-                       trained.get("dataset"), cfg.dataset, split)
+        logger.warning(
+            "the adapter was trained on %r, not %r: --split %s is rebuilt on another data set than its own",
+            trained.get("dataset"),
+            cfg.dataset,
+            split,
+        )
     if (fraction, trained_seed) != (cfg.val_fraction, seed):
-        logger.info("splitting the data as the adapter's training run did: val_fraction %g, seed %d", fraction, trained_seed)
+        logger.info(
+            "splitting the data as the adapter's training run did: val_fraction %g, seed %d", fraction, trained_seed
+        )
     return fraction, trained_seed
 
 

@@ -97,7 +97,14 @@ def decode_image(src) -> Image.Image:
     return image
 
 
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+_IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 def load_image(record: Record) -> Image.Image:
@@ -168,11 +175,18 @@ def _read_official_list(path: str):
             conflicting.add(parts[0])
         labels[parts[0]] = class_id - 1
     if bad:
-        logger.warning("Skipped %d malformed annotation lines, unknown class ids or unsafe names (first: %s)", len(bad),
-                       ", ".join(bad[:5]))
+        logger.warning(
+            "Skipped %d malformed annotation lines, unknown class ids or unsafe names (first: %s)",
+            len(bad),
+            ", ".join(bad[:5]),
+        )
     if conflicting:
-        logger.warning("Skipped %d images listed twice with different labels in %s (first: %s)", len(conflicting),
-                       os.path.basename(path), ", ".join(sorted(conflicting)[:5]))
+        logger.warning(
+            "Skipped %d images listed twice with different labels in %s (first: %s)",
+            len(conflicting),
+            os.path.basename(path),
+            ", ".join(sorted(conflicting)[:5]),
+        )
     return {name: label for name, label in labels.items() if name not in conflicting}
 
 
@@ -200,15 +214,24 @@ def load_official_layout(root: str) -> dict:
     if missing:
         logger.warning("Skipped %d listed images that are missing (first: %s)", len(missing), ", ".join(missing[:5]))
     if conflicts:
-        logger.warning("Skipped %d images whose label in list.txt differs from their split file's (first: %s)",
-                       len(conflicts), ", ".join(conflicts[:5]))
+        logger.warning(
+            "Skipped %d images whose label in list.txt differs from their split file's (first: %s)",
+            len(conflicts),
+            ", ".join(conflicts[:5]),
+        )
     listed = {r.image_id for records in splits.values() for r in records}
     image_dir = os.path.join(root, "images")
-    unlisted = sorted(n[:-4] for n in (os.listdir(image_dir) if os.path.isdir(image_dir) else [])
-                      if n.endswith(".jpg") and n[:-4] not in listed)
+    unlisted = sorted(
+        n[:-4]
+        for n in (os.listdir(image_dir) if os.path.isdir(image_dir) else [])
+        if n.endswith(".jpg") and n[:-4] not in listed
+    )
     if unlisted:
-        logger.info("%d images are in neither trainval.txt nor test.txt and are not used (first: %s)", len(unlisted),
-                    ", ".join(unlisted[:5]))
+        logger.info(
+            "%d images are in neither trainval.txt nor test.txt and are not used (first: %s)",
+            len(unlisted),
+            ", ".join(unlisted[:5]),
+        )
     return splits
 
 
@@ -223,8 +246,10 @@ def _records_from_hf(dataset, split: str) -> list:
     raw = dataset["label"]
     names = feature.names if isinstance(feature, ClassLabel) else None
     paths = [str(p) for p in dataset["path"]] if "path" in dataset.column_names else None
-    ids = dataset["image_id"] if "image_id" in dataset.column_names else (
-        [os.path.splitext(os.path.basename(p))[0] for p in paths] if paths is not None else None
+    ids = (
+        dataset["image_id"]
+        if "image_id" in dataset.column_names
+        else ([os.path.splitext(os.path.basename(p))[0] for p in paths] if paths is not None else None)
     )
     kept, unlabelled = [], 0
     for row, value in enumerate(raw):
@@ -242,8 +267,10 @@ def _records_from_hf(dataset, split: str) -> list:
         raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
     # Decode ourselves so a broken image is skipped, not raised inside datasets
     dataset = dataset.cast_column("image", ImageFeature(decode=False))
-    return [Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row), uid=paths[row] if paths else None)
-            for row, label in kept]
+    return [
+        Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row), uid=paths[row] if paths else None)
+        for row, label in kept
+    ]
 
 
 def _hf_splits(dataset_dict, seed: int) -> dict:
@@ -257,7 +284,9 @@ def _hf_splits(dataset_dict, seed: int) -> dict:
     if "test" in names:
         return {"trainval": trainval, "test": _records_from_hf(dataset_dict["test"], "test")}
     # pcuenq/oxford-pets has one split: hold out half, stratified, like the official 50/50 split
-    logger.warning("Dataset has no 'test' split: holding out a stratified half of %r as test (seed %d)", train_name, seed)
+    logger.warning(
+        "Dataset has no 'test' split: holding out a stratified half of %r as test (seed %d)", train_name, seed
+    )
     trainval, test = stratified_split(trainval, 0.5, seed)
     return {"trainval": trainval, "test": test}
 
@@ -269,12 +298,16 @@ def _load_hub(name: str, seed: int) -> dict:
         if not os.path.exists(name):
             raise UserError(f"dataset folder {name!r} does not exist")
         if not os.path.isdir(name):
-            raise UserError(f"--dataset {name!r} is a file; pass a folder (official layout or save_to_disk) or a Hub id")
+            raise UserError(
+                f"--dataset {name!r} is a file; pass a folder (official layout or save_to_disk) or a Hub id"
+            )
         try:
             loaded = datasets.load_dataset(name)  # a local folder of data files (parquet, imagefolder, ...)
         except Exception as e:  # datasets raises many types for a folder it cannot read
-            raise UserError(f"--dataset {name!r} is neither the official layout (annotations/list.txt), a save_to_disk "
-                            f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})") from None
+            raise UserError(
+                f"--dataset {name!r} is neither the official layout (annotations/list.txt), a save_to_disk "
+                f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})"
+            ) from None
         return _hf_splits(loaded, seed)
     if not hub_reachable():
         # Only the local cache can help; datasets reads this flag at call time
@@ -294,8 +327,10 @@ def _load_from_disk(path: str):
         return datasets.load_from_disk(path)
     except Exception as e:  # a missing split folder, garbled JSON, a truncated .arrow: datasets, json and pyarrow types
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise UserError(f"save_to_disk folder {path!r} is incomplete or corrupt ({type(e).__name__}: {first[:150]}); "
-                        "save the data set again (Dataset.save_to_disk) or pass another --dataset") from None
+        raise UserError(
+            f"save_to_disk folder {path!r} is incomplete or corrupt ({type(e).__name__}: {first[:150]}); "
+            "save the data set again (Dataset.save_to_disk) or pass another --dataset"
+        ) from None
 
 
 def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict:
@@ -306,8 +341,10 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
     """
     if os.path.isdir(dataset) and (_is_official_layout(dataset) or os.path.isdir(os.path.join(dataset, "annotations"))):
         if not _is_official_layout(dataset):
-            raise UserError(f"{dataset}/annotations/list.txt is missing: the official layout needs it "
-                            "(from annotations.tar.gz of the Oxford-IIIT Pet release)")
+            raise UserError(
+                f"{dataset}/annotations/list.txt is missing: the official layout needs it "
+                "(from annotations.tar.gz of the Oxford-IIIT Pet release)"
+            )
         splits = load_official_layout(dataset)
     elif os.path.isdir(dataset) and _is_save_to_disk(dataset):
         splits = _hf_splits(_load_from_disk(dataset), seed)
@@ -317,8 +354,11 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
     test_ids = {r.identity for r in splits["test"]}
     overlap = [r.identity for r in splits["trainval"] if r.identity in test_ids]
     if overlap:
-        logger.warning("Dropped %d images from trainval that are also in the test split (first: %s)", len(overlap),
-                       ", ".join(overlap[:5]))
+        logger.warning(
+            "Dropped %d images from trainval that are also in the test split (first: %s)",
+            len(overlap),
+            ", ".join(overlap[:5]),
+        )
         splits["trainval"] = [r for r in splits["trainval"] if r.identity not in test_ids]
     train, validation = stratified_split(splits["trainval"], val_fraction, seed)
     return {"train": train, "validation": validation, "test": splits["test"]}
@@ -388,7 +428,11 @@ class PetCaptionDataset(torch.utils.data.Dataset):
                     return None
                 continue
             pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-            return {"pixel_values": pixel_values, "caption": caption_for(record.label, self.template), "label": record.label}
+            return {
+                "pixel_values": pixel_values,
+                "caption": caption_for(record.label, self.template),
+                "label": record.label,
+            }
         raise UserError("no readable image in the data set")
 
 
@@ -423,7 +467,9 @@ class CaptionCollator:
         items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
         if not items:
             raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
-        input_ids, attention_mask = tokenize_captions(self.tokenizer, [it["caption"] for it in items], self.bos_token_id)
+        input_ids, attention_mask = tokenize_captions(
+            self.tokenizer, [it["caption"] for it in items], self.bos_token_id
+        )
         if self.pad_to is not None:
             extra = self.pad_to - input_ids.shape[1]
             if extra < 0:  # captions come from the template that pad_to was measured on
@@ -497,8 +543,7 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
         os._exit(1)
 
 
-def pixel_batches(records: list, image_processor, batch_size: int, num_workers: Optional[int] = None,
-                  device=None):
+def pixel_batches(records: list, image_processor, batch_size: int, num_workers: Optional[int] = None, device=None):
     """(generator of (records, pixel_values) batches in order, {image_id: reason} of unreadable images).
 
     The same pixel values as image_processor(images) on the main process, computed by
@@ -510,11 +555,16 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
     workers = image_workers(len(records)) if num_workers is None else num_workers
     # Workers hand over pieces of at most 32 images (a 256-image batch would keep one worker busy
     # for seconds while the others wait, and hold 450 MB in shared memory per piece)
-    loader = torch.utils.data.DataLoader(_PixelItems(records, image_processor), batch_size=min(batch_size, 32),
-                                         num_workers=workers, collate_fn=_stack_piece,
-                                         generator=torch.Generator(),  # its seed draw leaves the global RNG alone
-                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
-                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _PixelItems(records, image_processor),
+        batch_size=min(batch_size, 32),
+        num_workers=workers,
+        collate_fn=_stack_piece,
+        generator=torch.Generator(),  # its seed draw leaves the global RNG alone
+        worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )
 
     def gen():
         positions, pieces, held = [], [], 0
@@ -544,5 +594,3 @@ def report_bad_images(bad: dict) -> None:
 
 # ---------------------------------------------------------------------------
 # Image-embedding cache: the frozen vision encoder runs once per image, not once per epoch
-
-

@@ -17,8 +17,13 @@ _COMMON = dict(explain_batch=16, preload_rows=256, max_image_workers=8)
 DEVICE_DEFAULTS = {
     "cpu": dict(_COMMON, ranking_rows=128, graph_check_every=1),
     "mps": dict(_COMMON, ranking_rows=128, graph_check_every=1),
-    "cuda": dict(_COMMON, ranking_rows=37 * 32, graph_check_every=4,
-                 TrainConfig=dict(per_device_eval_batch_size=128), EvalConfig=dict(per_device_eval_batch_size=256)),
+    "cuda": dict(
+        _COMMON,
+        ranking_rows=37 * 32,
+        graph_check_every=4,
+        TrainConfig=dict(per_device_eval_batch_size=128),
+        EvalConfig=dict(per_device_eval_batch_size=256),
+    ),
 }
 
 

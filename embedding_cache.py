@@ -95,8 +95,12 @@ class EmbeddingCache:
                     raise ValueError(f"shape {data.shape} does not hold the indexed rows")
                 self._chunks[chunk] = data
             except (OSError, ValueError, TypeError) as e:
-                logger.warning("embedding cache chunk %s is missing or corrupt (%s): its %d images will be encoded again",
-                               chunk, e, len(keys))
+                logger.warning(
+                    "embedding cache chunk %s is missing or corrupt (%s): its %d images will be encoded again",
+                    chunk,
+                    e,
+                    len(keys),
+                )
                 for k in keys:
                     del index[k]
         return index
@@ -116,7 +120,9 @@ class EmbeddingCache:
 
         `encode` gets batches of pixel values, on `device` when one is given (pixel_batches)."""
         keys = self.keys(records)
-        self.bad.update({r.image_id: "unreadable (missing since the listing)" for r, k in zip(records, keys) if k is None})
+        self.bad.update(
+            {r.image_id: "unreadable (missing since the listing)" for r, k in zip(records, keys) if k is None}
+        )
         os.makedirs(self.dir, exist_ok=True)
 
         def wait(holder):
@@ -170,7 +176,9 @@ class EmbeddingCache:
                     if shape is None:  # sized for every image still to do; rows of unreadable ones stay zero
                         shape = (len(todo),) + emb.shape[1:]
                         np.lib.format.write_array_header_1_0(
-                            f, {"descr": np.lib.format.dtype_to_descr(emb.dtype), "fortran_order": False, "shape": shape})
+                            f,
+                            {"descr": np.lib.format.dtype_to_descr(emb.dtype), "fortran_order": False, "shape": shape},
+                        )
                         data_start = f.tell()
                     if writing is not None:
                         writing.result()  # one batch in flight: a slow disk holds the loop, not memory
@@ -244,13 +252,17 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
             pairs.sort(key=lambda pair: pair[1])
             start = 0
             for k in range(1, len(pairs) + 1):
-                if (k < len(pairs) and k - start < preload_rows and pairs[k][0] == pairs[k - 1][0] + 1
-                        and pairs[k][1] == pairs[k - 1][1] + 1):
+                if (
+                    k < len(pairs)
+                    and k - start < preload_rows
+                    and pairs[k][0] == pairs[k - 1][0] + 1
+                    and pairs[k][1] == pairs[k - 1][1] + 1
+                ):
                     continue
                 (p0, r0), n = pairs[start], k - start
                 with warnings.catch_warnings():  # read-only map: only read here, never written
                     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                    out[p0:p0 + n].copy_(torch.from_numpy(array[r0:r0 + n]))
+                    out[p0 : p0 + n].copy_(torch.from_numpy(array[r0 : r0 + n]))
                 start = k
         self.preloaded = out
         return self

@@ -78,8 +78,9 @@ def parse_args(argv=None):
 # Predictions
 
 
-def predict(models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool,
-            show_progress: bool = True):
+def predict(
+    models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool, show_progress: bool = True
+):
     """(Predictions, {image_id: reason} of unreadable images), with a progress bar over the images."""
     from tqdm.auto import tqdm
 
@@ -121,11 +122,19 @@ def merge_shards(shards: list, records: list):
     rows.sort(key=lambda row: row[0])
     if len({row[0] for row in rows}) != len(rows):
         raise RuntimeError("an image was evaluated by two processes")
-    models = {m: ModelPredictions([r[2][m][0] for r in rows],
-                                  np.stack([r[2][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS)))
-              for m in shards[0][1].models}
-    merged = Predictions([records[r[0]].image_id for r in rows], [r[1] for r in rows], models,
-                         shards[0][1].candidate_tokens, records=[records[r[0]] for r in rows])
+    models = {
+        m: ModelPredictions(
+            [r[2][m][0] for r in rows], np.stack([r[2][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS))
+        )
+        for m in shards[0][1].models
+    }
+    merged = Predictions(
+        [records[r[0]].image_id for r in rows],
+        [r[1] for r in rows],
+        models,
+        shards[0][1].candidate_tokens,
+        records=[records[r[0]] for r in rows],
+    )
     return merged, bad
 
 
@@ -161,14 +170,18 @@ def _evaluate(cfg, args):
 
     pair = load_model_pair(cfg.model_name_or_path, args.adapter, device, dtype)
     zero_shot, processor, models, shared = pair.zero_shot, pair.processor, pair.models, pair.shared_vision
-    logger.info("vision encoders %s: image embeddings %s", "identical" if shared else "differ",
-                "shared by both models" if shared else "computed per model")
+    logger.info(
+        "vision encoders %s: image embeddings %s",
+        "identical" if shared else "differ",
+        "shared by both models" if shared else "computed per model",
+    )
 
     start = time.perf_counter()
     positions = range(state.process_index, len(records), state.num_processes)
     shard = [records[i] for i in positions]
-    predictions, bad = predict(models, processor, shard, cfg, args.per_device_eval_batch_size, shared,
-                               show_progress=state.is_main_process)
+    predictions, bad = predict(
+        models, processor, shard, cfg, args.per_device_eval_batch_size, shared, show_progress=state.is_main_process
+    )
     if state.num_processes > 1:
         # Records can hold a whole datasets.Dataset: gather their positions instead, the main process has them all
         position_of = {id(r): i for i, r in zip(positions, shard)}
@@ -184,15 +197,24 @@ def _evaluate(cfg, args):
 
     metrics = compute_metrics(predictions, cfg.caption_template, args.bootstrap_samples, args.seed)
     # the baselines on the same images, each against the fine-tuned captions
-    baselines = run_baselines(args, zero_shot, processor, splits, predictions, metrics.models["fine_tuned"].correct,
-                              device, dtype)
+    baselines = run_baselines(
+        args, zero_shot, processor, splits, predictions, metrics.models["fine_tuned"].correct, device, dtype
+    )
     metrics.numbers.update(baselines.numbers)
     info = {
-        "adapter": args.adapter, "base_model": cfg.model_name_or_path, "dataset": cfg.dataset, "split": args.split,
-        "num_bad_images": len(bad), "bad_images": sorted(bad), "template": cfg.caption_template,
+        "adapter": args.adapter,
+        "base_model": cfg.model_name_or_path,
+        "dataset": cfg.dataset,
+        "split": args.split,
+        "num_bad_images": len(bad),
+        "bad_images": sorted(bad),
+        "template": cfg.caption_template,
         "decoding": f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, up to {cfg.max_new_tokens} new tokens",
-        "shared_image_embeddings": shared, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "runtime_seconds": seconds, "images_per_second": len(predictions.label) / seconds,
+        "shared_image_embeddings": shared,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "runtime_seconds": seconds,
+        "images_per_second": len(predictions.label) / seconds,
         "bootstrap_samples": args.bootstrap_samples,
     }
 
@@ -200,7 +222,9 @@ def _evaluate(cfg, args):
     with staged_outputs(out) as tmp:  # a full disk or a kill leaves the previous results whole
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump({**metrics.numbers, **info}, f, indent=2)
-        predictions_frame(predictions, metrics).assign(**baselines.columns).to_csv(os.path.join(tmp, "predictions.csv"), index=False)
+        predictions_frame(predictions, metrics).assign(**baselines.columns).to_csv(
+            os.path.join(tmp, "predictions.csv"), index=False
+        )
         failures = failures_frame(predictions, metrics)
         failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
         write_figures(predictions, metrics, failures, cfg.caption_template, tmp)

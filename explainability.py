@@ -54,7 +54,6 @@ from run_io import (
 logger = logging.getLogger("explain")
 
 
-
 def parse_layers(text: str):
     """'all' -> None (every layer); '-1' or '8,9,10,11' -> list of ints."""
     if text.strip().lower() == "all":
@@ -62,7 +61,9 @@ def parse_layers(text: str):
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--layers must be 'all' or comma-separated integers like '-1' or '8,9,10,11', not {text!r}") from None
+        raise UserError(
+            f"--layers must be 'all' or comma-separated integers like '-1' or '8,9,10,11', not {text!r}"
+        ) from None
 
 
 def parse_args(argv=None):
@@ -153,6 +154,7 @@ def summarise(per_image: list) -> dict:
     for m in MODELS:
         rows = [r[m] for r in per_image if r[m].get("pet_attention_share") is not None]
         kinds = [r[m]["subject_kind"] or "none" for r in per_image if r["has_trimap"]]
+
         def mean(key, rows=rows):
             return float(np.mean([r[key] for r in rows])) if rows else None
 
@@ -171,8 +173,11 @@ def summarise(per_image: list) -> dict:
 def plot_metrics(summary: dict, path: str) -> None:
     plt = pyplot()
 
-    keys = [("mean_pet_attention_share", "attention on pet"), ("mean_mask_share", "pet area (chance)"),
-            ("pointing_game_hit_rate", "pointing game")]
+    keys = [
+        ("mean_pet_attention_share", "attention on pet"),
+        ("mean_mask_share", "pet area (chance)"),
+        ("pointing_game_hit_rate", "pointing game"),
+    ]
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for k, m in enumerate(MODELS):
@@ -192,20 +197,25 @@ def plot_metrics(summary: dict, path: str) -> None:
 def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
-        "# Where the caption decoder looks", "",
+        "# Where the caption decoder looks",
+        "",
         f"Cross-attention of the text decoder over the image patches (layers `{ex.layers}`, heads averaged), "
         f"teacher-forced over each generated caption. Zero-shot: `{base_name}`; fine-tuned: adapter `{ex.adapter}`. "
         "Red is where the step that writes the word attends most; each panel is stretched to its own range, "
-        "so read its contrast from the title (peak / uniform: 1.0 is a flat map).", "",
-        "## How much attention falls on the pet", "",
+        "so read its contrast from the title (peak / uniform: 1.0 is a flat map).",
+        "",
+        "## How much attention falls on the pet",
+        "",
         "| model | images scored | attention on pet | pet area (chance) | pointing game | breed / animal word / none |",
         "|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         s = summary[m]
         kinds = s["subject_kinds"]
-        lines.append(f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
-                     f"{fmt(s['pointing_game_hit_rate'])} | {kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |")
+        lines.append(
+            f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
+            f"{fmt(s['pointing_game_hit_rate'])} | {kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |"
+        )
     lines += ["", "![attention metrics](attention_metrics.png)", "", "## Images", ""]
     for r in per_image:
         truth = f" (true breed: {r['true_breed']})" if r["true_breed"] else ""
@@ -239,13 +249,15 @@ def _explain(cfg, ex, out):
     pair = load_model_pair(base_name, ex.adapter, device, dtype)
     processor = pair.processor
     items = collect_images(cfg, ex)
-    logger.info("explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers)
+    logger.info(
+        "explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers
+    )
 
     # every image through each model at once, in batches: decoding is launch-bound on a GPU
     explained = {m: [] for m in MODELS}
     batch = device_setting("explain_batch", device)
     for start in range(0, len(items), batch):
-        images = [image for _, image, _ in items[start:start + batch]]
+        images = [image for _, image, _ in items[start : start + batch]]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
         embeds = embeddings_per_model(pair.models, pixels, pair.shared_vision)
         for m, model in pair.models.items():
@@ -258,15 +270,28 @@ def _explain(cfg, ex, out):
         draw_figure(os.path.join(out, figure), name, image, rows)
 
         mask = load_pet_mask(record.trimap, image.size) if record is not None and record.trimap else None
-        entry = {"name": name, "figure": figure, "has_trimap": mask is not None,
-                 "true_breed": BREED_NAMES[record.label] if record is not None else None}
+        entry = {
+            "name": name,
+            "figure": figure,
+            "has_trimap": mask is not None,
+            "true_breed": BREED_NAMES[record.label] if record is not None else None,
+        }
         for m, r in rows.items():
             entry[m] = {"caption": r["caption"], "subject_kind": r["subject_kind"]}
             if mask is not None and r["subject_map"] is not None:
                 share, area = pet_share(r["subject_map"], mask)
-                entry[m].update(pet_attention_share=share, mask_share=area, pointing_hit=pointing_hit(r["subject_map"], mask))
+                entry[m].update(
+                    pet_attention_share=share, mask_share=area, pointing_hit=pointing_hit(r["subject_map"], mask)
+                )
         per_image.append(entry)
-        logger.info("%d/%d %s: zero-shot %r, fine-tuned %r", k, len(items), name, rows[MODELS[0]]["caption"], rows[MODELS[1]]["caption"])
+        logger.info(
+            "%d/%d %s: zero-shot %r, fine-tuned %r",
+            k,
+            len(items),
+            name,
+            rows[MODELS[0]]["caption"],
+            rows[MODELS[1]]["caption"],
+        )
 
     summary = summarise(per_image)
     metrics = {
@@ -277,7 +302,10 @@ def _explain(cfg, ex, out):
             "mask_share": "share of the image the pet covers: what attention spread evenly would score",
             "pointing_game": "the centre of the most-attended patch lies on the pet",
         },
-        "layers": ex.layers, "zero_shot_model": base_name, "adapter": ex.adapter, "images": per_image,
+        "layers": ex.layers,
+        "zero_shot_model": base_name,
+        "adapter": ex.adapter,
+        "images": per_image,
     }
     with open(os.path.join(out, "attention_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -287,8 +315,10 @@ def _explain(cfg, ex, out):
     for m in MODELS:
         s = summary[m]
         if s["images_scored"]:
-            print(f"{display(m)}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
-                  f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)")
+            print(
+                f"{display(m)}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
+                f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)"
+            )
     return {"metrics": metrics}
 
 

@@ -32,8 +32,9 @@ def embeddings_per_model(models: dict, pixel_values: torch.Tensor, shared: bool)
 
 
 @torch.no_grad()
-def greedy_caption_ids(model, image_embeds: torch.Tensor, max_new_tokens: int = 30,
-                       cuda_graph: Optional[bool] = None) -> torch.Tensor:
+def greedy_caption_ids(
+    model, image_embeds: torch.Tensor, max_new_tokens: int = 30, cuda_graph: Optional[bool] = None
+) -> torch.Tensor:
     """Greedy ids (B, 1 + steps) from bos [DEC]: the same ids as text_decoder.generate(num_beams=1).
 
     generate is launch-bound on a GPU: a step of the 12-layer decoder is ~250 small kernels plus
@@ -71,7 +72,7 @@ def _decode(model, image_embeds: torch.Tensor, max_new_tokens: int, graphed: boo
         step()
         if (t + 1) % check_every == 0 and bool(decoder.done.all()):
             break
-    return decoder.ids[:, :1 + int(decoder.steps)]
+    return decoder.ids[:, : 1 + int(decoder.steps)]
 
 
 class GraphSelfCheck:
@@ -100,12 +101,16 @@ class GraphSelfCheck:
         where = first_difference(graphed, plain)
         if where is None:
             self.passed = True
-            logger.info("self-check passed: CUDA-graph decoding gave the plain loop's ids on its first batch "
-                        "(%d rows x %d tokens)", *plain.shape)
+            logger.info(
+                "self-check passed: CUDA-graph decoding gave the plain loop's ids on its first batch "
+                "(%d rows x %d tokens)",
+                *plain.shape,
+            )
             return graphed
         row, index, got, want = where
-        self.turn_off(f"its first batch differs from the plain loop at row {row}, token {index}: "
-                      f"id {got} instead of {want}")
+        self.turn_off(
+            f"its first batch differs from the plain loop at row {row}, token {index}: id {got} instead of {want}"
+        )
         return plain
 
 
@@ -149,8 +154,13 @@ class StaticGreedyDecoder:
         self.heads, self.head_size = attn.num_attention_heads, attn.attention_head_size
         self.scale = math.sqrt(self.head_size)
         # contiguous once here, or every step's matmul would copy them (577 x hidden per layer and image)
-        self.cross = [(self._split(layer.crossattention.self.key(image_embeds)).contiguous(),
-                       self._split(layer.crossattention.self.value(image_embeds)).contiguous()) for layer in self.layers]
+        self.cross = [
+            (
+                self._split(layer.crossattention.self.key(image_embeds)).contiguous(),
+                self._split(layer.crossattention.self.value(image_embeds)).contiguous(),
+            )
+            for layer in self.layers
+        ]
         dtype = self.cross[0][0].dtype
         shape = (batch, self.heads, max(1, max_new_tokens), self.head_size)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
@@ -185,7 +195,9 @@ class StaticGreedyDecoder:
             cross = layer.crossattention
             h = cross.output(self._attend(self._split(cross.self.query(h)), cross_k, cross_v), h)
             x = layer.feed_forward_chunk(h)
-        token = self.head(x)[:, -1].argmax(-1).masked_fill(self.done, self.pad)  # finished rows get padding, as in generate
+        token = (
+            self.head(x)[:, -1].argmax(-1).masked_fill(self.done, self.pad)
+        )  # finished rows get padding, as in generate
         self.steps += (~self.done).any().long()
         self.done |= token == self.sep
         self.ids.index_copy_(1, self.position + 1, token.unsqueeze(1))
@@ -204,8 +216,12 @@ def graphed_step(step, device):
     state = step.__self__
     advanced = (state.ids, state.position, state.done, state.steps)  # what a step changes besides the K/V slot
     saved = [t.clone() for t in advanced]
-    autocast = torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
-                              enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
+    autocast = torch.autocast(
+        device.type,
+        dtype=torch.get_autocast_dtype(device.type),
+        enabled=torch.is_autocast_enabled(device.type),
+        cache_enabled=False,
+    )
     try:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -258,30 +274,33 @@ def generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_bea
 
 
 @torch.no_grad()
-def captions_from_embeddings(model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30,
-                             num_beams: int = 1) -> list:
+def captions_from_embeddings(
+    model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1
+) -> list:
     """Greedy (or beam) captions from precomputed image embeddings, as BLIP's generate does them."""
     ids, _ = caption_ids_from_embeddings(model, image_embeds, max_new_tokens, num_beams)
     return [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def generate_caption(model, processor, images: list, batch_size: int = 32, max_new_tokens: int = 30,
-                     num_beams: int = 1) -> list:
+def generate_caption(
+    model, processor, images: list, batch_size: int = 32, max_new_tokens: int = 30, num_beams: int = 1
+) -> list:
     """Captions for a list of PIL images, batched."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     captions = []
     for start in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+        pixels = processor.image_processor(images[start : start + batch_size], return_tensors="pt")["pixel_values"]
         embeds = image_embeddings(model, pixels.to(device, dtype))
         captions += captions_from_embeddings(model, processor, embeds, max_new_tokens, num_beams)
     return captions
 
 
 @torch.no_grad()
-def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            max_rows: int = 128) -> torch.Tensor:
+def caption_log_likelihoods(
+    model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_rows: int = 128
+) -> torch.Tensor:
     """log p(caption | image) of C candidate captions for B images: a (B, C) float32 tensor.
 
     image_embeds (B, N, H) come from image_embeddings(); input_ids / attention_mask (C, T) from
@@ -301,7 +320,9 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     packed = pack_candidates(input_ids, attention_mask)
     ids, positions, segments = (packed[k].to(device) for k in ("input_ids", "position_ids", "segments"))
     # row i may see row j: j is not later in its caption, and j is shared or of i's own candidate
-    allowed = (positions[None, :] <= positions[:, None]) & ((segments[None, :] < 0) | (segments[None, :] == segments[:, None]))
+    allowed = (positions[None, :] <= positions[:, None]) & (
+        (segments[None, :] < 0) | (segments[None, :] == segments[:, None])
+    )
     dtype = image_embeds.dtype if image_embeds.dtype.is_floating_point else torch.float32
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     targets = packed["targets"].to(device)
@@ -314,11 +335,16 @@ def caption_log_likelihoods(model, image_embeds: torch.Tensor, input_ids: torch.
     per_chunk = max(1, max_rows // num_candidates)
     scores = []
     for start in range(0, image_embeds.shape[0], per_chunk):
-        emb = image_embeds[start:start + per_chunk]
+        emb = image_embeds[start : start + per_chunk]
         n = emb.shape[0]
-        hidden = model.text_decoder.bert(input_ids=ids.expand(n, -1), position_ids=positions.expand(n, -1),
-                                         attention_mask=mask.expand(n, 1, -1, -1), encoder_hidden_states=emb,
-                                         is_decoder=True, use_cache=False).last_hidden_state
+        hidden = model.text_decoder.bert(
+            input_ids=ids.expand(n, -1),
+            position_ids=positions.expand(n, -1),
+            attention_mask=mask.expand(n, 1, -1, -1),
+            encoder_hidden_states=emb,
+            is_decoder=True,
+            use_cache=False,
+        ).last_hidden_state
         logits = model.text_decoder.cls(hidden).float()
         normaliser = torch.logsumexp(logits, -1)  # log_softmax at the targets, without a second logits-sized tensor
         token_logp = logits.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1) - normaliser
@@ -352,17 +378,24 @@ def pack_candidates(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> di
         ids += r[shared:-1]
         positions += list(range(shared, len(r) - 1))
         segments += [c] * (len(r) - 1 - shared)
-        targets += r[shared + 1:]
+        targets += r[shared + 1 :]
     long = dict(dtype=torch.long)
-    return {"input_ids": torch.tensor(ids, **long), "position_ids": torch.tensor(positions, **long),
-            "segments": torch.tensor(segments, **long), "targets": torch.tensor(targets, **long),
-            "last_shared": shared - 1, "first_targets": torch.tensor([r[shared] for r in rows], **long)}
+    return {
+        "input_ids": torch.tensor(ids, **long),
+        "position_ids": torch.tensor(positions, **long),
+        "segments": torch.tensor(segments, **long),
+        "targets": torch.tensor(targets, **long),
+        "last_shared": shared - 1,
+        "first_targets": torch.tensor([r[shared] for r in rows], **long),
+    }
 
 
 def breed_candidates(model, tokenizer, template: str, breeds=None):
     """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds; start id from `model`'s config."""
     breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
-    return tokenize_captions(tokenizer, [caption_for(b, template) for b in breeds], model.config.text_config.bos_token_id)
+    return tokenize_captions(
+        tokenizer, [caption_for(b, template) for b in breeds], model.config.text_config.bos_token_id
+    )
 
 
 @torch.no_grad()

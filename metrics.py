@@ -17,6 +17,7 @@ def display(model_key: str) -> str:
     """How a model key reads in figures and reports: zero_shot -> zero-shot."""
     return model_key.replace("_", "-")
 
+
 LABELS = BREED_NAMES + ["unknown"]  # confusion-matrix order; UNKNOWN (-1) is the last column
 
 
@@ -62,8 +63,10 @@ def per_breed_scores(truth, pred) -> dict:
 
     labels = sorted({int(x) for x in truth} | {int(x) for x in pred} - {UNKNOWN})
     p, r, f, s = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
-    return {BREED_NAMES[b]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, b in enumerate(labels)}
+    return {
+        BREED_NAMES[b]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, b in enumerate(labels)
+    }
 
 
 def confusion(truth, pred):
@@ -93,6 +96,7 @@ def rouge_l(hypotheses: list, references: list) -> float:
 @dataclass
 class ModelPredictions:
     """One model's outputs on the evaluated images, in image order."""
+
     captions: list
     scores: np.ndarray  # (images, NUM_BREEDS): log-likelihood of each breed's templated caption
 
@@ -100,6 +104,7 @@ class ModelPredictions:
 @dataclass
 class Predictions:
     """Both models' outputs on the evaluated images (evaluate.predict and merge_shards)."""
+
     image_id: list
     label: list
     models: dict  # MODELS name -> ModelPredictions
@@ -110,6 +115,7 @@ class Predictions:
 @dataclass
 class ModelMetrics:
     """model_metrics' result: the numbers for metrics.json, and the per-image arrays behind the tables and figures."""
+
     numbers: dict
     pred: np.ndarray  # the breed each caption names, UNKNOWN if none
     correct: np.ndarray  # pred == label
@@ -120,6 +126,7 @@ class ModelMetrics:
 @dataclass
 class Metrics:
     """compute_metrics' result: metrics.json's numbers (without the run's info) and each model's ModelMetrics."""
+
     numbers: dict
     models: dict  # MODELS name -> ModelMetrics
 
@@ -149,10 +156,13 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
     per_token_first = np.argmax(scores / tokens, axis=1)
     top1_per_token = per_token_first == labels
     numbers = {
-        "breed_accuracy": float(correct.mean()), "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
-        "species_accuracy": float(species_ok.mean()), "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
+        "breed_accuracy": float(correct.mean()),
+        "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
+        "species_accuracy": float(species_ok.mean()),
+        "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
         "no_breed_rate": float((pred == UNKNOWN).mean()),
-        "likelihood_top1": float(top1.mean()), "likelihood_top1_ci95": bootstrap_ci(top1, samples, seed),
+        "likelihood_top1": float(top1.mean()),
+        "likelihood_top1_ci95": bootstrap_ci(top1, samples, seed),
         "likelihood_top5": float(top5.mean()),
         "likelihood_top1_per_token": float(top1_per_token.mean()),
         # does the ranking's first breed match the breed the caption names (none named: no)? The app draws a ranking
@@ -160,7 +170,8 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
         "ranking_agrees_with_caption": float((order[:, 0] == pred).mean()),
         "ranking_agrees_with_caption_per_token": float((per_token_first == pred).mean()),
         "macro_f1": float(np.mean([v["f1"] for v in f1.values()])) if f1 else 0.0,
-        "bleu": bleu(captions, references), "rougeL": rouge_l(captions, references),
+        "bleu": bleu(captions, references),
+        "rougeL": rouge_l(captions, references),
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])),
         "confused_pairs": confused_pairs(labels, pred),
         "per_breed": f1,
@@ -170,11 +181,23 @@ def model_metrics(labels, captions, scores, template, samples, seed, candidate_t
 
 def compute_metrics(predictions: Predictions, template: str, samples: int = 1000, seed: int = 42) -> Metrics:
     labels = predictions.label
-    models = {name: model_metrics(labels, predictions.models[name].captions, predictions.models[name].scores, template,
-                                  samples, seed, predictions.candidate_tokens)
-              for name in MODELS}
+    models = {
+        name: model_metrics(
+            labels,
+            predictions.models[name].captions,
+            predictions.models[name].scores,
+            template,
+            samples,
+            seed,
+            predictions.candidate_tokens,
+        )
+        for name in MODELS
+    }
     zs, ft = models["zero_shot"], models["fine_tuned"]
-    numbers = {"num_samples": len(labels), **{name: m.numbers for name, m in models.items()},
-               "mcnemar_caption": mcnemar(zs.correct, ft.correct),
-               "mcnemar_likelihood_top1": mcnemar(zs.top1, ft.top1)}
+    numbers = {
+        "num_samples": len(labels),
+        **{name: m.numbers for name, m in models.items()},
+        "mcnemar_caption": mcnemar(zs.correct, ft.correct),
+        "mcnemar_likelihood_top1": mcnemar(zs.top1, ft.top1),
+    }
     return Metrics(numbers, models)

@@ -39,10 +39,14 @@ def load_processor(name_or_path: str) -> BlipProcessor:
     except OSError:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
-        raise UserError(f"no BLIP processor (preprocessor_config.json, tokenizer files) found at {name_or_path!r}") from None
+        raise UserError(
+            f"no BLIP processor (preprocessor_config.json, tokenizer files) found at {name_or_path!r}"
+        ) from None
     except Exception as e:  # garbled tokenizer.json / JSON configs: tokenizers and json raise their own types
-        raise UserError(f"the processor files at {name_or_path!r} are corrupt ({type(e).__name__}: {str(e)[:150]}); "
-                        "restore them from the original model") from None
+        raise UserError(
+            f"the processor files at {name_or_path!r} are corrupt ({type(e).__name__}: {str(e)[:150]}); "
+            "restore them from the original model"
+        ) from None
     add_decoder_tokens(tokenizer)
     return BlipProcessor(image_processor, tokenizer)
 
@@ -84,15 +88,18 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, image_embeds=None, **kwargs):
         if image_embeds is None:
-            return super().forward(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                                   labels=labels, **kwargs)
+            return super().forward(
+                pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
         image_embeds = image_embeds.to(self.text_decoder.dtype)  # the cache stores half precision
         if labels is None:
-            out = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                    **kwargs)
+            out = self.text_decoder(
+                input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, **kwargs
+            )
             return BlipForConditionalGenerationModelOutput(logits=out.logits, image_embeds=image_embeds)
-        return BlipForConditionalGenerationModelOutput(loss=self.caption_loss(image_embeds, input_ids, attention_mask, labels, **kwargs),
-                                                       image_embeds=image_embeds)
+        return BlipForConditionalGenerationModelOutput(
+            loss=self.caption_loss(image_embeds, input_ids, attention_mask, labels, **kwargs), image_embeds=image_embeds
+        )
 
     def caption_loss(self, image_embeds, input_ids, attention_mask, labels, **kwargs) -> torch.Tensor:
         """BLIP's captioning loss (next-token cross-entropy, its label smoothing, the mean over labelled tokens),
@@ -105,8 +112,14 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
         """
         decoder = self.text_decoder
         kwargs.pop("use_cache", None)  # no key/value cache in training, as BLIP's forward does with labels
-        hidden = decoder.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                              is_decoder=True, use_cache=False, **kwargs).last_hidden_state
+        hidden = decoder.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            is_decoder=True,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
         hidden, targets = hidden[:, :-1], labels[:, 1:]  # position i predicts token i + 1
         if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             # one compiled graph (--torch_compile) or CUDA graph (--cuda_graphs) holds no shape that depends
@@ -115,8 +128,9 @@ class BlipForPetCaptioning(BlipForConditionalGeneration):
         else:
             scored = targets != -100
             hidden, targets = hidden[scored], targets[scored]
-        return torch.nn.functional.cross_entropy(decoder.cls(hidden), targets, ignore_index=-100,
-                                                 label_smoothing=decoder.label_smoothing)
+        return torch.nn.functional.cross_entropy(
+            decoder.cls(hidden), targets, ignore_index=-100, label_smoothing=decoder.label_smoothing
+        )
 
 
 class BlipVisionSdpaAttention(BlipAttention):
@@ -133,11 +147,14 @@ class BlipVisionSdpaAttention(BlipAttention):
         bsz, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(bsz, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         context = torch.nn.functional.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale)
+            qkv[0], qkv[1], qkv[2], dropout_p=self.dropout.p if self.training else 0.0, scale=self.scale
+        )
         return self.projection(context.transpose(1, 2).reshape(bsz, length, dim)), None
 
 
-def set_vision_attention(model: BlipForConditionalGeneration, implementation: str = "sdpa") -> BlipForConditionalGeneration:
+def set_vision_attention(
+    model: BlipForConditionalGeneration, implementation: str = "sdpa"
+) -> BlipForConditionalGeneration:
     """Switch every BLIP vision self-attention in `model` between "sdpa" and "eager" (same weights)."""
     cls = {"sdpa": BlipVisionSdpaAttention, "eager": BlipAttention}[implementation]
     for module in model.modules():
@@ -152,26 +169,36 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
         if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
             # transformers would load the adapter's own base and apply the adapter: the "zero-shot" model
             # would be the fine-tuned one, silently
-            raise UserError(f"{name_or_path!r} holds a LoRA adapter, not a base model; pass it as --adapter and leave "
-                            "out --model_name_or_path (the adapter names its base) or pass the base model's folder")
+            raise UserError(
+                f"{name_or_path!r} holds a LoRA adapter, not a base model; pass it as --adapter and leave "
+                "out --model_name_or_path (the adapter names its base) or pass the base model's folder"
+            )
         # The saved adapter records this as its base: absolute, so it loads from any working directory
         name_or_path = os.path.abspath(name_or_path)
     try:
-        model, info = BlipForPetCaptioning.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **kwargs)
+        model, info = BlipForPetCaptioning.from_pretrained(
+            name_or_path, dtype=dtype, output_loading_info=True, **kwargs
+        )
     except OSError:
         if kwargs.get("local_files_only"):
             raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
-        raise UserError(f"no BLIP captioning model (config.json and model.safetensors or pytorch_model.bin) found at "
-                        f"{name_or_path!r}; pass a model folder or Hub id to --model_name_or_path") from None
+        raise UserError(
+            f"no BLIP captioning model (config.json and model.safetensors or pytorch_model.bin) found at "
+            f"{name_or_path!r}; pass a model folder or Hub id to --model_name_or_path"
+        ) from None
     except Exception as e:  # a truncated or corrupt weights file: safetensors and torch raise their own types
-        raise UserError(f"cannot load the model at {name_or_path!r} ({type(e).__name__}: {str(e)[:150]}); "
-                        "the weights may be corrupt or truncated: download them again") from None
+        raise UserError(
+            f"cannot load the model at {name_or_path!r} ({type(e).__name__}: {str(e)[:150]}); "
+            "the weights may be corrupt or truncated: download them again"
+        ) from None
     # transformers fills missing weights with random ones and only logs it: a model that is partly random is no base
     # (position_ids are buffers the model rebuilds; the Hub's 4.26-era .bin stores them, newer files do not)
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.endswith("position_ids"))
     if missing:
-        raise UserError(f"the model at {name_or_path!r} lacks {len(missing)} weights (first: {', '.join(missing[:3])}); "
-                        "it is incomplete: download it again")
+        raise UserError(
+            f"the model at {name_or_path!r} lacks {len(missing)} weights (first: {', '.join(missing[:3])}); "
+            "it is incomplete: download it again"
+        )
     check_finite_model(model, f"the model at {name_or_path!r}", "it is damaged: download it again")
     return model
 
@@ -196,19 +223,32 @@ def check_finite_model(model: torch.nn.Module, what: str, fix: str) -> None:
     logits = model(pixel_values=pixels, input_ids=ids).logits
     if not torch.isfinite(logits).all():
         half = " (or run it with --precision fp32)" if param.dtype in (torch.float16, torch.bfloat16) else ""
-        raise UserError(f"{what} computes NaN or infinite outputs in {str(param.dtype).replace('torch.', '')}; {fix}{half}")
+        raise UserError(
+            f"{what} computes NaN or infinite outputs in {str(param.dtype).replace('torch.', '')}; {fix}{half}"
+        )
 
 
-def create_lora_model(model: BlipForPetCaptioning, r: int = 32, alpha: int = 64, dropout: float = 0.05,
-                      target_modules: str = "query,value") -> "PeftModel":
+def create_lora_model(
+    model: BlipForPetCaptioning,
+    r: int = 32,
+    alpha: int = 64,
+    dropout: float = 0.05,
+    target_modules: str = "query,value",
+) -> "PeftModel":
     """Wrap `model` with LoRA adapters; task_type stays unset (CAUSAL_LM breaks BLIP's forward)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [t.strip() for t in target_modules.split(",") if t.strip()] if isinstance(target_modules, str) else list(target_modules)
+    targets = (
+        [t.strip() for t in target_modules.split(",") if t.strip()]
+        if isinstance(target_modules, str)
+        else list(target_modules)
+    )
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     unknown = [t for t in targets if t not in names]
     if unknown:
-        raise UserError(f"--lora_target_modules {','.join(unknown)} match no module of this model; e.g. query,value,key,dense")
+        raise UserError(
+            f"--lora_target_modules {','.join(unknown)} match no module of this model; e.g. query,value,key,dense"
+        )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
 
@@ -256,15 +296,22 @@ def save_adapter(model: "PeftModel", out_dir: str) -> None:
     path = os.path.join(out_dir, "adapter_config.json")
     with open(path) as f:
         config = json.load(f)
-    config["auto_mapping"] = {"base_model_class": BlipForConditionalGeneration.__name__,
-                              "parent_library": BlipForConditionalGeneration.__module__}
+    config["auto_mapping"] = {
+        "base_model_class": BlipForConditionalGeneration.__name__,
+        "parent_library": BlipForConditionalGeneration.__module__,
+    }
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, merge: bool = True,
-                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            loaded_base: Optional[BlipForPetCaptioning] = None) -> tuple:
+def load_lora_for_inference(
+    adapter_dir: str,
+    base_model: Optional[str] = None,
+    merge: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    loaded_base: Optional[BlipForPetCaptioning] = None,
+) -> tuple:
     """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False.
 
     loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
@@ -274,7 +321,9 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
 
     adapter_config = check_adapter(adapter_dir)
     base = base_model or adapter_config["base_model_name_or_path"]
-    saved = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
+    saved = any(
+        os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json")
+    )
     processor = load_processor(adapter_dir if saved else base)
     model = load_base_model(base, dtype=dtype) if loaded_base is None else copy.deepcopy(loaded_base)
     check_fits(model, processor, adapter_dir)
@@ -283,19 +332,26 @@ def load_lora_for_inference(adapter_dir: str, base_model: Optional[str] = None, 
     except Exception as e:  # safetensors, torch and peft each raise their own types here
         text = str(e)
         if "size mismatch" in text:
-            raise UserError(f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
-                            "(size mismatch); pass the right --model_name_or_path") from None
+            raise UserError(
+                f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
+                "(size mismatch); pass the right --model_name_or_path"
+            ) from None
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-        raise UserError(f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
-                        "the file may be corrupt or truncated: re-save or re-train it") from None
+        raise UserError(
+            f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
+            "the file may be corrupt or truncated: re-save or re-train it"
+        ) from None
     check_loaded_keys(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
     model = model.to(device).eval()
     # the stored tensors are finite (check_adapter), but lora_alpha / r scales them into the model
-    check_finite_model(model, f"adapter {adapter_dir!r} (lora_alpha {adapter_config.get('lora_alpha')}, "
-                              f"r {adapter_config.get('r')}) applied to {base!r}",
-                       "check lora_alpha and r in its adapter_config.json, or re-train it")
+    check_finite_model(
+        model,
+        f"adapter {adapter_dir!r} (lora_alpha {adapter_config.get('lora_alpha')}, "
+        f"r {adapter_config.get('r')}) applied to {base!r}",
+        "check lora_alpha and r in its adapter_config.json, or re-train it",
+    )
     return model, processor
 
 
@@ -313,19 +369,26 @@ def check_loaded_keys(peft_model: "PeftModel", adapter_dir: str, fix: str = "re-
         with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # missing, truncated or not safetensors
-        raise UserError(f"the adapter weights in {adapter_dir!r} cannot be read ({type(e).__name__}: "
-                        f"{str(e)[:MAX_ERROR_CHARS]}); {fix}") from None
+        raise UserError(
+            f"the adapter weights in {adapter_dir!r} cannot be read ({type(e).__name__}: "
+            f"{str(e)[:MAX_ERROR_CHARS]}); {fix}"
+        ) from None
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
     reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
     if extra or missing or reshaped:
         k = (reshaped or [None])[0]
-        detail = (f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})" if extra else
-                  f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})" if missing else
-                  f"{len(reshaped)} stored weights have other shapes than the LoRA modules (first: {k}, {saved[k]} "
-                  f"stored, {expected[k]} in the model: another r or base model)")
-        raise UserError(f"adapter {adapter_dir!r} does not fit its own adapter_config.json or this base model: {detail}; "
-                        f"{fix}")
+        detail = (
+            f"{len(extra)} stored weights match no LoRA module (first: {extra[:1]})"
+            if extra
+            else f"{len(missing)} LoRA weights are not stored (first: {missing[:1]})"
+            if missing
+            else f"{len(reshaped)} stored weights have other shapes than the LoRA modules (first: {k}, {saved[k]} "
+            f"stored, {expected[k]} in the model: another r or base model)"
+        )
+        raise UserError(
+            f"adapter {adapter_dir!r} does not fit its own adapter_config.json or this base model: {detail}; {fix}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +408,9 @@ def check_adapter(adapter_dir: str) -> dict:
     from safetensors import safe_open
 
     if not os.path.isdir(adapter_dir):
-        raise UserError(f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter")
+        raise UserError(
+            f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter"
+        )
     finish_interrupted_save(adapter_dir)  # train.py killed while moving the adapter's files in: complete it first
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
@@ -353,8 +418,10 @@ def check_adapter(adapter_dir: str) -> dict:
         raise UserError(f"{adapter_dir!r} has no adapter_config.json; is it the output folder of train.py?")
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
-            raise UserError(f"{adapter_dir!r} holds only adapter_model.bin, a pickle that can run code when loaded; "
-                            "refused: only safetensors adapters load (re-save it with save_pretrained where you trust it)")
+            raise UserError(
+                f"{adapter_dir!r} holds only adapter_model.bin, a pickle that can run code when loaded; "
+                "refused: only safetensors adapters load (re-save it with save_pretrained where you trust it)"
+            )
         raise UserError(f"{adapter_dir!r} has no adapter_model.safetensors; is it the output folder of train.py?")
     try:
         with open(config_path) as f:
@@ -362,18 +429,25 @@ def check_adapter(adapter_dir: str) -> dict:
         with safe_open(weights, framework="pt") as f:
             keys = list(f.keys())
             # a diverged or damaged adapter loads fine and then captions garbage: refuse non-finite weights
-            broken = [k for k in keys if f.get_slice(k).get_dtype().startswith(("F", "BF"))
-                      and not torch.isfinite(f.get_tensor(k)).all()]
+            broken = [
+                k
+                for k in keys
+                if f.get_slice(k).get_dtype().startswith(("F", "BF")) and not torch.isfinite(f.get_tensor(k)).all()
+            ]
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
-        raise UserError(f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
-                        "re-save or re-train it") from None
+        raise UserError(
+            f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
+            "re-save or re-train it"
+        ) from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
     if not keys:
         raise UserError(f"{weights} holds no tensors")
     if broken:
-        raise UserError(f"adapter {adapter_dir!r} has NaN or infinite weights ({len(broken)} tensors, first: {broken[0]}); "
-                        "re-train it")
+        raise UserError(
+            f"adapter {adapter_dir!r} has NaN or infinite weights ({len(broken)} tensors, first: {broken[0]}); "
+            "re-train it"
+        )
     return config
 
 
@@ -399,8 +473,9 @@ class ModelPair(NamedTuple):
 def load_model_pair(base_name: str, adapter_dir: str, device: str | torch.device, dtype: torch.dtype) -> ModelPair:
     """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device."""
     zero_shot = load_base_model(base_name, dtype=dtype)
-    fine_tuned, processor = load_lora_for_inference(adapter_dir, base_model=base_name, dtype=dtype, device=device,
-                                                    loaded_base=zero_shot)  # merged into a copy: the base loads once
+    fine_tuned, processor = load_lora_for_inference(
+        adapter_dir, base_model=base_name, dtype=dtype, device=device, loaded_base=zero_shot
+    )  # merged into a copy: the base loads once
     zero_shot = zero_shot.to(device).eval()
     return ModelPair(zero_shot, fine_tuned, processor, same_vision_encoder(zero_shot, fine_tuned))
 
@@ -416,11 +491,15 @@ def check_fits(model: BlipForConditionalGeneration, processor: BlipProcessor, so
     vocab, image_size = text.vocab_size, model.config.vision_config.image_size
     height = (processor.image_processor.size or {}).get("height")
     if len(processor.tokenizer) > vocab or (height is not None and height != image_size):
-        raise UserError(f"the processor of {source!r} does not fit the base model: it has "
-                        f"{len(processor.tokenizer)} tokens and {height}px images, the model {vocab} tokens and "
-                        f"{image_size}px images; pass the matching --model_name_or_path")
+        raise UserError(
+            f"the processor of {source!r} does not fit the base model: it has "
+            f"{len(processor.tokenizer)} tokens and {height}px images, the model {vocab} tokens and "
+            f"{image_size}px images; pass the matching --model_name_or_path"
+        )
     start = processor.tokenizer.bos_token_id
     if start != text.bos_token_id:
-        raise UserError(f"the tokenizer of {source!r} starts captions with {processor.tokenizer.bos_token!r} (id {start}) "
-                        f"but the model's decoder starts from id {text.bos_token_id} (text_config.bos_token_id); "
-                        "use the tokenizer that belongs to this checkpoint")
+        raise UserError(
+            f"the tokenizer of {source!r} starts captions with {processor.tokenizer.bos_token!r} (id {start}) "
+            f"but the model's decoder starts from id {text.bos_token_id} (text_config.bos_token_id); "
+            "use the tokenizer that belongs to this checkpoint"
+        )

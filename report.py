@@ -34,8 +34,7 @@ def _fmt(m: dict, key: str, kind: str) -> str:
 
 def key_table(metrics: dict) -> list:
     zs, ft = metrics.numbers["zero_shot"], metrics.numbers["fine_tuned"]
-    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind))
-            for label, key, kind in KEY_ROWS]
+    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind)) for label, key, kind in KEY_ROWS]
 
 
 def predictions_frame(predictions: Predictions, metrics: Metrics):
@@ -47,16 +46,18 @@ def predictions_frame(predictions: Predictions, metrics: Metrics):
     def name(labels):
         return [LABELS[x] for x in labels]  # UNKNOWN (-1) -> "unknown"
 
-    return pd.DataFrame({
-        "image_id": predictions.image_id,
-        "true_breed": name(predictions.label),
-        "zero_shot_caption": predictions.models["zero_shot"].captions,
-        "fine_tuned_caption": predictions.models["fine_tuned"].captions,
-        "zero_shot_breed": name(metrics.models["zero_shot"].pred),
-        "fine_tuned_breed": name(metrics.models["fine_tuned"].pred),
-        "zero_shot_likelihood_top5": top5(metrics.models["zero_shot"].order),
-        "fine_tuned_likelihood_top5": top5(metrics.models["fine_tuned"].order),
-    })
+    return pd.DataFrame(
+        {
+            "image_id": predictions.image_id,
+            "true_breed": name(predictions.label),
+            "zero_shot_caption": predictions.models["zero_shot"].captions,
+            "fine_tuned_caption": predictions.models["fine_tuned"].captions,
+            "zero_shot_breed": name(metrics.models["zero_shot"].pred),
+            "fine_tuned_breed": name(metrics.models["fine_tuned"].pred),
+            "zero_shot_likelihood_top5": top5(metrics.models["zero_shot"].order),
+            "fine_tuned_likelihood_top5": top5(metrics.models["fine_tuned"].order),
+        }
+    )
 
 
 def failures_frame(predictions: Predictions, metrics: Metrics):
@@ -68,11 +69,30 @@ def failures_frame(predictions: Predictions, metrics: Metrics):
         m, p = metrics.models[model_name], predictions.models[model_name]
         for i in np.flatnonzero(~m.correct):
             t, order, scores = predictions.label[i], m.order[i], p.scores[i]
-            rows.append({"model": model_name, "image_id": predictions.image_id[i], "true_breed": BREED_NAMES[t],
-                         "caption": p.captions[i], "predicted_breed": LABELS[m.pred[i]],
-                         "likelihood_top1": BREED_NAMES[order[0]], "true_breed_rank": int(np.flatnonzero(order == t)[0]) + 1,
-                         "margin": float(scores[order[0]] - scores[t]), "_index": int(i)})
-    columns = ["model", "image_id", "true_breed", "caption", "predicted_breed", "likelihood_top1", "true_breed_rank", "margin", "_index"]
+            rows.append(
+                {
+                    "model": model_name,
+                    "image_id": predictions.image_id[i],
+                    "true_breed": BREED_NAMES[t],
+                    "caption": p.captions[i],
+                    "predicted_breed": LABELS[m.pred[i]],
+                    "likelihood_top1": BREED_NAMES[order[0]],
+                    "true_breed_rank": int(np.flatnonzero(order == t)[0]) + 1,
+                    "margin": float(scores[order[0]] - scores[t]),
+                    "_index": int(i),
+                }
+            )
+    columns = [
+        "model",
+        "image_id",
+        "true_breed",
+        "caption",
+        "predicted_breed",
+        "likelihood_top1",
+        "true_breed_rank",
+        "margin",
+        "_index",
+    ]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["model", "true_breed_rank", "margin"], ascending=[False, False, False], kind="stable")
 
@@ -93,14 +113,29 @@ def plot_confusion(matrix, title: str, path: str) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(15, 13))
-    mesh = sns.heatmap(matrix, cmap="Blues", xticklabels=LABELS, yticklabels=LABELS, cbar_kws={"label": "images"},
-                       linewidths=0.3, linecolor="#eeeeee", ax=ax).collections[0]
+    mesh = sns.heatmap(
+        matrix,
+        cmap="Blues",
+        xticklabels=LABELS,
+        yticklabels=LABELS,
+        cbar_kws={"label": "images"},
+        linewidths=0.3,
+        linecolor="#eeeeee",
+        ax=ax,
+    ).collections[0]
     # Counts written only where there are any, in seaborn's contrasting colour: its own annotation
     # makes a text for each of the 1,444 cells, empty ones too, most of the figure's time
     for row, col in zip(*np.nonzero(matrix)):
         dark = relative_luminance(mesh.cmap(mesh.norm(matrix[row, col]))) <= 0.408
-        ax.text(col + 0.5, row + 0.5, str(matrix[row, col]), ha="center", va="center", fontsize=7,
-                color="w" if dark else ".15")
+        ax.text(
+            col + 0.5,
+            row + 0.5,
+            str(matrix[row, col]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="w" if dark else ".15",
+        )
     ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
     ax.tick_params(labelsize=8)
     plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
@@ -151,10 +186,17 @@ def plot_per_breed_accuracy(metrics, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(breeds) + 1.5))
     for k, name in enumerate(MODELS):
         per = metrics.numbers[name]["per_breed"]
-        ax.barh(y + (k - 0.5) * 0.4, [per.get(b, {}).get("recall", 0.0) for b in breeds], height=0.4, label=name.replace("_", "-"))
+        ax.barh(
+            y + (k - 0.5) * 0.4,
+            [per.get(b, {}).get("recall", 0.0) for b in breeds],
+            height=0.4,
+            label=name.replace("_", "-"),
+        )
     ax.set_yticks(y, breeds, fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="breed accuracy (recall of the breed named in the caption)", xlim=(0, 1.02), title="Per-breed accuracy")
+    ax.set(
+        xlabel="breed accuracy (recall of the breed named in the caption)", xlim=(0, 1.02), title="Per-breed accuracy"
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -181,8 +223,15 @@ def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16
             ax.imshow(load_image(predictions.records[row["_index"]]))
             caption = "\n".join(textwrap.wrap(row["caption"], 34)[:3])
             ax.set_title(f"true: {row['true_breed']}\npredicted: {row['predicted_breed']}", fontsize=9)
-            ax.text(0.5, -0.03, f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}', transform=ax.transAxes,
-                    ha="center", va="top", fontsize=8)
+            ax.text(
+                0.5,
+                -0.03,
+                f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}',
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+            )
         fig.suptitle("Worst failures, fine-tuned model\n(true breed ranked lowest by likelihood first)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -202,7 +251,9 @@ FIGURES = {
 def write_figures(predictions: Predictions, metrics: Metrics, failures, template: str, out: str) -> None:
     for name in MODELS:
         title = f"{name.replace('_', '-')}: true vs predicted breed ({metrics.numbers['num_samples']} images)"
-        plot_confusion(confusion(predictions.label, metrics.models[name].pred), title, os.path.join(out, f"confusion_{name}.png"))
+        plot_confusion(
+            confusion(predictions.label, metrics.models[name].pred), title, os.path.join(out, f"confusion_{name}.png")
+        )
     plot_per_breed_accuracy(metrics, os.path.join(out, "per_breed_accuracy.png"))
     plot_distribution(predictions, metrics, os.path.join(out, "breed_distribution.png"))
     plot_caption_lengths(predictions, template, os.path.join(out, "caption_lengths.png"))
@@ -214,30 +265,37 @@ def write_report(path: str, metrics: Metrics, info: dict) -> None:
     zs, ft = numbers["zero_shot"], numbers["fine_tuned"]
     rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in key_table(metrics))
     mc, mr = numbers["mcnemar_caption"], numbers["mcnemar_likelihood_top1"]
-    pairs = "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
+    pairs = (
+        "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
+    )
     per_breed = "\n".join(
         f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
-        for b, v in ft["per_breed"].items())
-    baselines = report_section(numbers) if "fine_tuned" in numbers and ("linear_probe" in numbers or "clip_zero_shot" in numbers) else ""
+        for b, v in ft["per_breed"].items()
+    )
+    baselines = (
+        report_section(numbers)
+        if "fine_tuned" in numbers and ("linear_probe" in numbers or "clip_zero_shot" in numbers)
+        else ""
+    )
     figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in FIGURES.items())
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
-- adapter `{info['adapter']}` on base model `{info['base_model']}`
-- data `{info['dataset']}`, split **{info['split']}**: {numbers['num_samples']} images ({info['num_bad_images']} unreadable, skipped)
-- captions: {info['decoding']}; reference caption: "{info['template']}"
-- {info['runtime_seconds']:.1f} s ({info['images_per_second']:.2f} images/s on {info['device']}); image embeddings shared between the models: {info['shared_image_embeddings']}
+- adapter `{info["adapter"]}` on base model `{info["base_model"]}`
+- data `{info["dataset"]}`, split **{info["split"]}**: {numbers["num_samples"]} images ({info["num_bad_images"]} unreadable, skipped)
+- captions: {info["decoding"]}; reference caption: "{info["template"]}"
+- {info["runtime_seconds"]:.1f} s ({info["images_per_second"]:.2f} images/s on {info["device"]}); image embeddings shared between the models: {info["shared_image_embeddings"]}
 
 ## Key numbers
 
-Brackets: 95% bootstrap confidence intervals ({info['bootstrap_samples']} resamples of the images).
+Brackets: 95% bootstrap confidence intervals ({info["bootstrap_samples"]} resamples of the images).
 
 | metric | zero-shot | fine-tuned |
 |---|---|---|
 {rows}
 
 **McNemar** (same images, exact test on the discordant pairs): by caption, the fine-tuned model alone is right on
-{mc['only_second_correct']} images and the zero-shot model alone on {mc['only_first_correct']} (p = {mc['p_value']:.3g});
-by likelihood top-1, {mr['only_second_correct']} vs {mr['only_first_correct']} (p = {mr['p_value']:.3g}).
+{mc["only_second_correct"]} images and the zero-shot model alone on {mc["only_first_correct"]} (p = {mc["p_value"]:.3g});
+by likelihood top-1, {mr["only_second_correct"]} vs {mr["only_first_correct"]} (p = {mr["p_value"]:.3g}).
 
 The **likelihood ranking** scores the templated caption of each of the 37 breeds under the model given
 the image and ranks the breeds by it, so it names a breed for every image; it is the fair zero-shot
@@ -281,8 +339,10 @@ def print_summary(metrics: Metrics, out: str) -> None:
     for r in table[1:]:
         print(line(r))
     mc = metrics.numbers["mcnemar_caption"]
-    print(f"McNemar (captions): fine-tuned alone right {mc['only_second_correct']}, zero-shot alone right "
-          f"{mc['only_first_correct']}, p = {mc['p_value']:.3g}")
+    print(
+        f"McNemar (captions): fine-tuned alone right {mc['only_second_correct']}, zero-shot alone right "
+        f"{mc['only_first_correct']}, p = {mc['p_value']:.3g}"
+    )
     for line in summary_lines(metrics.numbers):
         print(line)
     print(f"Report: {os.path.join(out, 'report.md')}")

@@ -58,7 +58,9 @@ def check_output_dir(out: str, adapter: str = None) -> None:
     if os.path.isfile(out):
         raise UserError(f"--output_dir {out!r} is a file; pass a folder")
     if adapter is not None and same_path(out, adapter):
-        raise UserError(f"--output_dir {out!r} is the adapter folder; its files would be overwritten: pass another folder")
+        raise UserError(
+            f"--output_dir {out!r} is the adapter folder; its files would be overwritten: pass another folder"
+        )
 
 
 def setup_logging() -> None:
@@ -106,8 +108,9 @@ def same_path(a: str, b: str) -> bool:
 
 def same_source(a, b) -> bool:
     """The same model or data set: the same name, or two existing paths to the same place."""
-    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
-                      and same_path(a, b))
+    return a == b or (
+        isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b) and same_path(a, b)
+    )
 
 
 def inside(path: str, folder: str) -> bool:
@@ -245,8 +248,10 @@ def _finish_move(out: str) -> None:
     except FileNotFoundError:
         return
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
-                        f"the files in {out!r} may come from two runs: delete it and run again") from None
+        raise UserError(
+            f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
+            f"the files in {out!r} may come from two runs: delete it and run again"
+        ) from None
     for name in files:
         source, target = os.path.join(staging, name), os.path.join(out, name)
         if not os.path.lexists(source):  # moved before the interruption
@@ -267,7 +272,12 @@ def _finish_move(out: str) -> None:
 
 def _plain_name(name, prefix: str = "") -> str:
     """`name` if it is a file name in the folder itself (the plan is a file someone could edit), else ValueError."""
-    if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or not name.startswith(prefix):
+    if (
+        not isinstance(name, str)
+        or os.path.basename(name) != name
+        or name in ("", ".", "..")
+        or not name.startswith(prefix)
+    ):
         raise ValueError(f"{name!r} is not a plain file name")
     return name
 

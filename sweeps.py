@@ -43,8 +43,17 @@ logger = logging.getLogger("sweep")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SWEEP_FILE = "sweep_config.json"
 # set by the sweep for every run: not allowed in --train_args / --eval_args
-OWN_FLAGS = {"--output_dir", "--seed", "--lora_r", "--lora_alpha", "--lora_target_modules", "--max_train_samples",
-             "--adapter", "--demo", "--split"}
+OWN_FLAGS = {
+    "--output_dir",
+    "--seed",
+    "--lora_r",
+    "--lora_alpha",
+    "--lora_target_modules",
+    "--max_train_samples",
+    "--adapter",
+    "--demo",
+    "--split",
+}
 
 
 @dataclass
@@ -52,20 +61,44 @@ class SweepConfig:
     """sweep.py's options. Grid axes are comma-separated lists (target-module sets separated by '/')."""
 
     output_dir: str = field(default="outputs/sweep", metadata={"help": "one folder per run, and sweep.md/json/png"})
-    lora_r: str = field(default="8,32", metadata={"help": "LoRA ranks, e.g. 8,16,32,64 (lora_alpha = 2 x r: the same scale)"})
-    lora_target_modules: str = field(default="query,value/query,key,value,dense",
-                                     metadata={"help": "module sets separated by '/', e.g. query,value/query,key,value,dense"})
-    max_train_samples: str = field(default="all", metadata={"help": "training images per run (learning curve), e.g. 500,1000,all"})
+    lora_r: str = field(
+        default="8,32", metadata={"help": "LoRA ranks, e.g. 8,16,32,64 (lora_alpha = 2 x r: the same scale)"}
+    )
+    lora_target_modules: str = field(
+        default="query,value/query,key,value,dense",
+        metadata={"help": "module sets separated by '/', e.g. query,value/query,key,value,dense"},
+    )
+    max_train_samples: str = field(
+        default="all", metadata={"help": "training images per run (learning curve), e.g. 500,1000,all"}
+    )
     seeds: str = field(default="1,2,3", metadata={"help": "training seeds; every setting runs once per seed"})
-    demo: bool = field(default=False, metadata={"help": "offline: every run on the demo's tiny model and synthetic pets"})
-    train_args: str = field(default="", metadata={"help": "more train.py flags for every run, e.g. \"--num_train_epochs 3\""})
-    eval_args: str = field(default="", metadata={"help": "more evaluate.py flags for every run, e.g. \"--max_eval_samples 500\""})
-    gpus: str = field(default="auto", metadata={"help": "GPU ids to run on, one run per GPU at a time: auto (every visible "
-                                                         "GPU), e.g. 0,1, or none (one run at a time on the default device)"})
-    shard: str = field(default="0/1", metadata={"help": "i/n: run only every n-th run starting at i (a job array's task)"})
+    demo: bool = field(
+        default=False, metadata={"help": "offline: every run on the demo's tiny model and synthetic pets"}
+    )
+    train_args: str = field(
+        default="", metadata={"help": 'more train.py flags for every run, e.g. "--num_train_epochs 3"'}
+    )
+    eval_args: str = field(
+        default="", metadata={"help": 'more evaluate.py flags for every run, e.g. "--max_eval_samples 500"'}
+    )
+    gpus: str = field(
+        default="auto",
+        metadata={
+            "help": "GPU ids to run on, one run per GPU at a time: auto (every visible "
+            "GPU), e.g. 0,1, or none (one run at a time on the default device)"
+        },
+    )
+    shard: str = field(
+        default="0/1", metadata={"help": "i/n: run only every n-th run starting at i (a job array's task)"}
+    )
     summary_only: bool = field(default=False, metadata={"help": "run nothing; summarise the finished runs"})
-    results: Optional[str] = field(default=None, metadata={"help": "also write a results page here (e.g. outputs/results.md): "
-                                                                   "--eval_dir's headline numbers and baselines, and this sweep"})
+    results: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "also write a results page here (e.g. outputs/results.md): "
+            "--eval_dir's headline numbers and baselines, and this sweep"
+        },
+    )
     eval_dir: str = field(default="outputs/eval", metadata={"help": "evaluate.py's output folder, for --results"})
 
 
@@ -76,8 +109,10 @@ class SweepConfig:
 def _values(flag: str, text: str, sep: str = ",") -> list:
     values = [v.strip() for v in text.split(sep)]
     if not text.strip() or any(not v for v in values):
-        raise UserError(f"--{flag} {text!r} has an empty value; give a {sep!r}-separated list, e.g. "
-                        f"{SweepConfig.__dataclass_fields__[flag].default!r}")
+        raise UserError(
+            f"--{flag} {text!r} has an empty value; give a {sep!r}-separated list, e.g. "
+            f"{SweepConfig.__dataclass_fields__[flag].default!r}"
+        )
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise UserError(f"--{flag} {text!r} repeats {', '.join(repeated)}: each value once")
@@ -107,7 +142,9 @@ def _pass_through(flag: str, text: str) -> list:
         raise UserError(f"--{flag} {text!r} cannot be split into flags ({e})") from None
     own = sorted({a.split("=")[0] for a in args if a.split("=")[0] in OWN_FLAGS})
     if own:
-        raise UserError(f"--{flag} sets {', '.join(own)}, which the sweep sets for every run; use the sweep's own options")
+        raise UserError(
+            f"--{flag} sets {', '.join(own)}, which the sweep sets for every run; use the sweep's own options"
+        )
     return args
 
 
@@ -122,7 +159,9 @@ class Grid:
 def grid_from(cfg: SweepConfig) -> Grid:
     """The checked grid: one UserError line for an empty list, a repeated value, a bad number or a pass-through clash."""
     ranks = _ints("lora_r", cfg.lora_r)
-    targets = [",".join(t.strip() for t in s.split(",")) for s in _values("lora_target_modules", cfg.lora_target_modules, "/")]
+    targets = [
+        ",".join(t.strip() for t in s.split(",")) for s in _values("lora_target_modules", cfg.lora_target_modules, "/")
+    ]
     for t in targets:
         _values("lora_target_modules", t)  # "query,,value" is an empty module name
     samples = _ints("max_train_samples", cfg.max_train_samples, allow_all=True)
@@ -132,8 +171,10 @@ def grid_from(cfg: SweepConfig) -> Grid:
     n_shard = parse_shard(cfg.shard)[1]
     if n_shard < 1:
         raise UserError(f"--shard {cfg.shard!r}: n must be at least 1")
-    settings = [{"lora_r": r, "lora_target_modules": t, "max_train_samples": n}
-                for r, t, n in itertools.product(ranks, targets, samples)]
+    settings = [
+        {"lora_r": r, "lora_target_modules": t, "max_train_samples": n}
+        for r, t, n in itertools.product(ranks, targets, samples)
+    ]
     return Grid(settings, seeds, _pass_through("train_args", cfg.train_args), _pass_through("eval_args", cfg.eval_args))
 
 
@@ -150,8 +191,11 @@ def parse_shard(text: str) -> tuple:
 def default_setting(demo: bool) -> dict:
     """The setting train.py uses without flags (the demo's with --demo): the paired test's reference."""
     cfg, preset = PetConfig(), DEMO_OVERRIDES if demo else {}
-    return {"lora_r": preset.get("lora_r", cfg.lora_r), "max_train_samples": cfg.max_train_samples,
-            "lora_target_modules": preset.get("lora_target_modules", cfg.lora_target_modules)}
+    return {
+        "lora_r": preset.get("lora_r", cfg.lora_r),
+        "max_train_samples": cfg.max_train_samples,
+        "lora_target_modules": preset.get("lora_target_modules", cfg.lora_target_modules),
+    }
 
 
 def setting_name(s: dict) -> str:
@@ -176,14 +220,31 @@ class Run:
 
     def commands(self, cfg: SweepConfig, grid: Grid) -> dict:
         s = self.setting
-        train = [sys.executable, os.path.join(ROOT, "train.py"), "--output_dir", os.path.join(self.folder, "adapter"),
-                 "--seed", str(self.seed), "--lora_r", str(s["lora_r"]), "--lora_alpha", str(2 * s["lora_r"]),
-                 "--lora_target_modules", s["lora_target_modules"]]
+        train = [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--output_dir",
+            os.path.join(self.folder, "adapter"),
+            "--seed",
+            str(self.seed),
+            "--lora_r",
+            str(s["lora_r"]),
+            "--lora_alpha",
+            str(2 * s["lora_r"]),
+            "--lora_target_modules",
+            s["lora_target_modules"],
+        ]
         if s["max_train_samples"] is not None:
             train += ["--max_train_samples", str(s["max_train_samples"])]
         # evaluate.py keeps its own --seed, so every run scores the same test images (the paired test needs them)
-        evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--adapter", os.path.join(self.folder, "adapter"),
-                    "--output_dir", os.path.join(self.folder, "eval")]
+        evaluate = [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--adapter",
+            os.path.join(self.folder, "adapter"),
+            "--output_dir",
+            os.path.join(self.folder, "eval"),
+        ]
         demo = ["--demo"] if cfg.demo else []
         # the baselines do not depend on the LoRA setting: scored in one setting's runs only (one per seed)
         off = [] if self.baselines else ["--linear_probe", "False", "--clip_model", "none"]
@@ -191,18 +252,28 @@ class Run:
 
     def record(self, cfg, grid) -> dict:
         commands = self.commands(cfg, grid)
-        return {"setting": self.setting, "seed": self.seed, "baselines": self.baselines,
-                "train_args": commands["train"][2:], "eval_args": commands["evaluate"][2:]}
+        return {
+            "setting": self.setting,
+            "seed": self.seed,
+            "baselines": self.baselines,
+            "train_args": commands["train"][2:],
+            "eval_args": commands["evaluate"][2:],
+        }
 
     def finished(self, cfg, grid) -> bool:
-        return os.path.isfile(os.path.join(self.folder, "eval", "metrics.json")) and _read(os.path.join(self.folder, "run.json")) == self.record(cfg, grid)
+        return os.path.isfile(os.path.join(self.folder, "eval", "metrics.json")) and _read(
+            os.path.join(self.folder, "run.json")
+        ) == self.record(cfg, grid)
 
 
 def plan(cfg: SweepConfig, grid: Grid) -> list:
     default = default_setting(cfg.demo)
     with_baselines = default if default in grid.settings else grid.settings[0]
-    return [Run(s, seed, os.path.join(cfg.output_dir, f"{setting_name(s)}_seed{seed}"), s == with_baselines)
-            for s in grid.settings for seed in grid.seeds]
+    return [
+        Run(s, seed, os.path.join(cfg.output_dir, f"{setting_name(s)}_seed{seed}"), s == with_baselines)
+        for s in grid.settings
+        for seed in grid.seeds
+    ]
 
 
 def write_json(path: str, data) -> None:
@@ -228,18 +299,25 @@ def check_sweep_folder(cfg: SweepConfig, grid: Grid) -> None:
         raise UserError(f"{path} is unreadable; remove it, or pass another --output_dir")
     if saved is None:
         # (a job array's shards start at once: the first one's sweep_config.json is no stranger)
-        others = [n for n in os.listdir(cfg.output_dir) if not n.startswith(".") and n != SWEEP_FILE] \
-            if os.path.isdir(cfg.output_dir) else []
+        others = (
+            [n for n in os.listdir(cfg.output_dir) if not n.startswith(".") and n != SWEEP_FILE]
+            if os.path.isdir(cfg.output_dir)
+            else []
+        )
         if others:
-            raise UserError(f"--output_dir {cfg.output_dir!r} holds other files ({', '.join(sorted(others)[:3])}), "
-                            "not a sweep; pass an empty or new folder")
+            raise UserError(
+                f"--output_dir {cfg.output_dir!r} holds other files ({', '.join(sorted(others)[:3])}), "
+                "not a sweep; pass an empty or new folder"
+            )
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json(path, identity)
         return
     differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in identity.items() if saved.get(k) != v]
     if differ:
-        raise UserError(f"--output_dir {cfg.output_dir!r} holds another sweep's runs ({'; '.join(differ)}); "
-                        "pass another --output_dir, or the same --demo/--train_args/--eval_args to resume it")
+        raise UserError(
+            f"--output_dir {cfg.output_dir!r} holds another sweep's runs ({'; '.join(differ)}); "
+            "pass another --output_dir, or the same --demo/--train_args/--eval_args to resume it"
+        )
 
 
 class Runner:
@@ -275,7 +353,11 @@ class Runner:
                 bar.update(1)
 
         threads = [threading.Thread(target=worker, args=(slot,), daemon=True) for slot in self.slots]
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+        previous = (
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
         try:
             for t in threads:
                 t.start()
@@ -325,8 +407,10 @@ class Runner:
                         with self.lock:
                             self.live.discard(proc)
                 if code != 0:
-                    raise UserError(f"run {run.name}: {stage}.py failed (exit {code}): {_last_error(log_path)}; "
-                                    f"full log: {log_path}")
+                    raise UserError(
+                        f"run {run.name}: {stage}.py failed (exit {code}): {_last_error(log_path)}; "
+                        f"full log: {log_path}"
+                    )
             check_trained_setting(run)
 
 
@@ -347,8 +431,10 @@ def check_trained_setting(run: Run) -> None:
     got = {k: (saved.get("PetConfig") or {}).get(k) for k in run.setting}
     got_seed = (saved.get("TrainConfig") or {}).get("seed")
     if got != run.setting or got_seed != run.seed:
-        raise UserError(f"run {run.name}: train.py trained {got} with seed {got_seed}, not the sweep's {run.setting} "
-                        f"with seed {run.seed}")
+        raise UserError(
+            f"run {run.name}: train.py trained {got} with seed {got_seed}, not the sweep's {run.setting} "
+            f"with seed {run.seed}"
+        )
 
 
 def pick_slots(text: str) -> list:
@@ -361,7 +447,7 @@ def pick_slots(text: str) -> list:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None and visible.strip():
             ids = [v.strip() for v in visible.split(",") if v.strip()]
-            return ids[:torch.cuda.device_count()] or [None]
+            return ids[: torch.cuda.device_count()] or [None]
         return list(range(torch.cuda.device_count())) or [None]
     return _values("gpus", text)
 
@@ -377,9 +463,13 @@ def run_result(run: Run) -> Optional[dict]:
     if metrics is None or history is None:
         return None
     val = [e["breed_accuracy"] for e in history.get("validation", []) if "breed_accuracy" in e]
-    out = {"seed": run.seed, "folder": run.folder, "validation_breed_accuracy": max(val) if val else None,
-           "test_breed_accuracy": metrics["fine_tuned"]["breed_accuracy"],
-           "test_likelihood_top1": metrics["fine_tuned"]["likelihood_top1"]}
+    out = {
+        "seed": run.seed,
+        "folder": run.folder,
+        "validation_breed_accuracy": max(val) if val else None,
+        "test_breed_accuracy": metrics["fine_tuned"]["breed_accuracy"],
+        "test_likelihood_top1": metrics["fine_tuned"]["likelihood_top1"],
+    }
     for key in ("linear_probe", "clip_zero_shot"):
         if "accuracy" in (metrics.get(key) or {}):
             out[key] = metrics[key]["accuracy"]
@@ -389,7 +479,11 @@ def run_result(run: Run) -> Optional[dict]:
 def mean_std(values: list) -> dict:
     """Mean and sample standard deviation (ddof=1; None for a single value) over seeds."""
     v = [x for x in values if x is not None]
-    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v)}
+    return {
+        "mean": float(np.mean(v)) if v else None,
+        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "n": len(v),
+    }
 
 
 def caption_correct(run: Run):
@@ -418,8 +512,12 @@ def paired_test(best_runs: list, default_runs: list) -> dict:
         per_seed[str(run.seed)] = {**mcnemar(pa, pb), "images": len(common)}
         pooled_a += pa
         pooled_b += pb
-    return {"first": "default", "second": "best", "pooled_over_seeds": {**mcnemar(pooled_a, pooled_b), "pairs": len(pooled_a)},
-            "per_seed": per_seed}
+    return {
+        "first": "default",
+        "second": "best",
+        "pooled_over_seeds": {**mcnemar(pooled_a, pooled_b), "pairs": len(pooled_a)},
+        "per_seed": per_seed,
+    }
 
 
 def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
@@ -429,10 +527,17 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
         mine = [r for r in runs if r.setting == s]
         done = [(r, res) for r in mine if (res := run_result(r)) is not None]
         results[setting_name(s)] = [r for r, _ in done]
-        settings.append({"name": setting_name(s), **s, "lora_alpha": 2 * s["lora_r"], "runs": [res for _, res in done],
-                         "validation_breed_accuracy": mean_std([res["validation_breed_accuracy"] for _, res in done]),
-                         "test_breed_accuracy": mean_std([res["test_breed_accuracy"] for _, res in done]),
-                         "test_likelihood_top1": mean_std([res["test_likelihood_top1"] for _, res in done])})
+        settings.append(
+            {
+                "name": setting_name(s),
+                **s,
+                "lora_alpha": 2 * s["lora_r"],
+                "runs": [res for _, res in done],
+                "validation_breed_accuracy": mean_std([res["validation_breed_accuracy"] for _, res in done]),
+                "test_breed_accuracy": mean_std([res["test_breed_accuracy"] for _, res in done]),
+                "test_likelihood_top1": mean_std([res["test_likelihood_top1"] for _, res in done]),
+            }
+        )
     ranked = [s for s in settings if s["validation_breed_accuracy"]["mean"] is not None]
     # chosen on validation only; ties go to the earlier setting in the grid
     best = max(ranked, key=lambda s: s["validation_breed_accuracy"]["mean"]) if ranked else None
@@ -442,10 +547,16 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
         values = [res[key] for s in settings for res in s["runs"] if key in res]
         if values:
             baselines[key] = mean_std(values)
-    summary = {"std": "sample standard deviation (ddof=1) over seeds", "best_chosen_on": "mean validation breed accuracy",
-               "settings": settings, "best": best["name"] if best else None, "default": default_name,
-               "baselines": baselines, "seeds": grid.seeds,
-               "missing_runs": [r.name for r in runs if run_result(r) is None]}
+    summary = {
+        "std": "sample standard deviation (ddof=1) over seeds",
+        "best_chosen_on": "mean validation breed accuracy",
+        "settings": settings,
+        "best": best["name"] if best else None,
+        "default": default_name,
+        "baselines": baselines,
+        "seeds": grid.seeds,
+        "missing_runs": [r.name for r in runs if run_result(r) is None],
+    }
     if best and default_name and best["name"] != default_name and results[default_name] and results[best["name"]]:
         summary["paired_test"] = paired_test(results[best["name"]], results[default_name])
     return summary
@@ -473,20 +584,29 @@ def sweep_markdown(summary: dict) -> str:
         mark = " **best**" if s["name"] == summary["best"] else ""
         mark += " (default)" if s["name"] == summary["default"] else ""
         n = "all" if s["max_train_samples"] is None else s["max_train_samples"]
-        rows.append(f"| {s['lora_r']} | {s['lora_alpha']} | {s['lora_target_modules']} | {n} | {s['test_breed_accuracy']['n']} | "
-                    f"{_ms(s['validation_breed_accuracy'])} | {_ms(s['test_breed_accuracy'])} | {_ms(s['test_likelihood_top1'])} |{mark} |")
+        rows.append(
+            f"| {s['lora_r']} | {s['lora_alpha']} | {s['lora_target_modules']} | {n} | {s['test_breed_accuracy']['n']} | "
+            f"{_ms(s['validation_breed_accuracy'])} | {_ms(s['test_breed_accuracy'])} | {_ms(s['test_likelihood_top1'])} |{mark} |"
+        )
     names = {"linear_probe": "linear probe on frozen BLIP features", "clip_zero_shot": "CLIP zero-shot"}
-    base = "\n".join(f"| {names[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items()) or "| (none scored) | - | - |"
+    base = (
+        "\n".join(f"| {names[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
+        or "| (none scored) | - | - |"
+    )
     paired = summary.get("paired_test")
     if paired:
         p = paired["pooled_over_seeds"]
-        per = "; ".join(f"seed {k}: {v['only_first_correct']} vs {v['only_second_correct']}, p = {v['p_value']:.3g}"
-                        for k, v in paired["per_seed"].items())
-        paired_text = (f"Exact McNemar test, best ({summary['best']}) against default ({summary['default']}), on the same "
-                       f"test images, **pooled over seeds** (each seed x image is one pair, {p['pairs']} pairs): default alone "
-                       f"right {p['only_first_correct']}, best alone right {p['only_second_correct']}, p = {p['p_value']:.3g}. "
-                       f"Per seed: {per}. Pooling treats seeds as independent replicates of the same images, so its p "
-                       "is optimistic when seeds agree image by image; the per-seed tests are the conservative reading.")
+        per = "; ".join(
+            f"seed {k}: {v['only_first_correct']} vs {v['only_second_correct']}, p = {v['p_value']:.3g}"
+            for k, v in paired["per_seed"].items()
+        )
+        paired_text = (
+            f"Exact McNemar test, best ({summary['best']}) against default ({summary['default']}), on the same "
+            f"test images, **pooled over seeds** (each seed x image is one pair, {p['pairs']} pairs): default alone "
+            f"right {p['only_first_correct']}, best alone right {p['only_second_correct']}, p = {p['p_value']:.3g}. "
+            f"Per seed: {per}. Pooling treats seeds as independent replicates of the same images, so its p "
+            "is optimistic when seeds agree image by image; the per-seed tests are the conservative reading."
+        )
     elif summary["default"] is None:
         paired_text = "No paired test: the default setting is not in the grid."
     elif summary["best"] == summary["default"]:
@@ -533,7 +653,12 @@ def plot_sweep(summary: dict, path: str) -> None:
     for key, value in summary["baselines"].items():
         ax.axhline(value["mean"], color="gray", linestyle=styles[key][1], label=styles[key][0])
     ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
-    ax.set(ylabel="breed accuracy", ylim=(-0.02, 1.02), xlim=(-0.5, len(settings) - 0.5), title=f"Sweep over seeds {summary['seeds']}")
+    ax.set(
+        ylabel="breed accuracy",
+        ylim=(-0.02, 1.02),
+        xlim=(-0.5, len(settings) - 0.5),
+        title=f"Sweep over seeds {summary['seeds']}",
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -548,30 +673,40 @@ def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> No
     """One page of evidence: the main run's numbers with intervals, every baseline, and the sweep over seeds."""
     metrics = _read(os.path.join(eval_dir, "metrics.json"))
     if metrics is None:
-        raise UserError(f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)")
+        raise UserError(
+            f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)"
+        )
     here = os.path.dirname(os.path.abspath(path))
 
     def link(p):
         return os.path.relpath(os.path.abspath(p), here)
 
     zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
-    rows = [f"| zero-shot BLIP, caption names the breed | {_ci(zs['breed_accuracy'], zs['breed_accuracy_ci95'])} |",
-            f"| zero-shot BLIP, likelihood ranking top-1 | {_ci(zs['likelihood_top1'], zs['likelihood_top1_ci95'])} |",
-            f"| **fine-tuned BLIP + LoRA, caption names the breed** | {_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} |",
-            f"| fine-tuned BLIP + LoRA, likelihood ranking top-1 | {_ci(ft['likelihood_top1'], ft['likelihood_top1_ci95'])} |"]
+    rows = [
+        f"| zero-shot BLIP, caption names the breed | {_ci(zs['breed_accuracy'], zs['breed_accuracy_ci95'])} |",
+        f"| zero-shot BLIP, likelihood ranking top-1 | {_ci(zs['likelihood_top1'], zs['likelihood_top1_ci95'])} |",
+        f"| **fine-tuned BLIP + LoRA, caption names the breed** | {_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} |",
+        f"| fine-tuned BLIP + LoRA, likelihood ranking top-1 | {_ci(ft['likelihood_top1'], ft['likelihood_top1_ci95'])} |",
+    ]
     for key, label in (("linear_probe", "linear probe on frozen BLIP features"), ("clip_zero_shot", "CLIP zero-shot")):
         b = metrics.get(key) or {}
         if "accuracy" in b:
             mc = b["mcnemar_vs_fine_tuned_caption"]
-            rows.append(f"| {label} (McNemar vs fine-tuned captions: {mc['only_first_correct']} vs "
-                        f"{mc['only_second_correct']}, p = {mc['p_value']:.3g}) | {_ci(b['accuracy'], b['accuracy_ci95'])} |")
+            rows.append(
+                f"| {label} (McNemar vs fine-tuned captions: {mc['only_first_correct']} vs "
+                f"{mc['only_second_correct']}, p = {mc['p_value']:.3g}) | {_ci(b['accuracy'], b['accuracy_ci95'])} |"
+            )
         elif b:
             rows.append(f"| {label} | skipped: {b.get('skipped')} |")
-    sweep = sweep_markdown(summary).split("\n", 2)[2].replace("](sweep.png)", f"]({link(os.path.join(sweep_dir, 'sweep.png'))})")
+    sweep = (
+        sweep_markdown(summary)
+        .split("\n", 2)[2]
+        .replace("](sweep.png)", f"]({link(os.path.join(sweep_dir, 'sweep.png'))})")
+    )
     text = f"""# Results
 
-Main run: adapter `{metrics['adapter']}` on `{metrics['base_model']}`, {metrics['num_samples']} {metrics['split']} images of
-`{metrics['dataset']}`. Brackets: 95% bootstrap intervals. Full report: [{link(os.path.join(eval_dir, 'report.md'))}]({link(os.path.join(eval_dir, 'report.md'))})
+Main run: adapter `{metrics["adapter"]}` on `{metrics["base_model"]}`, {metrics["num_samples"]} {metrics["split"]} images of
+`{metrics["dataset"]}`. Brackets: 95% bootstrap intervals. Full report: [{link(os.path.join(eval_dir, "report.md"))}]({link(os.path.join(eval_dir, "report.md"))})
 (published numbers for context, and which baseline is fair for which question, are there).
 
 | method | breed accuracy |
@@ -615,16 +750,26 @@ def main(argv=None) -> dict:
         index, count = parse_shard(cfg.shard)
         mine = [r for k, r in enumerate(runs) if k % count == index]
         todo = [r for r in mine if not r.finished(cfg, grid)]
-        logger.info("%d runs in the grid, %d in this shard: %d finished, %d to run", len(runs), len(mine),
-                    len(mine) - len(todo), len(todo))
+        logger.info(
+            "%d runs in the grid, %d in this shard: %d finished, %d to run",
+            len(runs),
+            len(mine),
+            len(mine) - len(todo),
+            len(todo),
+        )
         if todo:
             slots = pick_slots(cfg.gpus)
-            logger.info("running on %s", "GPUs " + ",".join(map(str, slots)) if slots != [None] else "the default device, one run at a time")
+            logger.info(
+                "running on %s",
+                "GPUs " + ",".join(map(str, slots)) if slots != [None] else "the default device, one run at a time",
+            )
             Runner(cfg, grid, slots).run_all(todo)
     summary = summarise(cfg, grid, runs)
     write_summary(cfg, summary)
     if cfg.results:
         write_results(cfg.results, cfg.eval_dir, cfg.output_dir, summary)
-    print(f"Sweep: {len(runs) - len(summary['missing_runs'])} of {len(runs)} runs finished; best on validation: "
-          f"{summary['best']}. Summary: {os.path.join(cfg.output_dir, 'sweep.md')}")
+    print(
+        f"Sweep: {len(runs) - len(summary['missing_runs'])} of {len(runs)} runs finished; best on validation: "
+        f"{summary['best']}. Summary: {os.path.join(cfg.output_dir, 'sweep.md')}"
+    )
     return summary

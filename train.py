@@ -65,7 +65,9 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
         if args.bf16 or args.fp16:
             args.mixed_precision = "bf16" if args.bf16 else "fp16"
     if args.fp16 and args.device.type == "cpu":
-        raise UserError("fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32")
+        raise UserError(
+            "fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32"
+        )
     if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
         use_demo_assets(cfg)
     cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
@@ -76,8 +78,10 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
             setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
     if os.path.isdir(cfg.model_name_or_path) and inside(cfg.model_name_or_path, args.output_dir):
         # the adapter would be saved into the base model's folder, which then loads with it applied
-        raise UserError(f"--output_dir {args.output_dir!r} is or contains the base model folder "
-                        f"{cfg.model_name_or_path!r}; pass another folder")
+        raise UserError(
+            f"--output_dir {args.output_dir!r} is or contains the base model folder "
+            f"{cfg.model_name_or_path!r}; pass another folder"
+        )
     return cfg, args
 
 
@@ -92,7 +96,9 @@ def check_train_options(args: TrainConfig) -> None:
     if args.max_steps == 0 or args.max_steps < -1:
         raise UserError(f"--max_steps must be positive (or -1 to train --num_train_epochs), not {args.max_steps}")
     if args.max_steps == -1 and not args.num_train_epochs > 0:
-        raise UserError(f"--num_train_epochs must be positive, not {args.num_train_epochs}: it would save an untrained adapter")
+        raise UserError(
+            f"--num_train_epochs must be positive, not {args.num_train_epochs}: it would save an untrained adapter"
+        )
     check_seed(args.seed)
     check_report_to(args.report_to)
     if args.cuda_graphs:
@@ -104,8 +110,10 @@ def check_train_options(args: TrainConfig) -> None:
             raise UserError("--cuda_graphs works on one GPU; leave it off under torchrun / accelerate launch")
         if args.gradient_accumulation_steps > 1:
             # the gradients autograd hands over live in the graph's buffers, which the next replay overwrites
-            raise UserError("--cuda_graphs cannot accumulate gradients: use a larger --per_device_train_batch_size "
-                            "instead of --gradient_accumulation_steps, or leave --cuda_graphs off")
+            raise UserError(
+                "--cuda_graphs cannot accumulate gradients: use a larger --per_device_train_batch_size "
+                "instead of --gradient_accumulation_steps, or leave --cuda_graphs off"
+            )
     check_output_dir(args.output_dir)
 
 
@@ -116,15 +124,22 @@ def check_report_to(report_to: str | list | None) -> None:
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in (n for n in names if n not in ("none", "all")):
         if name not in INTEGRATION_TO_CALLBACK:
-            raise UserError(f"--report_to {name}: not an integration Trainer knows; use one of "
-                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)")
+            raise UserError(
+                f"--report_to {name}: not an integration Trainer knows; use one of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)"
+            )
         if name not in get_available_reporting_integrations():
-            raise UserError(f"--report_to {name}: its package is not installed; `pip install {name}`, "
-                            "or leave --report_to out")
+            raise UserError(
+                f"--report_to {name}: its package is not installed; `pip install {name}`, or leave --report_to out"
+            )
 
 
 def history_from_logs(log_history: list) -> dict:
-    train = [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in e} for e in log_history if "loss" in e]
+    train = [
+        {k: e[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in e}
+        for e in log_history
+        if "loss" in e
+    ]
     evals = {}
     for e in log_history:
         for k, v in e.items():
@@ -144,7 +159,9 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
     ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
     ax_loss.legend()
     ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="breed accuracy", title="Validation breed accuracy (greedy captions)", ylim=(0, 1.02))
+    ax_acc.set(
+        xlabel="epoch", ylabel="breed accuracy", title="Validation breed accuracy (greedy captions)", ylim=(0, 1.02)
+    )
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -162,43 +179,67 @@ def card_metadata(cfg: PetConfig, args: TrainConfig, best: dict) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     dataset_id = None if is_local(cfg.dataset) else cfg.dataset
-    results = [] if best is None else [EvalResult(
-        task_type="image-to-text", task_name="Image captioning (breed named in the caption)",
-        dataset_type=dataset_id or "oxford-iiit-pet", dataset_name="Oxford-IIIT Pet", dataset_split="validation",
-        metric_type=best_metric_name(args).split()[-1], metric_name=best_metric_name(args), metric_value=round(float(best), 4))]
+    results = (
+        []
+        if best is None
+        else [
+            EvalResult(
+                task_type="image-to-text",
+                task_name="Image captioning (breed named in the caption)",
+                dataset_type=dataset_id or "oxford-iiit-pet",
+                dataset_name="Oxford-IIIT Pet",
+                dataset_split="validation",
+                metric_type=best_metric_name(args).split()[-1],
+                metric_name=best_metric_name(args),
+                metric_value=round(float(best), 4),
+            )
+        ]
+    )
     data = ModelCardData(
         base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
-        datasets=[dataset_id] if dataset_id else None, library_name="peft", pipeline_tag="image-to-text",
+        datasets=[dataset_id] if dataset_id else None,
+        library_name="peft",
+        pipeline_tag="image-to-text",
         tags=["blip", "lora", "image-captioning", "oxford-iiit-pet"],
-        model_name=os.path.basename(os.path.normpath(args.output_dir)), eval_results=results or None)
+        model_name=os.path.basename(os.path.normpath(args.output_dir)),
+        eval_results=results or None,
+    )
     return data.to_yaml()
 
 
-def write_model_card(path: str, cfg: PetConfig, args: TrainConfig, splits: dict, history: dict, best: dict,
-                     trainable: int, state: dict) -> None:
+def write_model_card(
+    path: str, cfg: PetConfig, args: TrainConfig, splits: dict, history: dict, best: dict, trainable: int, state: dict
+) -> None:
     rows = "\n".join(
         f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', float('nan')):.4f} | {e.get('breed_accuracy', float('nan')):.3f} |"
         for e in history["validation"]
     )
-    length = (f"{state.global_step} optimizer steps (--max_steps {args.max_steps}, {state.epoch or 0:.2f} epochs)"
-              if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)")
-    base = cfg.model_name_or_path if is_local(cfg.model_name_or_path) else f"[{cfg.model_name_or_path}](https://huggingface.co/{cfg.model_name_or_path})"
+    length = (
+        f"{state.global_step} optimizer steps (--max_steps {args.max_steps}, {state.epoch or 0:.2f} epochs)"
+        if args.max_steps > 0
+        else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)"
+    )
+    base = (
+        cfg.model_name_or_path
+        if is_local(cfg.model_name_or_path)
+        else f"[{cfg.model_name_or_path}](https://huggingface.co/{cfg.model_name_or_path})"
+    )
     card = f"""---
 {card_metadata(cfg, args, best)}
 ---
 # BLIP + LoRA for Oxford-IIIT Pet breed captions
 
 LoRA adapter for `{base}` that captions pet photos as
-"{cfg.caption_template.format(article='a', breed='<Breed>')}", naming one of 37 cat and dog breeds.
+"{cfg.caption_template.format(article="a", breed="<Breed>")}", naming one of 37 cat and dog breeds.
 
-- **Data**: `{cfg.dataset}`: {len(splits['train'])} training and {len(splits['validation'])} validation images
+- **Data**: `{cfg.dataset}`: {len(splits["train"])} training and {len(splits["validation"])} validation images
   (validation is a stratified {cfg.val_fraction:.0%} of trainval, seed {args.seed}); the test split was not used.
 - **LoRA**: r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, targets `{cfg.lora_target_modules}`;
   {trainable:,} trainable parameters.
 - **Training**: {length}, learning rate {args.learning_rate:g}, batch size
   {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation, seed {args.seed},
-  {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}.
-- **Kept**: the evaluation with the best {best_metric_name(args)}: **{best if best is not None else float('nan'):.3f}**.
+  {"bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}.
+- **Kept**: the evaluation with the best {best_metric_name(args)}: **{best if best is not None else float("nan"):.3f}**.
 
 ## Validation
 
@@ -235,6 +276,7 @@ def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig,
     if args.use_embedding_cache and has_vision_lora(model):
         logger.info("LoRA targets the vision encoder: image embeddings change during training, so they are not cached")
     elif args.use_embedding_cache:
+
         def encode(pixels):
             with autocast(args):
                 return image_embeddings(model, pixels.to(args.device))
@@ -245,29 +287,50 @@ def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig,
             cache = EmbeddingCache(args.embedding_cache_dir, key, args.embedding_cache_dtype)
             if args.process_index == 0:
                 model.vision_model.to(args.device).eval()
-                cache.build(splits["train"] + splits["validation"], encode, processor.image_processor,
-                            args.per_device_eval_batch_size, device=args.device)
-        datasets = (CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
-                    CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template))
+                cache.build(
+                    splits["train"] + splits["validation"],
+                    encode,
+                    processor.image_processor,
+                    args.per_device_eval_batch_size,
+                    device=args.device,
+                )
+        datasets = (
+            CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
+            CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template),
+        )
         if args.device.type == "cuda" and fits_on_gpu(datasets, args.device):
             for dataset in datasets:
                 dataset.preload(args.device)
             args.dataloader_pin_memory, args.dataloader_num_workers = False, 0  # items are already on the GPU
             logger.info("image embeddings preloaded onto %s", args.device)
         return datasets
-    return (PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template),
-            PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False))
+    return (
+        PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template),
+        PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False),
+    )
 
 
 def log_timing(timing: dict, trainer: PetTrainer, args: TrainConfig) -> None:
     """One `timing: {json}` log line: where the run's seconds went (benchmarks/gpu_recipe.sh reads it)."""
     now = time.perf_counter()
     loop = timing["trained"] - timing["cached"] - trainer.seconds_outside_loop
-    images = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    record = {"load_s": timing["loaded"] - timing["start"], "cache_and_setup_s": timing["cached"] - timing["loaded"],
-              "train_s": timing["trained"] - timing["cached"], "validation_and_checkpoints_s": trainer.seconds_outside_loop,
-              "loop_s": loop, "loop_img_s": images / loop if loop > 0 else None, "save_s": now - timing["trained"],
-              "total_s": now - timing["start"], "steps": trainer.state.global_step}
+    images = (
+        trainer.state.global_step
+        * args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size
+    )
+    record = {
+        "load_s": timing["loaded"] - timing["start"],
+        "cache_and_setup_s": timing["cached"] - timing["loaded"],
+        "train_s": timing["trained"] - timing["cached"],
+        "validation_and_checkpoints_s": trainer.seconds_outside_loop,
+        "loop_s": loop,
+        "loop_img_s": images / loop if loop > 0 else None,
+        "save_s": now - timing["trained"],
+        "total_s": now - timing["start"],
+        "steps": trainer.state.global_step,
+    }
     logger.info("timing: %s", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}))
 
 
@@ -290,8 +353,12 @@ def _train(cfg, args):
     splits["train"] = subsample(splits["train"], cfg.max_train_samples, args.seed)
     splits["validation"] = subsample(splits["validation"], cfg.max_eval_samples, args.seed)
     if not splits["train"] or not splits["validation"]:
-        raise UserError(f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation images; need both")
-    logger.info("data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset)
+        raise UserError(
+            f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation images; need both"
+        )
+    logger.info(
+        "data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset
+    )
 
     timing = {"start": time.perf_counter()}
     processor = load_processor(cfg.model_name_or_path)
@@ -314,10 +381,20 @@ def _train(cfg, args):
         cast = cast_frozen_linears(model, autocast_dtype(args))
         logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
     # Compiled or graphed, every batch is padded to one length, so the graphs see one shape (and the last batch's)
-    pad_to = longest_caption_tokens(processor.tokenizer, cfg.caption_template) if args.torch_compile or args.cuda_graphs else None
-    trainer = PetTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, pad_to),
-                         processor=processor, pet_config=cfg)
+    pad_to = (
+        longest_caption_tokens(processor.tokenizer, cfg.caption_template)
+        if args.torch_compile or args.cuda_graphs
+        else None
+    )
+    trainer = PetTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, pad_to),
+        processor=processor,
+        pet_config=cfg,
+    )
     timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     timing["trained"] = time.perf_counter()
@@ -332,7 +409,9 @@ def _train(cfg, args):
     if args.process_index == 0:
         with staged_outputs(out, last=("adapter_config.json",)) as tmp:
             _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
-        print(f"Adapter saved to {out}/ (best {best_metric_name(args)} {best if best is not None else float('nan'):.3f})")
+        print(
+            f"Adapter saved to {out}/ (best {best_metric_name(args)} {best if best is not None else float('nan'):.3f})"
+        )
         log_timing(timing, trainer, args)
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 

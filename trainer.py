@@ -27,19 +27,40 @@ logger = logging.getLogger(__name__)
 # Settings a resumed run must share with the run that wrote the checkpoint (written into each checkpoint)
 RUN_SETTINGS_FILE = "pet_run_settings.json"
 RESUME_KEYS = {
-    "PetConfig": ("model_name_or_path", "dataset", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                  "caption_template", "val_fraction", "max_train_samples", "max_eval_samples"),
-    "TrainConfig": ("seed", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "weight_decay", "warmup_steps", "lr_scheduler_type",
-                    "use_embedding_cache"),
+    "PetConfig": (
+        "model_name_or_path",
+        "dataset",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "caption_template",
+        "val_fraction",
+        "max_train_samples",
+        "max_eval_samples",
+    ),
+    "TrainConfig": (
+        "seed",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "weight_decay",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "use_embedding_cache",
+    ),
 }
 
 
 def run_settings(cfg, args) -> dict:
-    values = {k: getattr(obj, k) for obj, keys in ((cfg, RESUME_KEYS["PetConfig"]), (args, RESUME_KEYS["TrainConfig"]))
-              for k in keys}
+    values = {
+        k: getattr(obj, k)
+        for obj, keys in ((cfg, RESUME_KEYS["PetConfig"]), (args, RESUME_KEYS["TrainConfig"]))
+        for k in keys
+    }
     return {k: getattr(v, "value", v) for k, v in values.items()}  # enums (lr_scheduler_type) as their names
-
 
 
 class PetTrainer(Trainer):
@@ -51,7 +72,9 @@ class PetTrainer(Trainer):
         self.unchecked_losses = []  # (step, loss) not yet checked for NaN/inf
         self.seconds_outside_loop = 0.0  # per-epoch validation and checkpoints, for the timing line
         self.add_callback(FiniteLossCheck(self))
-        self.graphed_loss = GraphedLoss(self.model.get_base_model(), autocast_dtype(self.args)) if self.args.cuda_graphs else None
+        self.graphed_loss = (
+            GraphedLoss(self.model.get_base_model(), autocast_dtype(self.args)) if self.args.cuda_graphs else None
+        )
 
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
@@ -67,8 +90,13 @@ class PetTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = None
-        if (self.graphed_loss is not None and model.training and not return_outputs and self.label_smoother is None
-                and self.compute_loss_func is None):
+        if (
+            self.graphed_loss is not None
+            and model.training
+            and not return_outputs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+        ):
             out = self.graphed_loss(inputs)  # None for a batch of another shape (the last one): eager
         if out is None:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -94,8 +122,10 @@ class PetTrainer(Trainer):
         if len(bad):
             k = int(bad[0])
             hint = " fp16 overflows easily: try --bf16 or --precision fp32." if self.args.fp16 else ""
-            raise UserError(f"the loss became {values[k].item()} at step {steps[k]}; stopped without saving an "
-                            f"adapter.{hint} A lower --learning_rate may help.")
+            raise UserError(
+                f"the loss became {values[k].item()} at step {steps[k]}; stopped without saving an "
+                f"adapter.{hint} A lower --learning_rate may help."
+            )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.perf_counter()
@@ -109,6 +139,7 @@ class PetTrainer(Trainer):
     @torch.no_grad()
     def breed_accuracy(self, dataset) -> float:
         model = self.model.eval()
+
         def collate(items):
             items = [it for it in items if it is not None]
             return self.data_collator(items), [it["label"] for it in items]
@@ -144,10 +175,12 @@ class _LossOf(torch.nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, image_embeds, input_ids, attention_mask, labels):
-        with torch.autocast(image_embeds.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                            cache_enabled=False):
-            return self.model(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
-                              labels=labels).loss
+        with torch.autocast(
+            image_embeds.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=False
+        ):
+            return self.model(
+                image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask, labels=labels
+            ).loss
 
 
 def graphs_supported(device) -> bool:
@@ -198,7 +231,9 @@ class GraphedLoss:
         if self.failed:
             return None
         if set(inputs) != set(self.KEYS):  # pixels (LoRA in the vision encoder, or --use_embedding_cache False)
-            return self._eager_from_now("--cuda_graphs applies to cached image embeddings only: the training step runs eagerly")
+            return self._eager_from_now(
+                "--cuda_graphs applies to cached image embeddings only: the training step runs eagerly"
+            )
         args = tuple(inputs[k] for k in self.KEYS)
         shapes = [tuple(a.shape) for a in args]
         if self.replay is None:
@@ -208,11 +243,17 @@ class GraphedLoss:
             sample = (-args[0], *(a[:1].expand_as(a).clone() for a in args[1:]))
             try:
                 # autocast off: the recorder refuses autocast's weight cache
-                with torch.autocast(args[0].device.type, enabled=False), torch.random.fork_rng(**_rng_fork(args[0].device)):
+                with (
+                    torch.autocast(args[0].device.type, enabled=False),
+                    torch.random.fork_rng(**_rng_fork(args[0].device)),
+                ):
                     self.replay = record_graphs(self.recorded, sample)
             except Exception as e:
-                return self._eager_from_now("--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
-                                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                return self._eager_from_now(
+                    "--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "",
+                )
             self.shapes = shapes
         if shapes != self.shapes:
             return None
@@ -245,20 +286,36 @@ class GraphedLoss:
                 loss = loss_of(*args)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 # copies: the replay's outputs live in the graph's buffers, which the next replay overwrites
-                results.append((loss.detach().float().clone(),
-                                torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
-                                           for g, p in zip(grads, params)])))
+                results.append(
+                    (
+                        loss.detach().float().clone(),
+                        torch.cat(
+                            [(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(grads, params)]
+                        ),
+                    )
+                )
         (loss, grads), (eager_loss, eager_grads) = results
         loss_diff, grad_diff = relative_difference(loss, eager_loss), relative_difference(grads, eager_grads)
         name = str(self.eager.dtype).removeprefix("torch.")
         if loss_diff <= self.tolerance and grad_diff <= self.tolerance:
-            logger.info("self-check passed: --cuda_graphs' first replayed step matches the eager step (relative "
-                        "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s)", loss_diff, grad_diff,
-                        self.tolerance, name)
+            logger.info(
+                "self-check passed: --cuda_graphs' first replayed step matches the eager step (relative "
+                "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s)",
+                loss_diff,
+                grad_diff,
+                self.tolerance,
+                name,
+            )
             return True
-        self._eager_from_now("self-check: --cuda_graphs' first replayed step differs from the eager step (relative "
-                             "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s): the training step runs "
-                             "eagerly", loss_diff, grad_diff, self.tolerance, name)
+        self._eager_from_now(
+            "self-check: --cuda_graphs' first replayed step differs from the eager step (relative "
+            "difference: loss %.2g, LoRA gradients %.2g; tolerance %g in %s): the training step runs "
+            "eagerly",
+            loss_diff,
+            grad_diff,
+            self.tolerance,
+            name,
+        )
         return False
 
 
@@ -266,7 +323,10 @@ def _rng_fork(device) -> dict:
     """torch.random.fork_rng's arguments for the CPU's and `device`'s random state."""
     if device.type != "cuda":
         return {"devices": []}  # the CPU's state is always forked
-    return {"devices": [device.index if device.index is not None else torch.cuda.current_device()], "device_type": "cuda"}
+    return {
+        "devices": [device.index if device.index is not None else torch.cuda.current_device()],
+        "device_type": "cuda",
+    }
 
 
 def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -300,13 +360,17 @@ def resume_point(cfg, args):
         with open(os.path.join(path, RUN_SETTINGS_FILE)) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        raise UserError(f"checkpoint {path!r} has no readable {RUN_SETTINGS_FILE}, so it cannot be checked against this "
-                        "run; start afresh (without --resume_from_checkpoint) or in another --output_dir") from None
+        raise UserError(
+            f"checkpoint {path!r} has no readable {RUN_SETTINGS_FILE}, so it cannot be checked against this "
+            "run; start afresh (without --resume_from_checkpoint) or in another --output_dir"
+        ) from None
     current = json.loads(json.dumps(run_settings(cfg, args), default=str))
     differ = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if differ:
-        raise UserError(f"checkpoint {path!r} belongs to a run with other settings ({'; '.join(differ[:3])}); "
-                        "resume with the same options, or train afresh in another --output_dir")
+        raise UserError(
+            f"checkpoint {path!r} belongs to a run with other settings ({'; '.join(differ[:3])}); "
+            "resume with the same options, or train afresh in another --output_dir"
+        )
     return path
 
 
@@ -334,20 +398,26 @@ def check_checkpoint(model, path: str) -> None:
                 with safe_globals():  # the numpy types Trainer's own loading allows (the RNG state)
                     torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise UserError(f"checkpoint {path!r} cannot be trusted: its {name} holds objects other than tensors and plain "
-                            f"values, which could run code (refused unread; nothing ran); {fix}") from None
+            raise UserError(
+                f"checkpoint {path!r} cannot be trusted: its {name} holds objects other than tensors and plain "
+                f"values, which could run code (refused unread; nothing ran); {fix}"
+            ) from None
         except Exception as e:  # truncated or garbled: zip, pickle and json raise their own types
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-            raise UserError(f"checkpoint {path!r} cannot be read: its {name} is damaged ({type(e).__name__}: "
-                            f"{first[:150]}); {fix}") from None
+            raise UserError(
+                f"checkpoint {path!r} cannot be read: its {name} is damaged ({type(e).__name__}: {first[:150]}); {fix}"
+            ) from None
 
 
 def _find_checkpoint(args, value):
     if value.lower() in ("true", "last", "latest"):
         # The newest COMPLETE checkpoint: a run killed while saving leaves a checkpoint-N folder
         # without trainer_state.json (Trainer writes it last), which Trainer cannot resume from.
-        found = sorted((int(d.split("-")[1]), d) for d in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
-                       if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+        found = sorted(
+            (int(d.split("-")[1]), d)
+            for d in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+            if d.startswith("checkpoint-") and d.split("-")[1].isdigit()
+        )
         for _, name in reversed(found):
             path = os.path.join(args.output_dir, name)
             if os.path.isfile(os.path.join(path, "trainer_state.json")):

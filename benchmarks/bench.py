@@ -111,11 +111,16 @@ def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return run
 
     t = interleaved({"stock": step(stock), "cached": step(cached)}, repeats, device)
-    return {"batch": batch, "stock_img_s": batch / t["stock"], "cached_img_s": batch / t["cached"],
-            "speedup": t["stock"] / t["cached"]}
+    return {
+        "batch": batch,
+        "stock_img_s": batch / t["stock"],
+        "cached_img_s": batch / t["cached"],
+        "speedup": t["stock"] / t["cached"],
+    }
 
 
 def training_memory(kind, workdir, device, dtype, batch, mode, lora_targets):
@@ -164,14 +169,26 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
             sync(device)
             self.seconds = time.perf_counter() - self.t0
 
-    args = TrainConfig(output_dir=os.path.join(workdir, "trainer"), max_steps=steps, per_device_train_batch_size=batch,
-                       eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10**6,
-                       learning_rate=1e-5, disable_tqdm=True, bf16=dtype == torch.bfloat16,
-                       fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
-                       dataloader_pin_memory=device.type == "cuda")
+    args = TrainConfig(
+        output_dir=os.path.join(workdir, "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=10**6,
+        learning_rate=1e-5,
+        disable_tqdm=True,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        dataloader_pin_memory=device.type == "cuda",
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batches = [{k: v.to(device) for k, v in collate([dataset[i] for i in range(s * batch, (s + 1) * batch)]).items()}
-               for s in range(len(dataset) // batch)]
+    batches = [
+        {k: v.to(device) for k, v in collate([dataset[i] for i in range(s * batch, (s + 1) * batch)]).items()}
+        for s in range(len(dataset) // batch)
+    ]
 
     def trainer_loop():
         timer = StepTimer()
@@ -192,8 +209,12 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
     t = interleaved({"trainer": trainer_loop, "bare": bare_loop}, repeats, device)
     trainer_step = statistics.median(trainer_loop.per_step[1:])  # the first call was the warm-up
     bare_step = t["bare"] / (steps - 1)
-    return {"batch": batch, "trainer_img_s": batch / trainer_step, "bare_img_s": batch / bare_step,
-            "ratio": bare_step / trainer_step}
+    return {
+        "batch": batch,
+        "trainer_img_s": batch / trainer_step,
+        "bare_img_s": batch / bare_step,
+        "ratio": bare_step / trainer_step,
+    }
 
 
 def vision(kind, workdir, device, dtype, batch, repeats):
@@ -209,12 +230,18 @@ def vision(kind, workdir, device, dtype, batch, repeats):
         def run():
             set_vision_attention(model, implementation)
             return image_embeddings(model, pixels)
+
         return run
 
     diff = (encode("eager")().float() - encode("sdpa")().float()).abs().max().item()
     t = interleaved({"eager": encode("eager"), "sdpa": encode("sdpa")}, repeats, device)
-    return {"batch": batch, "eager_img_s": batch / t["eager"], "sdpa_img_s": batch / t["sdpa"],
-            "speedup": t["eager"] / t["sdpa"], "max_abs_diff": diff}
+    return {
+        "batch": batch,
+        "eager_img_s": batch / t["eager"],
+        "sdpa_img_s": batch / t["sdpa"],
+        "speedup": t["eager"] / t["sdpa"],
+        "max_abs_diff": diff,
+    }
 
 
 def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=12):
@@ -252,7 +279,9 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
                     enc = tok(text, return_tensors="pt").to(device)
                     input_ids = enc["input_ids"].clone()
                     input_ids[:, 0] = model.config.text_config.bos_token_id
-                    logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=enc["attention_mask"]).logits
+                    logits = model(
+                        pixel_values=pixels, input_ids=input_ids, attention_mask=enc["attention_mask"]
+                    ).logits
                     logp = logits[0, :-1].float().log_softmax(-1).gather(-1, input_ids[0, 1:, None]).sum()
                     scores.append(logp.item())
                 preds.append((caption, int(torch.tensor(scores).argmax())))
@@ -265,23 +294,34 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
     def project():
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         out = evaluate_batch({"zero_shot": base, "fine_tuned": merged}, processor, pixels, candidates, cfg, True)
-        return [(out[m]["captions"][i], int(out[m]["scores"][i].argmax())) for i in range(len(images))
-                for m in ("zero_shot", "fine_tuned")]
+        return [
+            (out[m]["captions"][i], int(out[m]["scores"][i].argmax()))
+            for i in range(len(images))
+            for m in ("zero_shot", "fine_tuned")
+        ]
 
     slow, fast = naive(), project()
     t = interleaved({"naive": naive, "project": project}, repeats, device)
-    return {"images": n_images, "naive_img_s": n_images / t["naive"], "fast_img_s": n_images / t["project"],
-            "speedup": t["naive"] / t["project"], "same_captions": [c for c, _ in slow] == [c for c, _ in fast],
-            "same_top1_breed": [b for _, b in slow] == [b for _, b in fast],
-            "differing_captions": sum(a[0] != b[0] for a, b in zip(slow, fast)),
-            "differing_top1": sum(a[1] != b[1] for a, b in zip(slow, fast)), "predictions": len(slow)}
+    return {
+        "images": n_images,
+        "naive_img_s": n_images / t["naive"],
+        "fast_img_s": n_images / t["project"],
+        "speedup": t["naive"] / t["project"],
+        "same_captions": [c for c, _ in slow] == [c for c, _ in fast],
+        "same_top1_breed": [b for _, b in slow] == [b for _, b in fast],
+        "differing_captions": sum(a[0] != b[0] for a, b in zip(slow, fast)),
+        "differing_top1": sum(a[1] != b[1] for a, b in zip(slow, fast)),
+        "predictions": len(slow),
+    }
 
 
 def op_counts(fn, device) -> dict:
     """Operator calls in one call of fn (torch.profiler): all aten ops, the two cast ops, and kernel launches on a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ) as prof:
         fn()
         sync(device)
     events = prof.key_averages()
@@ -289,9 +329,12 @@ def op_counts(fn, device) -> dict:
     def count(*keys):
         return sum(e.count for e in events if e.key in keys)
 
-    return {"aten_ops": sum(e.count for e in events if e.key.startswith("aten::")), "copy_": count("aten::copy_"),
-            "_to_copy": count("aten::_to_copy"),
-            "kernel_launches": count("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")}
+    return {
+        "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+        "copy_": count("aten::copy_"),
+        "_to_copy": count("aten::_to_copy"),
+        "kernel_launches": count("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"),
+    }
 
 
 def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
@@ -306,7 +349,8 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
     vision = fp32.config.vision_config
     shape = (batch, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
     inputs = CaptionCollator(processor.tokenizer, fp32.config.text_config.bos_token_id)(
-        [{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(batch)])
+        [{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(batch)]
+    )
     inputs["image_embeds"] = torch.randn(shape, generator=torch.Generator().manual_seed(0)).half()  # as cached
     inputs = {k: v.to(device) for k, v in inputs.items()}
 
@@ -324,14 +368,19 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.losses.append(loss.detach())
+
         run.losses = []
         return run
 
     steps = {"fp32_frozen": step(fp32), "cast": step(cast)}
     for run in steps.values():
         run()  # warm-up (optimizer state), outside the profile
-    r = {"batch": batch, "dtype": str(dtype).replace("torch.", ""), "cast_tensors": tensors,
-         "ops": {name: op_counts(run, device) for name, run in steps.items()}}
+    r = {
+        "batch": batch,
+        "dtype": str(dtype).replace("torch.", ""),
+        "cast_tensors": tensors,
+        "ops": {name: op_counts(run, device) for name, run in steps.items()},
+    }
     if kind == "base" and device.type == "cpu":
         r["note"] = "not timed: on a CPU the base-sized step is compute-bound (~18 s at batch 16 in bf16 on 2 cores)"
     else:
@@ -343,8 +392,12 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
             t = interleaved(steps, repeats, device)
         finally:
             torch.set_num_threads(threads)
-        r.update(fp32_frozen_ms=t["fp32_frozen"] * 1e3, cast_ms=t["cast"] * 1e3, speedup=t["fp32_frozen"] / t["cast"],
-                 timed_threads=1 if device.type == "cpu" else threads)
+        r.update(
+            fp32_frozen_ms=t["fp32_frozen"] * 1e3,
+            cast_ms=t["cast"] * 1e3,
+            speedup=t["fp32_frozen"] / t["cast"],
+            timed_threads=1 if device.type == "cpu" else threads,
+        )
     # every step of the two took the same optimizer steps from the same start: bitwise the same losses
     r["same_losses"] = all(torch.equal(a, b) for a, b in zip(steps["fp32_frozen"].losses, steps["cast"].losses))
     return r
@@ -361,15 +414,21 @@ def decoding(kind, workdir, device, dtype, n_images, repeats, steps=30):
     vision = model.config.vision_config
     shape = (n_images, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
     embeds = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    paths = {"generate": lambda: generate_ids(model, embeds, steps, 1),
-             "loop": lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=False)}
+    paths = {
+        "generate": lambda: generate_ids(model, embeds, steps, 1),
+        "loop": lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=False),
+    }
     if device.type == "cuda":
         paths["graph"] = lambda: greedy_caption_ids(model, embeds, steps, cuda_graph=True)
     with torch.no_grad():
         ids = {name: fn() for name, fn in paths.items()}
         t = interleaved(paths, repeats, device)
         ops = {name: op_counts(fn, device) for name, fn in paths.items()}
-    r = {"images": n_images, "steps": steps, "identical_ids": all(torch.equal(i, ids["generate"]) for i in ids.values())}
+    r = {
+        "images": n_images,
+        "steps": steps,
+        "identical_ids": all(torch.equal(i, ids["generate"]) for i in ids.values()),
+    }
     for name in paths:
         r[f"{name}_ms"] = t[name] * 1e3
         r[f"{name}_aten_ops"] = ops[name]["aten_ops"]
@@ -380,8 +439,11 @@ def decoding(kind, workdir, device, dtype, n_images, repeats, steps=30):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="base,tiny",
-                   help="comma-separated: base (224M, random), tiny (demo), deep (tiny width, base depth)")
+    p.add_argument(
+        "--models",
+        default="base,tiny",
+        help="comma-separated: base (224M, random), tiny (demo), deep (tiny width, base depth)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU for base, 32 on GPU)")
@@ -399,13 +461,26 @@ def main():
 
     if a._memory:
         kind, mode, batch = a._memory.split(":")
-        print(json.dumps(training_memory(kind, os.path.join(a.workdir, kind), device, dtype, int(batch), mode,
-                                         a.lora_target_modules)))
+        print(
+            json.dumps(
+                training_memory(
+                    kind, os.path.join(a.workdir, kind), device, dtype, int(batch), mode, a.lora_target_modules
+                )
+            )
+        )
         return
 
-    results = {"machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-                           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": a.dtype,
-                           "repeats": a.repeats}}
+    results = {
+        "machine": {
+            "device": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "dtype": a.dtype,
+            "repeats": a.repeats,
+        }
+    }
     for kind in a.models.split(","):
         workdir = os.path.join(a.workdir, kind)
         os.makedirs(workdir, exist_ok=True)
@@ -415,13 +490,31 @@ def main():
             print(f"[{kind}] training step, stock vs cached embeddings (batch {batch}) ...", flush=True)
             r["training"] = training(kind, workdir, device, dtype, batch, a.repeats, a.lora_target_modules)
             for mode in ("stock", "cached"):
-                out = subprocess.run([sys.executable, __file__, "--device", a.device, "--dtype", a.dtype, "--workdir",
-                                      a.workdir, "--lora_target_modules", a.lora_target_modules,
-                                      "--_memory", f"{kind}:{mode}:{batch}"], capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--device",
+                        a.device,
+                        "--dtype",
+                        a.dtype,
+                        "--workdir",
+                        a.workdir,
+                        "--lora_target_modules",
+                        a.lora_target_modules,
+                        "--_memory",
+                        f"{kind}:{mode}:{batch}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r["training"][f"{mode}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])
         if "pipeline" in sections:
             print(f"[{kind}] training loop vs bare forward+backward ...", flush=True)
-            r["pipeline"] = pipeline(kind, workdir, device, dtype, batch, 6, max(3, a.repeats // 2), a.lora_target_modules)
+            r["pipeline"] = pipeline(
+                kind, workdir, device, dtype, batch, 6, max(3, a.repeats // 2), a.lora_target_modules
+            )
         if "evaluation" in sections:
             n_eval = 2 if kind == "base" and device.type == "cpu" else 8
             print(f"[{kind}] evaluation, naive vs project path ({n_eval} images) ...", flush=True)
@@ -434,10 +527,14 @@ def main():
             print(f"[{kind}] greedy captions, generate vs own loop ({n_decode} images x 30 steps) ...", flush=True)
             r["decode"] = decoding(kind, workdir, device, dtype, n_decode, a.repeats)
         if "cast" in sections:
-            half = dtype if dtype != torch.float32 else torch.bfloat16  # the cast is for autocast: bf16 unless --dtype fp16
+            half = (
+                dtype if dtype != torch.float32 else torch.bfloat16
+            )  # the cast is for autocast: bf16 unless --dtype fp16
             step_batch = a.batch or 16  # the GPU profile's training step (profile_gpu.py, h100-recipe-profile.txt)
-            print(f"[{kind}] training step under {half} autocast, frozen weights fp32 vs cast once (batch {step_batch}) ...",
-                  flush=True)
+            print(
+                f"[{kind}] training step under {half} autocast, frozen weights fp32 vs cast once (batch {step_batch}) ...",
+                flush=True,
+            )
             r["cast"] = frozen_cast(kind, workdir, device, half, step_batch, a.repeats, a.lora_target_modules)
         results[kind] = r
         print_table(kind, r)
@@ -450,38 +547,86 @@ def print_table(kind, r):
     rows = []
     if "training" in r:
         t = r["training"]
-        rows.append(("training step, img/s", f"stock {t['stock_img_s']:.2f}", f"cached {t['cached_img_s']:.2f}",
-                     f"{t['speedup']:.2f}x"))
-        rows.append(("training peak memory, MiB", f"stock {t['stock_peak_mib']:.0f}", f"cached {t['cached_peak_mib']:.0f}",
-                     f"{t['cached_peak_mib'] / max(t['stock_peak_mib'], 1e-9):.2f}x"))
+        rows.append(
+            (
+                "training step, img/s",
+                f"stock {t['stock_img_s']:.2f}",
+                f"cached {t['cached_img_s']:.2f}",
+                f"{t['speedup']:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                "training peak memory, MiB",
+                f"stock {t['stock_peak_mib']:.0f}",
+                f"cached {t['cached_peak_mib']:.0f}",
+                f"{t['cached_peak_mib'] / max(t['stock_peak_mib'], 1e-9):.2f}x",
+            )
+        )
     if "pipeline" in r:
         p = r["pipeline"]
-        rows.append(("training loop, img/s", f"Trainer {p['trainer_img_s']:.2f}", f"bare {p['bare_img_s']:.2f}",
-                     f"{p['ratio']:.2f} of limit"))
+        rows.append(
+            (
+                "training loop, img/s",
+                f"Trainer {p['trainer_img_s']:.2f}",
+                f"bare {p['bare_img_s']:.2f}",
+                f"{p['ratio']:.2f} of limit",
+            )
+        )
     if "evaluation" in r:
         e = r["evaluation"]
-        rows.append(("evaluation, img/s", f"naive {e['naive_img_s']:.3f}", f"project {e['fast_img_s']:.3f}",
-                     f"{e['speedup']:.1f}x, same predictions: {e['same_captions'] and e['same_top1_breed']}"))
+        rows.append(
+            (
+                "evaluation, img/s",
+                f"naive {e['naive_img_s']:.3f}",
+                f"project {e['fast_img_s']:.3f}",
+                f"{e['speedup']:.1f}x, same predictions: {e['same_captions'] and e['same_top1_breed']}",
+            )
+        )
     if "vision" in r:
         v = r["vision"]
-        rows.append(("vision encoder, img/s", f"eager {v['eager_img_s']:.2f}", f"sdpa {v['sdpa_img_s']:.2f}",
-                     f"{v['speedup']:.2f}x, max diff {v['max_abs_diff']:.1e}"))
+        rows.append(
+            (
+                "vision encoder, img/s",
+                f"eager {v['eager_img_s']:.2f}",
+                f"sdpa {v['sdpa_img_s']:.2f}",
+                f"{v['speedup']:.2f}x, max diff {v['max_abs_diff']:.1e}",
+            )
+        )
     if "cast" in r:
         c = r["cast"]
         before, after = c["ops"]["fp32_frozen"], c["ops"]["cast"]
         for key in ("aten_ops", "copy_", "_to_copy") + (("kernel_launches",) if before["kernel_launches"] else ()):
-            rows.append((f"{c['dtype']} step {key}", f"fp32 frozen {before[key]}", f"cast {after[key]}",
-                         f"{before[key] / max(after[key], 1):.2f}x fewer"))
+            rows.append(
+                (
+                    f"{c['dtype']} step {key}",
+                    f"fp32 frozen {before[key]}",
+                    f"cast {after[key]}",
+                    f"{before[key] / max(after[key], 1):.2f}x fewer",
+                )
+            )
         if "cast_ms" in c:
-            rows.append((f"{c['dtype']} step, ms", f"fp32 frozen {c['fp32_frozen_ms']:.1f}", f"cast {c['cast_ms']:.1f}",
-                         f"{c['speedup']:.2f}x, same losses: {c['same_losses']}"))
+            rows.append(
+                (
+                    f"{c['dtype']} step, ms",
+                    f"fp32 frozen {c['fp32_frozen_ms']:.1f}",
+                    f"cast {c['cast_ms']:.1f}",
+                    f"{c['speedup']:.2f}x, same losses: {c['same_losses']}",
+                )
+            )
         else:
             rows.append((f"{c['dtype']} step", "", "", f"same losses: {c['same_losses']}; not timed"))
     if "decode" in r:
         d = r["decode"]
         for name in [n for n in ("loop", "graph") if f"{n}_ms" in d]:
-            rows.append((f"greedy {d['images']}x{d['steps']}, ms", f"generate {d['generate_ms']:.1f}",
-                         f"{name} {d[f'{name}_ms']:.1f}", f"{d[f'{name}_speedup']:.2f}x, same ids: {d['identical_ids']}"))
+            rows.append(
+                (
+                    f"greedy {d['images']}x{d['steps']}, ms",
+                    f"generate {d['generate_ms']:.1f}",
+                    f"{name} {d[f'{name}_ms']:.1f}",
+                    f"{d[f'{name}_speedup']:.2f}x, same ids: {d['identical_ids']}",
+                )
+            )
         rows.append(("greedy, aten ops", f"generate {d['generate_aten_ops']}", f"loop {d['loop_aten_ops']}", ""))
     print(f"\n== {kind} ==")
     for row in rows:

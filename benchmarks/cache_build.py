@@ -35,7 +35,7 @@ def child(project, work, n, batch):
     processor = load_processor(os.path.join(work, "model"))
     records = load_splits(os.path.join(work, "pets"), 0.0)["train"][:n]
     out = torch.randn(128, 577, 768)
-    encode = lambda px: out[:len(px)] + px[:, :1, :1, :1].flatten()[:, None, None]  # noqa: E731 (reads the pixels)
+    encode = lambda px: out[: len(px)] + px[:, :1, :1, :1].flatten()[:, None, None]  # noqa: E731 (reads the pixels)
     cache_dir = os.path.join(work, "cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = EmbeddingCache(cache_dir, "bench")
@@ -67,22 +67,29 @@ def main():
     work = tempfile.mkdtemp(prefix="cache-bench-")
     try:
         build_tiny_blip(os.path.join(work, "model"), image_size=384)  # only its processor is used
-        write_synthetic_pets(os.path.join(work, "pets"), trainval_per_breed=-(-a.images // NUM_BREEDS), test_per_breed=0,
-                             size=384)
+        write_synthetic_pets(
+            os.path.join(work, "pets"), trainval_per_breed=-(-a.images // NUM_BREEDS), test_per_breed=0, size=384
+        )
         sides = {"baseline": os.path.abspath(a.baseline), "this": ROOT}
         runs = {name: [] for name in sides}
         for _ in range(a.repeats):  # alternated: a busy machine slows both alike
             for name, project in sides.items():
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", project, work,
-                                       str(a.images), str(a.batch)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--child", project, work, str(a.images), str(a.batch)],
+                    capture_output=True,
+                    text=True,
+                )
                 if proc.returncode:
                     sys.exit(f"{name} ({project}) failed:\n{proc.stderr[-2000:]}")
                 runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         result = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         result["runs"] = runs
         print(f"{a.images} images of 384 px, batches of {a.batch}, {os.cpu_count()} cores, medians of {a.repeats}:")
-        for key, label in (("img_s", "build, img/s"), ("main_cpu_ms", "build, main-process CPU ms/img"),
-                           ("preload_ms", "preload, ms/img")):
+        for key, label in (
+            ("img_s", "build, img/s"),
+            ("main_cpu_ms", "build, main-process CPU ms/img"),
+            ("preload_ms", "preload, ms/img"),
+        ):
             b, t = result["baseline"][key], result["this"][key]
             ratio = t / b if key == "img_s" else b / t
             print(f"  {label:<34} baseline {b:8.2f}   this {t:8.2f}   {ratio:.2f}x")

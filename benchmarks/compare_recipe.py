@@ -77,8 +77,14 @@ def main():
     new_p, old_p = predictions("eval"), predictions("bl_eval")
     common = sorted(set(new_p) & set(old_p))
     same = {}
-    for col in ("fine_tuned_likelihood_top5", "zero_shot_likelihood_top5", "fine_tuned_breed", "zero_shot_breed",
-                "fine_tuned_caption", "zero_shot_caption"):
+    for col in (
+        "fine_tuned_likelihood_top5",
+        "zero_shot_likelihood_top5",
+        "fine_tuned_breed",
+        "zero_shot_breed",
+        "fine_tuned_caption",
+        "zero_shot_caption",
+    ):
         pick = (lambda v: v.split("|")[0]) if col.endswith("top5") else (lambda v: v)
         same[col.replace("_top5", "_top1")] = sum(pick(new_p[i][col]) == pick(old_p[i][col]) for i in common)
     record = {
@@ -90,9 +96,13 @@ def main():
         "train_cudagraphs": {**timing_line("train_cudagraphs.log"), **trainer_metrics("train_cudagraphs.log")},
         "evaluate_new": {k: new_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
         "evaluate_baseline": {k: old_m.get(k) for k in ("num_samples", "runtime_seconds", "images_per_second")},
-        "common_images": len(common), "identical_on_common_images": same, "self_checks": self_checks(),
-        "accuracy_new": {m: {k: new_m.get(m, {}).get(k) for k in ("breed_accuracy", "likelihood_top1")}
-                         for m in ("zero_shot", "fine_tuned")},
+        "common_images": len(common),
+        "identical_on_common_images": same,
+        "self_checks": self_checks(),
+        "accuracy_new": {
+            m: {k: new_m.get(m, {}).get(k) for k in ("breed_accuracy", "likelihood_top1")}
+            for m in ("zero_shot", "fine_tuned")
+        },
     }
     b = record["train_baseline"]
     base_loop = b.get("train_samples_per_second")  # the baseline has no timing line: 1 epoch, no validation
@@ -100,7 +110,11 @@ def main():
     rows = [
         ("train loop img/s", base_loop, n.get("loop_img_s")),
         ("train.py wall s", stages.get("bl_train", {}).get("seconds"), stages.get("train", {}).get("seconds")),
-        ("evaluate img/s", record["evaluate_baseline"]["images_per_second"], record["evaluate_new"]["images_per_second"]),
+        (
+            "evaluate img/s",
+            record["evaluate_baseline"]["images_per_second"],
+            record["evaluate_new"]["images_per_second"],
+        ),
         ("evaluate.py wall s", stages.get("bl_evaluate", {}).get("seconds"), stages.get("evaluate", {}).get("seconds")),
         ("explain wall s", stages.get("bl_explain", {}).get("seconds"), stages.get("explain", {}).get("seconds")),
     ]
@@ -110,7 +124,10 @@ def main():
         print(f"{name:<22}{fmt(old):>20}{fmt(new):>20}")
     print("new train.py:", json.dumps(n))
     print("baseline train.py:", json.dumps(b))
-    print(f"train.py --cuda_graphs True ({stages.get('train_graphs', {}).get('seconds', '-')} s):", json.dumps(record["train_graphs"]))
+    print(
+        f"train.py --cuda_graphs True ({stages.get('train_graphs', {}).get('seconds', '-')} s):",
+        json.dumps(record["train_graphs"]),
+    )
     print("compiled train.py (1 epoch, reduce-overhead):", json.dumps(record["train_compiled"]))
     print("compiled train.py (1 epoch, cudagraphs backend):", json.dumps(record["train_cudagraphs"]))
     ends = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("train", "evaluate", "explain"))
@@ -118,14 +135,19 @@ def main():
     if "train_graphs" in stages:
         # that run found the cache built: the first run's cache build is added back
         build = n.get("cache_and_setup_s", 0.0) - record["train_graphs"].get("cache_and_setup_s", 0.0)
-        graphed = ends - stages.get("train", {}).get("seconds", 0.0) + stages["train_graphs"].get("seconds", 0.0) + build
+        graphed = (
+            ends - stages.get("train", {}).get("seconds", 0.0) + stages["train_graphs"].get("seconds", 0.0) + build
+        )
         print(f"three scripts end to end with train.py --cuda_graphs True (its cache build added): {graphed:.1f} s")
         record["end_to_end_cuda_graphs_s"] = graphed
     print(f"identical on {len(common)} common test images: {json.dumps(same)}")
     checks = record["self_checks"]
     failed = sum("passed" not in line for lines in checks.values() for line in lines)
-    print(f"self-checks: {sum(map(len, checks.values()))} ran, {failed} failed" if checks
-          else "self-checks: none ran (no CUDA graph was used: no GPU, or graphs off)")
+    print(
+        f"self-checks: {sum(map(len, checks.values()))} ran, {failed} failed"
+        if checks
+        else "self-checks: none ran (no CUDA graph was used: no GPU, or graphs off)"
+    )
     for stage, lines in checks.items():
         for line in lines:
             print(f"  {stage}: {line}")

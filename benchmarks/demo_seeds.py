@@ -42,28 +42,61 @@ def timed(fn) -> tuple:
 
 
 def script(name: str, args: list) -> None:
-    subprocess.run([sys.executable, os.path.join(ROOT, name), "--demo", *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, name), "--demo", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def run_seed(out_dir: str, base: str, pets: str, seed: int, train_args: list, explain: bool) -> dict:
     adapter, evaluation = os.path.join(out_dir, f"lora-{seed}"), os.path.join(out_dir, f"eval-{seed}")
     common = ["--model_name_or_path", base, "--dataset", pets]
     row = {"seed": seed}
-    _, row["train_wall_s"], row["train_cpu_s"] = timed(lambda: script("train.py", [
-        *common, "--seed", str(seed), "--output_dir", adapter,
-        "--embedding_cache_dir", os.path.join(out_dir, "cache"), *train_args]))
-    _, row["evaluate_wall_s"], row["evaluate_cpu_s"] = timed(lambda: script("evaluate.py", [
-        *common, "--adapter", adapter, "--output_dir", evaluation, "--linear_probe", "false", "--clip_model", "none"]))
+    _, row["train_wall_s"], row["train_cpu_s"] = timed(
+        lambda: script(
+            "train.py",
+            [
+                *common,
+                "--seed",
+                str(seed),
+                "--output_dir",
+                adapter,
+                "--embedding_cache_dir",
+                os.path.join(out_dir, "cache"),
+                *train_args,
+            ],
+        )
+    )
+    _, row["evaluate_wall_s"], row["evaluate_cpu_s"] = timed(
+        lambda: script(
+            "evaluate.py",
+            [
+                *common,
+                "--adapter",
+                adapter,
+                "--output_dir",
+                evaluation,
+                "--linear_probe",
+                "false",
+                "--clip_model",
+                "none",
+            ],
+        )
+    )
     with open(os.path.join(evaluation, "metrics.json")) as f:
         metrics = json.load(f)
     for model in ("zero_shot", "fine_tuned"):
         m = metrics[model]
-        row[model] = {k: m[k] for k in ("breed_accuracy", "species_accuracy", "no_breed_rate", "ranking_agrees_with_caption")}
+        row[model] = {
+            k: m[k] for k in ("breed_accuracy", "species_accuracy", "no_breed_rate", "ranking_agrees_with_caption")
+        }
     if explain:
         explained = os.path.join(out_dir, f"explain-{seed}")
-        _, row["explain_wall_s"], row["explain_cpu_s"] = timed(lambda: script("explainability.py", [
-            *common, "--adapter", adapter, "--output_dir", explained]))
+        _, row["explain_wall_s"], row["explain_cpu_s"] = timed(
+            lambda: script("explainability.py", [*common, "--adapter", adapter, "--output_dir", explained])
+        )
         with open(os.path.join(explained, "attention_metrics.json")) as f:
             summary = json.load(f)["summary"]
         for model in ("zero_shot", "fine_tuned"):
@@ -82,26 +115,34 @@ def zero_shot_species(base: str, pets: str) -> dict:
     per_breed = {}
     for ok, r in zip(right, test):
         per_breed.setdefault(BREED_NAMES[r.label], []).append(ok)
-    return {"species_accuracy": sum(right) / len(test),
-            "no_breed_rate": sum(breed_from_caption(c) == UNKNOWN for c in captions) / len(test),
-            "species_per_breed": {k: sum(v) / len(v) for k, v in per_breed.items()}}
+    return {
+        "species_accuracy": sum(right) / len(test),
+        "no_breed_rate": sum(breed_from_caption(c) == UNKNOWN for c in captions) / len(test),
+        "species_per_breed": {k: sum(v) / len(v) for k, v in per_breed.items()},
+    }
 
 
 def table(rows: list) -> str:
-    lines = ["| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption | pet attention zs / ft |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption | pet attention zs / ft |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         zs, ft = r["zero_shot"], r["fine_tuned"]
         attention = f"{zs['pet_attention']} / {ft['pet_attention']}" if "pet_attention" in zs else "-"
-        lines.append(f"| {r['seed']} | {zs['species_accuracy']:.4g} / {zs['breed_accuracy']:.3g} / {zs['no_breed_rate']:.3g} "
-                     f"| {ft['breed_accuracy']:.4g} | {ft['ranking_agrees_with_caption']:.4g} | {attention} |")
+        lines.append(
+            f"| {r['seed']} | {zs['species_accuracy']:.4g} / {zs['breed_accuracy']:.3g} / {zs['no_breed_rate']:.3g} "
+            f"| {ft['breed_accuracy']:.4g} | {ft['ranking_agrees_with_caption']:.4g} | {attention} |"
+        )
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3], help="fine-tuning seeds (none: pre-train only)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[1, 2, 3], help="fine-tuning seeds (none: pre-train only)"
+    )
     parser.add_argument("--recipe", default="{}", help="JSON overrides of demo.DEMO_BASE_RECIPE")
     parser.add_argument("--base", help="an already pre-trained demo base to reuse")
     parser.add_argument("--train_args", default="", help="extra train.py flags, one string")
@@ -115,10 +156,13 @@ def main():
         base = os.path.join(args.out_dir, "base")
         os.makedirs(base, exist_ok=True)
         _, result["pretrain_wall_s"], result["pretrain_cpu_s"] = timed(
-            lambda: demo.pretrain_demo_blip(base, template, result["recipe"], show_progress=False))
+            lambda: demo.pretrain_demo_blip(base, template, result["recipe"], show_progress=False)
+        )
     result["zero_shot"] = zero_shot_species(base, pets)
     print(json.dumps(result["zero_shot"]), flush=True)
-    result["runs"] = [run_seed(args.out_dir, base, pets, s, shlex.split(args.train_args), args.explain) for s in args.seeds]
+    result["runs"] = [
+        run_seed(args.out_dir, base, pets, s, shlex.split(args.train_args), args.explain) for s in args.seeds
+    ]
     print(table(result["runs"]))
     print(json.dumps(result))
 

@@ -1,7 +1,8 @@
 """Synthetic 37-breed pets in the official layout, one process per breed (for gpu_recipe.sh).
 
-    python benchmarks/gen_pets.py OUT_DIR TRAINVAL_PER_BREED TEST_PER_BREED SIZE
+python benchmarks/gen_pets.py OUT_DIR TRAINVAL_PER_BREED TEST_PER_BREED SIZE
 """
+
 import os
 import shutil
 import sys
@@ -15,7 +16,9 @@ root, tv, te, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.ar
 
 
 def one(b):
-    return write_synthetic_pets(f"{root}.parts/{b}", breeds=[b], trainval_per_breed=tv, test_per_breed=te, size=size, seed=b)
+    return write_synthetic_pets(
+        f"{root}.parts/{b}", breeds=[b], trainval_per_breed=tv, test_per_breed=te, size=size, seed=b
+    )
 
 
 if __name__ == "__main__":
@@ -31,7 +34,11 @@ if __name__ == "__main__":
             os.replace(f"{part}/annotations/trimaps/{f}", f"{root}/annotations/trimaps/{f}")
         for name in lists:
             lines = open(f"{part}/annotations/{name}").read().splitlines()
-            lists[name] += [line for line in lines if line and (not line.startswith("#") or (name == "list.txt" and part == parts[0]))]
+            lists[name] += [
+                line
+                for line in lines
+                if line and (not line.startswith("#") or (name == "list.txt" and part == parts[0]))
+            ]
     for name, lines in lists.items():
         hdr = [line for line in lines if line.startswith("#")]
         body = [line for line in lines if not line.startswith("#")]

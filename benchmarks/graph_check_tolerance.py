@@ -44,7 +44,8 @@ def main():
         for q in base.parameters():
             q.add_(0.01 * torch.randn(q.shape, generator=generator))
     batch = CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, 24)(
-        [{"caption": caption_for(i * 5 % NUM_BREEDS, template)} for i in range(a.batch)])
+        [{"caption": caption_for(i * 5 % NUM_BREEDS, template)} for i in range(a.batch)]
+    )
     batch["image_embeds"] = torch.randn(a.batch, 577, 768, generator=generator).half()  # as the cache stores them
     order = torch.randperm(a.batch, generator=generator)
 
@@ -70,7 +71,10 @@ def main():
     (fp32, bf16), (dropped32, dropped16) = lora(0.0), lora(0.05)
     reference32, reference16 = step(fp32, torch.float32), step(bf16, torch.bfloat16)
     record = {
-        "batch": a.batch, "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
+        "batch": a.batch,
+        "torch": torch.__version__,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
         "reordered_fp32": diff(step(fp32, torch.float32, reorder=True), reference32),
         "reordered_bf16": diff(step(bf16, torch.bfloat16, reorder=True), reference16),
         "bf16_vs_fp32": diff(reference16, reference32),

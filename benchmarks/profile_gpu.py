@@ -62,8 +62,12 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval_batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                   help="also time the step compiled, reduce-overhead and the cudagraphs backend (default: on a GPU)")
+    p.add_argument(
+        "--compile",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=None,
+        help="also time the step compiled, reduce-overhead and the cudagraphs backend (default: on a GPU)",
+    )
     a = p.parse_args()
     setup_logging()  # the self-checks' lines
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +80,8 @@ def main():
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     embeds = torch.randn(a.batch, tokens, vc.hidden_size, device=device).half()  # as the cache stores them
     batch = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)(
-        [{"caption": caption_for(i % NUM_BREEDS, template)} for i in range(a.batch)])
+        [{"caption": caption_for(i % NUM_BREEDS, template)} for i in range(a.batch)]
+    )
     batch = {k: v.to(device) for k, v in batch.items()}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     model.train()
@@ -92,8 +97,10 @@ def main():
     for _ in range(3):
         step()
     t_step = timed(step, device, a.repeats)
-    print(f"training step (batch {a.batch}, forward+backward+clip+AdamW, {dtype}): {t_step * 1e3:.1f} ms "
-          f"= {a.batch / t_step:.0f} img/s")
+    print(
+        f"training step (batch {a.batch}, forward+backward+clip+AdamW, {dtype}): {t_step * 1e3:.1f} ms "
+        f"= {a.batch / t_step:.0f} img/s"
+    )
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
@@ -107,8 +114,11 @@ def main():
     for _ in range(2):
         step()
     t_cast = timed(step, device, a.repeats)
-    print(f"training step, frozen weights in {dtype}: {t_cast * 1e3:.1f} ms = {a.batch / t_cast:.0f} img/s "
-          f"({t_step / t_cast:.2f}x)")
+    print(
+        f"training step, frozen weights in {dtype}: {t_cast * 1e3:.1f} ms = {a.batch / t_cast:.0f} img/s "
+        f"({t_step / t_cast:.2f}x)"
+    )
+
     def measure(label, run, first_calls, what) -> bool:
         """Times `run`, its first calls apart (recording or compiling); prints it, or why it failed."""
         try:
@@ -119,8 +129,10 @@ def main():
             sync(device)
             first = time.perf_counter() - start
             t = timed(run, device, a.repeats)
-            print(f"training step, {label}: {t * 1e3:.1f} ms = {a.batch / t:.0f} img/s ({t_step / t:.2f}x the first "
-                  f"step above); first {first_calls} step(s) incl. {what} {first:.1f} s")
+            print(
+                f"training step, {label}: {t * 1e3:.1f} ms = {a.batch / t:.0f} img/s ({t_step / t:.2f}x the first "
+                f"step above); first {first_calls} step(s) incl. {what} {first:.1f} s"
+            )
             return True
         except Exception as e:  # report it and go on: the evaluation measurements below still count
             print(f"training step, {label}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -148,7 +160,10 @@ def main():
     if a.compile if a.compile is not None else device.type == "cuda":
         # inductor with CUDA graphs (Triton kernels: long to compile), and the "cudagraphs" backend
         # (AOTAutograd's graphs replayed as recorded, eager kernels: no kernel compilation)
-        for label, options in (("reduce-overhead", {"mode": "reduce-overhead"}), ("cudagraphs backend", {"backend": "cudagraphs"})):
+        for label, options in (
+            ("reduce-overhead", {"mode": "reduce-overhead"}),
+            ("cudagraphs backend", {"backend": "cudagraphs"}),
+        ):
             eager_model, model = model, torch.compile(model, **options)
             measure(f"compiled ({label})", step, 3, "compiling")  # compiles forward and backward, records the graphs
             model = eager_model
@@ -167,8 +182,10 @@ def main():
 
     eval_batch()
     t_eval = timed(eval_batch, device, max(2, a.repeats // 3))
-    print(f"\nevaluation batch ({a.eval_batch} images, one model: greedy captions + 37-breed ranking): "
-          f"{t_eval * 1e3:.1f} ms = {a.eval_batch / t_eval:.0f} img/s per model")
+    print(
+        f"\nevaluation batch ({a.eval_batch} images, one model: greedy captions + 37-breed ranking): "
+        f"{t_eval * 1e3:.1f} ms = {a.eval_batch / t_eval:.0f} img/s per model"
+    )
     with profile(activities=acts) as prof:
         eval_batch()
         sync(device)
@@ -176,9 +193,11 @@ def main():
 
     # The greedy loop (with and without a CUDA graph) against generate, same embeddings: a random
     # model never writes [SEP], so all run the whole 30 steps (the worst case for each)
-    paths = {"generate": lambda: generate_ids(merged, emb, 30, 1),
-             "own loop, plain": lambda: greedy_caption_ids(merged, emb, 30, cuda_graph=False),
-             "own loop, default (CUDA graph on a GPU)": lambda: greedy_caption_ids(merged, emb, 30)}
+    paths = {
+        "generate": lambda: generate_ids(merged, emb, 30, 1),
+        "own loop, plain": lambda: greedy_caption_ids(merged, emb, 30, cuda_graph=False),
+        "own loop, default (CUDA graph on a GPU)": lambda: greedy_caption_ids(merged, emb, 30),
+    }
     with torch.no_grad():
         ids = {name: fn() for name, fn in paths.items()}
         times = {name: [] for name in paths}
@@ -188,9 +207,11 @@ def main():
         ranking = timed(lambda: rank_breeds(merged, emb, candidates), device, 3)
     median = {name: statistics.median(t) for name, t in times.items()}
     same = all(torch.equal(i, ids["generate"]) for i in ids.values())
-    print(f"\ngreedy captions, {a.eval_batch} images x {ids['generate'].shape[1] - 1} steps: "
-          + ", ".join(f"{name} {t * 1e3:.0f} ms ({median['generate'] / t:.2f}x)" for name, t in median.items())
-          + f"; identical ids: {same}; the CUDA-graph decoder's own check: {graph_check_outcome()}")
+    print(
+        f"\ngreedy captions, {a.eval_batch} images x {ids['generate'].shape[1] - 1} steps: "
+        + ", ".join(f"{name} {t * 1e3:.0f} ms ({median['generate'] / t:.2f}x)" for name, t in median.items())
+        + f"; identical ids: {same}; the CUDA-graph decoder's own check: {graph_check_outcome()}"
+    )
     print(f"37-breed ranking, {a.eval_batch} images: {ranking * 1e3:.0f} ms = {a.eval_batch / ranking:.0f} img/s")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

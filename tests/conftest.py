@@ -24,11 +24,15 @@ PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-t
 
 def pytest_collection_modifyitems(items):
     """The slow mark is written on each test; this only checks that no test needing the pre-trained base lacks it."""
-    unmarked = [item.nodeid for item in items
-                if PRE_TRAINED & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if PRE_TRAINED & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
     if unmarked:
-        raise pytest.UsageError("mark these tests @pytest.mark.slow (they need the pre-trained demo base): "
-                                + ", ".join(unmarked))
+        raise pytest.UsageError(
+            "mark these tests @pytest.mark.slow (they need the pre-trained demo base): " + ", ".join(unmarked)
+        )
 
 
 def _tiny_assets(tmp_path_factory):
@@ -65,9 +69,12 @@ def suite_folder(tmp_path_factory):
     def refuse(what):
         def build(demo_dir, *args):
             if demo_dir == DEMO_DIR and os.getcwd() == str(folder):
-                pytest.fail(f"this test builds the demo {what} in the suite folder: pass --model_name_or_path "
-                            "and --dataset (tiny_assets), or use demo_run / demo_assets in a slow test")
+                pytest.fail(
+                    f"this test builds the demo {what} in the suite folder: pass --model_name_or_path "
+                    "and --dataset (tiny_assets), or use demo_run / demo_assets in a slow test"
+                )
             return real[what](demo_dir, *args)
+
         return build
 
     with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets, prepare_demo)
@@ -146,11 +153,27 @@ def tiny_clip(tmp_path_factory):
     tokenizer = CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"))
     n = len(vocab)
     config = CLIPConfig(
-        text_config=dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(out)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

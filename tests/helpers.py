@@ -19,8 +19,14 @@ TRAIN_SEED = 7  # tiny_adapter's seed: not the default, so a rebuilt split that 
 def run_script(args, cwd, timeout=600, env=None):
     """Run `python <script> ...` from the repository in `cwd`; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, args[0]), *args[1:]],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def copy_demo(demo_assets, cwd):
@@ -42,15 +48,39 @@ def free_port():
 def torchrun(args, cwd, nproc=2, timeout=600):
     """Run a script of the repository under torchrun with `nproc` CPU processes (gloo)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           os.path.join(ROOT, args[0]), *args[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        os.path.join(ROOT, args[0]),
+        *args[1:],
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def train_argv(assets, out, cache):
     """train.py options for tiny_adapter's run: 2 steps on (base folder, data folder) `assets`, seed 7, val_fraction 0.2."""
-    return ["--demo", "--model_name_or_path", assets[0], "--dataset", assets[1], "--output_dir", str(out),
-            "--max_steps", "2", "--seed", str(TRAIN_SEED), "--val_fraction", "0.2", "--embedding_cache_dir", str(cache)]
+    return [
+        "--demo",
+        "--model_name_or_path",
+        assets[0],
+        "--dataset",
+        assets[1],
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--seed",
+        str(TRAIN_SEED),
+        "--val_fraction",
+        "0.2",
+        "--embedding_cache_dir",
+        str(cache),
+    ]
 
 
 def adapter_copy(tiny_adapter, tmp_path, name="adapter"):
@@ -77,10 +107,14 @@ def edit_json(path, **changes):
 
 def png_with_size(width, height) -> bytes:
     """A PNG whose header claims width x height: a decompression bomb needs no real pixels."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def pngs(folder, names):
@@ -100,8 +134,12 @@ def saved_dataset(path, splits: dict) -> str:
     """A save_to_disk DatasetDict from {split: {column: values}} (image: file paths, label: breed names)."""
     import datasets
 
-    datasets.DatasetDict({name: datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
-                          for name, columns in splits.items()}).save_to_disk(path)
+    datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+            for name, columns in splits.items()
+        }
+    ).save_to_disk(path)
     return path
 
 

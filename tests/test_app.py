@@ -59,10 +59,17 @@ def test_result_matches_an_independent_computation(captioner, test_images):
         for key, model in captioner.models.items():
             r = result[key]
             # Captions: the batched-from-pixels path, each model embedding the image itself
-            assert r["caption"] == generate_caption(model, processor, [image], max_new_tokens=captioner.cfg.max_new_tokens)[0]
+            assert (
+                r["caption"]
+                == generate_caption(model, processor, [image], max_new_tokens=captioner.cfg.max_new_tokens)[0]
+            )
             # Top 5: a softmax over all 37 rank_breeds scores, recomputed here without sharing embeddings
             pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-            scores, _ = rank_breeds(model, image_embeddings(model, pixels), breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template))
+            scores, _ = rank_breeds(
+                model,
+                image_embeddings(model, pixels),
+                breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template),
+            )
             probs = np.exp(scores[0].numpy() - scores[0].numpy().max())
             probs /= probs.sum()
             top = np.argsort(-probs, kind="stable")[:5]
@@ -72,7 +79,9 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             np.testing.assert_allclose([p for _, p in r["top"]], probs[top], rtol=5e-4)
             assert len(probs) == 37 and sum(p for _, p in r["top"]) < 1
             # the per-token ranking is named only where its first breed is not the summed ranking's
-            tokens = (breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template)[1][:, 1:].sum(-1)).numpy()
+            tokens = (
+                breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template)[1][:, 1:].sum(-1)
+            ).numpy()
             per_token = int(np.argmax(scores[0].numpy() / tokens))
             assert r["per_token_first"] == (None if per_token == top[0] else BREED_NAMES[per_token])
             # The map: the input enlarged to the display size with a colour overlay on it
@@ -112,12 +121,14 @@ def test_handler_fills_every_output(captioner, test_images):
     assert len(values) == 1 + 4 * 2
     assert values[0].startswith("Answered in") and "embedded once" in values[0]
     for k in range(len(app.MODELS)):
-        caption, breed, top, heatmap = values[1 + 4 * k:5 + 4 * k]
+        caption, breed, top, heatmap = values[1 + 4 * k : 5 + 4 * k]
         assert caption and isinstance(breed, str)
         bars = top["value"]
         assert isinstance(bars, dict) and len(bars) == 5 and all(0 < p < 1 for p in bars.values())
         assert top["label"].startswith(app.RANKING_LABEL) and "summed" in top["label"]
-        assert heatmap["value"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and "Cross-attention" in heatmap["label"]
+        assert (
+            heatmap["value"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and "Cross-attention" in heatmap["label"]
+        )
     assert values[6] == BREED_NAMES[label]  # fine-tuned "breed named"
     assert values[8]["label"] == f"Cross-attention of “{BREED_NAMES[label].lower()}”"
 
@@ -128,8 +139,13 @@ def test_bad_input_is_a_message_not_an_exception(captioner, tmp_path, monkeypatc
     notes.write_text("not an image")
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_with_size(40000, 40000))  # 1.6 G pixels, over PIL's default limit
-    cases = {None: "No image", "": "No image", str(notes): "not an image", str(tmp_path / "missing.jpg"): "not an image",
-             str(bomb): "too large"}
+    cases = {
+        None: "No image",
+        "": "No image",
+        str(notes): "not an image",
+        str(tmp_path / "missing.jpg"): "not an image",
+        str(bomb): "too large",
+    }
     for image, message in cases.items():
         values = app.handle(captioner, image)
         assert values[0].startswith("**error:**") and message in values[0], (image, values[0])
@@ -175,10 +191,15 @@ def test_requests_reach_the_callback_unopened(tmp_path, monkeypatch):
     assert decoded == [] and time.perf_counter() - start < 2  # refused from the header
     small = io.BytesIO()
     Image.new("RGB", (30, 20), (200, 10, 10)).save(small, "PNG")
-    image = _request_image({"path": "x.png", "url": "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()})
+    image = _request_image(
+        {"path": "x.png", "url": "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()}
+    )
     assert app.read_image(image).getpixel((3, 3)) == (200, 10, 10)  # a small data: URL still works
-    for url, message in [("data:image/png,rawbytes", "not an image"), ("data:image/png;base64,@@@", "not an image"),
-                         ("data:image/png;base64," + "A" * (app.MAX_UPLOAD_BYTES * 4 // 3 + 8), "larger than")]:
+    for url, message in [
+        ("data:image/png,rawbytes", "not an image"),
+        ("data:image/png;base64,@@@", "not an image"),
+        ("data:image/png;base64," + "A" * (app.MAX_UPLOAD_BYTES * 4 // 3 + 8), "larger than"),
+    ]:
         with pytest.raises(UserError, match=message):
             app.read_image(_request_image({"path": "x.png", "url": url}))
     # Paths: only files in Gradio's upload folder, symbolic links resolved
@@ -214,7 +235,10 @@ def test_urls_are_refused_before_gradio_fetches_them(tmp_path, monkeypatch):
 def test_a_bug_is_one_line_in_the_page(captioner, test_images, monkeypatch):
     monkeypatch.setattr(app, "rank_breeds", lambda *a: 1 / 0)
     values = app.handle(captioner, test_images[0][0])
-    assert values[0] == "**error:** something went wrong on the server (see its log)." and values[1:] == app.EMPTY_RESULT * 2
+    assert (
+        values[0] == "**error:** something went wrong on the server (see its log)."
+        and values[1:] == app.EMPTY_RESULT * 2
+    )
 
 
 def test_options_are_checked():
@@ -267,8 +291,16 @@ def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_ad
 # In a real browser
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _browser_or_skip():
@@ -341,10 +373,27 @@ def served(demo_run, tmp_path):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(OUTSIDE_GUARD)
     log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "APP_OUTSIDE_LOG": str(outside),
-           "PYTHONPATH": os.pathsep.join([str(guard)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--demo", "--port", str(port),
-                             "--output_dir", str(tmp_path / "app")], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "APP_OUTSIDE_LOG": str(outside),
+        "PYTHONPATH": os.pathsep.join([str(guard)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "app.py"),
+            "--demo",
+            "--port",
+            str(port),
+            "--output_dir",
+            str(tmp_path / "app"),
+        ],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -372,8 +421,9 @@ def server(served):
 def _caption_request(url: str, file_object) -> str:
     """The status line the running app answers to one request of its API with this file object."""
     api = url + "gradio_api/call/caption"
-    request = urllib.request.Request(api, data=json.dumps({"data": [file_object]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        api, data=json.dumps({"data": [file_object]}).encode(), headers={"Content-Type": "application/json"}
+    )
     event = json.load(urllib.request.urlopen(request, timeout=30))["event_id"]
     stream = urllib.request.urlopen(f"{api}/{event}", timeout=120).read().decode()
     kind, data = stream.rstrip().split("\n")[-2:]
@@ -383,10 +433,17 @@ def _caption_request(url: str, file_object) -> str:
 
 def _upload(url: str, name: str, content: bytes) -> str:
     boundary = "----petcaption-test"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url + "gradio_api/upload", data=body,
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url + "gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     [path] = json.load(urllib.request.urlopen(request, timeout=30))
     return path
 
@@ -412,12 +469,17 @@ def test_hostile_requests_to_the_running_app(served, test_images, tmp_path):
     data_url = "data:image/png;base64," + base64.b64encode(bomb).decode()
     before = _peak_rss_mb(pid)
     start = time.perf_counter()
-    for file_object in [{"path": "x.png", "url": data_url},  # a data: URL (what Gradio decoded in full)
-                        {"path": _upload(url, "bomb.png", bomb), "meta": meta}]:  # an upload
+    for file_object in [
+        {"path": "x.png", "url": data_url},  # a data: URL (what Gradio decoded in full)
+        {"path": _upload(url, "bomb.png", bomb), "meta": meta},
+    ]:  # an upload
         assert "too large" in _caption_request(url, file_object)
     seconds, grown = time.perf_counter() - start, _peak_rss_mb(pid) - before
     assert seconds < 10 and grown < 300, (seconds, grown)  # Gradio's decoder took 2.4 GB and 9-18 s
-    for file_object in [{"path": "http://example.com/cat.png", "meta": meta}, {"path": "x.png", "url": "https://example.com/cat.png"}]:
+    for file_object in [
+        {"path": "http://example.com/cat.png", "meta": meta},
+        {"path": "x.png", "url": "https://example.com/cat.png"},
+    ]:
         assert "not as links" in _caption_request(url, file_object)
     server_image = str(test_images[0][0])  # a file on the server, never uploaded
     assert "not uploaded here" in _caption_request(url, {"path": server_image})
@@ -435,8 +497,12 @@ def test_page_in_chromium(server, test_images, tmp_path):
     notes.write_text("not an image")
     requests = []
     with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       args=CHROMIUM_FLAGS, viewport={"width": 1200, "height": 900})
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1200, "height": 900},
+        )
         try:
             page = browser.new_page()
             page.on("request", lambda r: requests.append(r.url))
@@ -462,7 +528,9 @@ def test_page_in_chromium(server, test_images, tmp_path):
 
             page.locator("#input-image input[type=file]").set_input_files(str(notes))
             page.click("#submit")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('not an image')", timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#status').innerText.includes('not an image')", timeout=60_000
+            )
             assert page.locator("#fine_tuned-caption textarea").input_value() == ""  # the old result is gone
             assert "Traceback" not in page.content()
             page.screenshot(path=str(tmp_path / "app-error.png"), full_page=True)

@@ -39,8 +39,16 @@ def tiny_blip(tiny_assets):
 def _pooler_outputs(model, processor, records):
     """Straight from the model: vision_model(pixel_values).pooler_output, one image at a time."""
     with torch.no_grad():
-        return np.stack([model.vision_model(pixel_values=processor.image_processor(load_image(r), return_tensors="pt")
-                                            ["pixel_values"]).pooler_output[0].numpy() for r in records])
+        return np.stack(
+            [
+                model.vision_model(
+                    pixel_values=processor.image_processor(load_image(r), return_tensors="pt")["pixel_values"]
+                )
+                .pooler_output[0]
+                .numpy()
+                for r in records
+            ]
+        )
 
 
 def test_linear_probe_equals_an_independent_sklearn_fit(tiny_blip):
@@ -85,8 +93,12 @@ def test_clip_scores_equal_clip_logits(tiny_clip, tiny_assets):
     logits, positions = clip_scores(model, processor, records, batch_size=2)
     assert positions == list(range(5))
     reference, ref_processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
-    inputs = ref_processor(text=[CLIP_PROMPT.format(breed=b) for b in BREED_NAMES], images=[load_image(r) for r in records],
-                           return_tensors="pt", padding=True)
+    inputs = ref_processor(
+        text=[CLIP_PROMPT.format(breed=b) for b in BREED_NAMES],
+        images=[load_image(r) for r in records],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         expected = reference(**inputs).logits_per_image
     np.testing.assert_allclose(logits, expected.numpy(), rtol=1e-4, atol=1e-4)
@@ -121,14 +133,16 @@ def test_default_clip_offline_is_one_warning(monkeypatch, caplog):
 
 def _demo_cwd(adapter):
     """The folder train.py --demo ran in (its adapter is DEMO_DIR/blip-lora there)."""
-    return adapter[:-len(os.path.join(DEMO_DIR, "blip-lora"))]
+    return adapter[: -len(os.path.join(DEMO_DIR, "blip-lora"))]
 
 
 @pytest.mark.slow
 def test_evaluate_demo_reports_every_baseline(demo_adapter, tiny_clip, tmp_path):
     out = tmp_path / "eval"
-    proc = run_script(["evaluate.py", "--demo", "--clip_model", tiny_clip, "--output_dir", str(out),
-                       "--bootstrap_samples", "200"], cwd=_demo_cwd(demo_adapter))
+    proc = run_script(
+        ["evaluate.py", "--demo", "--clip_model", tiny_clip, "--output_dir", str(out), "--bootstrap_samples", "200"],
+        cwd=_demo_cwd(demo_adapter),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     frame = pd.read_csv(out / "predictions.csv")
@@ -149,8 +163,22 @@ def test_evaluate_demo_reports_every_baseline(demo_adapter, tiny_clip, tmp_path)
 def test_evaluate_demo_without_clip_says_skipped(demo_adapter, tmp_path):
     cwd = _demo_cwd(demo_adapter)
     out = tmp_path / "eval"
-    proc = run_script(["evaluate.py", "--demo", "--output_dir", str(out), "--bootstrap_samples", "50",
-                       "--max_eval_samples", "8", "--linear_probe", "False"], cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
+    proc = run_script(
+        [
+            "evaluate.py",
+            "--demo",
+            "--output_dir",
+            str(out),
+            "--bootstrap_samples",
+            "50",
+            "--max_eval_samples",
+            "8",
+            "--linear_probe",
+            "False",
+        ],
+        cwd=cwd,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "skipped" in metrics["clip_zero_shot"] and "skipped" in metrics["linear_probe"]

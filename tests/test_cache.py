@@ -38,7 +38,9 @@ def _build(cache_dir, model, processor, records, dtype):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
 def test_cached_loss_equals_stock_loss(setup, tmp_path, dtype, tol):
     model, processor, records = setup
-    lora = create_lora_model(copy.deepcopy(model), 4, 8, 0.0, "query,value")  # PEFT wraps in place: spare the shared model
+    lora = create_lora_model(
+        copy.deepcopy(model), 4, 8, 0.0, "query,value"
+    )  # PEFT wraps in place: spare the shared model
     cache, n = _build(tmp_path, model, processor, records, dtype)
     assert n == len(records)
     collate = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)
@@ -148,7 +150,9 @@ def test_a_failed_chunk_write_raises_and_leaves_nothing_behind(setup, tmp_path, 
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)) if "b" in mode else real_fdopen(fd, mode))
+    monkeypatch.setattr(
+        os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)) if "b" in mode else real_fdopen(fd, mode)
+    )
     with pytest.raises(OSError, match="No space left"):
         _build(tmp_path, model, processor, records, "float16")
     monkeypatch.undo()
@@ -179,10 +183,12 @@ def test_encoders_that_differ_in_one_middle_layer_share_no_embeddings(setup, tmp
     assert torch.allclose(cache_b.get(key), expected_b, atol=1e-5)
     assert torch.allclose(cache_a.get(key), expected_a, atol=1e-5)
     # any dtype is hashed (bfloat16 has no numpy type), and a cast is another key
-    assert vision_fingerprint(copy.deepcopy(model).to(torch.bfloat16), processor) != vision_fingerprint(model, processor)
+    assert vision_fingerprint(copy.deepcopy(model).to(torch.bfloat16), processor) != vision_fingerprint(
+        model, processor
+    )
 
 
-KILLED_BUILDER = r'''
+KILLED_BUILDER = r"""
 import os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -208,7 +214,7 @@ def encode(pixels):
 records = [Record(f"img{i}", 0, os.path.join(sys.argv[5], f"{i}.png")) for i in range(96)]
 with locked_output_dir(out):  # as train.py holds its output folder during the build
     EmbeddingCache(cache_dir, "k").build(records, encode, preprocess, batch_size=4)
-'''
+"""
 
 
 def _children(pid: int) -> set:
@@ -275,7 +281,8 @@ def test_a_killed_build_holds_no_lock_and_leaves_no_temporary_chunk(tmp_path):
         time.sleep(0.05)
     # The rerun removes the killed build's temporary chunk and caches every image
     preprocess = lambda image, return_tensors: {  # noqa: E731  (the script's, without running it)
-        "pixel_values": torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]}
+        "pixel_values": torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    }
     records = [Record(f"img{i}", 0, str(images / f"{i}.png")) for i in range(96)]
     cache = EmbeddingCache(str(cache_dir), "k")
     assert cache.build(records, lambda px: px.flatten(2), preprocess, batch_size=4) == 96

@@ -33,15 +33,20 @@ def run_snippet(code: str, images: list, cwd) -> list:
     """Run `code` verbatim once per image ("pet.jpg" -> that image) in a fresh interpreter without the project."""
     assert code.count('"pet.jpg"') == 1
     body = code.replace('"pet.jpg"', "image_path")
-    script = ("import sys\nfor image_path in sys.argv[1:]:\n" + textwrap.indent(body, "    ")
-              + f"\nassert not [m for m in {PROJECT_MODULES!r} if m in sys.modules], 'a project module was imported'\n")
+    script = (
+        "import sys\nfor image_path in sys.argv[1:]:\n"
+        + textwrap.indent(body, "    ")
+        + f"\nassert not [m for m in {PROJECT_MODULES!r} if m in sys.modules], 'a project module was imported'\n"
+    )
     path = os.path.join(cwd, "snippet_run.py")  # sys.path[0] is then cwd, where no project module lies
     with open(path, "w") as f:
         f.write(script)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, path, *images], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, path, *images], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-len(images):]
+    return proc.stdout.strip().splitlines()[-len(images) :]
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +96,31 @@ def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(tiny_ass
 
     out = tmp_path / "run"
     epochs = 3
-    result = train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1],
-                         "--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache"),
-                         "--report_to", "tensorboard", "--num_train_epochs", str(epochs), "--logging_steps", "1",
-                         "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8"])
+    result = train.main(
+        [
+            "--demo",
+            "--model_name_or_path",
+            tiny_assets[0],
+            "--dataset",
+            tiny_assets[1],
+            "--output_dir",
+            str(out),
+            "--embedding_cache_dir",
+            str(tmp_path / "cache"),
+            "--report_to",
+            "tensorboard",
+            "--num_train_epochs",
+            str(epochs),
+            "--logging_steps",
+            "1",
+            "--max_train_samples",
+            "16",
+            "--max_eval_samples",
+            "8",
+            "--per_device_train_batch_size",
+            "8",
+        ]
+    )
     runs = glob.glob(str(out / "runs" / "*"))
     assert len(runs) == 1, runs
     events = EventAccumulator(runs[0])
@@ -112,8 +138,9 @@ def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(tiny_ass
     assert losses == pytest.approx([e["loss"] for e in result["history"]["train"]])
 
 
-@pytest.mark.parametrize("name, message", [("tensorboardz", "not an integration Trainer knows"),
-                                           ("wandb", "its package is not installed")])
+@pytest.mark.parametrize(
+    "name, message", [("tensorboardz", "not an integration Trainer knows"), ("wandb", "its package is not installed")]
+)
 def test_report_to_unusable_is_one_line(name, message, monkeypatch):
     import transformers.integrations as integrations
 

@@ -31,8 +31,12 @@ from devices import DEVICE_DEFAULTS
 from helpers import TRAIN_SEED, adapter_copy, edit_json
 from run_io import UserError
 
-SCRIPTS = {TrainConfig: DEMO_TRAIN_OVERRIDES, EvalConfig: DEMO_EVAL_OVERRIDES,
-           ExplainConfig: DEMO_EXPLAIN_OVERRIDES, AppConfig: DEMO_APP_OVERRIDES}
+SCRIPTS = {
+    TrainConfig: DEMO_TRAIN_OVERRIDES,
+    EvalConfig: DEMO_EVAL_OVERRIDES,
+    ExplainConfig: DEMO_EXPLAIN_OVERRIDES,
+    AppConfig: DEMO_APP_OVERRIDES,
+}
 
 
 def _cases():
@@ -94,8 +98,9 @@ def test_device_defaults_apply_and_yield_to_a_typed_flag(device, options, name, 
 
 def test_given_options_sees_every_spelling():
     parser = config.OptionParser((PetConfig, TrainConfig), allow_abbrev=False)
-    given = config.given_options(parser, ["--lora_r", "32", "--learning_rate=1e-4", "--no_use_embedding_cache",
-                                          "--bf16", "--lora-alpha", "64"])
+    given = config.given_options(
+        parser, ["--lora_r", "32", "--learning_rate=1e-4", "--no_use_embedding_cache", "--bf16", "--lora-alpha", "64"]
+    )
     assert given == {"lora_r", "learning_rate", "use_embedding_cache", "bf16", "lora_alpha"}
     assert config.given_options(parser, []) == set()
 
@@ -103,7 +108,9 @@ def test_given_options_sees_every_spelling():
 def test_given_options_sees_repeatable_options():
     parser = config.OptionParser((PetConfig, ExplainConfig), allow_abbrev=False)
     assert config.given_options(parser, ["--image", "a.jpg", "--image", "b.png", "--seed", "1"]) == {"image", "seed"}
-    _, ex = parse_config((PetConfig, ExplainConfig), ["--demo", "--image", "a.jpg", "--image", "b.png"], DEMO_EXPLAIN_OVERRIDES)
+    _, ex = parse_config(
+        (PetConfig, ExplainConfig), ["--demo", "--image", "a.jpg", "--image", "b.png"], DEMO_EXPLAIN_OVERRIDES
+    )
     assert ex.image == ["a.jpg", "b.png"]
 
 
@@ -126,8 +133,18 @@ def test_one_rule_for_the_base_model_and_data_of_evaluate_and_explain(tiny_adapt
         # not given: the adapter's own base model and data set
         assert cfg.model_name_or_path == trained_on
         assert cfg.dataset == os.path.abspath(tiny_assets[1])
-        cfg, _ = parse(["--adapter", adapter, "--output_dir", str(tmp_path / "o"), "--model_name_or_path", other,
-                        "--dataset", other_data])
+        cfg, _ = parse(
+            [
+                "--adapter",
+                adapter,
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--model_name_or_path",
+                other,
+                "--dataset",
+                other_data,
+            ]
+        )
         assert (cfg.model_name_or_path, cfg.dataset) == (other, other_data)  # given: those, in both scripts
 
 
@@ -166,18 +183,22 @@ def test_demo_with_an_adapter_takes_the_adapters_own_base_and_data(script, tiny_
     assert (cfg.model_name_or_path, cfg.dataset) == (base, data)
     given = str(tmp_path / "given-base")
     shutil.copytree(tiny_assets[0], given)
-    cfg, _ = module.parse_args(["--demo", "--adapter", adapter, "--model_name_or_path", given,
-                                "--output_dir", str(tmp_path / "out2")])
+    cfg, _ = module.parse_args(
+        ["--demo", "--adapter", adapter, "--model_name_or_path", given, "--output_dir", str(tmp_path / "out2")]
+    )
     assert cfg.model_name_or_path == given  # a typed flag still wins
 
 
-@pytest.mark.parametrize("script,bad_option,message", [
-    ("train", ["--learning_rate", "-1"], "--learning_rate"),
-    ("train", ["--num_train_epochs", "0"], "untrained adapter"),
-    ("evaluate", ["--bootstrap_samples", "0"], "--bootstrap_samples"),
-    ("explainability", ["--num_images", "-1"], "--num_images"),
-    ("app", ["--port", "70000"], "--port"),
-])
+@pytest.mark.parametrize(
+    "script,bad_option,message",
+    [
+        ("train", ["--learning_rate", "-1"], "--learning_rate"),
+        ("train", ["--num_train_epochs", "0"], "untrained adapter"),
+        ("evaluate", ["--bootstrap_samples", "0"], "--bootstrap_samples"),
+        ("explainability", ["--num_images", "-1"], "--num_images"),
+        ("app", ["--port", "70000"], "--port"),
+    ],
+)
 def test_demo_checks_the_options_before_building_its_base(script, bad_option, message, tmp_path, monkeypatch):
     """A bad flag beside --demo is one line at once, not after a minute of pre-training the demo base."""
     import demo

@@ -67,8 +67,13 @@ def _as_hf(records, label_as_string):
         features = Features({"image": ImageFeature(), "image_id": Value("string"), "label": Value("string")})
     else:  # timm/oxford-iiit-pet: ClassLabel with lower-case snake names
         rows["label"] = [r.label for r in records]
-        features = Features({"image": ImageFeature(), "image_id": Value("string"),
-                             "label": ClassLabel(names=[b.lower() for b in BREEDS])})
+        features = Features(
+            {
+                "image": ImageFeature(),
+                "image_id": Value("string"),
+                "label": ClassLabel(names=[b.lower() for b in BREEDS]),
+            }
+        )
     return Dataset.from_dict(rows, features=features)
 
 
@@ -180,8 +185,8 @@ def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(tiny_assets)
     assert batch["input_ids"].shape == (2, max(lengths)) and max(lengths) < 512
     assert (batch["input_ids"][:, 0] == tok.convert_tokens_to_ids("[DEC]")).all()
     short = int(np.argmin(lengths))
-    assert (batch["labels"][short, lengths[short]:] == -100).all()
-    assert (batch["labels"][short, :lengths[short]] != -100).all()
+    assert (batch["labels"][short, lengths[short] :] == -100).all()
+    assert (batch["labels"][short, : lengths[short]] != -100).all()
     # labels equal the input ids wherever they are not padding (the model shifts them itself)
     keep = batch["attention_mask"] == 1
     assert torch.equal(batch["labels"][keep], batch["input_ids"][keep])
@@ -315,8 +320,23 @@ def test_synthetic_breeds_differ_visibly(small_pets):
 # Hostile image files
 
 
-@pytest.mark.parametrize("case", ["ok", "zero_byte", "truncated_jpeg", "text_as_jpg", "png_named_jpg", "cmyk_jpeg",
-                                  "16bit_png", "palette", "la", "1x1", "exif_rotated", "decompression_bomb"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ok",
+        "zero_byte",
+        "truncated_jpeg",
+        "text_as_jpg",
+        "png_named_jpg",
+        "cmyk_jpeg",
+        "16bit_png",
+        "palette",
+        "la",
+        "1x1",
+        "exif_rotated",
+        "decompression_bomb",
+    ],
+)
 def test_hostile_image(case, tmp_path):
     path, expected = hostile_images(str(tmp_path))[case]
     record = Record(case, 0, path)
@@ -442,7 +462,9 @@ def _hf_pets(tmp_path, labels, images=None):
 
     png = str(tmp_path / "x.png")
     Image.new("RGB", (8, 8), (200, 10, 10)).save(png)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["abyssinian", "beagle"])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["abyssinian", "beagle"])}
+    )
     rows = {"image": images or [png] * len(labels), "label": labels}
     split = datasets.Dataset.from_dict(rows, features=features)
     path = str(tmp_path / "hf")
@@ -488,10 +510,17 @@ def test_leakage_check_tells_repeated_file_names_in_other_folders_apart(tmp_path
 
     train_paths = pngs(tmp_path, ["cats/1.png", "cats/2.png", "cats/3.png", "cats/4.png"])
     test_paths = pngs(tmp_path, ["dogs/1.png", "dogs/2.png"])
-    data = saved_dataset(str(tmp_path / "hf"), {
-        "train": {"image": train_paths + test_paths[:1], "path": train_paths + test_paths[:1],
-                  "label": ["abyssinian"] * 4 + ["beagle"]},  # dogs/1.png really is in both splits
-        "test": {"image": test_paths, "path": test_paths, "label": ["beagle"] * 2}})
+    data = saved_dataset(
+        str(tmp_path / "hf"),
+        {
+            "train": {
+                "image": train_paths + test_paths[:1],
+                "path": train_paths + test_paths[:1],
+                "label": ["abyssinian"] * 4 + ["beagle"],
+            },  # dogs/1.png really is in both splits
+            "test": {"image": test_paths, "path": test_paths, "label": ["beagle"] * 2},
+        },
+    )
     with caplog.at_level("WARNING"):
         splits = load_splits(data, 0.0)
     # cats/1.png and cats/2.png are not "also in the test split"; dogs/1.png (the one beagle) is
@@ -507,7 +536,9 @@ def test_damaged_save_to_disk_folder_is_one_line(tmp_path, damage):
     from data import load_splits
 
     paths = pngs(tmp_path, [f"{k}.png" for k in range(8)])
-    data = saved_dataset(str(tmp_path / "hf"), {s: {"image": paths, "label": ["pug", "beagle"] * 4} for s in ("train", "test")})
+    data = saved_dataset(
+        str(tmp_path / "hf"), {s: {"image": paths, "label": ["pug", "beagle"] * 4} for s in ("train", "test")}
+    )
     if damage == "no_split_folders":  # a save killed after dataset_dict.json
         for split in ("train", "test"):
             shutil.rmtree(os.path.join(data, split))

@@ -15,10 +15,16 @@ def _generate(model, embeds, max_new_tokens):
     """transformers' own greedy decoding from bos, as the project called it before (the reference)."""
     tc = model.config.text_config
     start = torch.full((embeds.shape[0], 1), tc.bos_token_id, dtype=torch.long)
-    return model.text_decoder.generate(input_ids=start, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
-                                       encoder_hidden_states=embeds, max_new_tokens=max_new_tokens, num_beams=1,
-                                       do_sample=False,
-                                       encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long))
+    return model.text_decoder.generate(
+        input_ids=start,
+        eos_token_id=tc.sep_token_id,
+        pad_token_id=tc.pad_token_id,
+        encoder_hidden_states=embeds,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        do_sample=False,
+        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,9 @@ def fresh_graph_check(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [30, 3])
-def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monkeypatch, fresh_graph_check, caplog,
-                                                    max_new_tokens):
+def test_graph_mode_bookkeeping_gives_generates_ids(
+    demo_run, demo_adapter, monkeypatch, fresh_graph_check, caplog, max_new_tokens
+):
     """With a CUDA graph the loop asks "all rows done?" only every few steps and cuts the steps past
     the end off afterwards. The capture itself needs a GPU (benchmarks/profile_gpu.py checks it
     there); here the graph is replaced by the plain step so the rest of that path runs on the CPU,
@@ -107,8 +114,9 @@ def test_graph_mode_bookkeeping_gives_generates_ids(demo_run, demo_adapter, monk
     assert torch.equal(greedy_caption_ids(model, embeds, max_new_tokens, cuda_graph=False), reference)
 
 
-def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(tiny_dir, monkeypatch,
-                                                                                fresh_graph_check, caplog):
+def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(
+    tiny_dir, monkeypatch, fresh_graph_check, caplog
+):
     """A "graph" that writes one wrong id (row 1, token 3): the self-check on the first graphed batch warns once,
     naming that position, returns the plain loop's ids, and later batches are decoded plainly (the graph is
     not used again, and no second warning comes)."""
@@ -127,6 +135,7 @@ def test_a_graph_that_corrupts_one_id_is_caught_and_turned_off_with_one_warning(
             calls.append(1)
             if len(calls) == 3:  # ids[:, 1:4] are written: change row 1's third token, which step 4 then reads
                 state.ids[1, 3] = (state.ids[1, 3] + 1) % vocab
+
         return replay
 
     monkeypatch.setattr(inference_module, "graphed_step", corrupting)

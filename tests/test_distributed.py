@@ -20,8 +20,19 @@ def test_training_with_two_processes(demo_run, tmp_path):
     cwd, _ = demo_run
     out = tmp_path / "ddp"
     # 2 processes x 8 = the single-process run's 16 images per optimizer step
-    proc = torchrun(["train.py", "--demo", "--output_dir", str(out), "--per_device_train_batch_size", "8",
-                     "--embedding_cache_dir", str(tmp_path / "cache")], cwd=cwd)
+    proc = torchrun(
+        [
+            "train.py",
+            "--demo",
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "8",
+            "--embedding_cache_dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Adapter saved to") == 1  # only the main process writes and reports
     assert os.path.isfile(out / "adapter_model.safetensors")
@@ -39,8 +50,13 @@ def test_evaluation_with_two_processes_gives_the_same_predictions(demo_run, tmp_
     cwd, _ = demo_run
     # 15 images in batches of 7: uneven per process and in the last batch, which is what can go wrong
     common = ["--demo", "--max_eval_samples", "15", "--per_device_eval_batch_size", "7"]
-    one = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *common, "--output_dir", str(tmp_path / "one")],
-                         cwd=cwd, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), *common, "--output_dir", str(tmp_path / "one")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(["evaluate.py", *common, "--output_dir", str(tmp_path / "two")], cwd=cwd)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -53,12 +69,20 @@ def test_evaluation_with_two_processes_gives_the_same_predictions(demo_run, tmp_
 
 def test_large_checkpoint_shapes_take_the_same_lora_targets():
     """blip-image-captioning-large: ViT-L vision encoder (1024 wide, 24 layers), BERT-base decoder."""
-    config = BlipConfig(text_config={"num_attention_heads": 12},
-                        vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                                       "num_attention_heads": 16})
+    config = BlipConfig(
+        text_config={"num_attention_heads": 12},
+        vision_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+        },
+    )
     with torch.device("meta"):
         model = create_lora_model(BlipForPetCaptioning(config))
-    adapted = {n.rsplit(".", 3)[0] for n, p in model.named_parameters() if p.requires_grad}  # strip lora_A.default.weight
+    adapted = {
+        n.rsplit(".", 3)[0] for n, p in model.named_parameters() if p.requires_grad
+    }  # strip lora_A.default.weight
     assert len(adapted) == 48 and all("text_decoder" in n for n in adapted)
     # r=32: self-attention query/value 768->768, cross-attention query 768->768 and value 1024->768
     expected = 12 * 32 * (3 * (768 + 768) + (1024 + 768))
@@ -70,11 +94,22 @@ def test_two_processes_evaluate_a_split_with_repeated_image_ids(tiny_adapter, ti
     import pandas as pd
 
     images = sorted(os.listdir(os.path.join(tiny_assets[1], "images")))[:7]
-    columns = {"image": [os.path.join(tiny_assets[1], "images", n) for n in images], "image_id": ["pet"] * 7,
-               "label": [n.rsplit("_", 1)[0] for n in images]}
+    columns = {
+        "image": [os.path.join(tiny_assets[1], "images", n) for n in images],
+        "image_id": ["pet"] * 7,
+        "label": [n.rsplit("_", 1)[0] for n in images],
+    }
     data = saved_dataset(str(tmp_path / "hf"), {"train": columns, "test": columns})
-    common = ["--adapter", tiny_adapter[0], "--dataset", data, "--per_device_eval_batch_size", "2",
-              "--bootstrap_samples", "10"]
+    common = [
+        "--adapter",
+        tiny_adapter[0],
+        "--dataset",
+        data,
+        "--per_device_eval_batch_size",
+        "2",
+        "--bootstrap_samples",
+        "10",
+    ]
     one = run_script(["evaluate.py", *common, "--output_dir", str(tmp_path / "one")], cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(["evaluate.py", *common, "--output_dir", str(tmp_path / "two")], cwd=tmp_path)

@@ -28,34 +28,47 @@ OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", 
 # ---------------------------------------------------------------------------
 # Breed and species from captions
 
-@pytest.mark.parametrize("caption, breed", [
-    ("a photo of an american pit bull terrier, a type of pet.", "american_pit_bull_terrier"),
-    ("a pit bull lying on the grass", "american_pit_bull_terrier"),
-    ("two pitbulls playing", "american_pit_bull_terrier"),
-    ("a staffordshire bull terrier on a sofa", "staffordshire_bull_terrier"),  # not "bull terrier" -> pit bull
-    ("a yorkie in a bag", "yorkshire_terrier"),
-    ("A Saint Bernard in the snow", "saint_bernard"),
-    ("a st. bernard in the snow", "saint_bernard"),
-    ("st bernards are big", "saint_bernard"),
-    ("a german shorthaired pointer in a field", "german_shorthaired"),
-    ("A photo of a German Short-Haired Pointer.", "german_shorthaired"),
-    ("an english cocker spaniel puppy", "english_cocker_spaniel"),
-    ("a cocker spaniel", "english_cocker_spaniel"),
-    ("a siamese cat sitting on a bed", "Siamese"),
-    ("a pug wearing a hat", "pug"),
-    ("a Maine-Coon", "Maine_Coon"),
-    ("russian blue kitten", "Russian_Blue"),
-    ("a shiba inu dog", "shiba_inu"),
-    ("a great pyrenees", "great_pyrenees"),
-])
+
+@pytest.mark.parametrize(
+    "caption, breed",
+    [
+        ("a photo of an american pit bull terrier, a type of pet.", "american_pit_bull_terrier"),
+        ("a pit bull lying on the grass", "american_pit_bull_terrier"),
+        ("two pitbulls playing", "american_pit_bull_terrier"),
+        ("a staffordshire bull terrier on a sofa", "staffordshire_bull_terrier"),  # not "bull terrier" -> pit bull
+        ("a yorkie in a bag", "yorkshire_terrier"),
+        ("A Saint Bernard in the snow", "saint_bernard"),
+        ("a st. bernard in the snow", "saint_bernard"),
+        ("st bernards are big", "saint_bernard"),
+        ("a german shorthaired pointer in a field", "german_shorthaired"),
+        ("A photo of a German Short-Haired Pointer.", "german_shorthaired"),
+        ("an english cocker spaniel puppy", "english_cocker_spaniel"),
+        ("a cocker spaniel", "english_cocker_spaniel"),
+        ("a siamese cat sitting on a bed", "Siamese"),
+        ("a pug wearing a hat", "pug"),
+        ("a Maine-Coon", "Maine_Coon"),
+        ("russian blue kitten", "Russian_Blue"),
+        ("a shiba inu dog", "shiba_inu"),
+        ("a great pyrenees", "great_pyrenees"),
+    ],
+)
 def test_breed_from_tricky_captions(caption, breed):
     assert breed_from_caption(caption) == breed_index(breed)
 
 
-@pytest.mark.parametrize("caption", [
-    "a cat sitting on a couch", "a dog with a ball", "a pugnacious dog", "a bulldog", "a persiana blind",
-    "", "a photo of a type of pet.", "a bernard",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a cat sitting on a couch",
+        "a dog with a ball",
+        "a pugnacious dog",
+        "a bulldog",
+        "a persiana blind",
+        "",
+        "a photo of a type of pet.",
+        "a bernard",
+    ],
+)
 def test_captions_naming_no_breed_are_unknown(caption):
     assert breed_from_caption(caption) == UNKNOWN
 
@@ -72,6 +85,7 @@ def test_species_from_caption():
 # ---------------------------------------------------------------------------
 # Metrics on hand-made prediction sets
 
+
 def _scores(best_first):
     """Likelihood scores whose ranking starts with the given breeds, in order."""
     s = np.full(37, -100.0)
@@ -81,18 +95,31 @@ def _scores(best_first):
 
 
 def test_metrics_on_a_hand_made_set():
-    ab, bengal, pug, beagle = breed_index("Abyssinian"), breed_index("Bengal"), breed_index("pug"), breed_index("beagle")
+    ab, bengal, pug, beagle = (
+        breed_index("Abyssinian"),
+        breed_index("Bengal"),
+        breed_index("pug"),
+        breed_index("beagle"),
+    )
     labels = [ab, ab, bengal, pug, pug, beagle]
     captions = [
         "a photo of an abyssinian, a type of pet.",  # right
-        "a photo of a bengal, a type of pet.",        # wrong breed, right species
-        "a photo of a bengal, a type of pet.",        # right
-        "a photo of a beagle, a type of pet.",        # wrong breed, right species
-        "a cat on a sofa",                            # no breed, wrong species
-        "a dog on the grass",                         # no breed, right species
+        "a photo of a bengal, a type of pet.",  # wrong breed, right species
+        "a photo of a bengal, a type of pet.",  # right
+        "a photo of a beagle, a type of pet.",  # wrong breed, right species
+        "a cat on a sofa",  # no breed, wrong species
+        "a dog on the grass",  # no breed, right species
     ]
-    scores = np.stack([_scores([ab]), _scores([bengal, ab]), _scores([pug, bengal, 0, 1, 2, 3]), _scores([pug]),
-                       _scores([0, 1, 2, 3, 4, 5]), _scores([beagle])])
+    scores = np.stack(
+        [
+            _scores([ab]),
+            _scores([bengal, ab]),
+            _scores([pug, bengal, 0, 1, 2, 3]),
+            _scores([pug]),
+            _scores([0, 1, 2, 3, 4, 5]),
+            _scores([beagle]),
+        ]
+    )
     m = model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0).numbers
     assert m["breed_accuracy"] == pytest.approx(2 / 6)
     assert m["species_accuracy"] == pytest.approx(5 / 6)
@@ -114,8 +141,10 @@ def test_metrics_on_a_hand_made_set():
     assert m["ranking_agrees_with_caption_per_token"] == pytest.approx(1 / 6)
     lo, hi = m["breed_accuracy_ci95"]
     assert 0 <= lo <= 2 / 6 <= hi <= 1
-    assert m["confused_pairs"] == [{"true": "Abyssinian", "predicted": "Bengal", "count": 1},
-                                   {"true": "Pug", "predicted": "Beagle", "count": 1}]
+    assert m["confused_pairs"] == [
+        {"true": "Abyssinian", "predicted": "Bengal", "count": 1},
+        {"true": "Pug", "predicted": "Beagle", "count": 1},
+    ]
     per = m["per_breed"]
     assert per["Bengal"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
     assert per["Abyssinian"]["recall"] == 0.5 and per["Abyssinian"]["precision"] == 1.0
@@ -124,8 +153,14 @@ def test_metrics_on_a_hand_made_set():
 
 def test_likelihood_top5_counts_rank_five_not_six():
     labels = [7, 7]
-    m = model_metrics(labels, ["x", "x"], np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
-                               TEMPLATE, samples=10, seed=0).numbers
+    m = model_metrics(
+        labels,
+        ["x", "x"],
+        np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
+        TEMPLATE,
+        samples=10,
+        seed=0,
+    ).numbers
     assert m["likelihood_top5"] == 0.5 and m["likelihood_top1"] == 0.0
 
 
@@ -188,6 +223,7 @@ def test_rouge_l_matches_a_hand_worked_example_and_torchmetrics():
 # ---------------------------------------------------------------------------
 # Likelihood ranking on the demo model
 
+
 def _one_by_one(model, pixel_values, caption, tokenizer):
     """log p(caption | image) through the full model's forward, one image and one caption at a time."""
     ids = tokenizer(caption, return_tensors="pt")["input_ids"]
@@ -223,8 +259,12 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter,
     embeds = image_embeddings(model, pixels)
     scores, order = rank_breeds(model, embeds, candidates)
     assert scores.shape == (len(records), 37)
-    expected = torch.tensor([[_one_by_one(model, pixels[i:i + 1], caption_for(b, TEMPLATE), processor.tokenizer)
-                              for b in breeds] for i in range(len(records))])
+    expected = torch.tensor(
+        [
+            [_one_by_one(model, pixels[i : i + 1], caption_for(b, TEMPLATE), processor.tokenizer) for b in breeds]
+            for i in range(len(records))
+        ]
+    )
     assert torch.allclose(scores, expected.float(), atol=1e-3)
     # the top-ranked breed has the best one-by-one score (ties within float noise may swap)
     best = expected.gather(1, order[:, :1]).squeeze(1).float()
@@ -240,7 +280,9 @@ def test_demo_adapter_leaves_the_vision_encoder_alone(demo_run, demo_adapter, tm
     base_dir = json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"]
     assert os.path.isabs(base_dir) and os.path.isdir(base_dir)  # recorded so that it loads from anywhere
     base = load_base_model(base_dir)
-    assert not any("vision" in n for n in json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["target_modules"])
+    assert not any(
+        "vision" in n for n in json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["target_modules"]
+    )
     assert same_vision_encoder(base, tuned)
     with torch.no_grad():
         next(base.vision_model.parameters()).add_(1e-3)
@@ -249,6 +291,7 @@ def test_demo_adapter_leaves_the_vision_encoder_alone(demo_run, demo_adapter, tm
 
 # ---------------------------------------------------------------------------
 # The script
+
 
 @pytest.fixture(scope="module")
 def demo_eval(demo_run):
@@ -279,7 +322,14 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     assert ft["bleu"] > zs["bleu"] and ft["rougeL"] > zs["rougeL"]
     assert metrics["mcnemar_caption"]["p_value"] < 0.01
     assert metrics["shared_image_embeddings"] is True
-    for key in ("breed_accuracy_ci95", "species_accuracy", "no_breed_rate", "likelihood_top5", "per_breed", "confused_pairs"):
+    for key in (
+        "breed_accuracy_ci95",
+        "species_accuracy",
+        "no_breed_rate",
+        "likelihood_top5",
+        "per_breed",
+        "confused_pairs",
+    ):
         assert key in zs and key in ft
     predictions = pd.read_csv(os.path.join(out, "predictions.csv"))
     assert len(predictions) == 80 and predictions["image_id"].is_unique
@@ -294,7 +344,9 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
         assert Image.open(os.path.join(out, name)).size[0] >= 400
     assert f"{ft['breed_accuracy']:.3f} [" in report
     run_config = json.load(open(os.path.join(out, "run_config.json")))
-    assert "evaluate.py --demo" in run_config["command"] and run_config["EvalConfig"]["adapter"] == f"{DEMO_DIR}/blip-lora"
+    assert (
+        "evaluate.py --demo" in run_config["command"] and run_config["EvalConfig"]["adapter"] == f"{DEMO_DIR}/blip-lora"
+    )
     assert "fine-tuned" in proc.stdout and "breed accuracy" in proc.stdout  # the summary table
     assert "evaluating" in proc.stderr  # the progress bar
 
@@ -311,15 +363,17 @@ def test_bad_images_are_skipped_counted_and_the_rest_is_unchanged(demo_eval, dem
     for name in broken:
         (data / "images" / f"{name}.jpg").write_bytes(b"not a jpeg")
     monkeypatch.chdir(cwd)
-    result = evaluate.main(["--demo", "--dataset", str(data), "--output_dir", str(tmp_path / "eval"),
-                            "--per_device_eval_batch_size", "16"])
+    result = evaluate.main(
+        ["--demo", "--dataset", str(data), "--output_dir", str(tmp_path / "eval"), "--per_device_eval_batch_size", "16"]
+    )
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["num_samples"] == 78 and metrics["num_bad_images"] == 2 and metrics["bad_images"] == sorted(broken)
     clean = pd.read_csv(os.path.join(demo_eval[0], "predictions.csv"))
     clean = clean[~clean["image_id"].isin(broken)].reset_index(drop=True)
     assert pd.read_csv(tmp_path / "eval" / "predictions.csv").equals(clean)
     assert result["metrics"]["fine_tuned"]["breed_accuracy"] == pytest.approx(
-        (clean["fine_tuned_breed"] == clean["true_breed"]).mean())
+        (clean["fine_tuned_breed"] == clean["true_breed"]).mean()
+    )
 
 
 @pytest.mark.slow
@@ -345,7 +399,15 @@ def test_adapter_problems_are_one_clear_line(demo_run, demo_adapter, tmp_path, m
         evaluate.main(["--demo", "--model_name_or_path", other, "--output_dir", str(tmp_path / "o")])
     # ... and one whose layers have other shapes
     with pytest.raises(UserError, match="another shape"):
-        evaluate.main(["--demo", "--model_name_or_path", _narrow_blip(tmp_path / "narrow", demo_adapter), "--output_dir", str(tmp_path / "o")])
+        evaluate.main(
+            [
+                "--demo",
+                "--model_name_or_path",
+                _narrow_blip(tmp_path / "narrow", demo_adapter),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     # and through the script: one line on stderr, exit code 2
     proc = run_script(["evaluate.py", "--demo", "--adapter", str(truncated)], cwd=cwd, timeout=120)
     lines = proc.stderr.strip().splitlines()
@@ -357,11 +419,26 @@ def _narrow_blip(path, adapter):
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     tok = load_processor(adapter).tokenizer
-    config = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, bos_token_id=tok.bos_token_id,
-                                         sep_token_id=tok.sep_token_id, pad_token_id=0),
-                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           image_size=64, patch_size=16))
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=tok.bos_token_id,
+            sep_token_id=tok.sep_token_id,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+        ),
+    )
     BlipForConditionalGeneration(config).save_pretrained(str(path))
     return str(path)
 
@@ -393,9 +470,19 @@ def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp
     plot_confusion(matrix, "title", str(tmp_path / "fast.png"))
     plt = pyplot()  # the same figure through seaborn's annotation
     fig, ax = plt.subplots(figsize=(15, 13))
-    sns.heatmap(matrix, annot=np.where(matrix > 0, matrix.astype(str), ""), fmt="", cmap="Blues", xticklabels=LABELS,
-                yticklabels=LABELS, cbar_kws={"label": "images"}, linewidths=0.3, linecolor="#eeeeee",
-                annot_kws={"fontsize": 7}, ax=ax)
+    sns.heatmap(
+        matrix,
+        annot=np.where(matrix > 0, matrix.astype(str), ""),
+        fmt="",
+        cmap="Blues",
+        xticklabels=LABELS,
+        yticklabels=LABELS,
+        cbar_kws={"label": "images"},
+        linewidths=0.3,
+        linecolor="#eeeeee",
+        annot_kws={"fontsize": 7},
+        ax=ax,
+    )
     ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title="title")
     ax.tick_params(labelsize=8)
     matplotlib.pyplot.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
@@ -430,15 +517,29 @@ def test_evaluate_refuses_an_overflowing_adapter_before_writing(tiny_adapter, ti
     edit_json(os.path.join(path, "adapter_config.json"), lora_alpha=1e30)
     out = tmp_path / "eval"
     with pytest.raises(UserError, match="NaN or infinite outputs"):
-        evaluate.main(["--adapter", path, "--dataset", tiny_assets[1], "--output_dir", str(out), "--max_eval_samples", "4"])
+        evaluate.main(
+            ["--adapter", path, "--dataset", tiny_assets[1], "--output_dir", str(out), "--max_eval_samples", "4"]
+        )
     assert not (out / "metrics.json").exists()
 
 
 def test_an_adapter_folder_is_not_a_base_model(tiny_adapter, tiny_assets, tmp_path):
     adapter = tiny_adapter[0]
     with pytest.raises(UserError, match="holds a LoRA adapter, not a base model"):
-        evaluate.main(["--adapter", adapter, "--model_name_or_path", adapter, "--dataset", tiny_assets[1],
-                       "--output_dir", str(tmp_path / "eval"), "--max_eval_samples", "4"])
+        evaluate.main(
+            [
+                "--adapter",
+                adapter,
+                "--model_name_or_path",
+                adapter,
+                "--dataset",
+                tiny_assets[1],
+                "--output_dir",
+                str(tmp_path / "eval"),
+                "--max_eval_samples",
+                "4",
+            ]
+        )
 
 
 def test_shards_merge_by_position_not_by_image_id():
@@ -451,7 +552,11 @@ def test_shards_merge_by_position_not_by_image_id():
 
     def shard(positions):
         models = {"m": ModelPredictions([f"caption {p}" for p in positions], np.array([[p, 0.0] for p in positions]))}
-        return positions, Predictions(["same"] * len(positions), [records[p].label for p in positions], models, None), {}
+        return (
+            positions,
+            Predictions(["same"] * len(positions), [records[p].label for p in positions], models, None),
+            {},
+        )
 
     merged, _ = evaluate.merge_shards([shard([0, 2, 4]), shard([1, 3])], records)
     assert merged.models["m"].captions == [f"caption {p}" for p in range(5)]

@@ -38,8 +38,9 @@ def tiny(tiny_assets):
     images = [load_image(r) for r in load_splits(data_dir)["test"][:2]]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     # Two captions of different lengths, so the batch has padding, starting from bos as generate does
-    enc = processor.tokenizer(["a photo of an abyssinian, a type of pet.", "a photo of a pug."],
-                              padding="longest", return_tensors="pt")
+    enc = processor.tokenizer(
+        ["a photo of an abyssinian, a type of pet.", "a photo of a pug."], padding="longest", return_tensors="pt"
+    )
     enc["input_ids"][:, 0] = processor.tokenizer.bos_token_id
     return model, processor, pixels, enc["input_ids"], enc["attention_mask"]
 
@@ -48,9 +49,11 @@ def _hooked_inputs(model):
     """Forward hooks on every decoder layer's cross-attention module, keeping what it was given; returns (store, handles)."""
     store, handles = [], []
     for layer in model.text_decoder.bert.encoder.layer:
+
         def keep(module, args, kwargs, out):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             store.append((module, hidden.detach(), kwargs["encoder_hidden_states"].detach()))
+
         handles.append(layer.crossattention.self.register_forward_hook(keep, with_kwargs=True))
     return store, handles
 
@@ -77,7 +80,9 @@ def test_maps_equal_attention_recomputed_from_each_layers_inputs_and_are_distrib
     chosen = range(n_layers) if layers is None else layers
     # recomputed from each layer's inputs and weights, not read from the attentions the model returns
     with torch.no_grad():
-        probs = torch.stack([_attention_probs(*store[i]) for i in chosen]).mean(dim=(0, 2))[..., 1:]  # layers, heads; drop CLS
+        probs = torch.stack([_attention_probs(*store[i]) for i in chosen]).mean(dim=(0, 2))[
+            ..., 1:
+        ]  # layers, heads; drop CLS
     rows, cols = patch_grid(model)
     assert rows * cols == image_embeddings(model, pixels).shape[1] - 1  # the encoder's patch tokens, CLS aside
     expected = (probs / probs.sum(-1, keepdim=True)).reshape(*ids.shape, rows, cols)
@@ -90,7 +95,9 @@ def test_maps_equal_attention_recomputed_from_each_layers_inputs_and_are_distrib
 def test_maps_from_embeddings_equal_maps_from_pixels(tiny):
     model, _, pixels, ids, mask = tiny
     embeds = image_embeddings(model, pixels)
-    torch.testing.assert_close(cross_attention_maps(model, embeds, ids, mask), cross_attention_maps(model, pixels, ids, mask))
+    torch.testing.assert_close(
+        cross_attention_maps(model, embeds, ids, mask), cross_attention_maps(model, pixels, ids, mask)
+    )
 
 
 def test_layer_choice_is_checked(tiny):
@@ -164,7 +171,7 @@ def test_multi_word_breed_and_fallback_to_the_animal_word(tiny_assets):
     def subject(text):
         words = word_spans(tok.convert_ids_to_tokens(tok(text)["input_ids"]), special)
         found = subject_span(words)
-        return (" ".join(w for w, _, _ in words[found[0]:found[1]]), found[2]) if found else None
+        return (" ".join(w for w, _, _ in words[found[0] : found[1]]), found[2]) if found else None
 
     # The whole name, not the alias "pit bull" inside it
     assert subject("a photo of an american pit bull terrier, a type of pet.") == ("american pit bull terrier", "breed")
@@ -180,8 +187,21 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
     missing = tmp_path / "missing.jpg"
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("not an image")
-    proc = run_script(["explainability.py", "--demo", "--image", str(user), "--image", str(missing),
-                       "--image", str(not_image), "--num_images", "2"], cwd=cwd)
+    proc = run_script(
+        [
+            "explainability.py",
+            "--demo",
+            "--image",
+            str(user),
+            "--image",
+            str(missing),
+            "--image",
+            str(not_image),
+            "--num_images",
+            "2",
+        ],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "skipping --image" in line]
     assert len(warnings) == 2 and "no such file" in warnings[0] and "notes.jpg" in warnings[1]

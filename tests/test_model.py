@@ -58,8 +58,11 @@ def test_a_hostile_pytorch_model_bin_is_refused_without_running_code(tmp_path):
     with pytest.raises(UserError, match="cannot load the model"):
         load_base_model(folder)
     assert not marker.exists()
-    requirement = next(line for line in open(os.path.join(run_io.__file__.rsplit(os.sep, 1)[0], "requirements.txt"))
-                       if line.startswith("torch"))
+    requirement = next(
+        line
+        for line in open(os.path.join(run_io.__file__.rsplit(os.sep, 1)[0], "requirements.txt"))
+        if line.startswith("torch")
+    )
     assert requirement.split("#")[0].strip() == "torch>=2.6"
 
 
@@ -78,18 +81,26 @@ def nan_base(tiny_assets, tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "explainability", "app"])
-def test_every_script_refuses_a_base_model_with_nan_weights(script, nan_base, tiny_adapter, tiny_assets, tmp_path,
-                                                             monkeypatch):
+def test_every_script_refuses_a_base_model_with_nan_weights(
+    script, nan_base, tiny_adapter, tiny_assets, tmp_path, monkeypatch
+):
     monkeypatch.setattr(app, "build_ui", lambda *a: pytest.fail("the app served a model with NaN weights"))
     out = str(tmp_path / "out")
     common = ["--model_name_or_path", nan_base, "--dataset", tiny_assets[1], "--output_dir", out]
-    argv = {"train": train_argv(tiny_assets, out, tmp_path / "cache")[:1] + common + ["--max_steps", "1",
-                                                                                        "--embedding_cache_dir", str(tmp_path / "cache")],
-            "evaluate": common + ["--adapter", tiny_adapter[0], "--max_eval_samples", "4"],
-            "explainability": common + ["--adapter", tiny_adapter[0], "--num_images", "2"],
-            "app": common + ["--adapter", tiny_adapter[0], "--num_examples", "0"]}[script]
-    main = {"train": train.main, "evaluate": evaluate.main, "explainability": explainability.main, "app": app.main}[script]
-    with pytest.raises(UserError, match=r"has NaN or infinite weights \(first: text_decoder\.bert\.encoder\.layer\.1\."):
+    argv = {
+        "train": train_argv(tiny_assets, out, tmp_path / "cache")[:1]
+        + common
+        + ["--max_steps", "1", "--embedding_cache_dir", str(tmp_path / "cache")],
+        "evaluate": common + ["--adapter", tiny_adapter[0], "--max_eval_samples", "4"],
+        "explainability": common + ["--adapter", tiny_adapter[0], "--num_images", "2"],
+        "app": common + ["--adapter", tiny_adapter[0], "--num_examples", "0"],
+    }[script]
+    main = {"train": train.main, "evaluate": evaluate.main, "explainability": explainability.main, "app": app.main}[
+        script
+    ]
+    with pytest.raises(
+        UserError, match=r"has NaN or infinite weights \(first: text_decoder\.bert\.encoder\.layer\.1\."
+    ):
         main(argv)
     written = set(os.listdir(out)) - {".lock"} if os.path.isdir(out) else set()
     assert not written, written
@@ -132,7 +143,9 @@ def _broken_adapter(adapter, tmp_path, case):
         json.dump({**cfg, "base_model_name_or_path": _wider(other)}, open(path / "adapter_config.json", "w"))
     elif case == "base_moved":  # trained elsewhere: the recorded base folder is not on this machine
         cfg = json.load(open(path / "adapter_config.json"))
-        json.dump({**cfg, "base_model_name_or_path": "outputs/elsewhere/tiny-blip"}, open(path / "adapter_config.json", "w"))
+        json.dump(
+            {**cfg, "base_model_name_or_path": "outputs/elsewhere/tiny-blip"}, open(path / "adapter_config.json", "w")
+        )
     return str(path)
 
 
@@ -141,19 +154,29 @@ def _wider(path):
     from transformers import BlipConfig
 
     from model import BlipForPetCaptioning
+
     cfg["text_config"]["hidden_size"] = 96
     model = BlipForPetCaptioning(BlipConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"]))
     model.save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"), ("no_config", "no adapter_config.json"), ("no_weights", "no adapter_model.safetensors"),
-    ("pickle_only", "refused: only safetensors"), ("corrupt", "corrupt or truncated"),
-    ("other_shape", "trained on a base model of another shape"),
-    ("other_image_size", "does not fit the base model: it has 30524 tokens and 64px images, the model 30524 tokens and 32px"),
-    ("base_moved", "outputs/elsewhere/tiny-blip' does not exist; pass an existing folder to --model_name_or_path"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("no_config", "no adapter_config.json"),
+        ("no_weights", "no adapter_model.safetensors"),
+        ("pickle_only", "refused: only safetensors"),
+        ("corrupt", "corrupt or truncated"),
+        ("other_shape", "trained on a base model of another shape"),
+        (
+            "other_image_size",
+            "does not fit the base model: it has 30524 tokens and 64px images, the model 30524 tokens and 32px",
+        ),
+        ("base_moved", "outputs/elsewhere/tiny-blip' does not exist; pass an existing folder to --model_name_or_path"),
+    ],
+)
 def test_broken_adapter_is_one_clear_error(case, message, tiny_adapter, tmp_path):
     with pytest.raises(UserError, match=message):
         load_lora_for_inference(_broken_adapter(tiny_adapter[0], tmp_path, case))
@@ -166,13 +189,16 @@ def _rewrite_weights(path, change):
     save_file(change(load_file(file)), file, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case,message", [
-    ("nan", "NaN or infinite weights"),
-    ("inf", "NaN or infinite weights"),
-    ("renamed", "match no LoRA module"),
-    ("targets", "does not fit its own adapter_config.json"),
-    ("garbled_tokenizer", "processor files .* are corrupt"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("nan", "NaN or infinite weights"),
+        ("inf", "NaN or infinite weights"),
+        ("renamed", "match no LoRA module"),
+        ("targets", "does not fit its own adapter_config.json"),
+        ("garbled_tokenizer", "processor files .* are corrupt"),
+    ],
+)
 def test_broken_adapter_is_refused(tiny_adapter, tmp_path, case, message):
     path = adapter_copy(tiny_adapter, tmp_path)
     if case in ("nan", "inf"):

@@ -70,15 +70,20 @@ def real_blip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_pets(tmp_path_factory):
-    return write_synthetic_pets(str(tmp_path_factory.mktemp("pets")), breeds=BREEDS_USED, trainval_per_breed=6,
-                                test_per_breed=2, size=64)
+    return write_synthetic_pets(
+        str(tmp_path_factory.mktemp("pets")), breeds=BREEDS_USED, trainval_per_breed=6, test_per_breed=2, size=64
+    )
 
 
 def test_the_fixture_is_the_real_tokenizer():
     tok = BertTokenizer.from_pretrained(FIXTURE)
     assert len(tok) == 30522 and tok.bos_token_id is None and tok.convert_ids_to_tokens(DEC) is None
     config = BlipConfig.from_pretrained(FIXTURE)
-    assert (config.text_config.bos_token_id, config.text_config.vocab_size, config.text_config.sep_token_id) == (DEC, VOCAB, 102)
+    assert (config.text_config.bos_token_id, config.text_config.vocab_size, config.text_config.sep_token_id) == (
+        DEC,
+        VOCAB,
+        102,
+    )
 
 
 def test_load_processor_teaches_dec_and_enc_at_the_config_ids(real_blip):
@@ -103,13 +108,15 @@ def test_all_37_template_captions_start_at_30522_and_padding_is_masked(real_blip
     assert (batch["labels"] == -100).any()  # the batch really has padding
 
 
-@pytest.mark.parametrize("breed, pieces", [("Abyssinian", ["abyss", "##inian"]), ("shiba_inu", ["shi", "##ba", "in", "##u"])])
+@pytest.mark.parametrize(
+    "breed, pieces", [("Abyssinian", ["abyss", "##inian"]), ("shiba_inu", ["shi", "##ba", "in", "##u"])]
+)
 def test_word_pieces_are_one_breed_word_in_the_maps(real_blip, breed, pieces):
     tok = load_processor(real_blip[0]).tokenizer
     ids = [DEC] + tok(caption_for(breed_index(breed), TEMPLATE))["input_ids"][1:]
     tokens = tok.convert_ids_to_tokens(ids)
     start = tokens.index(pieces[0])
-    assert tokens[start:start + len(pieces)] == pieces  # the real vocabulary splits the name
+    assert tokens[start : start + len(pieces)] == pieces  # the real vocabulary splits the name
     words = word_spans(tokens, set(tok.all_special_tokens))
     s, e, kind = subject_span(words)
     assert kind == "breed" and words[s][1] == start and words[e - 1][2] == start + len(pieces)
@@ -169,7 +176,9 @@ def test_model_card_metadata_for_hub_ids():
     cfg = PetConfig(model_name_or_path="Salesforce/blip-image-captioning-base", dataset="timm/oxford-iiit-pet")
     args = train.TrainConfig(output_dir="outputs/blip-lora-pets")
     meta = yaml.safe_load(train.card_metadata(cfg, args, 0.912))
-    assert meta["base_model"] == "Salesforce/blip-image-captioning-base" and meta["datasets"] == ["timm/oxford-iiit-pet"]
+    assert meta["base_model"] == "Salesforce/blip-image-captioning-base" and meta["datasets"] == [
+        "timm/oxford-iiit-pet"
+    ]
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "image-to-text"
     metric = meta["model-index"][0]["results"][0]["metrics"][0]
     assert metric == {"type": "accuracy", "value": 0.912, "name": "validation breed accuracy"}
@@ -201,19 +210,47 @@ def test_train_evaluate_explain_on_the_real_files(real_blip, real_pets, tmp_path
     model_dir, _ = real_blip
     adapter = str(tmp_path / "adapter")
     common = ["--model_name_or_path", model_dir, "--dataset", real_pets, "--max_new_tokens", "12"]
-    result = train.main(common + ["--output_dir", adapter, "--max_steps", "6", "--per_device_train_batch_size", "8",
-                                  "--learning_rate", "1e-3", "--eval_strategy", "steps", "--eval_steps", "3",
-                                  "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1",
-                                  "--lora_target_modules", "query,value", "--lora_r", "4", "--lora_alpha", "8",
-                                  "--embedding_cache_dir", str(tmp_path / "cache")])
+    result = train.main(
+        common
+        + [
+            "--output_dir",
+            adapter,
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "8",
+            "--learning_rate",
+            "1e-3",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--lora_target_modules",
+            "query,value",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--embedding_cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert result["best_breed_accuracy"] is not None
 
     # The saved processor loads with plain transformers and knows [DEC] at the config's id
     processor = BlipProcessor.from_pretrained(adapter)
     assert processor.tokenizer.bos_token_id == DEC and len(processor.tokenizer) == VOCAB
     adapter_config = json.load(open(os.path.join(adapter, "adapter_config.json")))
-    assert adapter_config["auto_mapping"] == {"base_model_class": "BlipForConditionalGeneration",
-                                              "parent_library": "transformers.models.blip.modeling_blip"}
+    assert adapter_config["auto_mapping"] == {
+        "base_model_class": "BlipForConditionalGeneration",
+        "parent_library": "transformers.models.blip.modeling_blip",
+    }
     card = open(os.path.join(adapter, "README.md")).read()
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta  # a local folder is no Hub id
@@ -222,23 +259,33 @@ def test_train_evaluate_explain_on_the_real_files(real_blip, real_pets, tmp_path
 
     # Plain transformers + peft, no project module imported, give the project's captions
     images = [os.path.join(real_pets, "images", f"{r.image_id}.jpg") for r in load_splits(real_pets)["test"][:3]]
-    proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT, adapter, "12", *images], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT, adapter, "12", *images],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["project_modules"] == [] and plain["bos"] == DEC
     model, processor = load_lora_for_inference(adapter)
-    ours = generate_caption(model, processor, [load_image(r) for r in load_splits(real_pets)["test"][:3]], max_new_tokens=12)
+    ours = generate_caption(
+        model, processor, [load_image(r) for r in load_splits(real_pets)["test"][:3]], max_new_tokens=12
+    )
     assert plain["captions"] == ours
 
-    metrics = evaluate.main(common + ["--adapter", adapter, "--output_dir", str(tmp_path / "eval"),
-                                      "--bootstrap_samples", "50"])["metrics"]
+    metrics = evaluate.main(
+        common + ["--adapter", adapter, "--output_dir", str(tmp_path / "eval"), "--bootstrap_samples", "50"]
+    )["metrics"]
     assert metrics["num_samples"] == 2 * len(BREEDS_USED)
     written = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert written["fine_tuned"]["likelihood_top1"] == pytest.approx(metrics["fine_tuned"]["likelihood_top1"])
 
-    explained = explainability.main(common + ["--adapter", adapter, "--output_dir", str(tmp_path / "explain"),
-                                              "--num_images", "2"])["metrics"]
+    explained = explainability.main(
+        common + ["--adapter", adapter, "--output_dir", str(tmp_path / "explain"), "--num_images", "2"]
+    )["metrics"]
     assert len(explained["images"]) == 2
     for entry in explained["images"]:
         assert entry["fine_tuned"]["caption"] is not None

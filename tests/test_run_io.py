@@ -24,8 +24,19 @@ def test_second_writer_into_an_output_folder_is_refused(tmp_path, tiny_assets, t
             with locked_output_dir(out):
                 pass
         with pytest.raises(UserError, match="another run is writing"):
-            train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1],
-                        "--output_dir", out, "--max_steps", "1"])
+            train.main(
+                [
+                    "--demo",
+                    "--model_name_or_path",
+                    tiny_assets[0],
+                    "--dataset",
+                    tiny_assets[1],
+                    "--output_dir",
+                    out,
+                    "--max_steps",
+                    "1",
+                ]
+            )
         with pytest.raises(UserError, match="another run is writing"):
             evaluate.main(["--adapter", tiny_adapter[0], "--dataset", tiny_assets[1], "--output_dir", out])
         with pytest.raises(UserError, match="another run is writing"):
@@ -112,8 +123,9 @@ def _killed_at(script, args, moves, tmp_path, timeout=600):
     driver = tmp_path / "kill_driver.py"
     driver.write_text(KILL_DRIVER)
     env = {**os.environ, "KILL_AFTER_MOVES": str(moves), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(driver), script, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(driver), script, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _result_files(out):
@@ -148,7 +160,7 @@ def test_a_save_killed_before_moving_leaves_the_old_set(tmp_path):
     script = tmp_path / "save.py"
     script.write_text(SAVE_SCRIPT.format(root=ROOT))
     assert _killed_at(str(script), [out, "old", "a,b"], 0, tmp_path).returncode == 0
-    script.write_text(SAVE_SCRIPT.format(root=ROOT).replace('write(tag)', 'write(tag); os.kill(os.getpid(), 9)'))
+    script.write_text(SAVE_SCRIPT.format(root=ROOT).replace("write(tag)", "write(tag); os.kill(os.getpid(), 9)"))
     assert _killed_at(str(script), [out, "new", "a,b,c"], 0, tmp_path).returncode == -9
     from run_io import locked_output_dir
 
@@ -164,7 +176,16 @@ def test_evaluate_killed_while_moving_its_results_leaves_one_run(tiny_adapter, t
     from run_io import MOVING, locked_output_dir
 
     out = str(tmp_path / "eval")
-    common = ["--adapter", tiny_adapter[0], "--dataset", tiny_assets[1], "--output_dir", out, "--bootstrap_samples", "10"]
+    common = [
+        "--adapter",
+        tiny_adapter[0],
+        "--dataset",
+        tiny_assets[1],
+        "--output_dir",
+        out,
+        "--bootstrap_samples",
+        "10",
+    ]
     script = os.path.join(ROOT, "evaluate.py")
     first = _killed_at(script, common + ["--max_eval_samples", "4"], 0, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -190,7 +211,14 @@ def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(ti
     out, _ = checkpoint_copy(tiny_adapter, tmp_path)
     # a new run (seed 8) into the old run's folder; without --demo, which in a new process would first build
     # (pre-train) the demo base in the working folder
-    argv = [a for a in tiny_adapter[1] if a != "--demo"] + ["--output_dir", out, "--seed", "8", "--max_new_tokens", "16"]
+    argv = [a for a in tiny_adapter[1] if a != "--demo"] + [
+        "--output_dir",
+        out,
+        "--seed",
+        "8",
+        "--max_new_tokens",
+        "16",
+    ]
     killed = _killed_at(os.path.join(ROOT, "train.py"), argv, 3, tmp_path)  # plan, README.md, adapter_model.safetensors
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert os.path.exists(os.path.join(out, MOVING))

@@ -15,26 +15,37 @@ from helpers import ROOT, copy_demo, run_script
 from metrics import mcnemar
 from run_io import UserError
 
-DEMO_GRID = ["--demo", "--lora_r", "8,32", "--lora_target_modules", "query,value", "--seeds", "1,2"]  # r=32: the default
+DEMO_GRID = [
+    "--demo",
+    "--lora_r",
+    "8,32",
+    "--lora_target_modules",
+    "query,value",
+    "--seeds",
+    "1,2",
+]  # r=32: the default
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lora_r", ""], "empty value"),
-    (["--seeds", " "], "empty value"),
-    (["--lora_target_modules", "query,value/"], "empty value"),
-    (["--lora_target_modules", "query,,value"], "empty value"),
-    (["--seeds", "1,2,1"], "repeats 1"),
-    (["--lora_r", "8,8"], "repeats 8"),
-    (["--lora_r", "eight"], "not a whole number"),
-    (["--lora_r", "0"], "at least 1"),
-    (["--max_train_samples", "100,lots"], "not a whole number or all"),
-    (["--seeds", "-1"], "at least 0"),
-    (["--train_args", "--seed 3"], "which the sweep sets"),
-    (["--eval_args=--output_dir=x"], "which the sweep sets"),
-    (["--train_args", "'unclosed"], "cannot be split"),
-    (["--shard", "2/2"], "i must be in"),
-    (["--no_such_flag"], "not used"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lora_r", ""], "empty value"),
+        (["--seeds", " "], "empty value"),
+        (["--lora_target_modules", "query,value/"], "empty value"),
+        (["--lora_target_modules", "query,,value"], "empty value"),
+        (["--seeds", "1,2,1"], "repeats 1"),
+        (["--lora_r", "8,8"], "repeats 8"),
+        (["--lora_r", "eight"], "not a whole number"),
+        (["--lora_r", "0"], "at least 1"),
+        (["--max_train_samples", "100,lots"], "not a whole number or all"),
+        (["--seeds", "-1"], "at least 0"),
+        (["--train_args", "--seed 3"], "which the sweep sets"),
+        (["--eval_args=--output_dir=x"], "which the sweep sets"),
+        (["--train_args", "'unclosed"], "cannot be split"),
+        (["--shard", "2/2"], "i must be in"),
+        (["--no_such_flag"], "not used"),
+    ],
+)
 def test_bad_sweep_options_are_one_user_error(argv, message):
     with pytest.raises(UserError, match=message):
         sweeps.parse_args(argv)
@@ -77,7 +88,9 @@ def _fake_run(labels_right: dict):
         rng = np.random.default_rng(run.seed * 100 + run.setting["lora_r"])
         right = rng.random(20) < labels_right[run.setting["lora_r"]]
         with open(os.path.join(run.folder, "adapter", "train_history.json"), "w") as f:
-            json.dump({"validation": [{"breed_accuracy": float(rng.random())}, {"breed_accuracy": float(rng.random())}]}, f)
+            json.dump(
+                {"validation": [{"breed_accuracy": float(rng.random())}, {"breed_accuracy": float(rng.random())}]}, f
+            )
         rows = [f"img{i},Pug,{'Pug' if ok else 'Boxer'}" for i, ok in enumerate(right)]
         with open(os.path.join(run.folder, "eval", "predictions.csv"), "w") as f:
             f.write("image_id,true_breed,fine_tuned_breed\n" + "\n".join(rows) + "\n")
@@ -93,8 +106,18 @@ def _fake_run(labels_right: dict):
 def test_resume_skips_finished_runs_and_redoes_unfinished_ones(tmp_path, monkeypatch):
     run_one, calls = _fake_run({8: 0.5, 32: 0.8})
     monkeypatch.setattr(sweeps.Runner, "run_one", run_one)
-    argv = ["--output_dir", str(tmp_path / "s"), "--lora_r", "8,32", "--lora_target_modules", "query,value",
-            "--seeds", "1,2", "--gpus", "none"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "s"),
+        "--lora_r",
+        "8,32",
+        "--lora_target_modules",
+        "query,value",
+        "--seeds",
+        "1,2",
+        "--gpus",
+        "none",
+    ]
     sweeps.main(argv)
     assert len(calls) == 4
     unfinished = tmp_path / "s" / "r8_query+value_nall_seed2"
@@ -122,8 +145,20 @@ def test_summary_numbers_equal_a_recomputation_from_the_runs_files(tmp_path, mon
     run_one, _ = _fake_run({8: 0.5, 32: 0.8})
     monkeypatch.setattr(sweeps.Runner, "run_one", run_one)
     out = tmp_path / "s"
-    summary = sweeps.main(["--output_dir", str(out), "--lora_r", "8,32", "--lora_target_modules", "query,value",
-                           "--seeds", "1,2,3", "--gpus", "none"])
+    summary = sweeps.main(
+        [
+            "--output_dir",
+            str(out),
+            "--lora_r",
+            "8,32",
+            "--lora_target_modules",
+            "query,value",
+            "--seeds",
+            "1,2,3",
+            "--gpus",
+            "none",
+        ]
+    )
     _check_summary_against_runs(out, summary)
     assert summary["default"] == "r32_query+value_nall"
     assert summary["baselines"]["linear_probe"]["mean"] == pytest.approx(np.mean([0.51, 0.52, 0.53]))
@@ -151,8 +186,9 @@ def _check_summary_against_runs(out, summary):
             a += _correct(out / f"{summary['default']}_seed{seed}")
             b += _correct(out / f"{summary['best']}_seed{seed}")
         pooled = summary["paired_test"]["pooled_over_seeds"]
-        assert {k: pooled[k] for k in ("only_first_correct", "only_second_correct", "p_value")} == \
-            {k: mcnemar(a, b)[k] for k in ("only_first_correct", "only_second_correct", "p_value")}
+        assert {k: pooled[k] for k in ("only_first_correct", "only_second_correct", "p_value")} == {
+            k: mcnemar(a, b)[k] for k in ("only_first_correct", "only_second_correct", "p_value")
+        }
     assert (out / "sweep.png").stat().st_size > 0
 
 
@@ -171,14 +207,23 @@ def _correct(folder):
 def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_clip, demo_assets):
     copy_demo(demo_assets, tmp_path)  # the session's pre-trained base, not a second pre-training in the first run
     out = tmp_path / "sweep"
-    argv = [sys.executable, os.path.join(ROOT, "sweep.py"), *DEMO_GRID, "--output_dir", str(out),
-            "--train_args", "--num_train_epochs 1",
-            "--eval_args", f"--max_eval_samples 16 --bootstrap_samples 100 --clip_model {tiny_clip}"]
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "sweep.py"),
+        *DEMO_GRID,
+        "--output_dir",
+        str(out),
+        "--train_args",
+        "--num_train_epochs 1",
+        "--eval_args",
+        f"--max_eval_samples 16 --bootstrap_samples 100 --clip_model {tiny_clip}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = out / "r8_query+value_nall_seed1" / "eval" / "metrics.json"
     # its own session: the kill reaches the sweep and the train.py / evaluate.py it is running, nothing else
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 600
         while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -206,13 +251,30 @@ def test_demo_sweep_killed_midway_resumes_only_the_missing_runs(tmp_path, tiny_c
 
 def test_one_run_per_gpu_at_a_time_on_several_gpus(tmp_path, monkeypatch):
     """--gpus 0,1: two runs at once, each child sees only its own GPU (CUDA_VISIBLE_DEVICES)."""
-    stage = ("import os, sys, time; t = time.time(); time.sleep(1.5); "
-             "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time())")
-    monkeypatch.setattr(sweeps.Run, "commands", lambda self, cfg, grid: {"train": [sys.executable, "-c", stage],
-                                                                          "evaluate": [sys.executable, "-c", "pass"]})
+    stage = (
+        "import os, sys, time; t = time.time(); time.sleep(1.5); "
+        "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time())"
+    )
+    monkeypatch.setattr(
+        sweeps.Run,
+        "commands",
+        lambda self, cfg, grid: {"train": [sys.executable, "-c", stage], "evaluate": [sys.executable, "-c", "pass"]},
+    )
     monkeypatch.setattr(sweeps, "check_trained_setting", lambda run: None)
-    summary = sweeps.main(["--output_dir", str(tmp_path / "s"), "--lora_r", "8,32", "--lora_target_modules", "query,value",
-                           "--seeds", "1,2", "--gpus", "0,1"])
+    summary = sweeps.main(
+        [
+            "--output_dir",
+            str(tmp_path / "s"),
+            "--lora_r",
+            "8,32",
+            "--lora_target_modules",
+            "query,value",
+            "--seeds",
+            "1,2",
+            "--gpus",
+            "0,1",
+        ]
+    )
     spans = {}
     for log in (tmp_path / "s").glob("*/train.log"):
         _, gpu, start, end = log.read_text().split()

@@ -18,8 +18,16 @@ from inference import generate_caption
 from model import load_base_model, load_lora_for_inference
 from run_io import UserError, run_main
 
-EXPECTED_FILES = ["adapter_model.safetensors", "adapter_config.json", "processor_config.json", "tokenizer_config.json",
-                  "README.md", "run_config.json", "train_history.json", "training_curves.png"]
+EXPECTED_FILES = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "README.md",
+    "run_config.json",
+    "train_history.json",
+    "training_curves.png",
+]
 
 
 def _accuracy(model, processor, records):
@@ -50,6 +58,7 @@ def test_train_demo_subprocess_writes_everything(demo_run, demo_adapter):
     best = max(e["breed_accuracy"] for e in val)
     assert f"**{best:.3f}**" in card and "library_name: peft" in card and f"{epochs} epochs (" in card
     from PIL import Image
+
     assert Image.open(os.path.join(demo_adapter, "training_curves.png")).size[0] > 500
 
 
@@ -83,17 +92,43 @@ def test_reload_gives_the_same_captions_merged_or_not(demo_run, demo_adapter, tm
     assert generate_caption(merged, processor, images) == before
     assert not any("lora" in n for n, _ in merged.named_modules())
     # and the adapter really changes the model: its captions differ from the base model's
-    base = load_base_model(json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"])
+    base = load_base_model(
+        json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"]
+    )
     assert generate_caption(base.eval(), processor, images) != before
 
 
 def _logged_loss(tiny_assets, tmp_path, batch, accumulation, patch=True, monkeypatch=None):
     model_dir, data_dir = tiny_assets
-    args = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(tmp_path),
-            "--max_steps", "2", "--learning_rate", "0", "--logging_steps", "1", "--eval_strategy", "no",
-            "--save_strategy", "no", "--load_best_model_at_end", "False", "--max_train_samples", "64",
-            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
-            "--use_embedding_cache", "False"]  # the pixel path; the demo run covers the cached one
+    args = [
+        "--demo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset",
+        data_dir,
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "False",
+        "--max_train_samples",
+        "64",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--gradient_accumulation_steps",
+        str(accumulation),
+        "--use_embedding_cache",
+        "False",
+    ]  # the pixel path; the demo run covers the cached one
     result = train.main(args)
     return [e["loss"] for e in result["history"]["train"]]
 
@@ -133,11 +168,17 @@ def test_offline_without_local_copy_is_one_clear_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_unreachable_hub_is_one_clear_line_from_the_script(tmp_path):
     """The script itself: one line on stderr, exit code 2 (a subprocess, as the Hub settings are read at import)."""
-    proc = run_script(["train.py", "--output_dir", str(tmp_path / "x")], cwd=tmp_path, timeout=120,
-                      env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    proc = run_script(
+        ["train.py", "--output_dir", str(tmp_path / "x")],
+        cwd=tmp_path,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()
-    assert len(last) == 1 and last[0].startswith("error:") and "--demo" in last[0] and "--dataset" in last[0], proc.stderr[-2000:]
+    assert len(last) == 1 and last[0].startswith("error:") and "--demo" in last[0] and "--dataset" in last[0], (
+        proc.stderr[-2000:]
+    )
 
 
 def test_bad_options_fail_before_heavy_work(tmp_path):
@@ -155,7 +196,15 @@ def test_bad_options_fail_before_heavy_work(tmp_path):
 def test_precision_flag_reaches_trainers_autocast(tiny_assets, tmp_path):
     """--precision sets bf16 after TrainingArguments derived mixed_precision from the flags, and Trainer's
     autocast follows mixed_precision alone: it must be set too, or the step runs in fp32."""
-    given = ["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1], "--output_dir", str(tmp_path)]
+    given = [
+        "--demo",
+        "--model_name_or_path",
+        tiny_assets[0],
+        "--dataset",
+        tiny_assets[1],
+        "--output_dir",
+        str(tmp_path),
+    ]
     _, args = train.parse_args([*given, "--precision", "bf16"])
     assert args.bf16 and not args.fp16 and args.mixed_precision == "bf16"
     _, args = train.parse_args([*given, "--precision", "fp32"])
@@ -172,20 +221,23 @@ def test_fp16_on_a_cpu_is_one_line(tmp_path):
 # Options checked before anything loads, one line each
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--lora_r", "0"], "--lora_r must be at least 1"),
-    (["--learning_rate", "-1"], "--learning_rate must be 0 or more"),
-    (["--lora_dropout", "2"], "--lora_dropout must be in"),
-    (["--lora_target_modules", ","], "names no module"),
-    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
-    (["--seed", "-1"], "--seed must be in"),
-    (["--caption_template", "{dog}"], "not a valid template"),
-    (["--caption_template", "A pet."], "must contain {breed}"),
-    (["--max_new_tokens", "0"], "--max_new_tokens must be"),
-    (["--num_train_epochs", "0"], "untrained adapter"),
-    (["--max_steps", "0"], "--max_steps must be positive"),
-    (["--val_fraction", "1.5"], "--val_fraction"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lora_r", "0"], "--lora_r must be at least 1"),
+        (["--learning_rate", "-1"], "--learning_rate must be 0 or more"),
+        (["--lora_dropout", "2"], "--lora_dropout must be in"),
+        (["--lora_target_modules", ","], "names no module"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--seed", "-1"], "--seed must be in"),
+        (["--caption_template", "{dog}"], "not a valid template"),
+        (["--caption_template", "A pet."], "must contain {breed}"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be"),
+        (["--num_train_epochs", "0"], "untrained adapter"),
+        (["--max_steps", "0"], "--max_steps must be positive"),
+        (["--val_fraction", "1.5"], "--val_fraction"),
+    ],
+)
 def test_train_options_are_checked_first(argv, message, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_splits", lambda *a, **k: pytest.fail("loaded data before checking options"))
     with pytest.raises(UserError, match=message):
@@ -200,11 +252,14 @@ def test_train_refuses_output_dir_that_is_or_contains_the_base_model(tmp_path):
             train.parse_args(["--model_name_or_path", str(base), "--output_dir", str(out)])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--per_device_train_batch_size", "-4"], "batch"),
-    (["--dataset", "nobody/no-such-pets"], "--demo"),
-    (["--dataset", "./no/such/folder"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--per_device_train_batch_size", "-4"], "batch"),
+        (["--dataset", "nobody/no-such-pets"], "--demo"),
+        (["--dataset", "./no/such/folder"], "does not exist"),
+    ],
+)
 def test_nonsense_options_are_one_clear_line(argv, message, tmp_path, capsys):
     # In-process: test_train's offline test runs the script itself for the real stderr and exit code
     with pytest.raises(SystemExit) as exit_info:
@@ -229,18 +284,51 @@ def test_all_validation_images_unreadable_is_an_error(tiny_assets, tmp_path, cac
     _corrupt_images([r.image_id for r in load_splits(data, 0.34, 0)["validation"]], os.path.join(data, "images"))
     # cached: found before training; uncached: the first validation batch is empty. Never "best accuracy 0.000"
     with pytest.raises(UserError, match="no validation image could be read|a whole batch of images was unreadable"):
-        train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", data, "--val_fraction", "0.34",
-                    "--seed", "0", "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--use_embedding_cache", cached,
-                    "--embedding_cache_dir", str(tmp_path / "cache")])
+        train.main(
+            [
+                "--demo",
+                "--model_name_or_path",
+                tiny_assets[0],
+                "--dataset",
+                data,
+                "--val_fraction",
+                "0.34",
+                "--seed",
+                "0",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--max_steps",
+                "1",
+                "--use_embedding_cache",
+                cached,
+                "--embedding_cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
     assert not os.path.exists(tmp_path / "o" / "adapter_model.safetensors")
 
 
 def test_all_trainval_unreadable_with_the_cache_is_one_line(tiny_assets, tmp_path):
     data = write_synthetic_pets(str(tmp_path / "pets"), breeds=[0, 1], trainval_per_breed=3, test_per_breed=1, size=32)
-    _corrupt_images([r.image_id for s in ("train", "validation") for r in load_splits(data)[s]], os.path.join(data, "images"))
+    _corrupt_images(
+        [r.image_id for s in ("train", "validation") for r in load_splits(data)[s]], os.path.join(data, "images")
+    )
     with pytest.raises(UserError, match="no training image could be read"):
-        train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", data, "--output_dir",
-                    str(tmp_path / "o"), "--max_steps", "1", "--embedding_cache_dir", str(tmp_path / "cache")])
+        train.main(
+            [
+                "--demo",
+                "--model_name_or_path",
+                tiny_assets[0],
+                "--dataset",
+                data,
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--max_steps",
+                "1",
+                "--embedding_cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
 
 
 @pytest.mark.slow
@@ -252,9 +340,25 @@ def test_training_skips_unreadable_images_and_reports_them(pets, tiny_assets, tm
     shutil.copy(hostile["cmyk_jpeg"][0], os.path.join(images, "Abyssinian_3.jpg"))
     for cached in ("True", "False"):
         with caplog.at_level(logging.WARNING):
-            train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", pets, "--val_fraction", "0.25",
-                        "--output_dir", str(tmp_path / cached), "--num_train_epochs", "1", "--use_embedding_cache", cached,
-                        "--embedding_cache_dir", str(tmp_path / "cache")])
+            train.main(
+                [
+                    "--demo",
+                    "--model_name_or_path",
+                    tiny_assets[0],
+                    "--dataset",
+                    pets,
+                    "--val_fraction",
+                    "0.25",
+                    "--output_dir",
+                    str(tmp_path / cached),
+                    "--num_train_epochs",
+                    "1",
+                    "--use_embedding_cache",
+                    cached,
+                    "--embedding_cache_dir",
+                    str(tmp_path / "cache"),
+                ]
+            )
         assert os.path.isfile(tmp_path / cached / "adapter_model.safetensors")
         assert "Skipped 2 unreadable images" in caplog.text and "Abyssinian_1" in caplog.text
         caplog.clear()

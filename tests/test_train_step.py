@@ -36,7 +36,9 @@ def _batch(model, processor, n=4):
     batch = collate([{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(n)])  # lengths differ: padding
     vision = model.config.vision_config
     shape = (n, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
-    batch["image_embeds"] = torch.randn(shape, generator=torch.Generator().manual_seed(1)).half()  # as the cache stores them
+    batch["image_embeds"] = torch.randn(
+        shape, generator=torch.Generator().manual_seed(1)
+    ).half()  # as the cache stores them
     return batch
 
 
@@ -103,7 +105,9 @@ def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
     base, processor = pretrained_like
     tokenizer, bos = processor.tokenizer, base.config.text_config.bos_token_id
     length = longest_caption_tokens(tokenizer, TEMPLATE)
-    items = [{"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Beagle", "Bengal", "Pug", "Boxer")]
+    items = [
+        {"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Beagle", "Bengal", "Pug", "Boxer")
+    ]
     per_batch = CaptionCollator(tokenizer, bos)(items)
     fixed = CaptionCollator(tokenizer, bos, pad_to=length)(items)
     short = per_batch["input_ids"].shape[1]
@@ -125,7 +129,10 @@ def test_loss_on_labelled_positions_is_blips_loss(pretrained_like):
     """The training loss (BlipForPetCaptioning.caption_loss, the LM head on labelled positions only) is BLIP's
     own text-decoder loss, label smoothing and padding included, and so are its gradients."""
     base, processor = pretrained_like
-    items = [{"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Pug", "American Pit Bull Terrier", "Bengal")]
+    items = [
+        {"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)}
+        for name in ("Pug", "American Pit Bull Terrier", "Bengal")
+    ]
     batch = CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id)(items)
     assert (batch["labels"] == -100).any()  # padding, which BLIP's loss must ignore
     embeds = _batch(base, processor, len(items))["image_embeds"].float()
@@ -148,13 +155,45 @@ def test_loss_on_labelled_positions_is_blips_loss(pretrained_like):
 
 def _bf16_run(tiny_assets, out, cache, *extra):
     model_dir, data_dir = tiny_assets
-    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
-            "--embedding_cache_dir", str(cache), "--precision", "bf16", "--max_steps", "4",
-            "--per_device_train_batch_size", "4", "--max_train_samples", "16", "--max_eval_samples", "8",
-            "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-            "--logging_steps", "1", "--max_new_tokens", "4", *extra,
-            # the lower validation loss picks the best checkpoint: the last one here (every accuracy is 0 this early)
-            "--metric_for_best_model", "loss", "--greater_is_better", "False"]
+    argv = [
+        "--demo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset",
+        data_dir,
+        "--output_dir",
+        str(out),
+        "--embedding_cache_dir",
+        str(cache),
+        "--precision",
+        "bf16",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--max_new_tokens",
+        "4",
+        *extra,
+        # the lower validation loss picks the best checkpoint: the last one here (every accuracy is 0 this early)
+        "--metric_for_best_model",
+        "loss",
+        "--greater_is_better",
+        "False",
+    ]
     result = train.main(argv)
     return result["history"], load_file(str(out / "adapter_model.safetensors"))
 
@@ -164,8 +203,13 @@ def test_bf16_training_run_is_unchanged_by_the_cast(tiny_assets, tmp_path, monke
     """Through Trainer (its autocast, validation captions, checkpoints, best model at the end, resume):
     the same losses, accuracies and adapter as with fp32 base weights, and the adapter stays fp32."""
     cast_history, cast_adapter = _bf16_run(tiny_assets, tmp_path / "cast", tmp_path / "cache")
-    resumed_history, resumed_adapter = _bf16_run(tiny_assets, tmp_path / "cast", tmp_path / "cache",
-                                                 "--resume_from_checkpoint", str(tmp_path / "cast" / "checkpoint-2"))
+    resumed_history, resumed_adapter = _bf16_run(
+        tiny_assets,
+        tmp_path / "cast",
+        tmp_path / "cache",
+        "--resume_from_checkpoint",
+        str(tmp_path / "cast" / "checkpoint-2"),
+    )
     monkeypatch.setattr(train, "cast_frozen_linears", lambda model, dtype: 0)
     plain_history, plain_adapter = _bf16_run(tiny_assets, tmp_path / "plain", tmp_path / "cache")
     assert cast_history == plain_history and len(cast_history["validation"]) == 2
@@ -184,17 +228,39 @@ def test_compiled_training_is_one_graph_with_eagers_losses(tiny_assets, tmp_path
     from torch._dynamo.utils import counters
 
     model_dir, data_dir = tiny_assets
-    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--embedding_cache_dir",
-            str(tmp_path / "cache"), "--max_steps", "4", "--max_train_samples", "16", "--per_device_train_batch_size", "4",
-            "--logging_steps", "1",
-            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
-            "--lora_dropout", "0"]  # the real recipe's dropout draws masks differently compiled and eager
+    argv = [
+        "--demo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset",
+        data_dir,
+        "--embedding_cache_dir",
+        str(tmp_path / "cache"),
+        "--max_steps",
+        "4",
+        "--max_train_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "False",
+        "--lora_dropout",
+        "0",
+    ]  # the real recipe's dropout draws masks differently compiled and eager
     eager = train.main(argv + ["--output_dir", str(tmp_path / "eager")])
     assert eager["trainer"].data_collator.pad_to is None  # without compile: each batch padded to its own longest
     torch._dynamo.reset()
     counters.clear()
     compiled = train.main(argv + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True"])
-    assert compiled["trainer"].data_collator.pad_to == longest_caption_tokens(load_processor(model_dir).tokenizer, TEMPLATE)
+    assert compiled["trainer"].data_collator.pad_to == longest_caption_tokens(
+        load_processor(model_dir).tokenizer, TEMPLATE
+    )
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once: no recompilation
     losses = [[e["loss"] for e in run["history"]["train"]] for run in (eager, compiled)]
@@ -203,11 +269,34 @@ def test_compiled_training_is_one_graph_with_eagers_losses(tiny_assets, tmp_path
 
 def _graphs_run(tiny_assets, out, *extra):
     model_dir, data_dir = tiny_assets
-    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(out),
-            "--embedding_cache_dir", str(out.parent / "cache"), "--max_steps", "6", "--lora_dropout", "0.1",
-            "--max_train_samples", "18", "--per_device_train_batch_size", "4",  # 4 full batches and one of 2 per epoch
-            "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
-            *extra]
+    argv = [
+        "--demo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset",
+        data_dir,
+        "--output_dir",
+        str(out),
+        "--embedding_cache_dir",
+        str(out.parent / "cache"),
+        "--max_steps",
+        "6",
+        "--lora_dropout",
+        "0.1",
+        "--max_train_samples",
+        "18",
+        "--per_device_train_batch_size",
+        "4",  # 4 full batches and one of 2 per epoch
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "False",
+        *extra,
+    ]
     result = train.main(argv)
     return [e["loss"] for e in result["history"]["train"]], load_file(str(out / "adapter_model.safetensors")), result
 
@@ -222,7 +311,9 @@ def eager_graphs_run(tiny_assets, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "graphs_supported", lambda device: True)
         mp.setattr(trainer, "record_graphs", _failing)
-        losses, adapter, _ = _graphs_run(tiny_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True")
+        losses, adapter, _ = _graphs_run(
+            tiny_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True"
+        )
     return losses, adapter
 
 
@@ -230,8 +321,9 @@ def _graph_warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--cuda_graphs" in r.getMessage()]
 
 
-def test_cuda_graphs_take_full_batches_and_give_eagers_training(tiny_assets, eager_graphs_run, tmp_path, monkeypatch,
-                                                                caplog):
+def test_cuda_graphs_take_full_batches_and_give_eagers_training(
+    tiny_assets, eager_graphs_run, tmp_path, monkeypatch, caplog
+):
     """--cuda_graphs, with a stand-in for torch.cuda.make_graphed_callables (no GPU here): recorded once, on the
     first batch's shapes; full batches go through it, the partial one eagerly; the self-check passes without a
     warning. Same losses (LoRA dropout on) and adapter as the run whose recording failed (every step eager), and
@@ -273,8 +365,9 @@ class _ScaledGradient(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("wrong", ["loss", "gradients", "inputs"])
-def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(tiny_assets, eager_graphs_run, tmp_path,
-                                                                           monkeypatch, caplog, wrong):
+def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(
+    tiny_assets, eager_graphs_run, tmp_path, monkeypatch, caplog, wrong
+):
     """A recorder whose replay is off by 3x the fp32 tolerance (the loss, or only the gradients), or replays the
     batch it was recorded on whatever it is given (inputs): the first replayed step's self-check sees it, warns
     once naming both differences, and that step and all later ones are eager: the eager run's losses and
@@ -287,6 +380,7 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(tiny_
             replays.append(1)
             loss = module(*(sample_args if wrong == "inputs" else args))
             return loss * factor if wrong == "loss" else _ScaledGradient.apply(loss, factor)
+
         return replay
 
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
@@ -298,7 +392,9 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(tiny_
     diffs = re.search(r"loss ([\d.e+-]+), LoRA gradients ([\d.e+-]+); tolerance ([\d.e+-]+)", warnings[0])
     loss_diff, grad_diff, tolerance = map(float, diffs.groups())
     assert tolerance == trainer.GraphedLoss.TOLERANCE[torch.float32]
-    if wrong == "inputs":  # recorded on another batch of the same shapes: the gradients show it (the loss less so at step 1)
+    if (
+        wrong == "inputs"
+    ):  # recorded on another batch of the same shapes: the gradients show it (the loss less so at step 1)
         assert grad_diff > 10 * tolerance
     else:
         assert loss_diff == pytest.approx(factor - 1 if wrong == "loss" else 0.0, rel=0.02, abs=1e-7)
@@ -325,14 +421,25 @@ def test_relative_difference():
     assert trainer.relative_difference(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
     assert trainer.relative_difference(torch.tensor([3.0, 5.0]), torch.tensor([3.0, 4.0])) == pytest.approx(0.2)
     assert trainer.relative_difference(torch.tensor([float("nan")]), torch.tensor([1.0])) == float("inf")
-    assert trainer.relative_difference(torch.tensor([1e-3]), torch.tensor([0.0])) > 1e30  # any difference from zero fails
+    assert (
+        trainer.relative_difference(torch.tensor([1e-3]), torch.tensor([0.0])) > 1e30
+    )  # any difference from zero fails
     assert trainer.relative_difference(torch.zeros(3), torch.zeros(3)) == 0.0
 
 
 def test_cuda_graph_option_errors_are_one_line(tiny_assets, tmp_path, monkeypatch):
     model_dir, data_dir = tiny_assets
-    argv = ["--demo", "--model_name_or_path", model_dir, "--dataset", data_dir, "--output_dir", str(tmp_path / "x"),
-            "--cuda_graphs", "True"]
+    argv = [
+        "--demo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset",
+        data_dir,
+        "--output_dir",
+        str(tmp_path / "x"),
+        "--cuda_graphs",
+        "True",
+    ]
     with pytest.raises(UserError, match="--cuda_graphs needs a CUDA GPU"):
         train.parse_args(argv)
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)

@@ -96,13 +96,25 @@ def test_nan_loss_stops_training_without_saving(tiny_assets, tmp_path, monkeypat
 
     monkeypatch.setattr(model_module.BlipForPetCaptioning, "forward", diverging)
     with pytest.raises(UserError, match="loss became nan at step 2"):
-        train.main(["--demo", "--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1],
-                    "--output_dir", str(tmp_path), "--embedding_cache_dir", str(tmp_path / "cache")])
+        train.main(
+            [
+                "--demo",
+                "--model_name_or_path",
+                tiny_assets[0],
+                "--dataset",
+                tiny_assets[1],
+                "--output_dir",
+                str(tmp_path),
+                "--embedding_cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
     assert not os.path.exists(tmp_path / "adapter_model.safetensors")
 
 
 def _adapter_weights(folder):
     from safetensors.torch import load_file
+
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
@@ -110,9 +122,20 @@ def _adapter_weights(folder):
 def test_killed_run_resumes_to_the_same_adapter(tiny_assets, tmp_path):
     """SIGKILL after the first checkpoint, resume, and end where an uninterrupted run ends."""
     # no --demo: in a new process it would first build (pre-train) the demo base in the working folder
-    common = ["--model_name_or_path", tiny_assets[0], "--dataset", tiny_assets[1], "--num_train_epochs", "4",
-              "--max_new_tokens", "16",
-              "--max_train_samples", "64", "--embedding_cache_dir", str(tmp_path / "cache")]  # 4 steps an epoch
+    common = [
+        "--model_name_or_path",
+        tiny_assets[0],
+        "--dataset",
+        tiny_assets[1],
+        "--num_train_epochs",
+        "4",
+        "--max_new_tokens",
+        "16",
+        "--max_train_samples",
+        "64",
+        "--embedding_cache_dir",
+        str(tmp_path / "cache"),
+    ]  # 4 steps an epoch
     full = run_script(["train.py", *common, "--output_dir", str(tmp_path / "full")], cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -121,8 +144,13 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_assets, tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--output_dir", str(out)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *common, "--output_dir", str(out)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / f"checkpoint-{2 * per_epoch}").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -130,7 +158,9 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_assets, tmp_path):
     proc.wait()
     assert (out / f"checkpoint-{per_epoch}").is_dir() and not (out / "adapter_model.safetensors").exists()
 
-    resumed = run_script(["train.py", *common, "--output_dir", str(out), "--resume_from_checkpoint", "True"], cwd=tmp_path)
+    resumed = run_script(
+        ["train.py", *common, "--output_dir", str(out), "--resume_from_checkpoint", "True"], cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _adapter_weights(tmp_path / "full"), _adapter_weights(out)
     assert a.keys() == b.keys()
