@@ -38,22 +38,15 @@ from PIL import Image
 
 from attention import explain, overlay
 from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
-from config import (
-    DEMO_APP_OVERRIDES,
-    AppConfig,
-    PetConfig,
-    base_model_for,
-    check_seed,
-    data_for,
-    parse_config,
-)
+from config import DEMO_APP_OVERRIDES, AppConfig, PetConfig, check_seed, parse_config
 from data import BadImage, Record, load_image, load_splits
 from demo import use_demo_assets
 from devices import pick_device, pick_dtype
 from inference import breed_candidates, embeddings_per_model, rank_breeds
 from metrics import MODELS
-from model import check_adapter, load_model_pair
-from run_io import UserError, check_output_dir, inside, run_main, save_run_config, setup_logging
+from model import load_model_pair
+from run_io import UserError, check_output_dir, inside, run_main, setup_logging
+from run_record import AdapterRun, save_run_config
 
 logger = logging.getLogger("app")
 
@@ -151,11 +144,15 @@ def parse_args(argv=None):
         raise UserError("--num_examples must be 0 or more")
     check_output_dir(args.output_dir, args.adapter)
     check_seed(args.seed)
+    # the demo trains its adapter first when it is missing (main): no record to read yet
+    missing = cfg.demo and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json"))
+    adapter_run = None if missing else AdapterRun.read(args.adapter)
     if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
-        use_demo_assets(cfg, args.adapter)
-    else:  # the demo trains its adapter first when it is missing (main)
-        check_adapter(args.adapter)
-    return cfg, args
+        use_demo_assets(cfg, adapter_run)
+    if adapter_run is not None:
+        # The same rule as evaluate.py and explainability.py: the flags if given, else the adapter's own base and data
+        adapter_run.fill(cfg)
+    return cfg, args, adapter_run
 
 
 def read_image(image) -> Image.Image:
@@ -178,11 +175,11 @@ def read_image(image) -> Image.Image:
 class PetCaptioner:
     """Both models, loaded once; analyse() answers one image."""
 
-    def __init__(self, cfg, args):
+    def __init__(self, cfg, args, adapter_run):
         self.cfg, self.device = cfg, pick_device()
         self.dtype = pick_dtype(self.device, cfg.precision)
         self.base_name = cfg.model_name_or_path
-        pair = load_model_pair(self.base_name, args.adapter, self.device, self.dtype)
+        pair = load_model_pair(self.base_name, args.adapter, self.device, self.dtype, adapter_run.adapter_config)
         self.processor, self.models, self.shared = pair.processor, pair.models, pair.shared_vision
         self.candidates = breed_candidates(pair.zero_shot, self.processor.tokenizer, cfg.caption_template)
         self.candidate_tokens = self.candidates[1][:, 1:].sum(-1)  # tokens scored per breed, [SEP] included
@@ -335,8 +332,8 @@ def free_port(host: str) -> int:
 
 def main(argv=None):
     setup_logging()
-    cfg, args = parse_args(argv)
-    if cfg.demo and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+    cfg, args, adapter_run = parse_args(argv)
+    if adapter_run is None:
         # A fresh clone has no demo adapter yet: train it (about a minute on a CPU), then serve it
         logger.info("no demo adapter in %s: training one with `train.py --demo` first", args.adapter)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -345,16 +342,15 @@ def main(argv=None):
                 f"training the demo adapter failed (see above); run `python train.py --demo --output_dir "
                 f"{args.adapter}` to see why, then start the app again"
             )
-    # The same rule as evaluate.py and explainability.py: the flags if given, else the adapter's own base and data
-    cfg.model_name_or_path = base_model_for(cfg, args.adapter)
-    cfg.dataset = data_for(cfg, args.adapter)
+        adapter_run = AdapterRun.read(args.adapter)
+        adapter_run.fill(cfg)
     if cfg.demo and pick_device().type == "cpu":
         # The tiny model's matrices are too small to split between threads: on a busy CPU the threads
         # would mostly wait for each other
         torch.set_num_threads(1)
-    captioner = PetCaptioner(cfg, args)
+    captioner = PetCaptioner(cfg, args, adapter_run)
     examples = write_examples(cfg, args)
-    save_run_config(os.path.join(args.output_dir, "run_config.json"), cfg, args)
+    save_run_config(os.path.join(args.output_dir, "run_config.json"), shared=cfg, app=args)
     port = args.port or free_port(args.host)
     print(f"Serving on http://{args.host}:{port} (Ctrl+C stops)", flush=True)
     # System fonts: the default theme's web fonts would be one more thing to fetch

@@ -82,22 +82,15 @@ def score(labels, pred, reference_correct, samples: int, seed: int) -> dict:
 # Linear probe on BLIP's frozen pooled features
 
 
-def adapter_cache(adapter_dir: str, model, processor):
-    """The embedding cache train.py filled for this adapter (its run_config.json says where), or None."""
+def adapter_cache(adapter_run, model, processor):
+    """The embedding cache train.py filled for this adapter (run_record.AdapterRun says where), or None."""
     from embedding_cache import vision_fingerprint
 
-    try:
-        with open(os.path.join(adapter_dir, "run_config.json")) as f:
-            train = json.load(f)["TrainConfig"]
-        if not train.get("use_embedding_cache", True):
-            return None
-        folder, dtype = train["embedding_cache_dir"], train.get("embedding_cache_dtype", "float16")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not os.path.isdir(folder):
+    folder = adapter_run.embedding_cache_dir
+    if folder is None or not os.path.isdir(folder):
         return None
     # the key hashes the weights as loaded: a model loaded in bf16 has another key than training's fp32 one
-    return EmbeddingCache(folder, vision_fingerprint(model, processor), dtype)
+    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype)
 
 
 @torch.no_grad()
@@ -277,7 +270,7 @@ def clip_scores(model, processor, records: list, batch_size: int):
 
 
 def run_baselines(
-    args, zero_shot, processor, splits: dict, predictions, fine_tuned_correct, device, dtype
+    args, adapter_run, zero_shot, processor, splits: dict, predictions, fine_tuned_correct, device, dtype
 ) -> Baselines:
     """Every baseline on predictions' images, scored against the fine-tuned captions (fine_tuned_correct)."""
     out = Baselines()
@@ -293,7 +286,7 @@ def run_baselines(
     else:
         try:
             probe = linear_probe(
-                zero_shot, processor, splits, records, batch, adapter_cache(args.adapter, zero_shot, processor)
+                zero_shot, processor, splits, records, batch, adapter_cache(adapter_run, zero_shot, processor)
             )
         except ValueError as e:
             logger.warning("linear probe skipped: %s", e)

@@ -1,4 +1,4 @@
-"""The options of every script, in one place, and the defaults a run takes from --demo or from an adapter.
+"""The options of every script, in one place, and the defaults a run takes from --demo and from the device.
 
 Each entry script parses `PetConfig` plus its own small dataclass with
 `HfArgumentParser`, so every field below is also a snake_case CLI flag
@@ -6,19 +6,13 @@ Each entry script parses `PetConfig` plus its own small dataclass with
 """
 
 import argparse
-import json
-import logging
-import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from devices import device_defaults, pick_device
-from model import check_adapter
-from run_io import UserError, same_source
-
-logger = logging.getLogger(__name__)
+from run_io import UserError
 
 BASE_MODEL = "Salesforce/blip-image-captioning-base"
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
@@ -176,6 +170,18 @@ class OptionParser(HfArgumentParser):
         raise UserError(message)
 
 
+def parse_options(types: tuple, argv=None) -> tuple:
+    """(parser, the dataclasses) from the command line; a bad or unknown flag is one UserError line."""
+    # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
+    parser = OptionParser(types, allow_abbrev=False)
+    try:
+        # look_for_args_file=False: HfArgumentParser would read a stray `<script>.args` from the working folder,
+        # a config no one typed and run_config.json's command would not show
+        return parser, parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:
+        raise UserError(str(e).strip().splitlines()[0]) from None
+
+
 def parse_config(types: tuple, argv=None, demo_overrides=None):
     """(PetConfig, the script's dataclass) from the command line, with the demo's and the device's defaults.
 
@@ -183,13 +189,8 @@ def parse_config(types: tuple, argv=None, demo_overrides=None):
     that were not on the command line: a flag the user typed always wins, even when it equals the default.
     A bad or unknown flag becomes one UserError line instead of argparse's traceback.
     """
-    # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
-    try:
-        parser = OptionParser(types, allow_abbrev=False)
-        cfg, args = parser.parse_args_into_dataclasses(args=argv)
-        given = given_options(parser, argv)
-    except ValueError as e:
-        raise UserError(str(e).strip().splitlines()[0]) from None
+    parser, (cfg, args) = parse_options(types, argv)
+    given = given_options(parser, argv)
     if cfg.demo:
         apply_overrides(cfg, DEMO_OVERRIDES, given)
         apply_overrides(args, demo_overrides or {}, given)
@@ -301,69 +302,3 @@ class AppConfig:
 
 
 DEMO_APP_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/app")
-
-
-def _adapter_run(adapter_dir: str) -> dict:
-    """The adapter's run_config.json (written by train.py), or {} when it is missing or unreadable."""
-    try:
-        with open(os.path.join(adapter_dir, "run_config.json")) as f:
-            run = json.load(f)
-        return run if isinstance(run, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def adapter_sources_first(cfg, adapter_dir: str) -> None:
-    """--demo with an adapter: the base and data set it was trained on, where not given and still on disk, so
-    --demo builds (and points at) only what neither the flags nor the adapter name."""
-    try:
-        base = check_adapter(adapter_dir)["base_model_name_or_path"]
-    except UserError:  # no adapter yet (the app trains the demo's), or a broken one: its own check says so later
-        return
-    trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
-    if cfg.model_name_or_path is None and isinstance(base, str) and os.path.isdir(base):
-        cfg.model_name_or_path = base
-    if cfg.dataset is None and isinstance(trained, str) and os.path.isdir(trained):
-        cfg.dataset = trained
-
-
-def data_for(cfg, adapter_dir: str) -> str:
-    """The data set evaluate.py and explainability.py use: --dataset if given, else the one the adapter was trained on."""
-    trained = (_adapter_run(adapter_dir).get("PetConfig") or {}).get("dataset")
-    return cfg.dataset or trained or DEFAULT_DATASET
-
-
-def adapter_split_settings(adapter_dir: str, cfg, split: str, seed: int) -> tuple:
-    """(val_fraction, seed) that rebuild the adapter's own train/validation split, from its run_config.json.
-
-    Another seed or fraction would draw another "validation" set, mostly training images. The test
-    split depends on them only for a data set without a test split (then a seeded half is held out).
-    """
-    try:
-        run = _adapter_run(adapter_dir)
-        trained = run["PetConfig"]
-        fraction, trained_seed = float(trained["val_fraction"]), int(run["TrainConfig"]["seed"])
-    except (ValueError, KeyError, TypeError):
-        if split != "test":
-            raise UserError(
-                f"--split {split} needs the adapter's run_config.json (its seed and val_fraction), which "
-                f"{adapter_dir!r} lacks or cannot be read; use --split test"
-            ) from None
-        return cfg.val_fraction, seed
-    if split != "test" and not same_source(trained.get("dataset"), cfg.dataset):
-        logger.warning(
-            "the adapter was trained on %r, not %r: --split %s is rebuilt on another data set than its own",
-            trained.get("dataset"),
-            cfg.dataset,
-            split,
-        )
-    if (fraction, trained_seed) != (cfg.val_fraction, seed):
-        logger.info(
-            "splitting the data as the adapter's training run did: val_fraction %g, seed %d", fraction, trained_seed
-        )
-    return fraction, trained_seed
-
-
-def base_model_for(cfg, adapter_dir: str) -> str:
-    """The base model evaluate.py and explainability.py use: --model_name_or_path if given, else the adapter's own."""
-    return cfg.model_name_or_path or check_adapter(adapter_dir)["base_model_name_or_path"]

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
 from breeds import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for
-from config import DEMO_DIR, adapter_sources_first
+from config import DEMO_DIR
 from data import tokenize_captions
 from model import load_processor
 
@@ -205,7 +205,7 @@ def write_synthetic_pets(
 # The demo's processor: the real checkpoint's tokenizer, smaller images
 
 REAL_PROCESSOR_DIR = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures", "blip-image-captioning-base"
+    os.path.dirname(os.path.abspath(__file__)), "assets", "blip-image-captioning-base"
 )  # the checkpoint's small files (SOURCES.md there)
 
 
@@ -492,14 +492,14 @@ DEMO_DATA_RECIPE = {"data": 3, "breeds": DEMO_BREEDS}
 DATA_FILE = "demo_data.json"
 
 
-def use_demo_assets(cfg, adapter_dir: str = None) -> None:
+def use_demo_assets(cfg, adapter_run=None) -> None:
     """--demo: point cfg at the demo base and the synthetic pets not given, built once (by one process).
 
-    With an adapter, the base and data it was trained on come first (config.adapter_sources_first).
-    Call it after every option check: building the base pre-trains it, about a minute on a CPU.
+    With an adapter (its run_record.AdapterRun), the base and data it was trained on come first where
+    still on disk. Call it after every option check: building the base pre-trains it, about a minute on a CPU.
     """
-    if adapter_dir is not None:
-        adapter_sources_first(cfg, adapter_dir)
+    if adapter_run is not None:
+        adapter_run.use_sources_on_disk(cfg)
     # None is "not given": no flag can type it. Only what is not given is built, so a run given both
     # writes nothing under DEMO_DIR
     with PartialState().main_process_first():
@@ -507,11 +507,6 @@ def use_demo_assets(cfg, adapter_dir: str = None) -> None:
             cfg.model_name_or_path = prepare_demo_base(DEMO_DIR, cfg.caption_template)
         if cfg.dataset is None:
             cfg.dataset = prepare_demo_data(DEMO_DIR)
-
-
-def prepare_demo(demo_dir: str, template: str):
-    """(demo base folder, synthetic data folder) under demo_dir, built once and reused."""
-    return prepare_demo_base(demo_dir, template), prepare_demo_data(demo_dir)
 
 
 def _replace_with(path: str, demo_dir: str, build) -> str:

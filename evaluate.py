@@ -21,22 +21,13 @@ from transformers import set_seed
 
 from baselines import check_clip_option, run_baselines
 from breeds import NUM_BREEDS
-from config import (
-    DEMO_EVAL_OVERRIDES,
-    EvalConfig,
-    PetConfig,
-    adapter_split_settings,
-    base_model_for,
-    check_seed,
-    data_for,
-    parse_config,
-)
+from config import DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, check_seed, parse_config
 from data import load_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import pick_device, pick_dtype
 from inference import breed_candidates, evaluate_batch
 from metrics import ModelPredictions, Predictions, compute_metrics
-from model import check_adapter, load_model_pair
+from model import load_model_pair
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
 from run_io import (
     UserError,
@@ -44,17 +35,16 @@ from run_io import (
     join_cpu_processes,
     locked_output_dir,
     run_main,
-    same_source,
-    save_run_config,
     setup_logging,
     staged_outputs,
 )
+from run_record import AdapterRun, save_run_config
 
 logger = logging.getLogger("evaluate")
 
 
 def parse_args(argv=None):
-    """(PetConfig, EvalConfig, base model name) with --demo applied and the options checked."""
+    """(PetConfig, EvalConfig, AdapterRun) with --demo applied, the options checked and the adapter's record read."""
     cfg, args = parse_config((PetConfig, EvalConfig), argv, DEMO_EVAL_OVERRIDES)
     if args.per_device_eval_batch_size < 1:
         raise UserError("--per_device_eval_batch_size must be at least 1")
@@ -63,15 +53,11 @@ def parse_args(argv=None):
     check_seed(args.seed)
     check_clip_option(args.clip_model)
     check_output_dir(args.output_dir, args.adapter)
-    adapter_base = check_adapter(args.adapter)["base_model_name_or_path"]
+    adapter_run = AdapterRun.read(args.adapter)
     if cfg.demo:
-        use_demo_assets(cfg, args.adapter)
-    base = base_model_for(cfg, args.adapter)
-    cfg.dataset = data_for(cfg, args.adapter)
-    if not same_source(base, adapter_base):
-        logger.warning("adapter %s was trained on %r; evaluating it on %r", args.adapter, adapter_base, base)
-    cfg.model_name_or_path = base
-    return cfg, args
+        use_demo_assets(cfg, adapter_run)
+    adapter_run.fill(cfg)
+    return cfg, args, adapter_run
 
 
 # ---------------------------------------------------------------------------
@@ -144,14 +130,14 @@ def merge_shards(shards: list, records: list):
 def main(argv=None):
     setup_logging()
     join_cpu_processes()
-    cfg, args = parse_args(argv)
+    cfg, args, adapter_run = parse_args(argv)
     if PartialState().is_main_process:
         with locked_output_dir(args.output_dir):  # a second evaluation into this folder gets one line, not a mix
-            return _evaluate(cfg, args)
-    return _evaluate(cfg, args)
+            return _evaluate(cfg, args, adapter_run)
+    return _evaluate(cfg, args, adapter_run)
 
 
-def _evaluate(cfg, args):
+def _evaluate(cfg, args, adapter_run):
     set_seed(args.seed)
     # One process, or the group that torchrun / accelerate launch started: each takes every
     # n-th image, the main process gathers the predictions and writes the outputs.
@@ -161,14 +147,14 @@ def _evaluate(cfg, args):
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
 
-    splits = load_splits(cfg.dataset, *adapter_split_settings(args.adapter, cfg, args.split, args.seed))
+    splits = load_splits(cfg.dataset, *adapter_run.split_settings(cfg, args.split, args.seed))
     records = splits[args.split]
     records = subsample(records, cfg.max_eval_samples, args.seed)
     if not records:
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
     logger.info("data: %d %s images from %s", len(records), args.split, cfg.dataset)
 
-    pair = load_model_pair(cfg.model_name_or_path, args.adapter, device, dtype)
+    pair = load_model_pair(cfg.model_name_or_path, args.adapter, device, dtype, adapter_run.adapter_config)
     zero_shot, processor, models, shared = pair.zero_shot, pair.processor, pair.models, pair.shared_vision
     logger.info(
         "vision encoders %s: image embeddings %s",
@@ -198,7 +184,15 @@ def _evaluate(cfg, args):
     metrics = compute_metrics(predictions, cfg.caption_template, args.bootstrap_samples, args.seed)
     # the baselines on the same images, each against the fine-tuned captions
     baselines = run_baselines(
-        args, zero_shot, processor, splits, predictions, metrics.models["fine_tuned"].correct, device, dtype
+        args,
+        adapter_run,
+        zero_shot,
+        processor,
+        splits,
+        predictions,
+        metrics.models["fine_tuned"].correct,
+        device,
+        dtype,
     )
     metrics.numbers.update(baselines.numbers)
     info = {
@@ -229,7 +223,7 @@ def _evaluate(cfg, args):
         failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
         write_figures(predictions, metrics, failures, cfg.caption_template, tmp)
         write_report(os.path.join(tmp, "report.md"), metrics, info)
-        save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
+        save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, evaluate=args)
     print_summary(metrics, out)
     return {"output_dir": out, "metrics": metrics.numbers, "predictions": predictions, "info": info}
 

@@ -24,32 +24,23 @@ from transformers import set_seed
 
 from attention import explain, load_pet_mask, overlay, pet_share, pointing_hit
 from breeds import BREED_NAMES
-from config import (
-    DEMO_EXPLAIN_OVERRIDES,
-    ExplainConfig,
-    PetConfig,
-    adapter_split_settings,
-    base_model_for,
-    check_seed,
-    data_for,
-    parse_config,
-)
+from config import DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, check_seed, parse_config
 from data import BadImage, Record, load_image, load_splits, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import device_setting, pick_device, pick_dtype
 from inference import embeddings_per_model
 from metrics import MODELS, display
-from model import check_adapter, load_model_pair
+from model import load_model_pair
 from report import pyplot
 from run_io import (
     UserError,
     check_output_dir,
     locked_output_dir,
     run_main,
-    save_run_config,
     setup_logging,
     staged_outputs,
 )
+from run_record import AdapterRun, save_run_config
 
 logger = logging.getLogger("explain")
 
@@ -75,27 +66,22 @@ def parse_args(argv=None):
     check_output_dir(ex.output_dir, ex.adapter)
     check_seed(ex.seed)
     parse_layers(ex.layers)  # fail before loading anything
-    check_adapter(ex.adapter)
+    adapter_run = AdapterRun.read(ex.adapter)
     if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
-        use_demo_assets(cfg, ex.adapter)
-    cfg.model_name_or_path = base_model_for(cfg, ex.adapter)
-    cfg.dataset = data_for(cfg, ex.adapter)
-    return cfg, ex
+        use_demo_assets(cfg, adapter_run)
+    adapter_run.fill(cfg)
+    return cfg, ex, adapter_run
 
 
 # ---------------------------------------------------------------------------
-# Tokens -> words -> maps
+# Images
 
 
-# ---------------------------------------------------------------------------
-# Models
-
-
-def collect_images(cfg, ex):
+def collect_images(cfg, ex, adapter_run):
     """[(name, PIL image, Record or None, true label or None)]: data set samples, then --image files."""
     items = []
     if ex.num_images > 0:
-        splits = load_splits(cfg.dataset, *adapter_split_settings(ex.adapter, cfg, ex.split, ex.seed))
+        splits = load_splits(cfg.dataset, *adapter_run.split_settings(cfg, ex.split, ex.seed))
         records = subsample(splits[ex.split], ex.num_images, ex.seed)
         bad = {}
         for r in records:
@@ -231,24 +217,24 @@ def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> Non
 
 def main(argv=None):
     setup_logging()
-    cfg, ex = parse_args(argv)
+    cfg, ex, adapter_run = parse_args(argv)
     with locked_output_dir(ex.output_dir):  # a second run into this folder gets one line, not a mix
         with staged_outputs(ex.output_dir) as tmp:  # a full disk or a kill leaves the previous outputs whole
-            result = _explain(cfg, ex, tmp)
+            result = _explain(cfg, ex, adapter_run, tmp)
     print(f"Wrote {len(result['metrics']['images'])} figures, attention_metrics.json and index.md to {ex.output_dir}/")
     return {"output_dir": ex.output_dir, "metrics": result["metrics"]}
 
 
-def _explain(cfg, ex, out):
+def _explain(cfg, ex, adapter_run, out):
     set_seed(ex.seed)
     layers = parse_layers(ex.layers)
     device = pick_device()
     dtype = pick_dtype(device, cfg.precision)
 
-    base_name = cfg.model_name_or_path  # base_model_for: --model_name_or_path, else the adapter's own base
-    pair = load_model_pair(base_name, ex.adapter, device, dtype)
+    base_name = cfg.model_name_or_path  # --model_name_or_path, else the adapter's own base (AdapterRun.fill)
+    pair = load_model_pair(base_name, ex.adapter, device, dtype, adapter_run.adapter_config)
     processor = pair.processor
-    items = collect_images(cfg, ex)
+    items = collect_images(cfg, ex, adapter_run)
     logger.info(
         "explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers
     )
@@ -311,7 +297,7 @@ def _explain(cfg, ex, out):
         json.dump(metrics, f, indent=2)
     plot_metrics(summary, os.path.join(out, "attention_metrics.png"))
     write_index(os.path.join(out, "index.md"), ex, base_name, summary, per_image)
-    save_run_config(os.path.join(out, "run_config.json"), cfg, ex)
+    save_run_config(os.path.join(out, "run_config.json"), shared=cfg, explain=ex)
     for m in MODELS:
         s = summary[m]
         if s["images_scored"]:

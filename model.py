@@ -15,7 +15,7 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditi
 if TYPE_CHECKING:
     from peft import PeftModel
 
-from run_io import UserError, finish_interrupted_save, hub_reachable, is_local, offline_hint
+from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
@@ -311,15 +311,17 @@ def load_lora_for_inference(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     loaded_base: Optional[BlipForPetCaptioning] = None,
+    adapter_config: Optional[dict] = None,
 ) -> tuple:
     """Adapter folder -> (model in eval mode, processor). Merged into the base weights unless merge=False.
 
     loaded_base: the base model already in memory (evaluate.py and explainability.py need it for
     the zero-shot side too); the adapter is merged into a copy of it instead of loading it again.
+    adapter_config: check_adapter's result when the caller has it already (the scripts' AdapterRun).
     """
     from peft import PeftModel
 
-    adapter_config = check_adapter(adapter_dir)
+    adapter_config = adapter_config or check_adapter(adapter_dir)
     base = base_model or adapter_config["base_model_name_or_path"]
     saved = any(
         os.path.isfile(os.path.join(adapter_dir, f)) for f in ("processor_config.json", "preprocessor_config.json")
@@ -411,7 +413,6 @@ def check_adapter(adapter_dir: str) -> dict:
         raise UserError(
             f"adapter folder {adapter_dir!r} does not exist; train one with `python train.py` or pass --adapter"
         )
-    finish_interrupted_save(adapter_dir)  # train.py killed while moving the adapter's files in: complete it first
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(config_path):
@@ -470,11 +471,22 @@ class ModelPair(NamedTuple):
         return {"zero_shot": self.zero_shot, "fine_tuned": self.fine_tuned}
 
 
-def load_model_pair(base_name: str, adapter_dir: str, device: str | torch.device, dtype: torch.dtype) -> ModelPair:
+def load_model_pair(
+    base_name: str,
+    adapter_dir: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    adapter_config: Optional[dict] = None,
+) -> ModelPair:
     """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device."""
     zero_shot = load_base_model(base_name, dtype=dtype)
     fine_tuned, processor = load_lora_for_inference(
-        adapter_dir, base_model=base_name, dtype=dtype, device=device, loaded_base=zero_shot
+        adapter_dir,
+        base_model=base_name,
+        dtype=dtype,
+        device=device,
+        loaded_base=zero_shot,
+        adapter_config=adapter_config,
     )  # merged into a copy: the base loads once
     zero_shot = zero_shot.to(device).eval()
     return ModelPair(zero_shot, fine_tuned, processor, same_vision_encoder(zero_shot, fine_tuned))

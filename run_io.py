@@ -1,5 +1,5 @@
 """What every run does around its work: one-line errors, logging, the output-folder lock, staged outputs,
-the resolved config written next to them, and path predicates.
+atomic JSON writes and path predicates (run_config.json itself is run_record.py's).
 """
 
 import errno
@@ -11,7 +11,6 @@ import socket
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict
 from urllib.parse import urlparse
 
 
@@ -37,16 +36,6 @@ def offline_hint(what: str, name: str, flag: str) -> str:
         f"{what} {name!r} is not a local folder, not in the Hugging Face cache, and the Hub is unreachable. "
         f"Pass {flag} /path/to/local/copy, or run with --demo to use the offline tiny model and synthetic data."
     )
-
-
-def save_run_config(path: str, *configs) -> None:
-    """Write the resolved options and the command line next to a run's outputs."""
-    record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    for cfg in configs:
-        record[type(cfg).__name__] = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, default=str)
 
 
 # Disk and permission faults the user fixes outside the program: one line, not a traceback
@@ -213,8 +202,8 @@ def staged_outputs(out: str, last: tuple = ()):
     writing leaves the previous set untouched (and a `.saving-*` folder that the next locked run
     removes). Moving the files in is one rename each, so first the plan (the new names, the old
     ones to remove) is written to out/.moving.json; a kill while moving leaves it, and whatever
-    next opens the folder (locked_output_dir, finish_interrupted_save) completes the move before
-    reading or writing anything: the folder is then all new. Files named in `last` move last.
+    next opens the folder as a writer (locked_output_dir) completes the move before
+    writing anything (readers refuse such a folder: run_record.AdapterRun.read): the folder is then all new. Files named in `last` move last.
     Other files in `out` (checkpoints, the lock) are not part of the set and stay.
     """
     _finish_move(out)
@@ -228,13 +217,6 @@ def staged_outputs(out: str, last: tuple = ()):
     finally:
         if not os.path.exists(os.path.join(out, MOVING)):  # an interrupted move keeps its files for _finish_move
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def finish_interrupted_save(folder: str) -> None:
-    """Complete a save into `folder` that was killed while moving its files in, so a reader sees one whole set."""
-    if os.path.exists(os.path.join(folder, MOVING)):
-        with locked_output_dir(folder):  # completes it under the lock; a save running now gets the one line
-            pass
 
 
 def _finish_move(out: str) -> None:

@@ -37,7 +37,8 @@ import numpy as np
 
 from config import DEMO_OVERRIDES, PetConfig, check_seed
 from report import pyplot
-from run_io import UserError, check_output_dir, locked_output_dir, save_run_config, setup_logging, write_json_atomic
+from run_io import UserError, check_output_dir, locked_output_dir, setup_logging, write_json_atomic
+from run_record import read_run_config, save_run_config
 
 logger = logging.getLogger("sweep")
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -427,9 +428,10 @@ def _last_error(log_path: str) -> str:
 
 def check_trained_setting(run: Run) -> None:
     """UserError when the adapter's run_config.json says it trained another setting than the sweep asked for."""
-    saved = _read(os.path.join(run.folder, "adapter", "run_config.json")) or {}
-    got = {k: (saved.get("PetConfig") or {}).get(k) for k in run.setting}
-    got_seed = (saved.get("TrainConfig") or {}).get("seed")
+    saved = read_run_config(os.path.join(run.folder, "adapter", "run_config.json"))
+    shared, train = (saved.options("shared"), saved.options("train")) if saved else ({}, {})
+    got = {k: shared.get(k) for k in run.setting}
+    got_seed = train.get("seed")
     if got != run.setting or got_seed != run.seed:
         raise UserError(
             f"run {run.name}: train.py trained {got} with seed {got_seed}, not the sweep's {run.setting} "
@@ -745,7 +747,7 @@ def main(argv=None) -> dict:
     cfg, grid = parse_args(argv)
     check_sweep_folder(cfg, grid)
     runs = plan(cfg, grid)
-    save_run_config(os.path.join(cfg.output_dir, "run_config.json"), cfg)
+    save_run_config(os.path.join(cfg.output_dir, "run_config.json"), sweep=cfg)
     if not cfg.summary_only:
         index, count = parse_shard(cfg.shard)
         mine = [r for k, r in enumerate(runs) if k % count == index]

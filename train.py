@@ -41,10 +41,10 @@ from run_io import (
     join_cpu_processes,
     locked_output_dir,
     run_main,
-    save_run_config,
     setup_logging,
     staged_outputs,
 )
+from run_record import save_run_config
 from trainer import PetTrainer, autocast, autocast_dtype, check_checkpoint, fits_on_gpu, graphs_supported, resume_point
 
 logger = logging.getLogger("train")
@@ -425,7 +425,7 @@ def _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, tra
     smoothing = args.label_smoothing_factor or getattr(trainer.model.config.text_config, "label_smoothing", 0.0)
     plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
     write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
-    save_run_config(os.path.join(tmp, "run_config.json"), cfg, args)
+    save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, train=args)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import demo  # noqa: E402
 from config import DEMO_DIR, PetConfig  # noqa: E402
-from demo import DEMO_BREEDS, build_tiny_blip, prepare_demo, prepare_demo_base, prepare_demo_data, write_synthetic_pets  # noqa: E402
+from demo import (  # noqa: E402
+    DEMO_BREEDS,
+    build_tiny_blip,
+    prepare_demo_base,
+    prepare_demo_data,
+    write_synthetic_pets,
+)
 from helpers import copy_demo, run_script, train_argv  # noqa: E402
 
 PRE_TRAINED = {"demo_assets", "demo_run", "demo_adapter"}  # fixtures that pre-train the demo base or train on it
@@ -77,7 +83,7 @@ def suite_folder(tmp_path_factory):
 
         return build
 
-    with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets, prepare_demo)
+    with pytest.MonkeyPatch.context() as mp:  # --demo builds through these (demo.use_demo_assets)
         mp.setattr(demo, "prepare_demo_base", refuse("base"))
         mp.setattr(demo, "prepare_demo_data", refuse("data"))
         yield str(folder)
@@ -88,7 +94,7 @@ def suite_folder(tmp_path_factory):
 def demo_assets(tmp_path_factory):
     """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session: slow tests only."""
     root = tmp_path_factory.mktemp("demo")
-    return prepare_demo(str(root), PetConfig().caption_template)
+    return prepare_demo_base(str(root), PetConfig().caption_template), prepare_demo_data(str(root))
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,8 @@ def captioner(demo_run):
     cwd, _ = demo_run
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        cfg, args = app.parse_args(["--demo"])
-        yield app.PetCaptioner(cfg, args)
+        cfg, args, adapter_run = app.parse_args(["--demo"])
+        yield app.PetCaptioner(cfg, args, adapter_run)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def test_demo_trains_a_missing_adapter_then_serves_on_loopback(demo_run, demo_ad
     assert not os.path.exists(os.path.join(ROOT, "app.pyi"))  # Gradio stubs every Component subclass's source file
     examples = sorted(os.listdir(out / "examples"))
     assert len(examples) == 4 and len({e.rsplit("_", 1)[0] for e in examples}) == 4  # one per breed
-    assert json.load(open(out / "run_config.json"))["AppConfig"]["adapter"] == str(new_adapter)
+    assert json.load(open(out / "run_config.json"))["app"]["adapter"] == str(new_adapter)
     trained.clear()
     app.main(["--demo", "--adapter", str(new_adapter), "--output_dir", str(out)])
     assert trained == []  # an adapter that exists is served as it is

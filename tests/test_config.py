@@ -2,16 +2,11 @@
 no abbreviated flags; evaluate and explain take the adapter's own base model, data and split unless told otherwise."""
 
 import importlib
-import json
-import os
-import shutil
 
 import pytest
 import torch
 
 import config
-import evaluate
-import explainability
 from config import (
     DEMO_APP_OVERRIDES,
     DEMO_EVAL_OVERRIDES,
@@ -23,12 +18,9 @@ from config import (
     ExplainConfig,
     PetConfig,
     TrainConfig,
-    adapter_split_settings,
     parse_config,
 )
-from data import load_splits
 from devices import DEVICE_DEFAULTS
-from helpers import TRAIN_SEED, adapter_copy, edit_json
 from run_io import UserError
 
 SCRIPTS = {
@@ -115,78 +107,12 @@ def test_given_options_sees_repeatable_options():
 
 
 # ---------------------------------------------------------------------------
-# Abbreviations, and the adapter's own base model, data and split
+# Abbreviations and option checks
 
 
 def test_abbreviated_flags_are_refused():
     with pytest.raises(UserError, match="--model_name"):
         parse_config((PetConfig, EvalConfig), ["--model_name", "foo/bar"])
-
-
-def test_one_rule_for_the_base_model_and_data_of_evaluate_and_explain(tiny_adapter, tiny_assets, tmp_path):
-    adapter = tiny_adapter[0]
-    trained_on = json.load(open(os.path.join(adapter, "adapter_config.json")))["base_model_name_or_path"]
-    other, other_data = str(tmp_path / "other"), str(tmp_path / "data")
-    shutil.copytree(tiny_assets[0], other)
-    for parse in (evaluate.parse_args, explainability.parse_args):
-        cfg, _ = parse(["--adapter", adapter, "--output_dir", str(tmp_path / "o")])
-        # not given: the adapter's own base model and data set
-        assert cfg.model_name_or_path == trained_on
-        assert cfg.dataset == os.path.abspath(tiny_assets[1])
-        cfg, _ = parse(
-            [
-                "--adapter",
-                adapter,
-                "--output_dir",
-                str(tmp_path / "o"),
-                "--model_name_or_path",
-                other,
-                "--dataset",
-                other_data,
-            ]
-        )
-        assert (cfg.model_name_or_path, cfg.dataset) == (other, other_data)  # given: those, in both scripts
-
-
-def test_validation_split_is_rebuilt_from_the_adapters_run_settings(tiny_adapter, tiny_assets):
-    adapter = tiny_adapter[0]
-    cfg = PetConfig(dataset=tiny_assets[1])  # evaluate's defaults: val_fraction 0.1, seed 42
-    fraction, seed = adapter_split_settings(adapter, cfg, "validation", 42)
-    assert (fraction, seed) == (0.2, TRAIN_SEED)
-    trained = load_splits(tiny_assets[1], 0.2, TRAIN_SEED)
-    rebuilt = load_splits(tiny_assets[1], fraction, seed)
-    assert [r.image_id for r in rebuilt["validation"]] == [r.image_id for r in trained["validation"]]
-    assert not {r.image_id for r in rebuilt["validation"]} & {r.image_id for r in trained["train"]}
-
-
-def test_validation_split_needs_the_adapters_run_config(tiny_adapter, tmp_path):
-    copy = str(tmp_path / "a")
-    shutil.copytree(tiny_adapter[0], copy, ignore=shutil.ignore_patterns("checkpoint-*"))
-    os.remove(os.path.join(copy, "run_config.json"))
-    with pytest.raises(UserError, match="needs the adapter's run_config.json"):
-        adapter_split_settings(copy, PetConfig(), "validation", 42)
-    assert adapter_split_settings(copy, PetConfig(), "test", 42) == (0.1, 42)
-
-
-@pytest.mark.parametrize("script", ["evaluate", "explainability", "app"])
-def test_demo_with_an_adapter_takes_the_adapters_own_base_and_data(script, tiny_adapter, tiny_assets, tmp_path):
-    """--demo --adapter X: the base and data set X was trained on (when still on disk), not the demo's."""
-    module = importlib.import_module(script)
-    base, data = str(tmp_path / "other-base"), str(tmp_path / "other-pets")
-    shutil.copytree(tiny_assets[0], base)
-    shutil.copytree(tiny_assets[1], data)
-    adapter = adapter_copy(tiny_adapter, tmp_path)
-    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=base)
-    run = json.load(open(os.path.join(adapter, "run_config.json")))
-    edit_json(os.path.join(adapter, "run_config.json"), PetConfig={**run["PetConfig"], "dataset": data})
-    cfg, _ = module.parse_args(["--demo", "--adapter", adapter, "--output_dir", str(tmp_path / "out")])
-    assert (cfg.model_name_or_path, cfg.dataset) == (base, data)
-    given = str(tmp_path / "given-base")
-    shutil.copytree(tiny_assets[0], given)
-    cfg, _ = module.parse_args(
-        ["--demo", "--adapter", adapter, "--model_name_or_path", given, "--output_dir", str(tmp_path / "out2")]
-    )
-    assert cfg.model_name_or_path == given  # a typed flag still wins
 
 
 @pytest.mark.parametrize(

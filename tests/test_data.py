@@ -13,7 +13,7 @@ from PIL import Image
 from breeds import BREED_NAMES, BREEDS, SPECIES, breed_index, caption_for
 from config import PetConfig
 from data import BadImage, CaptionCollator, PetCaptionDataset, Record, load_image, load_splits, stratified_split
-from demo import write_synthetic_pets
+from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
 from helpers import hostile_images, pngs, saved_dataset
 from model import load_processor
 from run_io import UserError
@@ -198,7 +198,7 @@ def test_demo_processor_tokenises_breeds_as_the_real_checkpoint(demo_assets):
     """The demo runs on the real tokenizer: its saved processor splits breed names as the fixture's files do."""
     from transformers import BertTokenizer
 
-    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "blip-image-captioning-base")
+    fixture = REAL_PROCESSOR_DIR
     real = BertTokenizer.from_pretrained(fixture)  # the files alone, not through the project's loader
     demo = load_processor(demo_assets[0]).tokenizer
     assert demo.tokenize("abyssinian") == real.tokenize("abyssinian") == ["abyss", "##inian"]
@@ -240,13 +240,14 @@ def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_p
     base = tmp_path / "tiny-blip"
     base.mkdir()
     (base / "config.json").write_text('{"random": true}')  # as the random demo of earlier versions left it
-    model_dir, _ = demo.prepare_demo(str(tmp_path), TEMPLATE)
+    model_dir = demo.prepare_demo_base(str(tmp_path), TEMPLATE)
+    demo.prepare_demo_data(str(tmp_path))
     assert len(built) == 1 and model_dir == str(base) and json.loads((base / "config.json").read_text()) == {}
-    demo.prepare_demo(str(tmp_path), TEMPLATE)
+    demo.prepare_demo_base(str(tmp_path), TEMPLATE)
     assert len(built) == 1  # reused
     recipe = json.loads((base / demo.RECIPE_FILE).read_text())
     (base / demo.RECIPE_FILE).write_text(json.dumps({**recipe, "recipe": recipe["recipe"] - 1}))
-    demo.prepare_demo(str(tmp_path), TEMPLATE)
+    demo.prepare_demo_base(str(tmp_path), TEMPLATE)
     assert len(built) == 2 and demo.is_current_base(str(base), TEMPLATE)
     assert not demo.is_current_base(str(base), "A {breed}.")  # another template: its words were not pre-trained
     assert sorted(os.listdir(tmp_path)) == ["pets", "tiny-blip"]  # no temporary folder left behind

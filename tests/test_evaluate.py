@@ -345,7 +345,7 @@ def test_evaluate_demo_subprocess_writes_everything(demo_eval):
     assert f"{ft['breed_accuracy']:.3f} [" in report
     run_config = json.load(open(os.path.join(out, "run_config.json")))
     assert (
-        "evaluate.py --demo" in run_config["command"] and run_config["EvalConfig"]["adapter"] == f"{DEMO_DIR}/blip-lora"
+        "evaluate.py --demo" in run_config["command"] and run_config["evaluate"]["adapter"] == f"{DEMO_DIR}/blip-lora"
     )
     assert "fine-tuned" in proc.stdout and "breed accuracy" in proc.stdout  # the summary table
     assert "evaluating" in proc.stderr  # the progress bar

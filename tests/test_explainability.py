@@ -226,7 +226,7 @@ def test_explain_demo_subprocess_writes_figures_metrics_and_index(demo_run, tmp_
     assert metrics["summary"]["zero_shot"]["subject_kinds"] == {"animal": 2}  # the pre-trained base: cat or dog
     assert "fine_tuned" in metrics["images"][2] and metrics["images"][2]["has_trimap"] is False
     run_config = json.load(open(os.path.join(out, "run_config.json")))
-    assert run_config["ExplainConfig"]["image"] == [str(user), str(missing), str(not_image)]
+    assert run_config["explain"]["image"] == [str(user), str(missing), str(not_image)]
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The real checkpoint's files: Salesforce/blip-image-captioning-base's config, tokenizer and image processor.
 
-tests/fixtures/blip-image-captioning-base holds every small file of the Hub repo (SOURCES.md says where
+assets/blip-image-captioning-base holds every small file of the Hub repo (SOURCES.md says where
 each comes from). Its tokenizer has no bos token and no [DEC] (30,522 entries), while the model's text
 vocabulary is 30,524 and generation starts from id 30522: the demo's made-up tokenizer once hid that.
 The model here is built from the real config.json with the real vocabulary and special ids, only
@@ -26,12 +26,12 @@ from attention import subject_span, word_spans
 from breeds import breed_index, caption_for
 from config import PetConfig
 from data import CaptionCollator, load_image, load_splits
-from demo import write_synthetic_pets
+from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
 from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
 from model import check_fits, load_base_model, load_lora_for_inference, load_processor
 from run_io import UserError
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "blip-image-captioning-base")
+FIXTURE = REAL_PROCESSOR_DIR
 TEMPLATE = PetConfig().caption_template
 DEC, ENC, VOCAB = 30522, 30523, 30524
 BREEDS_USED = [breed_index("Abyssinian"), breed_index("shiba_inu"), breed_index("pug"), breed_index("Sphynx")]

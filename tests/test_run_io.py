@@ -135,7 +135,7 @@ def _result_files(out):
 @pytest.mark.parametrize("moves", range(1, 9))
 def test_a_save_killed_while_moving_is_completed_by_the_next_opener(moves, tmp_path):
 
-    from run_io import MOVING, finish_interrupted_save, staged_outputs
+    from run_io import MOVING, locked_output_dir, staged_outputs
 
     out = str(tmp_path / "out")
     script = tmp_path / "save.py"
@@ -148,7 +148,8 @@ def test_a_save_killed_while_moving_is_completed_by_the_next_opener(moves, tmp_p
     # plan, 5 files, file list: killed at each of the 7 renames, or not at all
     assert new.returncode == (-9 if moves <= 7 else 0), new.stderr
     assert os.path.exists(os.path.join(out, MOVING)) == (moves <= 7)  # the interrupted move is marked
-    finish_interrupted_save(out)  # what evaluate.py, train.py (their lock) and the adapter's readers do first
+    with locked_output_dir(out):  # what every writer (train.py, evaluate.py, explainability.py) does first
+        pass
     assert _result_files(out) == ["a", "b", "c", "d", "new_only"]
     assert {open(os.path.join(out, n)).read() for n in _result_files(out)} == {"new"}
     assert not [n for n in os.listdir(out) if n.startswith((".saving-", MOVING))]
@@ -197,16 +198,16 @@ def test_evaluate_killed_while_moving_its_results_leaves_one_run(tiny_adapter, t
     with locked_output_dir(out):  # the next run's first step
         assert _result_files(out) == files
         assert len(pd.read_csv(os.path.join(out, "predictions.csv"))) == 6
-        assert json.load(open(os.path.join(out, "run_config.json")))["PetConfig"]["max_eval_samples"] == 6
+        assert json.load(open(os.path.join(out, "run_config.json")))["shared"]["max_eval_samples"] == 6
         assert json.load(open(os.path.join(out, "metrics.json")))["num_samples"] == 6
         assert "6" in open(os.path.join(out, "report.md")).read()
 
 
 @pytest.mark.slow
-def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(tiny_adapter, tmp_path):
-
-    from model import check_adapter, load_lora_for_inference
-    from run_io import MOVING
+def test_an_adapter_killed_while_moving_is_refused_by_readers_and_completed_by_its_next_writer(tiny_adapter, tmp_path):
+    from model import load_lora_for_inference
+    from run_io import MOVING, locked_output_dir
+    from run_record import AdapterRun
 
     out, _ = checkpoint_copy(tiny_adapter, tmp_path)
     # a new run (seed 8) into the old run's folder; without --demo, which in a new process would first build
@@ -222,9 +223,14 @@ def test_train_killed_while_moving_its_adapter_is_completed_before_it_is_read(ti
     killed = _killed_at(os.path.join(ROOT, "train.py"), argv, 3, tmp_path)  # plan, README.md, adapter_model.safetensors
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert os.path.exists(os.path.join(out, MOVING))
-    check_adapter(out)  # evaluate.py, explainability.py and app.py check the adapter first
+    listing = sorted(os.listdir(out))
+    with pytest.raises(UserError, match="stopped while moving its files in"):
+        AdapterRun.read(out)  # what evaluate.py, explainability.py and app.py read first
+    assert sorted(os.listdir(out)) == listing  # a reader repairs nothing
+    with locked_output_dir(out):  # the next writer into the folder (train.py) finishes the move first
+        pass
     assert not os.path.exists(os.path.join(out, MOVING))
-    assert json.load(open(os.path.join(out, "run_config.json")))["TrainConfig"]["seed"] == 8
+    assert AdapterRun.read(out).seed == 8
     with open(os.path.join(out, "README.md")) as f:
         assert "seed 8" in f.read()
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))  # checkpoints are not part of the result set

@@ -49,7 +49,7 @@ def test_train_demo_subprocess_writes_everything(demo_run, demo_adapter):
     assert history["train"][-1]["loss"] < history["train"][0]["loss"]
     run_config = json.load(open(os.path.join(demo_adapter, "run_config.json")))
     assert "train.py --demo" in run_config["command"]
-    assert run_config["PetConfig"]["lora_target_modules"] == "query,value"
+    assert run_config["shared"]["lora_target_modules"] == "query,value"
     # the demo fine-tunes with the real recipe, not one of its own
     adapter = json.load(open(os.path.join(demo_adapter, "adapter_config.json")))
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (32, 64, 0.05)
