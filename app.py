@@ -8,7 +8,7 @@ For one image, the zero-shot base model and the fine-tuned (LoRA) model side by 
 caption, the breed it names, the top 5 of the 37-breed likelihood ranking (softmax over the
 templated captions' log-likelihoods, the ranking evaluate.py scores) and the decoder's
 cross-attention for the breed word, or else the cat/dog word, drawn as explainability.py draws it.
-Everything comes from model.py and explainability.py; this file is layout. Gradio runs offline:
+Everything comes from model.py, inference.py and attention.py; this file is layout. Gradio runs offline:
 no analytics, no share link, system fonts. Writes run_config.json and the example images to
 --output_dir.
 """
@@ -168,8 +168,8 @@ def read_image(image) -> Image.Image:
             raise UserError(
                 f"That image is too large: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, as for every "
                 "image in this project. Shrink it and try again."
-            ) from None
-        raise UserError(NOT_AN_IMAGE) from None
+            ) from e
+        raise UserError(NOT_AN_IMAGE) from e
 
 
 class PetCaptioner:

@@ -220,16 +220,16 @@ def load_clip(name: str, device, dtype):
             )
             return None
         if kwargs:
-            raise UserError(offline_hint("CLIP model", name, "--clip_model")) from None
+            raise UserError(offline_hint("CLIP model", name, "--clip_model")) from e
         raise UserError(
             f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
             "pass a CLIP folder or Hub id, or --clip_model none"
-        ) from None
+        ) from e
     except Exception as e:  # corrupt weights or configs: each library raises its own type
         raise UserError(
             f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e)[:150]}); "
             "download it again, or pass --clip_model none"
-        ) from None
+        ) from e
     return model.to(device).eval(), processor
 
 

@@ -114,14 +114,12 @@ class TrainConfig(TrainingArguments):
     )
 
 
-# The demo trains the real recipe with its own schedule only (216 training images, 14 steps an epoch, 2 CPU cores)
+# The demo trains the real LoRA recipe with a schedule of its own (216 training images, 14 steps an epoch):
+# fewer steps than the real run, so more epochs and a higher rate, chosen on validation accuracy
+# (benchmarks/results/README.md, "The demo base")
 DEMO_TRAIN_OVERRIDES = dict(
     output_dir=f"{DEMO_DIR}/blip-lora",
-    # 30 epochs: with 20, validation accuracy was still rising (0.88) and test breed accuracy was 0.65
-    # (benchmarks/results/README.md, issue 22)
     num_train_epochs=30,
-    # 420 steps instead of the real run's ~1,000: 1e-2 learnt the breeds further than 5e-3 in them (3 seeds);
-    # the real 1e-4 was not measured on the demo
     learning_rate=1e-2,
     per_device_train_batch_size=16,  # the real default
     logging_steps=5,
@@ -179,7 +177,7 @@ def parse_options(types: tuple, argv=None) -> tuple:
         # a config no one typed and run_config.json's command would not show
         return parser, parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
-        raise UserError(str(e).strip().splitlines()[0]) from None
+        raise UserError(str(e).strip().splitlines()[0]) from e
 
 
 def parse_config(types: tuple, argv=None, demo_overrides=None):
@@ -239,7 +237,7 @@ def check_options(cfg) -> None:
         raise UserError(
             f"--caption_template {cfg.caption_template!r} is not a valid template ({type(e).__name__}: {e}); "
             "use only {breed} and {article}"
-        ) from None
+        ) from e
     require("Beagle" in text, f"--caption_template {cfg.caption_template!r} must contain {{breed}}")
 
 

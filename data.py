@@ -1,6 +1,6 @@
 """Oxford-IIIT Pet: sources, splits, records, image decoding, the captioning dataset and collator, image batches.
 
-source (Hub id | official-layout folder | save_to_disk folder)
+source (official-layout folder | save_to_disk folder | folder of data files | Hub id: SOURCES)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
   -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
 (the breeds and their captions are breeds.py; the cached image embeddings embedding_cache.py)
@@ -27,10 +27,6 @@ from devices import device_setting
 from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------
-# Breeds and their captions
-
 
 # ---------------------------------------------------------------------------
 # Records and images
@@ -112,7 +108,7 @@ def load_image(record: Record) -> Image.Image:
     try:
         return to_rgb(decode_image(record.source))
     except _IMAGE_ERRORS as e:
-        raise BadImage(f"{record.image_id}: {type(e).__name__}: {e}") from None
+        raise BadImage(f"{record.image_id}: {type(e).__name__}: {e}") from e
 
 
 def load_trimap(path: str) -> np.ndarray:
@@ -120,7 +116,7 @@ def load_trimap(path: str) -> np.ndarray:
     try:
         trimap = np.asarray(decode_image(path))
     except _IMAGE_ERRORS as e:
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from None
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
     return trimap[..., 0] if trimap.ndim == 3 else trimap
 
 
@@ -258,8 +254,8 @@ def _records_from_hf(dataset, split: str) -> list:
             continue
         try:
             label = breed_index(names[value] if names is not None else value)
-        except (ValueError, IndexError):
-            raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from None
+        except (ValueError, IndexError) as e:
+            raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from e
         kept.append((row, label))
     if unlabelled:
         logger.warning("Skipped %d rows of split %r without a label (-1, None or out of range)", unlabelled, split)
@@ -291,32 +287,43 @@ def _hf_splits(dataset_dict, seed: int) -> dict:
     return {"trainval": trainval, "test": test}
 
 
-def _load_hub(name: str, seed: int) -> dict:
+def _load_data_files(path: str, seed: int) -> dict:
+    """A local folder that `datasets.load_dataset` reads: data files (parquet, csv, ...) or an image folder."""
     import datasets
 
-    if is_local(name):
-        if not os.path.exists(name):
-            raise UserError(f"dataset folder {name!r} does not exist")
-        if not os.path.isdir(name):
+    try:
+        loaded = datasets.load_dataset(path)
+    except Exception as e:  # datasets raises many types for a folder it cannot read
+        raise UserError(
+            f"--dataset {path!r} is neither the official layout (annotations/list.txt), a save_to_disk "
+            f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})"
+        ) from e
+    return _hf_splits(loaded, seed)
+
+
+def _load_hub(name: str, seed: int) -> dict:
+    """A Hub data set id (from the local cache when the Hub is unreachable)."""
+    import datasets
+
+    if is_local(name):  # path-like, but no folder there
+        if os.path.exists(name):
             raise UserError(
                 f"--dataset {name!r} is a file; pass a folder (official layout or save_to_disk) or a Hub id"
             )
-        try:
-            loaded = datasets.load_dataset(name)  # a local folder of data files (parquet, imagefolder, ...)
-        except Exception as e:  # datasets raises many types for a folder it cannot read
-            raise UserError(
-                f"--dataset {name!r} is neither the official layout (annotations/list.txt), a save_to_disk "
-                f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})"
-            ) from None
-        return _hf_splits(loaded, seed)
+        raise UserError(f"dataset folder {name!r} does not exist")
     if not hub_reachable():
         # Only the local cache can help; datasets reads this flag at call time
         datasets.config.HF_HUB_OFFLINE = True
         try:
             return _hf_splits(datasets.load_dataset(name), seed)
-        except Exception:
-            raise UserError(offline_hint("dataset", name, "--dataset")) from None
+        except Exception as e:
+            logger.debug("loading %r from the local cache failed", name, exc_info=e)
+            raise UserError(offline_hint("dataset", name, "--dataset")) from e
     return _hf_splits(datasets.load_dataset(name), seed)
+
+
+def _load_save_to_disk(path: str, seed: int) -> dict:
+    return _hf_splits(_load_from_disk(path), seed)
 
 
 def _load_from_disk(path: str):
@@ -330,7 +337,26 @@ def _load_from_disk(path: str):
         raise UserError(
             f"save_to_disk folder {path!r} is incomplete or corrupt ({type(e).__name__}: {first[:150]}); "
             "save the data set again (Dataset.save_to_disk) or pass another --dataset"
-        ) from None
+        ) from e
+
+
+def _load_official_layout(root: str, seed: int) -> dict:
+    if not _is_official_layout(root):
+        raise UserError(
+            f"{root}/annotations/list.txt is missing: the official layout needs it "
+            "(from annotations.tar.gz of the Oxford-IIIT Pet release)"
+        )
+    return load_official_layout(root)
+
+
+# What --dataset can be, in the order it is recognised: (detect, load). load(dataset, seed) returns
+# {"trainval": records, "test": records}; the first source whose detect() says yes loads it.
+SOURCES = [
+    (lambda d: os.path.isdir(os.path.join(d, "annotations")), _load_official_layout),  # the official release
+    (lambda d: os.path.isdir(d) and _is_save_to_disk(d), _load_save_to_disk),  # Dataset(Dict).save_to_disk
+    (os.path.isdir, _load_data_files),  # parquet, csv, json files, an image folder
+    (lambda d: True, _load_hub),  # a Hub id
+]
 
 
 def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict:
@@ -339,17 +365,8 @@ def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict
     The official test split is held out for evaluation; validation is a stratified,
     seeded share of trainval.
     """
-    if os.path.isdir(dataset) and (_is_official_layout(dataset) or os.path.isdir(os.path.join(dataset, "annotations"))):
-        if not _is_official_layout(dataset):
-            raise UserError(
-                f"{dataset}/annotations/list.txt is missing: the official layout needs it "
-                "(from annotations.tar.gz of the Oxford-IIIT Pet release)"
-            )
-        splits = load_official_layout(dataset)
-    elif os.path.isdir(dataset) and _is_save_to_disk(dataset):
-        splits = _hf_splits(_load_from_disk(dataset), seed)
-    else:
-        splits = _load_hub(dataset, seed)
+    load = next(load for detect, load in SOURCES if detect(dataset))
+    splits = load(dataset, seed)
     # An image in both trainval and test would be trained on and then scored as unseen
     test_ids = {r.identity for r in splits["test"]}
     overlap = [r.identity for r in splits["trainval"] if r.identity in test_ids]
@@ -590,7 +607,3 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
 def report_bad_images(bad: dict) -> None:
     if bad:
         logger.warning("Skipped %d unreadable images (first: %s)", len(bad), ", ".join(list(bad)[:5]))
-
-
-# ---------------------------------------------------------------------------
-# Image-embedding cache: the frozen vision encoder runs once per image, not once per epoch

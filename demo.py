@@ -279,17 +279,14 @@ def build_tiny_blip(
 # 75% of each batch pairs a synthetic pet with a generic caption: species, colour, pattern, background,
 # never a breed. The pets (drawn with another seed than the demo's data set) are half cats, half dogs,
 # each in a look drawn apart from its species, so only the shape and the marks tell the species, as in
-# real photos (with each breed's own look, the base learnt look -> species and called whole breeds the
-# wrong species). 25% pairs a blank image with a text-only sentence that uses the breed names and the
-# caption template, so every word the fine-tuned captions need has a trained embedding (as
-# BERT-initialised BLIP has); without them LoRA on the frozen LM head cannot produce breed words.
+# real photos; with each breed's own look the base would learn look -> species. 25% pairs a blank image
+# with a text-only sentence that uses the breed names and the caption template, so every word the
+# fine-tuned captions need has a trained embedding (as BERT-initialised BLIP has): LoRA on the frozen
+# LM head cannot produce words whose embeddings were never trained.
 # Pre-training runs on one thread whatever the caller's setting: CPU matrix products split their sums
-# by thread, so another thread count rounds differently, and the steps grow that into another model
-# (species 0.875 on 1 thread, 0.675 and 0.713 on 2, with recipe 1). One thread, not two: two threads
-# slow down many times over on a busy machine, where each waits for the other at every product, and
-# on a quiet one a 2-thread pre-training took 63 s of wall time for 121 s of CPU, against 51-77 s on one.
-# The loss scores the vocabulary through SampledHead (all the tokens the pre-training writes and 1,024
-# others drawn each step), not all 30,524 rows: the step was mostly that projection.
+# by thread, so another thread count rounds differently and the steps grow that into another model.
+# The loss scores the vocabulary through SampledHead: the step was mostly the 30,524-row projection.
+# The measurements behind each choice: benchmarks/results/README.md ("The demo base").
 
 DEMO_BASE_RECIPE = {
     "recipe": 3,  # bump when the recipe changes: a base folder built by another recipe is rebuilt
@@ -306,9 +303,8 @@ DEMO_BASE_RECIPE = {
     "threads": 1,
     "negatives": 1024,
 }
-# seed 1, not 0: the base's zero-shot species accuracy moves by about 0.05 with the pre-training seed (this
-# recipe: 0.85 with seed 0, 0.9625 with seed 1; recipe 2's full softmax: 0.9125 and 0.90), and the demo must show
-# a base that names the species as BLIP does (benchmarks/results/README.md, issue 22)
+# The seed is a chosen one: the base's zero-shot species accuracy moves with it, and the demo must show a base
+# that names the species as BLIP does (benchmarks/results/README.md)
 RECIPE_FILE = "demo_recipe.json"
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "cyan", "brown", "pink", "grey"]  # _PALETTE's
 _PATTERN_WORDS = {"solid": "", "stripes": "striped ", "spots": "spotted ", "half": "two-tone "}

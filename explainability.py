@@ -6,7 +6,7 @@
     python explainability.py --layers 8,9,10,11 --num_images 20
 
 Each caption is generated, then run again teacher-forced through the text decoder to read its
-cross-attention (see model.cross_attention_maps). Per image, one figure: the original, the map of
+cross-attention (attention.cross_attention_maps). Per image, one figure: the original, the map of
 the breed name (all its word pieces together) and maps of the other words, for both models.
 Where the data set has trimaps, attention_metrics.json says how much of the breed-token
 attention falls on the pet and how often its peak does (pointing game). Writes to --output_dir:
@@ -51,10 +51,10 @@ def parse_layers(text: str):
         return None
     try:
         return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
+    except ValueError as e:
         raise UserError(
             f"--layers must be 'all' or comma-separated integers like '-1' or '8,9,10,11', not {text!r}"
-        ) from None
+        ) from e
 
 
 def parse_args(argv=None):

@@ -283,21 +283,6 @@ def captions_from_embeddings(
 
 
 @torch.no_grad()
-def generate_caption(
-    model, processor, images: list, batch_size: int = 32, max_new_tokens: int = 30, num_beams: int = 1
-) -> list:
-    """Captions for a list of PIL images, batched."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    captions = []
-    for start in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-        embeds = image_embeddings(model, pixels.to(device, dtype))
-        captions += captions_from_embeddings(model, processor, embeds, max_new_tokens, num_beams)
-    return captions
-
-
-@torch.no_grad()
 def caption_log_likelihoods(
     model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_rows: int = 128
 ) -> torch.Tensor:

@@ -36,17 +36,17 @@ def load_processor(name_or_path: str) -> BlipProcessor:
     try:
         image_processor = BlipImageProcessorPil.from_pretrained(name_or_path, **kwargs)
         tokenizer = BertTokenizer.from_pretrained(name_or_path, **kwargs)
-    except OSError:
+    except OSError as e:
         if kwargs.get("local_files_only"):
-            raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
+            raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from e
         raise UserError(
             f"no BLIP processor (preprocessor_config.json, tokenizer files) found at {name_or_path!r}"
-        ) from None
+        ) from e
     except Exception as e:  # garbled tokenizer.json / JSON configs: tokenizers and json raise their own types
         raise UserError(
             f"the processor files at {name_or_path!r} are corrupt ({type(e).__name__}: {str(e)[:150]}); "
             "restore them from the original model"
-        ) from None
+        ) from e
     add_decoder_tokens(tokenizer)
     return BlipProcessor(image_processor, tokenizer)
 
@@ -179,18 +179,18 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
         model, info = BlipForPetCaptioning.from_pretrained(
             name_or_path, dtype=dtype, output_loading_info=True, **kwargs
         )
-    except OSError:
+    except OSError as e:
         if kwargs.get("local_files_only"):
-            raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from None
+            raise UserError(offline_hint("model", name_or_path, "--model_name_or_path")) from e
         raise UserError(
             f"no BLIP captioning model (config.json and model.safetensors or pytorch_model.bin) found at "
             f"{name_or_path!r}; pass a model folder or Hub id to --model_name_or_path"
-        ) from None
+        ) from e
     except Exception as e:  # a truncated or corrupt weights file: safetensors and torch raise their own types
         raise UserError(
             f"cannot load the model at {name_or_path!r} ({type(e).__name__}: {str(e)[:150]}); "
             "the weights may be corrupt or truncated: download them again"
-        ) from None
+        ) from e
     # transformers fills missing weights with random ones and only logs it: a model that is partly random is no base
     # (position_ids are buffers the model rebuilds; the Hub's 4.26-era .bin stores them, newer files do not)
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.endswith("position_ids"))
@@ -337,12 +337,12 @@ def load_lora_for_inference(
             raise UserError(
                 f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
                 "(size mismatch); pass the right --model_name_or_path"
-            ) from None
+            ) from e
         first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
         raise UserError(
             f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
             "the file may be corrupt or truncated: re-save or re-train it"
-        ) from None
+        ) from e
     check_loaded_keys(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
@@ -374,7 +374,7 @@ def check_loaded_keys(peft_model: "PeftModel", adapter_dir: str, fix: str = "re-
         raise UserError(
             f"the adapter weights in {adapter_dir!r} cannot be read ({type(e).__name__}: "
             f"{str(e)[:MAX_ERROR_CHARS]}); {fix}"
-        ) from None
+        ) from e
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
     reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
@@ -393,16 +393,12 @@ def check_loaded_keys(peft_model: "PeftModel", adapter_dir: str, fix: str = "re-
         )
 
 
-# ---------------------------------------------------------------------------
-# Inference
-
-
 def has_vision_lora(model: torch.nn.Module) -> bool:
     return any("vision_model" in n and "lora_" in n for n, _ in model.named_parameters())
 
 
 # ---------------------------------------------------------------------------
-# Evaluation helpers: adapter checks, shared image embeddings, caption likelihoods
+# Adapter checks and the zero-shot + fine-tuned pair
 
 
 def check_adapter(adapter_dir: str) -> dict:
@@ -439,7 +435,7 @@ def check_adapter(adapter_dir: str) -> dict:
         raise UserError(
             f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
             "re-save or re-train it"
-        ) from None
+        ) from e
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
         raise UserError(f"{config_path} names no base_model_name_or_path; pass --model_name_or_path")
     if not keys:

@@ -53,8 +53,10 @@ def check_output_dir(out: str, adapter: str = None) -> None:
 
 
 def setup_logging() -> None:
-    """Every script's log lines: level, logger name, message, from INFO up."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    """Every script's log lines: level, logger name, message, from INFO up (LOG_LEVEL=DEBUG shows more, such as
+    the library exception behind a one-line error)."""
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=getattr(logging, level, logging.INFO))
 
 
 def join_cpu_processes() -> None:
@@ -81,6 +83,8 @@ def run_main(main) -> None:
         print("interrupted: the output folder keeps what was finished, nothing half-written", file=sys.stderr)
         sys.exit(130)
     except UserError as e:
+        if e.__cause__ is not None:  # the library's own exception: kept for LOG_LEVEL=DEBUG, not shown as a traceback
+            logging.getLogger(__name__).debug("the error below was caused by:", exc_info=e.__cause__)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:

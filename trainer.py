@@ -359,11 +359,11 @@ def resume_point(cfg, args):
     try:
         with open(os.path.join(path, RUN_SETTINGS_FILE)) as f:
             saved = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
         raise UserError(
             f"checkpoint {path!r} has no readable {RUN_SETTINGS_FILE}, so it cannot be checked against this "
             "run; start afresh (without --resume_from_checkpoint) or in another --output_dir"
-        ) from None
+        ) from e
     current = json.loads(json.dumps(run_settings(cfg, args), default=str))
     differ = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if differ:
@@ -397,16 +397,16 @@ def check_checkpoint(model, path: str) -> None:
             elif CHECKPOINT_PICKLES.fullmatch(name):
                 with safe_globals():  # the numpy types Trainer's own loading allows (the RNG state)
                     torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as e:
             raise UserError(
                 f"checkpoint {path!r} cannot be trusted: its {name} holds objects other than tensors and plain "
                 f"values, which could run code (refused unread; nothing ran); {fix}"
-            ) from None
+            ) from e
         except Exception as e:  # truncated or garbled: zip, pickle and json raise their own types
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
             raise UserError(
                 f"checkpoint {path!r} cannot be read: its {name} is damaged ({type(e).__name__}: {first[:150]}); {fix}"
-            ) from None
+            ) from e
 
 
 def _find_checkpoint(args, value):

@@ -21,11 +21,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 import demo  # noqa: E402
 from breeds import BREED_NAMES, SPECIES, UNKNOWN, breed_from_caption, species_from_caption  # noqa: E402
 from config import PetConfig  # noqa: E402
 from data import load_image, load_splits  # noqa: E402
-from inference import generate_caption  # noqa: E402
+from inference import captions_from_embeddings, image_embeddings  # noqa: E402
 from model import load_base_model, load_processor  # noqa: E402
 
 
@@ -110,7 +112,9 @@ def zero_shot_species(base: str, pets: str) -> dict:
     """The base's zero-shot captions of the demo test set: species accuracy (overall and per breed), no breed named."""
     model, processor = load_base_model(base).eval(), load_processor(base)
     test = load_splits(pets)["test"]
-    captions = generate_caption(model, processor, [load_image(r) for r in test], max_new_tokens=16)
+    pixels = processor.image_processor([load_image(r) for r in test], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        captions = captions_from_embeddings(model, processor, image_embeddings(model, pixels), max_new_tokens=16)
     right = [species_from_caption(c) == SPECIES[r.label] for c, r in zip(captions, test)]
     per_breed = {}
     for ok, r in zip(right, test):

@@ -193,3 +193,16 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def caption_images(model, processor, images: list, max_new_tokens: int = 30, num_beams: int = 1) -> list:
+    """Captions of PIL images, the way evaluate.py writes them (image embeddings, then the decoder)."""
+    import torch
+
+    from inference import captions_from_embeddings, image_embeddings
+
+    param = next(model.parameters())
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
+    with torch.no_grad():
+        embeds = image_embeddings(model, pixels)
+    return captions_from_embeddings(model, processor, embeds, max_new_tokens, num_beams)

@@ -18,7 +18,7 @@ from PIL import Image
 import inference
 from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
 from data import Record, load_image, load_splits
-from helpers import ROOT, png_with_size
+from helpers import ROOT, caption_images, png_with_size
 from run_io import UserError
 
 pytest.importorskip("gradio")
@@ -48,7 +48,7 @@ def test_images(demo_run):
 
 @pytest.mark.slow
 def test_result_matches_an_independent_computation(captioner, test_images):
-    from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
+    from inference import breed_candidates, image_embeddings, rank_breeds
 
     right = 0
     for path, label in test_images:
@@ -61,7 +61,7 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             # Captions: the batched-from-pixels path, each model embedding the image itself
             assert (
                 r["caption"]
-                == generate_caption(model, processor, [image], max_new_tokens=captioner.cfg.max_new_tokens)[0]
+                == caption_images(model, processor, [image], max_new_tokens=captioner.cfg.max_new_tokens)[0]
             )
             # Top 5: a softmax over all 37 rank_breeds scores, recomputed here without sharing embeddings
             pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]

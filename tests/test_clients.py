@@ -12,8 +12,7 @@ import pytest
 import train
 from config import DEMO_DIR, OUTPUT_DIR
 from data import load_image, load_splits
-from helpers import ROOT
-from inference import generate_caption
+from helpers import ROOT, caption_images
 from model import load_lora_for_inference
 from run_io import UserError
 
@@ -56,7 +55,7 @@ def project_captions(demo_run, demo_adapter):
     records = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::7][:4]
     model, processor = load_lora_for_inference(demo_adapter)
     paths = [os.path.join(cwd, DEMO_DIR, "pets", "images", f"{r.image_id}.jpg") for r in records]
-    return paths, generate_caption(model, processor, [load_image(r) for r in records])
+    return paths, caption_images(model, processor, [load_image(r) for r in records])
 
 
 @pytest.mark.slow

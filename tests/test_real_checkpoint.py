@@ -27,7 +27,8 @@ from breeds import breed_index, caption_for
 from config import PetConfig
 from data import CaptionCollator, load_image, load_splits
 from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
-from inference import breed_candidates, generate_caption, image_embeddings, rank_breeds
+from helpers import caption_images
+from inference import breed_candidates, image_embeddings, rank_breeds
 from model import check_fits, load_base_model, load_lora_for_inference, load_processor
 from run_io import UserError
 
@@ -271,7 +272,7 @@ def test_train_evaluate_explain_on_the_real_files(real_blip, real_pets, tmp_path
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["project_modules"] == [] and plain["bos"] == DEC
     model, processor = load_lora_for_inference(adapter)
-    ours = generate_caption(
+    ours = caption_images(
         model, processor, [load_image(r) for r in load_splits(real_pets)["test"][:3]], max_new_tokens=12
     )
     assert plain["captions"] == ours

@@ -75,6 +75,20 @@ def test_disk_faults_are_one_line(code, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "/data/out/metrics.json" in err[0]
 
 
+def test_a_one_line_error_keeps_its_cause_for_debug_logging(capsys, caplog):
+    def main():
+        try:
+            int("many")
+        except ValueError as e:
+            raise UserError("--batch must be a number") from e
+
+    with caplog.at_level("DEBUG", logger="run_io"), pytest.raises(SystemExit):
+        run_io.run_main(main)
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --batch must be a number"]
+    causes = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert len(causes) == 1 and isinstance(causes[0], ValueError) and "many" in str(causes[0])
+
+
 def test_other_os_errors_still_raise():
     def main():
         raise FileNotFoundError(errno.ENOENT, "gone")

@@ -13,8 +13,7 @@ from breeds import SPECIES, UNKNOWN, breed_from_caption, species_from_caption
 from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES
 from data import load_image, load_splits
 from demo import write_synthetic_pets
-from helpers import hostile_images, run_script
-from inference import generate_caption
+from helpers import caption_images, hostile_images, run_script
 from model import load_base_model, load_lora_for_inference
 from run_io import UserError, run_main
 
@@ -32,7 +31,7 @@ EXPECTED_FILES = [
 
 def _accuracy(model, processor, records):
     images = [load_image(r) for r in records]
-    captions = generate_caption(model, processor, images, max_new_tokens=16)
+    captions = caption_images(model, processor, images, max_new_tokens=16)
     return sum(breed_from_caption(c) == r.label for c, r in zip(captions, records)) / len(records), captions
 
 
@@ -83,19 +82,19 @@ def test_reload_gives_the_same_captions_merged_or_not(demo_run, demo_adapter, tm
     test = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::7]
     images = [load_image(r) for r in test]
     unmerged, processor = load_lora_for_inference(demo_adapter, merge=False)
-    before = generate_caption(unmerged, processor, images)
+    before = caption_images(unmerged, processor, images)
     unmerged.save_pretrained(str(tmp_path / "again"))
     processor.save_pretrained(str(tmp_path / "again"))
     reloaded, _ = load_lora_for_inference(str(tmp_path / "again"), merge=False)
     merged, _ = load_lora_for_inference(str(tmp_path / "again"), merge=True)
-    assert generate_caption(reloaded, processor, images) == before
-    assert generate_caption(merged, processor, images) == before
+    assert caption_images(reloaded, processor, images) == before
+    assert caption_images(merged, processor, images) == before
     assert not any("lora" in n for n, _ in merged.named_modules())
     # and the adapter really changes the model: its captions differ from the base model's
     base = load_base_model(
         json.load(open(os.path.join(demo_adapter, "adapter_config.json")))["base_model_name_or_path"]
     )
-    assert generate_caption(base.eval(), processor, images) != before
+    assert caption_images(base.eval(), processor, images) != before
 
 
 def _logged_loss(tiny_assets, tmp_path, batch, accumulation, patch=True, monkeypatch=None):
