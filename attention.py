@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import torch
 
-from breeds import BREED_PHRASES, CAT_WORDS, DOG_WORDS, normalise_text
 from data import BadImage, load_trimap
 from inference import caption_ids_from_embeddings, image_embeddings
+from labels import LabelSet, normalise_text
 from run_io import UserError
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,14 @@ def cross_attention_maps(
 
 
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "is", "are", "to", "at", "its", "it", "this", "that"}
-ANIMAL_WORDS = CAT_WORDS | DOG_WORDS | {"pet", "pets", "animal"}
-BREED_OF_PHRASE = dict(BREED_PHRASES)  # normalised breed name or alias -> class index
-# The longest breed name or alias is 4 words; the caption's words may also hold a "-" or "'" between them
-MAX_SUBJECT_WORDS = 6
+PET_WORDS = {"pet", "pets", "animal"}  # for Oxford-IIIT Pet, what else names the subject besides cat and dog words
+
+
+def subject_words(labels: LabelSet) -> tuple:
+    """(words that name the subject when no class is named, what such a subject is called in the outputs)."""
+    if labels.is_pets:
+        return labels.group_words_flat() | PET_WORDS, "animal"
+    return labels.group_words_flat(), labels.group_kind
 
 
 def word_spans(tokens: list, special: set) -> list:
@@ -107,23 +111,27 @@ def _is_word(text: str) -> bool:
     return bool(re.search(r"[a-z0-9]", text.lower()))
 
 
-def subject_span(words: list):
-    """(first word, end word, kind) of what the caption says the pet is.
+def subject_span(words: list, labels: LabelSet):
+    """(first word, end word, kind) of what the caption says the subject is.
 
-    kind "breed": the longest run of words that is a breed name or alias (plural allowed);
-    else "animal": the first word like cat/dog/puppy; else None.
+    kind labels.kind ("breed" for pets): the longest run of words that is a class name or alias (plural
+    allowed); else a group word (kind "animal" for pets: cat, dog, puppy, pet, ...); else None.
     """
-    for n in range(min(MAX_SUBJECT_WORDS, len(words)), 0, -1):
+    phrases = dict(labels.phrases)
+    longest = max((len(p.split()) for p in phrases), default=1)
+    # the caption's words may also hold a "-" or "'" between a name's words
+    for n in range(min(longest + 2, len(words)), 0, -1):
         for s in range(len(words) - n + 1):
             run = words[s : s + n]
             if not (_is_word(run[0][0]) and _is_word(run[-1][0])):
                 continue
             text = normalise_text(" ".join(w for w, _, _ in run)).strip()
-            if any(t in BREED_OF_PHRASE for t in (text, re.sub(r"e?s$", "", text))):
-                return s, s + n, "breed"
+            if any(t in phrases for t in (text, re.sub(r"e?s$", "", text))):
+                return s, s + n, labels.kind
+    group_words, group_kind = subject_words(labels)
     for s, (w, _, _) in enumerate(words):
-        if w.lower() in ANIMAL_WORDS:
-            return s, s + 1, "animal"
+        if normalise_text(w).strip() in group_words:
+            return s, s + 1, group_kind
     return None
 
 
@@ -190,7 +198,7 @@ def overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> np.n
 
 
 @torch.no_grad()
-def explain(model, processor, embeds, cfg, layers) -> list:
+def explain(model, processor, embeds, cfg, layers, labels: LabelSet) -> list:
     """Per image: caption, word panels [(label, grid map)], subject (kind, map) from one model."""
     ids, mask = caption_ids_from_embeddings(model, embeds, cfg.max_new_tokens, cfg.num_beams)
     maps = cross_attention_maps(model, embeds, ids, mask, layers).cpu().numpy()
@@ -200,7 +208,7 @@ def explain(model, processor, embeds, cfg, layers) -> list:
         n = int(mask[b].sum())
         tokens = processor.tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
         words = word_spans(tokens, special)
-        subject = subject_span(words)
+        subject = subject_span(words, labels)
         panels, subject_map, kind = [], None, None
         if subject is not None:
             s, e, kind = subject

@@ -6,12 +6,14 @@ Each entry script parses `PetConfig` plus its own small dataclass with
 """
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from devices import device_defaults, pick_device
+from labels import check_template
 from run_io import UserError
 
 BASE_MODEL = "Salesforce/blip-image-captioning-base"
@@ -48,9 +50,34 @@ class PetConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default="query,value", metadata={"help": "comma-separated module names"})
-    caption_template: str = field(
-        default="A photo of {article} {breed}, a type of pet.",
-        metadata={"help": "{breed} is the readable breed name, {article} is a/an"},
+    caption_template: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "the caption taught for each class: {label} (or {breed}) is its readable name, {article} a/an, "
+            "{group} its group; default: 'A photo of {article} {breed}, a type of pet.' for Oxford-IIIT Pet, "
+            "'A photo of {article} {label}.' for other data (evaluate.py and the others: the adapter's own)"
+        },
+    )
+    image_column_name: Optional[str] = field(
+        default=None, metadata={"help": "the column of images (default: the only column of images)"}
+    )
+    label_column_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "the column of labels (default: label or labels, else the only ClassLabel column)"},
+    )
+    test_split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "the held-out split, never trained on (default: test; a data set without one gets a "
+            "stratified half held out)"
+        },
+    )
+    label_names: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "JSON or CSV file of display names per class, with optional aliases and group "
+            "(docs/outputs.md); default: the class names, cleaned"
+        },
     )
     val_fraction: float = field(default=0.1, metadata={"help": "share of trainval held out for validation, stratified"})
     max_train_samples: Optional[int] = None
@@ -231,14 +258,11 @@ def check_options(cfg) -> None:
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(cfg, name)
         require(value is None or value >= 1, f"--{name} must be at least 1, not {value}")
-    try:
-        text = cfg.caption_template.format(breed="Beagle", article="a")
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(
-            f"--caption_template {cfg.caption_template!r} is not a valid template ({type(e).__name__}: {e}); "
-            "use only {breed} and {article}"
-        ) from e
-    require("Beagle" in text, f"--caption_template {cfg.caption_template!r} must contain {{breed}}")
+    if cfg.caption_template is not None:
+        # the fields only: whether {group} has groups to fill is known once the data's label set is
+        check_template(cfg.caption_template)
+    if cfg.label_names is not None and not os.path.isfile(cfg.label_names):
+        raise UserError(f"--label_names {cfg.label_names!r} is not a file; pass a JSON or CSV file")
 
 
 def check_seed(seed: int) -> None:

@@ -1,11 +1,12 @@
-"""Oxford-IIIT Pet: sources, splits, records, image decoding, the captioning dataset and collator, image batches.
+"""Data: sources, splits, records, image decoding, the captioning dataset and collator, image batches.
 
 source (official-layout folder | save_to_disk folder | folder of data files | Hub id: SOURCES)
   -> load_splits() -> {"train", "validation", "test"}: lists of Record(image_id, label, source)
-  -> PetCaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
-(the breeds and their captions are breeds.py; the cached image embeddings embedding_cache.py)
+  -> CaptionDataset (image -> pixel_values, label -> caption) -> CaptionCollator -> batch
+(the label sets and their captions are labels.py; the cached image embeddings embedding_cache.py)
 """
 
+import dataclasses
 import functools
 import io
 import logging
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from breeds import NUM_BREEDS, breed_index, caption_for
 from devices import device_setting
+from labels import OXFORD_PETS, LabelSet, from_class_names, with_label_names
 from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def _read_official_list(path: str):
         parts = line.split()
         try:
             class_id = int(parts[1])
-            if not 1 <= class_id <= NUM_BREEDS or not _IMAGE_NAME.fullmatch(parts[0]):
+            if not 1 <= class_id <= len(OXFORD_PETS) or not _IMAGE_NAME.fullmatch(parts[0]):
                 raise ValueError
         except (IndexError, ValueError):
             bad.append(f"{os.path.basename(path)}:{n}")
@@ -231,66 +232,157 @@ def load_official_layout(root: str) -> dict:
     return splits
 
 
-def _records_from_hf(dataset, split: str) -> list:
-    """Records for a datasets.Dataset with an `image` column and an int or string `label`."""
+def _image_column(dataset, given: Optional[str]) -> str:
+    """The column of images: --image_column_name, else the only column of datasets.Image values."""
+    from datasets import Image as ImageFeature
+
+    columns = dataset.column_names
+    if given is not None:
+        if given not in columns:
+            raise UserError(f"--image_column_name {given!r} is not a column of the data set; its columns: {columns}")
+        if not isinstance(dataset.features[given], ImageFeature):
+            raise UserError(f"the {given!r} column holds {dataset.features[given]}, not images")
+        return given
+    images = [c for c, f in dataset.features.items() if isinstance(f, ImageFeature)]
+    if len(images) == 1:
+        return images[0]
+    if images:
+        raise UserError(f"{len(images)} columns hold images ({', '.join(images)}): pass --image_column_name")
+    if "image" in columns:
+        raise UserError(f"the 'image' column holds {dataset.features['image']}, not images")
+    raise UserError(f"no column holds images; the data set's columns: {columns} (pass --image_column_name)")
+
+
+def _label_column(dataset, given: Optional[str], image_column: str) -> str:
+    """The column of labels: --label_column_name, else label/labels, else the only ClassLabel column."""
+    from datasets import ClassLabel
+
+    columns = dataset.column_names
+    if given is not None:
+        if given not in columns:
+            raise UserError(f"--label_column_name {given!r} is not a column of the data set; its columns: {columns}")
+        return given
+    named = [c for c in ("label", "labels") if c in columns]
+    if len(named) == 1:
+        return named[0]
+    classes = [c for c, f in dataset.features.items() if isinstance(f, ClassLabel)]
+    if len(classes) == 1 and not named:
+        return classes[0]
+    candidates = named or classes
+    if candidates:
+        raise UserError(f"several columns could hold the labels ({', '.join(candidates)}): pass --label_column_name")
+    others = [c for c in columns if c != image_column]
+    if not others:
+        raise UserError(
+            "the data set has images and no labels: an image folder needs one sub-folder per class, at least two "
+            "classes (datasets reads a single class folder as unlabelled images)"
+        )
+    raise UserError(
+        f"no label column (label, labels or a ClassLabel column) among {others}: pass --label_column_name"
+    )
+
+
+def _class_names(dataset_dict: dict, column: str) -> list:
+    """The classes of `column`: its ClassLabel names, else the sorted distinct strings (or integers) it holds."""
+    from datasets import ClassLabel, Value
+
+    feature = next(iter(dataset_dict.values())).features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if not isinstance(feature, Value) or not (feature.dtype == "string" or feature.dtype.startswith(("int", "uint"))):
+        raise UserError(
+            f"the label column {column!r} holds {feature}, not labels (class names or a ClassLabel); "
+            "pass the right --label_column_name"
+        )
+    values = {v for ds in dataset_dict.values() for v in ds[column] if v is not None}
+    if feature.dtype != "string":
+        logger.warning(
+            "the labels in %r are plain integers: the classes are named by their numbers (give them names with "
+            "--label_names, or store the column as a ClassLabel)",
+            column,
+        )
+        return [str(v) for v in sorted(values)]
+    return sorted(values)
+
+
+def _records_from_hf(dataset, split: str, image_column: str, label_column: str, class_names: list) -> list:
+    """Records of one split of a datasets.Dataset; each label is a position in class_names."""
     from datasets import ClassLabel
     from datasets import Image as ImageFeature
 
-    if "image" not in dataset.column_names or "label" not in dataset.column_names:
-        raise UserError(f"the {split!r} split needs columns 'image' and 'label', it has {dataset.column_names}")
-    feature = dataset.features["label"]
-    raw = dataset["label"]
-    names = feature.names if isinstance(feature, ClassLabel) else None
-    paths = [str(p) for p in dataset["path"]] if "path" in dataset.column_names else None
-    ids = (
-        dataset["image_id"]
-        if "image_id" in dataset.column_names
-        else ([os.path.splitext(os.path.basename(p))[0] for p in paths] if paths is not None else None)
-    )
+    classed = isinstance(dataset.features[label_column], ClassLabel)
+    position = {name: i for i, name in enumerate(class_names)}
     kept, unlabelled = [], 0
-    for row, value in enumerate(raw):
-        if value is None or (names is not None and not 0 <= value < len(names)):
-            unlabelled += 1  # ClassLabel -1 means "no label"; names[-1] would make it the last breed
+    for row, value in enumerate(dataset[label_column]):
+        if value is None or (classed and not 0 <= value < len(class_names)):
+            unlabelled += 1  # ClassLabel -1 means "no label"; names[-1] would make it the last class
             continue
-        try:
-            label = breed_index(names[value] if names is not None else value)
-        except (ValueError, IndexError) as e:
-            raise UserError(f"label {value!r} in split {split!r} is not one of the 37 Oxford-IIIT Pet breeds") from e
-        kept.append((row, label))
+        kept.append((row, value if classed else position[str(value)]))
     if unlabelled:
         logger.warning("Skipped %d rows of split %r without a label (-1, None or out of range)", unlabelled, split)
-    if not isinstance(dataset.features["image"], ImageFeature):
-        raise UserError(f"the 'image' column of split {split!r} holds {dataset.features['image']}, not images")
-    # Decode ourselves so a broken image is skipped, not raised inside datasets
-    dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    # Decode ourselves so a broken image is skipped, not raised inside datasets; the image column is called
+    # "image" from here on (Record.source is (dataset, row))
+    dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+    if image_column != "image":
+        if "image" in dataset.column_names:
+            dataset = dataset.remove_columns("image")
+        dataset = dataset.rename_column(image_column, "image")
+    columns = dataset.column_names
+    paths = [str(p) for p in dataset["path"]] if "path" in columns else _image_files(dataset)
+    ids = dataset["image_id"] if "image_id" in columns else None
+    if ids is None and paths is not None:
+        ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return [
         Record(str(ids[row]) if ids else f"{split}_{row}", label, (dataset, row), uid=paths[row] if paths else None)
         for row, label in kept
     ]
 
 
-def _hf_splits(dataset_dict, seed: int) -> dict:
+def _image_files(dataset) -> Optional[list]:
+    """The files an image folder's images came from (absolute paths), or None where the images are not files
+    on this disk (bytes inside parquet files); read from Arrow, without loading the images."""
+    import pyarrow.compute as pc
+
+    cells = dataset.select_columns(["image"]).with_format("arrow")[:]["image"]
+    try:
+        files = pc.struct_field(cells, "path").to_pylist()
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not files or not all(isinstance(f, str) and os.path.isabs(f) for f in files):
+        return None
+    return files if all(os.path.isfile(f) for f in files[:8]) else None
+
+
+def _hf_splits(dataset_dict, options: dict) -> tuple:
+    """({split name: records}, class names) of a datasets.Dataset or DatasetDict."""
     from datasets import Dataset
 
     if isinstance(dataset_dict, Dataset):
         dataset_dict = {"train": dataset_dict}
-    names = list(dataset_dict.keys())
-    train_name = next((n for n in ("train", "trainval") if n in names), names[0])
-    trainval = _records_from_hf(dataset_dict[train_name], train_name)
-    if "test" in names:
-        return {"trainval": trainval, "test": _records_from_hf(dataset_dict["test"], "test")}
-    # pcuenq/oxford-pets has one split: hold out half, stratified, like the official 50/50 split
-    logger.warning(
-        "Dataset has no 'test' split: holding out a stratified half of %r as test (seed %d)", train_name, seed
-    )
-    trainval, test = stratified_split(trainval, 0.5, seed)
-    return {"trainval": trainval, "test": test}
+    if not dataset_dict:
+        raise UserError("the data set has no splits")
+    first = next(iter(dataset_dict.values()))
+    image_column = _image_column(first, options.get("image_column"))
+    label_column = _label_column(first, options.get("label_column"), image_column)
+    if label_column == image_column:
+        raise UserError(f"--label_column_name {label_column!r} is the image column; pass the column of labels")
+    for name, split in dataset_dict.items():
+        missing = {image_column, label_column} - set(split.column_names)
+        if missing:
+            raise UserError(f"split {name!r} lacks the column(s) {', '.join(sorted(missing))}")
+    class_names = _class_names(dataset_dict, label_column)
+    splits = {
+        name: _records_from_hf(split, name, image_column, label_column, class_names)
+        for name, split in dataset_dict.items()
+    }
+    return splits, class_names
 
 
-def _load_data_files(path: str, seed: int) -> dict:
+def _load_data_files(path: str, options: dict) -> tuple:
     """A local folder that `datasets.load_dataset` reads: data files (parquet, csv, ...) or an image folder."""
     import datasets
 
+    _warn_empty_class_folders(path)
     try:
         loaded = datasets.load_dataset(path)
     except Exception as e:  # datasets raises many types for a folder it cannot read
@@ -298,10 +390,32 @@ def _load_data_files(path: str, seed: int) -> dict:
             f"--dataset {path!r} is neither the official layout (annotations/list.txt), a save_to_disk "
             f"folder, nor data files datasets can read ({type(e).__name__}: {str(e)[:120]})"
         ) from e
-    return _hf_splits(loaded, seed)
+    return _hf_splits(loaded, options)
 
 
-def _load_hub(name: str, seed: int) -> dict:
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _warn_empty_class_folders(path: str) -> None:
+    """An image folder's class folders without images are not classes to datasets: say so in one line."""
+    split_names = {"train", "validation", "valid", "val", "test", "dev"}
+    tops = [os.path.join(path, d) for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+    parents = [t for t in tops if os.path.basename(t).lower() in split_names] or [path]
+    empty = []
+    for parent in parents:
+        for d in sorted(os.listdir(parent)):
+            folder = os.path.join(parent, d)
+            if os.path.isdir(folder) and not d.startswith(".") and folder not in tops[: 0 if parent == path else None]:
+                has_images = any(f.lower().endswith(_IMAGE_SUFFIXES) for _, _, fs in os.walk(folder) for f in fs)
+                if not has_images and os.path.basename(folder).lower() not in split_names:
+                    empty.append(os.path.relpath(folder, path))
+    if empty:
+        logger.warning(
+            "Left out %d class folders without images (first: %s)", len(empty), ", ".join(empty[:5])
+        )
+
+
+def _load_hub(name: str, options: dict) -> tuple:
     """A Hub data set id (from the local cache when the Hub is unreachable)."""
     import datasets
 
@@ -315,15 +429,15 @@ def _load_hub(name: str, seed: int) -> dict:
         # Only the local cache can help; datasets reads this flag at call time
         datasets.config.HF_HUB_OFFLINE = True
         try:
-            return _hf_splits(datasets.load_dataset(name), seed)
+            loaded = datasets.load_dataset(name)
         except Exception as e:
-            logger.debug("loading %r from the local cache failed", name, exc_info=e)
             raise UserError(offline_hint("dataset", name, "--dataset")) from e
-    return _hf_splits(datasets.load_dataset(name), seed)
+        return _hf_splits(loaded, options)
+    return _hf_splits(datasets.load_dataset(name), options)
 
 
-def _load_save_to_disk(path: str, seed: int) -> dict:
-    return _hf_splits(_load_from_disk(path), seed)
+def _load_save_to_disk(path: str, options: dict) -> tuple:
+    return _hf_splits(_load_from_disk(path), options)
 
 
 def _load_from_disk(path: str):
@@ -340,45 +454,137 @@ def _load_from_disk(path: str):
         ) from e
 
 
-def _load_official_layout(root: str, seed: int) -> dict:
+def _load_official_layout(root: str, options: dict) -> tuple:
     if not _is_official_layout(root):
         raise UserError(
             f"{root}/annotations/list.txt is missing: the official layout needs it "
             "(from annotations.tar.gz of the Oxford-IIIT Pet release)"
         )
-    return load_official_layout(root)
+    return load_official_layout(root), list(OXFORD_PETS.keys)
 
 
-# What --dataset can be, in the order it is recognised: (detect, load). load(dataset, seed) returns
-# {"trainval": records, "test": records}; the first source whose detect() says yes loads it.
+# What --dataset can be, in the order it is recognised: (detect, load). load(dataset, options) returns
+# ({split name: records}, class names), each record's label a position in the class names; the first
+# source whose detect() says yes loads it.
 SOURCES = [
     (lambda d: os.path.isdir(os.path.join(d, "annotations")), _load_official_layout),  # the official release
     (lambda d: os.path.isdir(d) and _is_save_to_disk(d), _load_save_to_disk),  # Dataset(Dict).save_to_disk
-    (os.path.isdir, _load_data_files),  # parquet, csv, json files, an image folder
+    (os.path.isdir, _load_data_files),  # an image folder (one folder per class), parquet, csv or json files
     (lambda d: True, _load_hub),  # a Hub id
 ]
 
 
-def load_splits(dataset: str, val_fraction: float = 0.1, seed: int = 42) -> dict:
-    """{"train", "validation", "test"} record lists from any supported source.
+@dataclass
+class Splits:
+    """load_splits' result: the three record lists, and the label set their labels index."""
 
-    The official test split is held out for evaluation; validation is a stratified,
-    seeded share of trainval.
+    train: list
+    validation: list
+    test: list
+    labels: LabelSet
+
+    def __getitem__(self, name: str) -> list:
+        """A split named at run time (--split train|validation|test)."""
+        if name not in ("train", "validation", "test"):
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+def load_splits(
+    dataset: str,
+    val_fraction: float = 0.1,
+    seed: int = 42,
+    *,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    test_split: Optional[str] = None,
+    label_names: Optional[str] = None,
+    labels: Optional[LabelSet] = None,
+) -> Splits:
+    """Train, validation and test records and their label set, from any supported source.
+
+    The held-out test split (`test`, or --test_split) is only ever evaluated; a data set without one gets
+    a stratified, seeded half held out. Validation is the data set's own `validation` split where it has
+    one (and it is not the test split), else a stratified, seeded share of the rest. `labels`: the label
+    set of an adapter, which the data's classes must belong to (by name); else the data's own classes
+    (with --label_names's names, aliases and groups).
     """
+    options = {"image_column": image_column, "label_column": label_column}
     load = next(load for detect, load in SOURCES if detect(dataset))
-    splits = load(dataset, seed)
+    by_split, class_names = load(dataset, options)
+    if labels is None:
+        labels = from_class_names(class_names)
+        if label_names is not None:
+            labels = with_label_names(labels, label_names)
+    by_split = _relabel(by_split, class_names, labels, dataset)
+    trainval, validation, test = _choose_splits(by_split, test_split, seed)
     # An image in both trainval and test would be trained on and then scored as unseen
-    test_ids = {r.identity for r in splits["test"]}
-    overlap = [r.identity for r in splits["trainval"] if r.identity in test_ids]
-    if overlap:
-        logger.warning(
-            "Dropped %d images from trainval that are also in the test split (first: %s)",
-            len(overlap),
-            ", ".join(overlap[:5]),
+    test_ids = {r.identity for r in test}
+    for name, records in (("trainval", trainval), ("validation", validation or [])):
+        overlap = [r.identity for r in records if r.identity in test_ids]
+        if overlap:
+            logger.warning(
+                "Dropped %d images from %s that are also in the test split (first: %s)",
+                len(overlap),
+                name,
+                ", ".join(overlap[:5]),
+            )
+            records[:] = [r for r in records if r.identity not in test_ids]
+    if validation is None:
+        trainval, validation = stratified_split(trainval, val_fraction, seed)
+    present = {r.label for r in trainval + validation + test}
+    if len(present) < 2:
+        raise UserError(
+            f"{dataset!r} has {len(present)} class(es) with images; telling classes apart needs at least two"
         )
-        splits["trainval"] = [r for r in splits["trainval"] if r.identity not in test_ids]
-    train, validation = stratified_split(splits["trainval"], val_fraction, seed)
-    return {"train": train, "validation": validation, "test": splits["test"]}
+    return Splits(trainval, validation, test, labels)
+
+
+def _relabel(by_split: dict, class_names: list, labels: LabelSet, dataset: str) -> dict:
+    """Records whose labels index `labels` instead of the data's class names; one line for classes it lacks."""
+    mapping, unknown = {}, []
+    for i, name in enumerate(class_names):
+        try:
+            mapping[i] = labels.index(name)
+        except ValueError:
+            unknown.append(name)
+    used = {r.label for records in by_split.values() for r in records}
+    unknown = [name for i, name in enumerate(class_names) if i not in mapping and i in used]
+    if unknown:
+        what = "the 37 Oxford-IIIT Pet breeds" if labels.is_pets else f"the adapter's {len(labels)} classes"
+        raise UserError(
+            f"{dataset!r} has {len(unknown)} classes that are not among {what} (first: "
+            f"{', '.join(map(repr, unknown[:3]))}); evaluate an adapter on the classes it was trained on"
+        )
+    return {
+        split: [dataclasses.replace(r, label=mapping[r.label]) for r in records] for split, records in by_split.items()
+    }
+
+
+def _choose_splits(by_split: dict, test_split: Optional[str], seed: int) -> tuple:
+    """(trainval, validation or None, test) from the source's splits."""
+    names = list(by_split)
+    if test_split is not None and test_split not in by_split:
+        raise UserError(f"--test_split {test_split!r} is not a split of the data set; its splits: {names}")
+    test_name = test_split or ("test" if "test" in by_split else None)
+    rest = [n for n in names if n != test_name]
+    train_name = next((n for n in ("train", "trainval") if n in rest), rest[0] if rest else None)
+    if train_name is None:
+        raise UserError(f"the data set has only its test split ({test_name!r}): nothing to train on")
+    validation_name = next((n for n in ("validation", "valid", "val") if n in rest and n != train_name), None)
+    trainval = list(by_split[train_name])
+    validation = list(by_split[validation_name]) if validation_name else None
+    if test_name is None:
+        logger.warning(
+            "The data set has no 'test' split: holding out a stratified half of %r as test (seed %d); "
+            "pass --test_split to name another held-out split",
+            train_name,
+            seed,
+        )
+        trainval, test = stratified_split(trainval, 0.5, seed)
+    else:
+        test = list(by_split[test_name])
+    return trainval, validation, test
 
 
 def stratified_split(records: list, fraction: float, seed: int):
@@ -411,18 +617,18 @@ def subsample(records: list, n: Optional[int], seed: int) -> list:
 # Dataset and collator
 
 
-class PetCaptionDataset(torch.utils.data.Dataset):
-    """(image, breed) -> pixel_values and the templated caption.
+class CaptionDataset(torch.utils.data.Dataset):
+    """(image, class) -> pixel_values and the class's templated caption.
 
     An unreadable image is recorded in `bad_images` (warned once) and, for training, replaced
     by the next readable record so a batch is never short; with substitute_bad=False (evaluation)
     it comes back as None and the collator drops it, so nothing is counted twice.
     """
 
-    def __init__(self, records: list, image_processor, template: str, substitute_bad: bool = True):
+    def __init__(self, records: list, image_processor, labels: LabelSet, template: str, substitute_bad: bool = True):
         self.records = records
         self.image_processor = image_processor
-        self.template = template
+        self.labels, self.template = labels, template
         self.substitute_bad = substitute_bad
         self.bad_images = {}
 
@@ -447,7 +653,7 @@ class PetCaptionDataset(torch.utils.data.Dataset):
             pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
             return {
                 "pixel_values": pixel_values,
-                "caption": caption_for(record.label, self.template),
+                "caption": self.labels.caption(record.label, self.template),
                 "label": record.label,
             }
         raise UserError("no readable image in the data set")
@@ -462,9 +668,10 @@ def tokenize_captions(tokenizer, captions: list, bos_token_id: int):
     return input_ids, enc["attention_mask"]
 
 
-def longest_caption_tokens(tokenizer, template: str) -> int:
-    """Tokens in the longest caption `template` gives any of the 37 breeds, [DEC] and [SEP] included."""
-    return tokenize_captions(tokenizer, [caption_for(b, template) for b in range(NUM_BREEDS)], 0)[0].shape[1]
+def longest_caption_tokens(tokenizer, labels: LabelSet, template: str) -> int:
+    """Tokens in the longest caption `template` gives any class of `labels`, [DEC] and [SEP] included."""
+    captions = [labels.caption(c, template) for c in range(len(labels))]
+    return tokenize_captions(tokenizer, captions, 0)[0].shape[1]
 
 
 class CaptionCollator:
@@ -481,7 +688,7 @@ class CaptionCollator:
         self.tokenizer, self.bos_token_id, self.pad_to = tokenizer, bos_token_id, pad_to
 
     def __call__(self, items: list) -> dict:
-        items = [it for it in items if it is not None]  # unreadable images (see PetCaptionDataset)
+        items = [it for it in items if it is not None]  # unreadable images (see CaptionDataset)
         if not items:
             raise UserError("a whole batch of images was unreadable; check the data set (see the warnings above)")
         input_ids, attention_mask = tokenize_captions(

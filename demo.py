@@ -16,9 +16,9 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw, ImageFilter
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-from breeds import BREED_NAMES, BREEDS, NUM_BREEDS, SPECIES, article, caption_for
 from config import DEMO_DIR
 from data import tokenize_captions
+from labels import BREED_NAMES, BREEDS, NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE, SPECIES, article
 from model import load_processor
 
 # ---------------------------------------------------------------------------
@@ -202,6 +202,82 @@ def write_synthetic_pets(
 
 
 # ---------------------------------------------------------------------------
+# Toy birds: a second synthetic data set, not pets, in the image-folder layout of CUB-200-2011
+
+# (folder name as CUB numbers it, body colour, beak length, crest, tail length): told apart by colour and shape
+TOY_BIRDS = [
+    ("001.Northern_Cardinal", (200, 30, 30), 0.35, True, 0.9),
+    ("002.Blue_Jay", (40, 90, 210), 0.35, True, 1.0),
+    ("003.American_Goldfinch", (235, 205, 30), 0.3, False, 0.6),
+    ("004.Common_Raven", (25, 25, 30), 0.6, False, 0.9),
+    ("005.Snowy_Owl", (245, 245, 240), 0.15, False, 0.2),
+    ("006.Ruby_throated_Hummingbird", (40, 160, 70), 1.0, False, 0.5),
+]
+
+
+def _draw_bird(kind: int, size: int, rng: random.Random) -> Image.Image:
+    _, colour, beak, crest, tail = TOY_BIRDS[kind]
+    bg = tuple(rng.randint(120, 230) for _ in range(3))
+    image = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(image)
+    r = rng.uniform(0.15, 0.2) * size
+    side = rng.choice([-1, 1])
+    cx, cy = rng.uniform(0.4, 0.6) * size, rng.uniform(0.45, 0.6) * size
+    hx, hy, hr = cx + side * 1.0 * r, cy - 0.8 * r, 0.55 * r
+    d.polygon(
+        [
+            (cx - side * 0.8 * r, cy),
+            (cx - side * (0.8 + tail * 1.5) * r, cy - 0.3 * r),
+            (cx - side * (0.8 + tail * 1.5) * r, cy + 0.4 * r),
+        ],
+        fill=colour,
+    )  # tail
+    d.ellipse([cx - 1.1 * r, cy - 0.7 * r, cx + 1.1 * r, cy + 0.7 * r], fill=colour)  # body
+    d.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=colour)  # head
+    if crest:
+        d.polygon(
+            [(hx - 0.4 * hr, hy - 0.8 * hr), (hx - side * 0.6 * hr, hy - 2.0 * hr), (hx + 0.3 * hr, hy - 0.9 * hr)],
+            fill=colour,
+        )
+    d.polygon(
+        [
+            (hx + side * 0.9 * hr, hy - 0.25 * hr),
+            (hx + side * (0.9 + beak * 2.5) * hr, hy),
+            (hx + side * 0.9 * hr, hy + 0.25 * hr),
+        ],
+        fill=(230, 150, 20),
+    )  # beak
+    d.ellipse(
+        [hx + side * 0.2 * hr - 2, hy - 0.3 * hr - 2, hx + side * 0.2 * hr + 2, hy - 0.3 * hr + 2], fill=(0, 0, 0)
+    )
+    d.line([(cx - 0.2 * r, cy + 0.6 * r), (cx - 0.3 * r, cy + 1.3 * r)], fill=(60, 40, 20), width=2)  # legs
+    d.line([(cx + 0.2 * r, cy + 0.6 * r), (cx + 0.3 * r, cy + 1.3 * r)], fill=(60, 40, 20), width=2)
+    return image
+
+
+def write_toy_birds(
+    root: str,
+    train_per_class: int = 20,
+    test_per_class: int = 6,
+    size: int = 64,
+    split_folders: bool = True,
+    seed: int = 0,
+) -> str:
+    """Write 6 synthetic bird species as an image folder (one folder per class, CUB-200-2011's numbered names)
+    and return `root`: under train/ and test/ with split_folders, else all in one level."""
+    rng = random.Random(seed)
+    for kind, (folder, *_) in enumerate(TOY_BIRDS):
+        for k in range(train_per_class + test_per_class):
+            split = ("train" if k < train_per_class else "test") if split_folders else ""
+            target = os.path.join(root, split, folder)
+            os.makedirs(target, exist_ok=True)
+            _draw_bird(kind, size, rng).save(
+                os.path.join(target, f"{folder.split('.', 1)[1]}_{k + 1:04d}.jpg"), quality=92
+            )
+    return root
+
+
+# ---------------------------------------------------------------------------
 # The demo's processor: the real checkpoint's tokenizer, smaller images
 
 REAL_PROCESSOR_DIR = os.path.join(
@@ -329,7 +405,7 @@ def text_only_sentences(template: str) -> list:
     for b in range(NUM_BREEDS):
         name = BREED_NAMES[b].lower()
         out += [
-            caption_for(b, template),
+            OXFORD_PETS.caption(b, template),
             f"the {name} is a breed of {SPECIES[b]}.",
             f"{article(name)} {name} is a type of pet.",
             f"a photo of {article(name)} {name}.",
@@ -500,7 +576,7 @@ def use_demo_assets(cfg, adapter_run=None) -> None:
     # writes nothing under DEMO_DIR
     with PartialState().main_process_first():
         if cfg.model_name_or_path is None:
-            cfg.model_name_or_path = prepare_demo_base(DEMO_DIR, cfg.caption_template)
+            cfg.model_name_or_path = prepare_demo_base(DEMO_DIR, cfg.caption_template or PETS_TEMPLATE)
         if cfg.dataset is None:
             cfg.dataset = prepare_demo_data(DEMO_DIR)
 

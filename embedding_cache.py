@@ -16,7 +16,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from breeds import caption_for
 from data import Record, pixel_batches
 from devices import device_setting
 from run_io import exclusive_lock, write_json_atomic
@@ -220,12 +219,12 @@ class EmbeddingCache:
 
 
 class CachedEmbeddingDataset(torch.utils.data.Dataset):
-    """Like PetCaptionDataset, but yields cached `image_embeds` instead of pixel_values."""
+    """Like data.CaptionDataset, but yields cached `image_embeds` instead of pixel_values."""
 
-    def __init__(self, records: list, cache: EmbeddingCache, template: str):
+    def __init__(self, records: list, cache: EmbeddingCache, labels, template: str):
         keys = cache.keys(records)  # hashed once (during the build), not per item per epoch
         self.items = [(r, k) for r, k in zip(records, keys) if k in cache.index]  # unreadable ones were never cached
-        self.cache, self.template = cache, template
+        self.cache, self.labels, self.template = cache, labels, template
         self.bad_images = {r.image_id: "unreadable" for r, k in zip(records, keys) if k not in cache.index}
         self.preloaded = None
 
@@ -273,7 +272,7 @@ class CachedEmbeddingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         r, key = self.items[i]
         embeds = self.preloaded[i] if self.preloaded is not None else self.cache.get(key)
-        return {"image_embeds": embeds, "caption": caption_for(r.label, self.template), "label": r.label}
+        return {"image_embeds": embeds, "caption": self.labels.caption(r.label, self.template), "label": r.label}
 
 
 def vision_fingerprint(model, processor) -> str:

@@ -1,7 +1,7 @@
-"""Captions and breed rankings from image embeddings.
+"""Captions and class rankings from image embeddings.
 
 Greedy decoding (a static KV cache, optionally replayed as a CUDA graph that checks itself), the
-`generate` fallback for beam search, and the likelihood ranking of the 37 breed captions.
+`generate` fallback for beam search, and the likelihood ranking of every class's templated caption.
 """
 
 import logging
@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from breeds import NUM_BREEDS, caption_for
 from data import tokenize_captions
 from devices import device_setting
 from model import MAX_ERROR_CHARS
@@ -282,9 +281,19 @@ def captions_from_embeddings(
     return [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
+# Candidates packed into one decoder sequence: a pass's attention grows with the square of its length, so
+# more classes than this go through in several passes and the cost per image stays linear in the classes
+CANDIDATES_PER_PASS = 64
+
+
 @torch.no_grad()
 def caption_log_likelihoods(
-    model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_rows: int = 128
+    model,
+    image_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_rows: int = 128,
+    candidates_per_pass: int = CANDIDATES_PER_PASS,
 ) -> torch.Tensor:
     """log p(caption | image) of C candidate captions for B images: a (B, C) float32 tensor.
 
@@ -298,10 +307,28 @@ def caption_log_likelihoods(
     unpadded, with a mask that lets each see only the shared start and itself, and positions as
     if it were decoded alone. So the image-side cross-attention keys and values (577 x 768 per
     layer) are computed once per image, not once per candidate, and the shared start once, not
-    C times. At most max_rows // C images go through the decoder at a time.
+    C times. More than candidates_per_pass candidates are scored in groups of that many (one
+    packed sequence each); at most max_rows // (candidates in a group) images go through the
+    decoder at a time, so memory does not grow with the number of classes.
     """
-    device = image_embeds.device
     num_candidates = input_ids.shape[0]
+    if num_candidates > candidates_per_pass:
+        groups = range(0, num_candidates, candidates_per_pass)
+        return torch.cat(
+            [
+                caption_log_likelihoods(
+                    model,
+                    image_embeds,
+                    input_ids[g : g + candidates_per_pass],
+                    attention_mask[g : g + candidates_per_pass],
+                    max_rows,
+                    candidates_per_pass,
+                )
+                for g in groups
+            ],
+            dim=1,
+        )
+    device = image_embeds.device
     packed = pack_candidates(input_ids, attention_mask)
     ids, positions, segments = (packed[k].to(device) for k in ("input_ids", "position_ids", "segments"))
     # row i may see row j: j is not later in its caption, and j is shared or of i's own candidate
@@ -375,17 +402,15 @@ def pack_candidates(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> di
     }
 
 
-def breed_candidates(model, tokenizer, template: str, breeds=None):
-    """Tokenised templated captions of `breeds` (default: all 37), for rank_breeds; start id from `model`'s config."""
-    breeds = list(range(NUM_BREEDS)) if breeds is None else list(breeds)
-    return tokenize_captions(
-        tokenizer, [caption_for(b, template) for b in breeds], model.config.text_config.bos_token_id
-    )
+def label_candidates(model, tokenizer, labels, template: str):
+    """The templated caption of every class of `labels`, tokenised for rank_labels; start id from `model`'s config."""
+    captions = [labels.caption(c, template) for c in range(len(labels))]
+    return tokenize_captions(tokenizer, captions, model.config.text_config.bos_token_id)
 
 
 @torch.no_grad()
-def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optional[int] = None) -> tuple:
-    """(scores (B, K), order (B, K)): caption log-likelihood of each breed, and breeds best first.
+def rank_labels(model, image_embeds: torch.Tensor, candidates, max_rows: Optional[int] = None) -> tuple:
+    """(scores (B, K), order (B, K)): caption log-likelihood of each class, and the classes best first.
 
     max_rows: candidate rows per decoder pass; default: the device's ranking_rows (devices.py).
     """
@@ -397,7 +422,7 @@ def rank_breeds(model, image_embeds: torch.Tensor, candidates, max_rows: Optiona
 
 @torch.no_grad()
 def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cfg, share_embeddings: bool) -> dict:
-    """Captions and breed likelihood scores of one batch of images (pixel values) under each model.
+    """Captions and class likelihood scores of one batch of images (pixel values) under each model.
 
     The vision encoder runs once per batch when the models share it (LoRA on the text decoder only).
     """
@@ -409,6 +434,6 @@ def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cf
     for name, model in models.items():
         embeds = embeds_of[name]
         captions = captions_from_embeddings(model, processor, embeds, cfg.max_new_tokens, cfg.num_beams)
-        scores, _ = rank_breeds(model, embeds, candidates)
+        scores, _ = rank_labels(model, embeds, candidates)
         out[name] = {"captions": captions, "scores": scores.cpu().numpy()}
     return out

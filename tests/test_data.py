@@ -1,4 +1,4 @@
-"""data.py and breeds.py: data sources, annotation files, images (hostile ones too), the collator, the synthetic pets."""
+"""data.py: data sources and their label sets, annotation files, images (hostile ones too), the collator, the demo."""
 
 import json
 import logging
@@ -10,37 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from breeds import BREED_NAMES, BREEDS, SPECIES, breed_index, caption_for
 from config import PetConfig
-from data import BadImage, CaptionCollator, PetCaptionDataset, Record, load_image, load_splits, stratified_split
+from data import BadImage, CaptionCollator, CaptionDataset, Record, load_image, load_splits, stratified_split
 from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
 from helpers import hostile_images, pngs, saved_dataset
+from labels import BREEDS, OXFORD_PETS, PETS_TEMPLATE, SPECIES
 from model import load_processor
 from run_io import UserError
 
-TEMPLATE = PetConfig().caption_template
+TEMPLATE = PETS_TEMPLATE
 
 
 @pytest.fixture(scope="module")
 def small_pets(tmp_path_factory):
     root = tmp_path_factory.mktemp("pets")
     return write_synthetic_pets(str(root), breeds=[0, 1, 2, 5, 23], trainval_per_breed=6, test_per_breed=3, size=48)
-
-
-def test_breed_table():
-    assert len(BREEDS) == 37 and SPECIES.count("cat") == 12 and SPECIES.count("dog") == 25
-    assert BREED_NAMES[2] == "American Pit Bull Terrier" and BREED_NAMES[0] == "Abyssinian"
-    assert SPECIES[BREEDS.index("Sphynx")] == "cat" and SPECIES[BREEDS.index("pug")] == "dog"
-    for spelling in ("american_pit_bull_terrier", "American Pit Bull Terrier", "AMERICAN-PIT-BULL-TERRIER", 2):
-        assert breed_index(spelling) == 2
-    with pytest.raises(ValueError):
-        breed_index("labrador")
-
-
-def test_caption_template_uses_an_before_vowels():
-    assert caption_for(0, TEMPLATE) == "A photo of an Abyssinian, a type of pet."
-    assert caption_for(BREEDS.index("Egyptian_Mau"), TEMPLATE) == "A photo of an Egyptian Mau, a type of pet."
-    assert caption_for(BREEDS.index("pug"), TEMPLATE) == "A photo of a Pug, a type of pet."
 
 
 def test_official_layout_records(small_pets):
@@ -78,7 +62,7 @@ def _as_hf(records, label_as_string):
 
 
 def _key(splits):
-    return {k: sorted((r.image_id, r.label) for r in v) for k, v in splits.items()}
+    return {k: sorted((r.image_id, r.label) for r in splits[k]) for k in ("train", "validation", "test")}
 
 
 def test_every_source_gives_the_same_records(small_pets, tmp_path):
@@ -107,17 +91,17 @@ def test_single_split_source_holds_out_a_stratified_test_split(small_pets, tmp_p
     everything = official["train"] + official["test"]
     _as_hf(everything, True).save_to_disk(str(tmp_path / "one"))
     splits = load_splits(str(tmp_path / "one"), 0.2, seed=0)
-    assert sum(len(v) for v in splits.values()) == len(everything)
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == len(everything)
     assert {r.label for r in splits["test"]} == {r.label for r in everything}
     assert abs(len(splits["test"]) - len(everything) / 2) <= 5
 
 
-def test_unknown_label_is_a_clear_error(tmp_path):
-    from datasets import Dataset
-
-    Dataset.from_dict({"image": [None], "label": ["labrador"]}).save_to_disk(str(tmp_path / "bad"))
-    with pytest.raises(UserError, match="not one of the 37"):
-        load_splits(str(tmp_path / "bad"))
+def test_classes_an_adapter_was_not_trained_on_are_a_clear_error(tmp_path):
+    paths = pngs(tmp_path, [f"{k}.png" for k in range(4)])
+    data = saved_dataset(str(tmp_path / "hf"), {"train": {"image": paths, "label": ["labrador", "beagle"] * 2}})
+    assert load_splits(data).labels.names == ("beagle", "labrador")  # its own two classes, sorted
+    with pytest.raises(UserError, match="not among the 37 Oxford-IIIT Pet breeds.*'labrador'"):
+        load_splits(data, labels=OXFORD_PETS)
 
 
 def test_unreachable_hub_dataset_is_one_clear_error():
@@ -165,11 +149,11 @@ def test_broken_image_never_enters_a_batch(tmp_path, tiny_assets):
     for r, label in zip(good, (1, 2, 3)):
         r.label = label
     records = [good[0], broken, good[1], good[2]]
-    train = PetCaptionDataset(records, processor.image_processor, TEMPLATE)
+    train = CaptionDataset(records, processor.image_processor, OXFORD_PETS, TEMPLATE)
     items = [train[i] for i in range(len(train))]
     assert list(train.bad_images) == ["broken"]
     assert [it["label"] for it in items] == [1, 2, 2, 3]  # the broken one is replaced by the next
-    evaluation = PetCaptionDataset(records, processor.image_processor, TEMPLATE, substitute_bad=False)
+    evaluation = CaptionDataset(records, processor.image_processor, OXFORD_PETS, TEMPLATE, substitute_bad=False)
     batch = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)([evaluation[i] for i in range(4)])
     assert batch["pixel_values"].shape[0] == 3
 
@@ -178,7 +162,7 @@ def test_collator_pads_to_longest_masks_padding_and_starts_with_bos(tiny_assets)
     processor = load_processor(tiny_assets[0])
     tok = processor.tokenizer
     collate = CaptionCollator(tok, tok.bos_token_id)
-    captions = [caption_for(BREEDS.index("pug"), TEMPLATE), caption_for(2, TEMPLATE)]
+    captions = [OXFORD_PETS.caption(BREEDS.index("pug"), TEMPLATE), OXFORD_PETS.caption(2, TEMPLATE)]
     items = [{"pixel_values": torch.zeros(3, 64, 64), "caption": c, "label": 0} for c in captions]
     batch = collate(items)
     lengths = [len(tok(c)["input_ids"]) for c in captions]
@@ -202,7 +186,7 @@ def test_demo_processor_tokenises_breeds_as_the_real_checkpoint(demo_assets):
     real = BertTokenizer.from_pretrained(fixture)  # the files alone, not through the project's loader
     demo = load_processor(demo_assets[0]).tokenizer
     assert demo.tokenize("abyssinian") == real.tokenize("abyssinian") == ["abyss", "##inian"]
-    for text in (caption_for(BREEDS.index("shiba_inu"), TEMPLATE), "a photo of a cat."):
+    for text in (OXFORD_PETS.caption(BREEDS.index("shiba_inu"), TEMPLATE), "a photo of a cat."):
         assert demo(text)["input_ids"] == real(text)["input_ids"]
     # plus BLIP's [DEC] and [ENC] after the 30,522 real entries, and a model with that vocabulary
     assert len(real) == 30522 and len(demo) == 30524
@@ -599,3 +583,142 @@ def test_sampled_head_is_the_full_softmax_when_every_unused_token_is_drawn():
     sampled.loss(head, hidden, targets).backward()
     rows = head.decoder.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist()
     assert set(used.tolist()) <= set(rows) and len(rows) == 4 + 5
+
+
+# ---------------------------------------------------------------------------
+# Other data sets: image folders, data files and their columns, held-out splits, label names
+
+
+@pytest.fixture(scope="module")
+def birds(tmp_path_factory):
+    from demo import write_toy_birds
+
+    return write_toy_birds(str(tmp_path_factory.mktemp("birds")), train_per_class=4, test_per_class=2, size=32)
+
+
+def test_an_image_folder_with_split_folders_gives_readable_classes(birds):
+    splits = load_splits(birds, 0.25, seed=0)
+    assert splits.labels.names[:2] == ("Northern Cardinal", "Blue Jay") and len(splits.labels) == 6
+    assert not splits.labels.groups and not splits.labels.is_pets
+    assert len(splits.test) == 12 and len(splits.train) + len(splits.validation) == 24
+    assert {r.label for r in splits.validation} == set(range(6))  # stratified
+    cardinal = next(r for r in splits.test if r.label == 0)
+    assert "001.Northern_Cardinal" in cardinal.identity and os.path.isabs(cardinal.identity)
+    assert splits.labels.caption(1, splits.labels.default_template()) == "A photo of a Blue Jay."
+
+
+def test_an_image_folder_without_split_folders_holds_out_a_stratified_half(tmp_path, caplog):
+    from demo import write_toy_birds
+
+    flat = write_toy_birds(str(tmp_path / "flat"), 4, 2, size=32, split_folders=False)
+    with caplog.at_level("WARNING"):
+        splits = load_splits(flat, 0.0, seed=0)
+    assert "no 'test' split: holding out a stratified half" in caplog.text
+    assert len(splits.test) == 18 and {r.label for r in splits.test} == set(range(6))
+
+
+def test_empty_class_folders_are_counted_and_one_class_is_refused(tmp_path, caplog):
+    pngs(str(tmp_path / "two"), ["Crow/1.png", "Crow/2.png", "Owl/1.png", "Owl/2.png"])
+    (tmp_path / "two" / "Dodo").mkdir()
+    with caplog.at_level("WARNING"):
+        splits = load_splits(str(tmp_path / "two"), 0.0)
+    assert splits.labels.names == ("Crow", "Owl") and "Left out 1 class folders without images (first: Dodo)" in (
+        caplog.text
+    )
+    pngs(str(tmp_path / "one"), ["train/Crow/1.png", "train/Crow/2.png", "test/Crow/3.png"])
+    with pytest.raises(UserError, match="at least two"):
+        load_splits(str(tmp_path / "one"))
+
+
+def _parquet(folder, splits: dict, features=None):
+    """A Hub-style repository of parquet files (data/<split>-00000-of-00001.parquet)."""
+    import datasets
+
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    for name, columns in splits.items():
+        split = datasets.Dataset.from_dict(columns, features=features)
+        split.to_parquet(os.path.join(folder, "data", f"{name}-00000-of-00001.parquet"))
+    return str(folder)
+
+
+def _features(label=None, extra=None):
+    import datasets
+
+    return datasets.Features({"img": datasets.Image(), "species": label or datasets.Value("string"), **(extra or {})})
+
+
+def test_data_files_with_other_columns_and_a_named_test_split(tmp_path):
+    """Food-101 on the Hub: splits train and validation, the validation split is the official test set."""
+    paths = pngs(str(tmp_path / "png"), [f"{k}.png" for k in range(12)])
+    names = ["apple_pie", "baby_back_ribs", "beignets"] * 4
+    data = _parquet(
+        tmp_path / "food",
+        {"train": {"img": paths[:9], "species": names[:9]}, "validation": {"img": paths[9:], "species": names[9:]}},
+        _features(),
+    )
+    with pytest.raises(UserError, match="no label column .* among \\['species'\\]: pass --label_column_name"):
+        load_splits(data, test_split="validation")  # a column of strings is a label column when named
+    splits = load_splits(data, 0.34, seed=1, label_column="species", test_split="validation")
+    assert splits.labels.names == ("apple pie", "baby back ribs", "beignets")
+    assert len(splits.test) == 3 and len(splits.train) + len(splits.validation) == 9  # validation: from train
+    with pytest.raises(UserError, match="--test_split 'testing' is not a split.*'train', 'validation'"):
+        load_splits(data, label_column="species", test_split="testing")
+
+
+def test_a_validation_split_of_the_data_set_is_used_as_it_is(birds, tmp_path):
+    root = tmp_path / "b"
+    shutil.copytree(birds, root)
+    shutil.copytree(root / "test", root / "validation")
+    splits = load_splits(str(root), 0.5)
+    assert len(splits.validation) == 12 and len(splits.train) == 24  # nothing moved out of train
+
+
+def test_columns_are_found_or_named_in_one_line(tmp_path):
+    import datasets
+
+    paths = pngs(str(tmp_path / "png"), [f"{k}.png" for k in range(4)])
+    classes = datasets.ClassLabel(names=["Crow", "Owl"])
+    two_images = _parquet(
+        tmp_path / "a",
+        {"train": {"img": paths, "other": paths, "species": [0, 1, 0, 1]}},
+        _features(classes, {"other": datasets.Image()}),
+    )
+    with pytest.raises(UserError, match="2 columns hold images \\(img, other\\): pass --image_column_name"):
+        load_splits(two_images)
+    assert load_splits(two_images, image_column="other").labels.names == ("Crow", "Owl")
+    two_labels = _parquet(
+        tmp_path / "b",
+        {"train": {"img": paths, "species": [0, 1, 0, 1], "size": [1, 0, 1, 0]}},
+        _features(classes, {"size": datasets.ClassLabel(names=["small", "large"])}),
+    )
+    with pytest.raises(UserError, match="several columns could hold the labels \\(species, size\\)"):
+        load_splits(two_labels)
+    assert load_splits(two_labels, label_column="size").labels.names == ("small", "large")
+    floats = _parquet(
+        tmp_path / "c", {"train": {"img": paths, "species": [0.5, 1.5, 0.5, 1.5]}}, _features(datasets.Value("float32"))
+    )
+    with pytest.raises(UserError, match="holds Value\\('float32'\\).*not labels"):
+        load_splits(floats, label_column="species")
+    with pytest.raises(UserError, match="--label_column_name 'kind' is not a column"):
+        load_splits(floats, label_column="kind")
+
+
+def test_integer_labels_without_names_are_numbered_with_a_warning(tmp_path, caplog):
+    paths = pngs(str(tmp_path / "png"), [f"{k}.png" for k in range(4)])
+    data = saved_dataset(str(tmp_path / "ints"), {"train": {"image": paths, "label": [3, 7, 3, 7]}})
+    with caplog.at_level("WARNING"):
+        splits = load_splits(data)
+    assert splits.labels.names == ("3", "7") and "plain integers" in caplog.text
+
+
+def test_label_names_file_names_the_classes(birds, tmp_path):
+    path = tmp_path / "names.csv"
+    path.write_text("label,name,group\n" + "".join(f"{b[0]},{b[0].split('.')[1]} bird,songbird\n" for b in _birds()))
+    splits = load_splits(birds, label_names=str(path))
+    assert splits.labels.names[0] == "Northern_Cardinal bird" and splits.labels.groups[0] == "songbird"
+
+
+def _birds():
+    from demo import TOY_BIRDS
+
+    return TOY_BIRDS
