@@ -313,9 +313,11 @@ def _finish_move(out: str) -> None:
             f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
             f"the files in {out!r} may come from two runs: delete it and run again"
         ) from None
-    _check_entry(staging, out, path, staged=True)  # before anything moves: a refusal leaves the folder as it was
+    # before anything moves: a refusal leaves the folder as it was
+    _check_entry(staging, out, f"remove {path} and {staging} (if a link, only the link) and run again", staged=True)
     for name in files + stale:
-        _check_entry(os.path.join(out, name), out, path)
+        target = os.path.join(out, name)
+        _check_entry(target, out, f"remove {target} (if a link, only the link) and run again: that finishes the save")
     for name in files:
         source, target = os.path.join(staging, name), os.path.join(out, name)
         if not os.path.lexists(source):  # moved before the interruption
@@ -334,13 +336,13 @@ def _finish_move(out: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_entry(path: str, out: str, plan: str, staged: bool = False) -> None:
-    """UserError unless `path` is absent, or a plain file or a real folder in `out` (with `staged`: and so is
-    everything in it).
+def _check_entry(path: str, out: str, advice: str, staged: bool = False) -> None:
+    """UserError (ending in `advice`) unless `path` is absent, or a plain file or a real folder in `out` (with
+    `staged`: and so is everything in it).
 
-    A save makes only plain files and folders, so a symbolic link among what it moves or removes was put
-    there by someone else: it is refused wherever it points (its target can change after any check), as
-    are pipes and devices. Nothing outside `out` is ever moved or removed.
+    A save makes only plain files and folders, so a symbolic link among what it moves, replaces or removes
+    was put there by someone else: it is refused wherever it points (its target can change after any
+    check), as are pipes and devices. Nothing outside `out` is ever moved or removed.
     """
     if not os.path.lexists(path):
         return
@@ -353,8 +355,8 @@ def _check_entry(path: str, out: str, plan: str, staged: bool = False) -> None:
         what = what or (None if inside(p, out) else f"outside {out!r}")
         if what:
             raise UserError(
-                f"{plan} asks to move or remove {p}, which is {what}: no save makes that, so nothing was "
-                f"moved; check {out!r}, remove {MOVING} and the .saving-* folders in it, and run again"
+                f"a save that was stopped in {out!r} would move, replace or remove {p}, which is {what}; "
+                f"no save makes that, so nothing was moved: {advice}"
             )
 
 

@@ -398,6 +398,25 @@ def test_a_hostile_stopped_save_through_evaluate_output_dir(tmp_path, tiny_asset
     assert not (out / "secret.txt").exists() and not (out / "sub").exists()
 
 
+def test_a_save_onto_a_link_is_refused_and_finished_once_the_link_is_removed(tmp_path):
+    """A result file someone replaced by a link: the save stops before moving anything, keeps its files, and says
+    which link to remove; the next writer then finishes it."""
+    outside = _outside(tmp_path)
+    out = tmp_path / "out"
+    with locked_output_dir(str(out)), staged_outputs(str(out)) as tmp:
+        open(os.path.join(tmp, "report.md"), "w").write("old")
+    os.remove(out / "report.md")
+    (out / "report.md").symlink_to(outside / "secret.txt")
+    with pytest.raises(UserError) as error:
+        with locked_output_dir(str(out)), staged_outputs(str(out)) as tmp:
+            open(os.path.join(tmp, "report.md"), "w").write("new")
+    assert f"remove {out / 'report.md'} (if a link, only the link)" in _one_line(error)
+    _assert_untouched(outside)
+    os.remove(out / "report.md")  # what the line says to do
+    with locked_output_dir(str(out)):
+        assert (out / "report.md").read_text() == "new" and not (out / run_io.MOVING).exists()
+
+
 def test_saving_leftovers_that_are_links_are_unlinked_not_followed(tmp_path):
     outside = _outside(tmp_path)
     out = tmp_path / "out"
