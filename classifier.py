@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
@@ -75,7 +75,7 @@ class TrainedClassifier:
     net: torch.nn.Module
     best_epoch: int
     validation_accuracy: list  # per epoch, the first epoch's first; [] without validation images
-    train_seconds: float  # decoding and preprocessing the images, every epoch and every validation pass
+    train_seconds: float  # all of it: decoding and preprocessing the images once, the epochs, the validations
     train_images: int
     validation_images: int
     bad_images: dict  # {image_id: reason} of the unreadable training and validation images, left out
@@ -102,8 +102,8 @@ class ClassifierResult:
     key: str = ""
 
     def summary(self) -> dict:
-        out = asdict(self)
-        del out["pred"], out["logits"]
+        """Everything but the per-image arrays, JSON-ready (bad_images as a sorted list of image ids)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pred", "logits")}
         out["bad_images"] = sorted(self.bad_images)
         return out
 
@@ -176,6 +176,8 @@ def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     check_backbone_option(name)
+    if name.lower() == "none":
+        return None
     kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
     labels = {i: str(i) for i in range(num_classes)}
     try:
@@ -327,7 +329,7 @@ def logits_of(net, pixels: torch.Tensor, batch_size: int, device, dtype) -> torc
 
 
 def accuracy(net, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int, device, dtype) -> float:
-    return float((logits_of(net, pixels, batch_size, device, dtype).argmax(1) == labels).float().mean())
+    return int((logits_of(net, pixels, batch_size, device, dtype).argmax(1) == labels).sum()) / len(labels)
 
 
 def train_classifier(
@@ -425,6 +427,8 @@ def predict(trained: TrainedClassifier, image_processor, records: list, batch_si
     dtype = dtype or torch.float32
     start = time.perf_counter()
     net = copy.deepcopy(trained.net).merge_and_unload().eval()
+    if dtype not in (torch.bfloat16, torch.float16):
+        net.float()  # trained under autocast, its frozen linears are stored in half precision
     num_classes = _head_linears(net)[-1].out_features
     logits = np.full((len(records), num_classes), np.nan, np.float32)
     where = {id(r): i for i, r in enumerate(records)}

@@ -3,6 +3,7 @@ cache, unreadable images, label sets of any size, the parameter budget and other
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 
@@ -19,7 +20,9 @@ from classifier import (
     add_lora,
     blip_backbone,
     load_backbone,
+    predict,
     run_classifier,
+    save_classifier,
     train_classifier,
     trainable_parameters,
     trained_weights,
@@ -90,6 +93,7 @@ def test_predictions_equal_the_head_on_the_merged_encoder_by_hand(tiny, backbone
     assert kept == pytest.approx(max(result.validation_accuracy)) == result.validation_accuracy[result.best_epoch - 1]
     assert result.train_images == 24 and result.validation_images == 8 and not result.cached
     assert result.train_seconds > 0 and result.images_per_second > 0
+    assert json.loads(json.dumps(result.summary()))["best_epoch"] == result.best_epoch  # JSON-ready
 
 
 def test_the_best_validation_epoch_is_kept_ties_to_the_earlier(tiny, backbone, monkeypatch):
@@ -159,7 +163,9 @@ def test_the_cache_is_used_for_the_same_classifier_only(tiny, backbone, tmp_path
 
     monkeypatch.setattr(torch.optim.AdamW, "step", counted)
 
-    def run(train=splits["train"], settings=FAST, **kwargs):
+    once = dataclasses.replace(FAST, epochs=1)
+
+    def run(train=splits["train"], settings=once, **kwargs):
         steps.clear()
         result = run_classifier(
             backbone, train, splits["validation"], splits["test"], settings, cache_dir=tmp_path, **kwargs
@@ -167,12 +173,12 @@ def test_the_cache_is_used_for_the_same_classifier_only(tiny, backbone, tmp_path
         return result, len(steps)
 
     first, trained_steps = run()
-    assert trained_steps == FAST.epochs * 3  # 24 images, batches of 8
+    assert trained_steps == 3  # 24 images, batches of 8, one epoch
     again, n = run()
     assert n == 0 and again.cached and again.key == first.key
     np.testing.assert_array_equal(again.logits, first.logits)
     assert (again.best_epoch, again.validation_accuracy) == (first.best_epoch, first.validation_accuracy)
-    assert run(settings=dataclasses.replace(FAST, seed=4))[1] > 0  # another seed
+    assert run(settings=dataclasses.replace(once, seed=4))[1] > 0  # another seed
     assert run(train=splits["train"][1:])[1] > 0  # another training split
     relabelled = [dataclasses.replace(r) for r in splits["train"]]
     relabelled[0].label = (relabelled[0].label + 1) % 8
@@ -281,3 +287,20 @@ def test_bad_backbones_are_one_line(tiny_assets, tmp_path, monkeypatch, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1 and "skipped" in caplog.text
     with pytest.raises(UserError, match="unreachable"):
         load_backbone("someone/not-cached-vit", 3)  # asked for by name: an error, as for CLIP
+
+
+def test_half_precision_trains_the_adapters_in_fp32(tiny, backbone, tmp_path):
+    """bfloat16 (autocast, as on a GPU, here on the CPU): frozen linears stored in bf16, LoRA and head in fp32 (and
+    saved so); its predictions in bf16 agree with the same weights run in fp32 to bf16's precision."""
+    model, processor, splits = tiny
+    trained = train_classifier(backbone, splits["train"], splits["validation"], FAST, dtype=torch.bfloat16)
+    params = dict(trained.net.named_parameters())
+    assert {p.dtype for p in params.values() if p.requires_grad} == {torch.float32}
+    assert params["base_model.model.vision_model.encoder.layers.0.self_attn.qkv.base_layer.weight"].dtype == (
+        torch.bfloat16
+    )
+    half = predict(trained, backbone.image_processor, splits["test"], 8, dtype=torch.bfloat16)
+    full = predict(trained, backbone.image_processor, splits["test"], 8, dtype=torch.float32)
+    np.testing.assert_allclose(half[1], full[1], atol=0.02 * np.abs(full[1]).max())
+    save_classifier(str(tmp_path), "k", trained)
+    assert {t.dtype for t in load_file(str(tmp_path / "classifier-k.safetensors")).values()} == {torch.float32}
