@@ -425,10 +425,10 @@ def predict(trained: TrainedClassifier, image_processor, records: list, batch_si
     """
     device = torch.device(device)
     dtype = dtype or torch.float32
-    start = time.perf_counter()
     net = copy.deepcopy(trained.net).merge_and_unload().eval()
     if dtype not in (torch.bfloat16, torch.float16):
         net.float()  # trained under autocast, its frozen linears are stored in half precision
+    start = time.perf_counter()
     num_classes = _head_linears(net)[-1].out_features
     logits = np.full((len(records), num_classes), np.nan, np.float32)
     where = {id(r): i for i, r in enumerate(records)}
