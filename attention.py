@@ -13,7 +13,7 @@ import torch
 
 from breeds import BREED_PHRASES, CAT_WORDS, DOG_WORDS, normalise_text
 from data import BadImage, load_trimap
-from inference import caption_ids_from_embeddings, image_embeddings
+from inference import caption_ids_from_embeddings, decoding_options, image_embeddings
 from run_io import UserError
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> np.n
 @torch.no_grad()
 def explain(model, processor, embeds, cfg, layers) -> list:
     """Per image: caption, word panels [(label, grid map)], subject (kind, map) from one model."""
-    ids, mask = caption_ids_from_embeddings(model, embeds, cfg.max_new_tokens, cfg.num_beams)
+    ids, mask = caption_ids_from_embeddings(model, embeds, **decoding_options(cfg))
     maps = cross_attention_maps(model, embeds, ids, mask, layers).cpu().numpy()
     special = set(processor.tokenizer.all_special_tokens)
     results = []

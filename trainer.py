@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from inference import captions_from_embeddings, image_embeddings
+from inference import captions_from_embeddings, decoding_options, image_embeddings
 from metrics import breeds_named
 from model import (
     check_loaded_keys,
@@ -155,7 +155,8 @@ class PetTrainer(Trainer):
                     embeds = batch["image_embeds"].to(self.args.device, model.text_decoder.dtype)
                 else:
                     embeds = image_embeddings(model, batch["pixel_values"].to(self.args.device))
-                captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
+                options = {**decoding_options(self.pet_config), "num_beams": 1}  # greedy, as the loop is fast
+                captions = captions_from_embeddings(model, self.processor, embeds, **options)
             correct += int((breeds_named(captions) == np.asarray(truth)).sum())
             total += len(truth)
         if world > 1:
