@@ -7,7 +7,7 @@ import numpy as np
 from baselines import report_section, summary_lines
 from breeds import BREED_NAMES, NUM_BREEDS, caption_for
 from data import load_image
-from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, label_index
+from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, format_ci, label_index
 
 KEY_ROWS = [  # (label, key, format)
     ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
@@ -27,8 +27,7 @@ KEY_ROWS = [  # (label, key, format)
 
 def _fmt(m: dict, key: str, kind: str) -> str:
     if kind == "ci":
-        lo, hi = m[key + "_ci95"]
-        return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+        return format_ci(m[key], m[key + "_ci95"])
     return f"{m[key]:.1f}" if kind == "f1" else f"{m[key]:.3f}"
 
 
