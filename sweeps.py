@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 from config import DEMO_OVERRIDES, PetConfig, check_seed
-from report import pyplot
+from figures import pyplot
 from run_io import UserError, check_output_dir, locked_output_dir, setup_logging, write_json_atomic
 from run_record import read_run_config, save_run_config
 

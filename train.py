@@ -22,6 +22,7 @@ from data import CaptionCollator, PetCaptionDataset, load_splits, longest_captio
 from demo import use_demo_assets
 from devices import pick_dtype
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
+from figures import figure
 from inference import image_embeddings
 from model import (
     cast_frozen_linears,
@@ -32,7 +33,6 @@ from model import (
     load_processor,
     save_adapter,
 )
-from report import pyplot
 from run_io import (
     UserError,
     check_output_dir,
@@ -149,23 +149,21 @@ def history_from_logs(log_history: list) -> dict:
 
 
 def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
-    plt = pyplot()
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     train, val = history["train"], history["validation"]
-    ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
-    ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
-    kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
-    ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
-    ax_loss.legend()
-    ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
-    ax_acc.set(
-        xlabel="epoch", ylabel="breed accuracy", title="Validation breed accuracy (greedy captions)", ylim=(0, 1.02)
-    )
-    ax_acc.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, dpi=120, ncols=2, figsize=(11, 4)) as (fig, (ax_loss, ax_acc)):
+        ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
+        ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
+        kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
+        ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
+        ax_loss.legend()
+        ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
+        ax_acc.set(
+            xlabel="epoch",
+            ylabel="breed accuracy",
+            title="Validation breed accuracy (greedy captions)",
+            ylim=(0, 1.02),
+        )
+        ax_acc.grid(alpha=0.3)
 
 
 def best_metric_name(args: TrainConfig) -> str:
