@@ -6,7 +6,7 @@
 #                   resolution, torch as $(TORCH)), then the demo's three scripts and make test's tests (CI runs it)
 # make reproduce  on a GPU: train, evaluate with every baseline, explain, the default
 #                 sweep (r 8,32 x query,value / query,key,value,dense x seeds 1,2,3), then outputs/results.md;
-#                 estimated 45-50 min on one H100 after the downloads (sweeps.py's docstring: the arithmetic)
+#                 estimated 45-50 min on one H100 after the downloads (benchmarks/results/README.md: the arithmetic)
 PYTHON ?= python3
 VENV ?= .venv
 LOWEST ?= .venv-lowest

@@ -395,5 +395,14 @@ def write_json_atomic(path: str, value, prefix: str = ".saving-", suffix: str = 
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file complete or not at all: a temporary file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 class UserError(Exception):
     """A problem the user can fix; entry scripts print it as one line and exit 2."""
