@@ -1,6 +1,6 @@
 """A web demo: drop in a pet photo, see both captions, the breed ranking and where the model looked.
 
-    python app.py --demo                        # offline: tiny BLIP + synthetic pets (trains the demo adapter if missing)
+    python app.py --demo                        # offline: tiny BLIP + synthetic pets (trains the demo adapter)
     python app.py                               # adapter in outputs/blip-lora-pets, on http://127.0.0.1:7860
     python app.py --adapter my-adapter --port 8080 --host 0.0.0.0
 

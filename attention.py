@@ -60,7 +60,8 @@ def cross_attention_maps(
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
     if not chosen or bad:
         raise UserError(
-            f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers (0-{num_layers - 1}, or negative from the end)"
+            f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers "
+            f"(0-{num_layers - 1}, or negative from the end)"
         )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

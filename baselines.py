@@ -90,7 +90,9 @@ def adapter_cache(adapter_run, model, processor):
     if folder is None or not os.path.isdir(folder):
         return None
     # the key hashes the weights as loaded: a model loaded in bf16 has another key than training's fp32 one
-    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype)
+    vision = model.config.vision_config
+    shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)  # CLS + patches, as encoded
+    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype, shape)
 
 
 @torch.no_grad()

@@ -189,11 +189,6 @@ def graphs_supported(device) -> bool:
     return device.type == "cuda"
 
 
-def record_graphs(module, sample_args):
-    """`module`'s forward and backward recorded as CUDA graphs on `sample_args`; a callable that replays them."""
-    return torch.cuda.make_graphed_callables(module, sample_args)
-
-
 class GraphedLoss:
     """--cuda_graphs: the training loss's forward and backward each replayed as one CUDA graph.
 
@@ -248,7 +243,7 @@ class GraphedLoss:
                     torch.autocast(args[0].device.type, enabled=False),
                     torch.random.fork_rng(**_rng_fork(args[0].device)),
                 ):
-                    self.replay = record_graphs(self.recorded, sample)
+                    self.replay = torch.cuda.make_graphed_callables(self.recorded, sample)
             except Exception as e:
                 return self._eager_from_now(
                     "--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
@@ -352,7 +347,7 @@ class FiniteLossCheck(TrainerCallback):
 
 
 def resume_point(cfg, args):
-    """--resume_from_checkpoint PATH, or True/last for the newest checkpoint-N in --output_dir; checked against this run."""
+    """--resume_from_checkpoint PATH, or True/last: the newest checkpoint-N in --output_dir; checked against the run."""
     value = args.resume_from_checkpoint
     if value is None or value.lower() in ("false", "no", "none", ""):
         return None

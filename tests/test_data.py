@@ -1,4 +1,4 @@
-"""data.py and breeds.py: data sources, annotation files, images (hostile ones too), the collator, the synthetic pets."""
+"""data.py and breeds.py: data sources, annotation files, images (hostile ones too), the collator, the demo."""
 
 import json
 import logging
