@@ -2,11 +2,12 @@
 # make app    install into .venv, then serve the web demo offline on http://127.0.0.1:7860
 # make test      install into .venv, then the test suite: every test not marked slow (random tiny models)
 # make test-all  the same with the slow tests (pre-trained demo base, demo runs, several processes); CI runs it
+# make lint   ruff check (lines <= 120 included) and ruff format --check, as CI runs them
 # make test-lowest  a fresh .venv-lowest with the LOWEST versions requirements*.txt allow (uv's lowest-direct
 #                   resolution, torch as $(TORCH)), then the demo's three scripts and make test's tests (CI runs it)
 # make reproduce  on a GPU: train, evaluate with every baseline, explain, the default
 #                 sweep (r 8,32 x query,value / query,key,value,dense x seeds 1,2,3), then outputs/results.md;
-#                 estimated 45-50 min on one H100 after the downloads (sweeps.py's docstring: the arithmetic)
+#                 estimated 45-50 min on one H100 after the downloads (benchmarks/results/README.md: the arithmetic)
 PYTHON ?= python3
 VENV ?= .venv
 LOWEST ?= .venv-lowest
@@ -42,6 +43,7 @@ test-all: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The floors in requirements*.txt are promises (pip keeps any installed version that meets them), so this
 # installs exactly them. torch is installed by pip (it finds the local CPU build) and held at that version:

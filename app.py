@@ -1,6 +1,6 @@
 """A web demo: drop in a pet photo, see both captions, the breed ranking and where the model looked.
 
-    python app.py --demo                        # offline: tiny BLIP + synthetic pets (trains the demo adapter if missing)
+    python app.py --demo                        # offline: tiny BLIP + synthetic pets (trains the demo adapter)
     python app.py                               # adapter in outputs/blip-lora-pets, on http://127.0.0.1:7860
     python app.py --adapter my-adapter --port 8080 --host 0.0.0.0
 
@@ -45,7 +45,7 @@ from devices import pick_device, pick_dtype
 from inference import breed_candidates, embeddings_per_model, rank_breeds
 from metrics import MODELS
 from model import load_model_pair
-from run_io import UserError, check_output_dir, inside, run_main, setup_logging
+from run_io import UserError, check_output_dir, inside, is_local, run_main, setup_logging
 from run_record import AdapterRun, save_run_config
 
 logger = logging.getLogger("app")
@@ -259,8 +259,17 @@ def ranking_label(result: dict) -> str:
     return RANKING_LABEL if first is None else f"{RANKING_LABEL}; per token, {first} would come first"
 
 
+def example_folder(args) -> str:
+    """Where the example images are written: the only folder the app lets Gradio serve files from."""
+    return os.path.abspath(os.path.join(args.output_dir, "examples"))
+
+
 def write_examples(cfg, args) -> list:
-    """[(PNG path, true breed)] of test images of the data set, one per breed (seeded), saved where Gradio may serve them."""
+    """[(PNG path, true breed)] of test images of the data set, one per breed (seeded), saved in example_folder.
+
+    The file names come from a safe form of each image id, never the id itself: ids are data, and one like
+    "../../x" or "cats/1" would otherwise name a file outside the folder or in a folder that does not exist.
+    """
     if args.num_examples == 0:
         return []
     try:
@@ -272,25 +281,35 @@ def write_examples(cfg, args) -> list:
     one_per_breed = {}
     for r in records:
         one_per_breed.setdefault(r.label, r)
-    folder = os.path.join(args.output_dir, "examples")
+    folder = example_folder(args)
     os.makedirs(folder, exist_ok=True)
     examples = []
-    for r in list(one_per_breed.values())[: args.num_examples]:
+    for k, r in enumerate(list(one_per_breed.values())[: args.num_examples]):
         try:
             image = load_image(r)
         except BadImage:
             continue
-        path = os.path.abspath(os.path.join(folder, f"{r.image_id}.png"))
+        path = os.path.join(folder, f"{k:02d}_{safe_file_name(r.image_id)}.png")
         image.save(path)
         examples.append((path, BREED_NAMES[r.label]))
     return examples
+
+
+def safe_file_name(text: str, limit: int = 60) -> str:
+    """Letters, digits, '-' and '_' of `text` (others as '_'), at most `limit` of them: a name, never a path."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(text))[:limit] or "image"
+
+
+def shown_name(name_or_path: str) -> str:
+    """How the page names a model: a Hub id as it is, a local folder by its own name (never a server path)."""
+    return os.path.basename(os.path.normpath(name_or_path)) if is_local(name_or_path) else name_or_path
 
 
 def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
     with gr.Blocks(title="BLIP + LoRA pet captions") as demo:
         gr.Markdown(
             "# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
-            f"Oxford-IIIT Pet. Zero-shot: `{captioner.base_name}`."
+            f"Oxford-IIIT Pet. Zero-shot: `{shown_name(captioner.base_name)}`."
         )
         with gr.Row():
             image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image", height=320)
@@ -364,7 +383,7 @@ def main(argv=None):
         theme=theme,
         ssr_mode=False,
         max_file_size=MAX_UPLOAD_BYTES,
-        allowed_paths=[os.path.dirname(p) for p, _ in examples[:1]],
+        allowed_paths=[example_folder(args)] if examples else [],
         quiet=True,
     )
 

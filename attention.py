@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data import BadImage, load_trimap
-from inference import caption_ids_from_embeddings, image_embeddings
+from inference import caption_ids_from_embeddings, decoding_options, image_embeddings
 from labels import LabelSet, normalise_text
 from run_io import UserError
 
@@ -60,7 +60,8 @@ def cross_attention_maps(
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
     if not chosen or bad:
         raise UserError(
-            f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers (0-{num_layers - 1}, or negative from the end)"
+            f"--layers {bad or chosen} is out of range: the decoder has {num_layers} layers "
+            f"(0-{num_layers - 1}, or negative from the end)"
         )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -200,7 +201,7 @@ def overlay(image: np.ndarray, grid_map: np.ndarray, alpha: float = 0.5) -> np.n
 @torch.no_grad()
 def explain(model, processor, embeds, cfg, layers, labels: LabelSet) -> list:
     """Per image: caption, word panels [(label, grid map)], subject (kind, map) from one model."""
-    ids, mask = caption_ids_from_embeddings(model, embeds, cfg.max_new_tokens, cfg.num_beams)
+    ids, mask = caption_ids_from_embeddings(model, embeds, **decoding_options(cfg))
     maps = cross_attention_maps(model, embeds, ids, mask, layers).cpu().numpy()
     special = set(processor.tokenizer.all_special_tokens)
     results = []

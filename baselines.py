@@ -24,7 +24,7 @@ from breeds import BREED_NAMES, NUM_BREEDS
 from config import CLIP_DEFAULT
 from data import pixel_batches
 from embedding_cache import EmbeddingCache
-from metrics import bootstrap_ci, mcnemar
+from metrics import bootstrap_ci, format_ci, mcnemar
 from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def mean_per_class_recall(labels, pred) -> float:
 
 
 def score(labels, pred, reference_correct, samples: int, seed: int) -> dict:
-    """Accuracy with its interval, mean per-class recall, McNemar against `reference_correct` (the fine-tuned captions)."""
+    """Accuracy with its interval, mean per-class recall, McNemar against `reference_correct` (fine-tuned captions)."""
     labels, pred = np.asarray(labels), np.asarray(pred)
     correct = pred == labels
     return {
@@ -90,7 +90,9 @@ def adapter_cache(adapter_run, model, processor):
     if folder is None or not os.path.isdir(folder):
         return None
     # the key hashes the weights as loaded: a model loaded in bf16 has another key than training's fp32 one
-    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype)
+    vision = model.config.vision_config
+    shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)  # CLS + patches, as encoded
+    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype, shape)
 
 
 @torch.no_grad()
@@ -352,10 +354,9 @@ def summary_lines(numbers: dict) -> list:
         if b is None:
             lines.append(f"{label}: skipped ({skipped})")
             continue
-        lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
         lines.append(
-            f"{label}: top-1 {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], mean per-class recall "
+            f"{label}: top-1 {format_ci(b['accuracy'], b['accuracy_ci95'])}, mean per-class recall "
             f"{b['mean_per_class_recall']:.3f}; McNemar vs fine-tuned captions: baseline alone right "
             f"{mc['only_first_correct']}, fine-tuned alone {mc['only_second_correct']}, p = {mc['p_value']:.3g}"
         )
@@ -365,18 +366,17 @@ def summary_lines(numbers: dict) -> list:
 def report_section(numbers: dict) -> str:
     """The report's "Baselines" section: measured baselines, published numbers, and which comparison is fair."""
     ft = numbers["fine_tuned"]
-    lo, hi = ft["breed_accuracy_ci95"]
     rows = [
-        f"| fine-tuned BLIP + LoRA, breed named in the caption | {ft['breed_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | - | - |"
+        "| fine-tuned BLIP + LoRA, breed named in the caption | "
+        f"{format_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} | - | - |"
     ]
     for label, b, skipped in _measured(numbers):
         if b is None:
             rows.append(f"| {label} | skipped: {skipped} | - | - |")
             continue
-        lo, hi = b["accuracy_ci95"]
         mc = b["mcnemar_vs_fine_tuned_caption"]
         rows.append(
-            f"| {label} | {b['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {b['mean_per_class_recall']:.3f} | "
+            f"| {label} | {format_ci(b['accuracy'], b['accuracy_ci95'])} | {b['mean_per_class_recall']:.3f} | "
             f"{mc['only_first_correct']} vs {mc['only_second_correct']}, p = {mc['p_value']:.3g} |"
         )
     probe = numbers.get("linear_probe", {})

@@ -1,4 +1,4 @@
-"""The 37 breeds: names, species, the caption template's wording, and reading a breed or species back out of a caption."""
+"""The 37 breeds: names, species, the caption wording, and reading a breed or species back out of a caption."""
 
 import re
 from typing import Any, Optional

@@ -82,8 +82,15 @@ class PetConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "share of trainval held out for validation, stratified"})
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    max_new_tokens: int = 30
+    max_new_tokens: int = field(default=30, metadata={"help": "caption length limit, in tokens (word pieces)"})
     num_beams: int = 1
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "as generate's: a token already in the caption has its logit divided by it (1.0: off)"},
+    )
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"help": "as generate's: no n-gram of this size twice in a caption (0: off)"}
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16"}
     )
@@ -255,6 +262,8 @@ def check_options(cfg) -> None:
     require(0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), not {cfg.val_fraction}")
     require(1 <= cfg.max_new_tokens <= 512, f"--max_new_tokens must be 1-512, not {cfg.max_new_tokens}")
     require(1 <= cfg.num_beams <= 64, f"--num_beams must be 1-64, not {cfg.num_beams}")
+    require(cfg.repetition_penalty > 0, f"--repetition_penalty must be positive, not {cfg.repetition_penalty}")
+    require(cfg.no_repeat_ngram_size >= 0, f"--no_repeat_ngram_size must be 0 or more, not {cfg.no_repeat_ngram_size}")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(cfg, name)
         require(value is None or value >= 1, f"--{name} must be at least 1, not {value}")

@@ -113,7 +113,7 @@ def _draw_shapes(canvas, shapes: list, fill) -> None:
 
 
 def _draw_pet(label: int, size: int, rng: random.Random, look=None):
-    """(RGB image, pet mask) of one synthetic pet of breed `label`; look=(colour, pattern) indices overrides its look."""
+    """(RGB image, pet mask) of one synthetic pet of breed `label`; look=(colour, pattern) indices replace its own."""
     bg = tuple(rng.randint(150, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), bg)
     noise = np.asarray(image, dtype=np.int16) + np.random.default_rng(rng.randint(0, 2**31)).integers(

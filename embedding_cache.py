@@ -53,15 +53,18 @@ class EmbeddingCache:
     Several runs may share the folder: a build holds an exclusive lock (run_io.exclusive_lock on
     .lock) while it re-reads the index, removes what killed builds left, encodes what is missing
     and writes a uniquely named chunk and the new index, each complete or absent (temporary file +
-    rename). A corrupt index or chunk is dropped with a warning and its images are encoded again.
+    rename). A corrupt index or chunk is dropped with a warning and its images are encoded again,
+    and so is a chunk of another dtype or embedding shape than `embed_shape`, the encoder's
+    (tokens, hidden): given, or learnt by a build from the encoder, or else the shape of most rows.
     """
 
-    def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16"):
+    def __init__(self, cache_dir: str, model_key: str, dtype: str = "float16", embed_shape: Optional[tuple] = None):
         if dtype not in ("float16", "float32"):  # the command line offers only these (config.TrainConfig)
             raise ValueError(f"embedding cache dtype must be float16 or float32, not {dtype!r}")
         # the layout's version in the folder name: a cache of another layout is never read
         self.dir = os.path.join(cache_dir, f"{model_key}-{dtype}-v2")
         self.dtype = dtype
+        self.embed_shape = tuple(embed_shape) if embed_shape is not None else None
         self.index_path = os.path.join(self.dir, "index.json")
         self._chunks = {}
         self._keys = {}
@@ -69,7 +72,8 @@ class EmbeddingCache:
         self.index = self._read_index()
 
     def _read_index(self) -> dict:
-        """The index without entries whose chunk is missing, truncated or too short; warns about what it drops."""
+        """The index without entries that are malformed or whose chunk is missing, truncated, too short, or of
+        another dtype or embedding shape; warns about what it drops."""
         if not os.path.isfile(self.index_path):
             return {}
         try:
@@ -82,27 +86,37 @@ class EmbeddingCache:
             return {}
         rows = defaultdict(list)
         for key, entry in index.items():
-            rows[entry[0] if isinstance(entry, list) and len(entry) == 2 else None].append(key)
+            # [chunk file name, row]: a row that is a float or a bool is not one (JSON has no other check)
+            valid = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and type(entry[1]) is int
+            rows[entry[0] if valid else None].append(key)
+        chunks, rows_of_shape = {}, defaultdict(int)
         for chunk, keys in rows.items():
             try:
+                if chunk is None or os.sep in chunk:
+                    raise ValueError("malformed entry")
                 data = self._chunks.get(chunk)
                 if data is None:
-                    if not isinstance(chunk, str) or os.sep in chunk:
-                        raise ValueError("malformed entry")
                     data = np.load(os.path.join(self.dir, chunk), mmap_mode="r")
-                if data.ndim != 3 or not all(0 <= index[k][1] < len(data) for k in keys):
-                    raise ValueError(f"shape {data.shape} does not hold the indexed rows")
-                self._chunks[chunk] = data
+                if data.ndim != 3 or data.dtype != self.dtype or not all(0 <= index[k][1] < len(data) for k in keys):
+                    raise ValueError(f"a {data.dtype} array of shape {data.shape} does not hold the indexed rows")
+                chunks[chunk] = data
+                rows_of_shape[data.shape[1:]] += len(keys)
             except (OSError, ValueError, TypeError) as e:
-                logger.warning(
-                    "embedding cache chunk %s is missing or corrupt (%s): its %d images will be encoded again",
-                    chunk,
-                    e,
-                    len(keys),
-                )
-                for k in keys:
-                    del index[k]
+                self._drop(index, chunk, keys, f"missing or corrupt ({e})")
+        # every embedding has the encoder's (tokens, hidden): a chunk of another shape is not this encoder's
+        expected = self.embed_shape or max(rows_of_shape, key=rows_of_shape.get, default=None)
+        for chunk, data in chunks.items():
+            if data.shape[1:] == expected:
+                self._chunks[chunk] = data
+            else:
+                self._drop(index, chunk, rows[chunk], f"of embeddings {data.shape[1:]}, not the encoder's {expected}")
         return index
+
+    def _drop(self, index: dict, chunk, keys: list, reason: str) -> None:
+        logger.warning("embedding cache chunk %s is %s: its %d images will be encoded again", chunk, reason, len(keys))
+        self._chunks.pop(chunk, None)
+        for k in keys:
+            del index[k]
 
     def keys(self, records: list) -> list:
         """image_key of each record, computed once per record for this cache's lifetime."""
@@ -128,10 +142,24 @@ class EmbeddingCache:
             logger.info("waiting for another run (%s) that is writing the embedding cache %s", holder, self.dir)
 
         with exclusive_lock(os.path.join(self.dir, ".lock"), wait):
+            if self.embed_shape is None and os.path.isfile(self.index_path):
+                self._learn_embed_shape(
+                    [r for r, k in zip(records, keys) if k is not None], encode, image_processor, device
+                )
             self.index = self._read_index()  # another run may have added chunks meanwhile
             self._remove_leftovers()
             todo = [(r, k) for r, k in zip(records, keys) if k is not None and k not in self.index]
             return self._encode(todo, encode, image_processor, batch_size, device) if todo else 0
+
+    def _learn_embed_shape(self, records: list, encode, image_processor, device) -> None:
+        """Encode one image to learn the encoder's embedding shape, which cached chunks must have (_read_index).
+
+        The chunks alone cannot tell: a folder whose chunks all have another hidden size would otherwise be
+        read as this encoder's embeddings."""
+        batches, _ = pixel_batches(records[:8], image_processor, 1, num_workers=0, device=device)
+        for _, pixels in batches:  # the first readable image
+            self.embed_shape = tuple(encode(pixels).shape[1:])
+            return
 
     def _remove_leftovers(self) -> None:
         """Delete what killed builds left: temporary chunks and indexes, and chunks no index entry points at.

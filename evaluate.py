@@ -203,7 +203,8 @@ def _evaluate(cfg, args, adapter_run):
         "num_bad_images": len(bad),
         "bad_images": sorted(bad),
         "template": cfg.caption_template,
-        "decoding": f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, up to {cfg.max_new_tokens} new tokens",
+        "decoding": f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, "
+        f"up to {cfg.max_new_tokens} new tokens",
         "shared_image_embeddings": shared,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),

@@ -28,10 +28,10 @@ from config import DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, check_seed,
 from data import BadImage, Record, load_image, load_splits, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import device_setting, pick_device, pick_dtype
+from figures import figure
 from inference import embeddings_per_model
 from metrics import MODELS, display
 from model import load_model_pair
-from report import pyplot
 from run_io import (
     UserError,
     check_output_dir,
@@ -110,28 +110,24 @@ def collect_images(cfg, ex, adapter_run):
 
 
 def draw_figure(path: str, name: str, image: Image.Image, rows: dict) -> None:
-    plt = pyplot()
-
     rgb = np.asarray(image)
     cols = 1 + max(len(r["panels"]) for r in rows.values())
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.3 * cols, 2.9 * len(rows) + 0.6), squeeze=False)
-    for ax_row, (label, r) in zip(axes, rows.items()):
-        ax_row[0].imshow(rgb)
-        ax_row[0].set_title(display(label), fontsize=10, fontweight="bold")
-        for ax, (word, grid_map) in zip(ax_row[1:], r["panels"]):
-            ax.imshow(overlay(rgb, grid_map))
-            # peak / mean: 1.0 is a flat map, whatever the colours suggest
-            colour = "darkred" if word.startswith(("breed:", "animal:")) else "black"
-            ax.set_title(f"{word}\npeak {grid_map.max() * grid_map.size:.1f}x uniform", fontsize=9, color=colour)
-        if not r["panels"]:
-            ax_row[1].text(0.5, 0.5, "no words", ha="center", va="center")
-        for ax in ax_row:
-            ax.axis("off")
-    title = "\n".join(f"{display(label)}: \u201c{r['caption']}\u201d" for label, r in rows.items())
-    fig.suptitle(f"{name}\n{title}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    size = (2.3 * cols, 2.9 * len(rows) + 0.6)
+    with figure(path, dpi=100, nrows=len(rows), ncols=cols, figsize=size, squeeze=False) as (fig, axes):
+        for ax_row, (label, r) in zip(axes, rows.items()):
+            ax_row[0].imshow(rgb)
+            ax_row[0].set_title(display(label), fontsize=10, fontweight="bold")
+            for ax, (word, grid_map) in zip(ax_row[1:], r["panels"]):
+                ax.imshow(overlay(rgb, grid_map))
+                # peak / mean: 1.0 is a flat map, whatever the colours suggest
+                colour = "darkred" if word.startswith(("breed:", "animal:")) else "black"
+                ax.set_title(f"{word}\npeak {grid_map.max() * grid_map.size:.1f}x uniform", fontsize=9, color=colour)
+            if not r["panels"]:
+                ax_row[1].text(0.5, 0.5, "no words", ha="center", va="center")
+            for ax in ax_row:
+                ax.axis("off")
+        title = "\n".join(f"{display(label)}: \u201c{r['caption']}\u201d" for label, r in rows.items())
+        fig.suptitle(f"{name}\n{title}", fontsize=11)
 
 
 def summarise(per_image: list) -> dict:
@@ -157,27 +153,22 @@ def summarise(per_image: list) -> dict:
 
 
 def plot_metrics(summary: dict, path: str) -> None:
-    plt = pyplot()
-
     keys = [
         ("mean_pet_attention_share", "attention on pet"),
         ("mean_mask_share", "pet area (chance)"),
         ("pointing_game_hit_rate", "pointing game"),
     ]
     x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for k, m in enumerate(MODELS):
-        values = [summary[m][key] or 0.0 for key, _ in keys]
-        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{display(m)} (n={summary[m]['images_scored']})")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(x, [label for _, label in keys])
-    ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title="Breed-token cross-attention on the pet (trimap)")
-    if not any(summary[m]["images_scored"] for m in MODELS):
-        ax.text(1, 0.55, "no image with a trimap and a breed or animal word", ha="center", color="gray")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(6.5, 3.6)) as (fig, ax):
+        for k, m in enumerate(MODELS):
+            values = [summary[m][key] or 0.0 for key, _ in keys]
+            bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{display(m)} (n={summary[m]['images_scored']})")
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_xticks(x, [label for _, label in keys])
+        ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title="Breed-token cross-attention on the pet (trimap)")
+        if not any(summary[m]["images_scored"] for m in MODELS):
+            ax.text(1, 0.55, "no image with a trimap and a breed or animal word", ha="center", color="gray")
+        ax.legend(fontsize=8)
 
 
 def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> None:
@@ -199,8 +190,9 @@ def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> Non
         s = summary[m]
         kinds = s["subject_kinds"]
         lines.append(
-            f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | {fmt(s['mean_mask_share'])} | "
-            f"{fmt(s['pointing_game_hit_rate'])} | {kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |"
+            f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | "
+            f"{fmt(s['mean_mask_share'])} | {fmt(s['pointing_game_hit_rate'])} | "
+            f"{kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |"
         )
     lines += ["", "![attention metrics](attention_metrics.png)", "", "## Images", ""]
     for r in per_image:
@@ -284,7 +276,8 @@ def _explain(cfg, ex, adapter_run, out):
         "summary": summary,
         "definitions": {
             "subject": "the breed-name tokens (all word pieces), or the first cat/dog-like word when no breed is named",
-            "pet_attention_share": "share of the subject's cross-attention over patches that falls on the pet (trimap pet + border)",
+            "pet_attention_share": "share of the subject's cross-attention over patches that falls on the pet "
+            "(trimap pet + border)",
             "mask_share": "share of the image the pet covers: what attention spread evenly would score",
             "pointing_game": "the centre of the most-attended patch lies on the pet",
         },
@@ -302,8 +295,9 @@ def _explain(cfg, ex, adapter_run, out):
         s = summary[m]
         if s["images_scored"]:
             print(
-                f"{display(m)}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area {s['mean_mask_share']:.3f}, "
-                f"pointing game {s['pointing_game_hit_rate']:.3f} ({s['images_scored']} images)"
+                f"{display(m)}: attention on pet {s['mean_pet_attention_share']:.3f} vs pet area "
+                f"{s['mean_mask_share']:.3f}, pointing game {s['pointing_game_hit_rate']:.3f} "
+                f"({s['images_scored']} images)"
             )
     return {"metrics": metrics}
 

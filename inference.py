@@ -30,9 +30,24 @@ def embeddings_per_model(models: dict, pixel_values: torch.Tensor, shared: bool)
     return {name: embeds if shared else image_embeddings(model, pixel_values) for name, model in models.items()}
 
 
+def decoding_options(cfg) -> dict:
+    """The caption-decoding options of a run (PetConfig): keyword arguments of captions_from_embeddings."""
+    return dict(
+        max_new_tokens=cfg.max_new_tokens,
+        num_beams=cfg.num_beams,
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )
+
+
 @torch.no_grad()
 def greedy_caption_ids(
-    model, image_embeds: torch.Tensor, max_new_tokens: int = 30, cuda_graph: Optional[bool] = None
+    model,
+    image_embeds: torch.Tensor,
+    max_new_tokens: int = 30,
+    cuda_graph: Optional[bool] = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> torch.Tensor:
     """Greedy ids (B, 1 + steps) from bos [DEC]: the same ids as text_decoder.generate(num_beams=1).
 
@@ -46,21 +61,24 @@ def greedy_caption_ids(
     cuda_graph: None = on a GPU; False = plain calls (the CPU's way, or to compare). The graph
     checks itself on the process's first graphed batch (GraphSelfCheck) and is not used again
     after a failed capture or check. The start id comes from the model config: the real tokenizer
-    has no bos token.
+    has no bos token. repetition_penalty and no_repeat_ngram_size act as generate's logits
+    processors of the same names do (StaticGreedyDecoder.adjust).
     """
     if cuda_graph is None:
         cuda_graph = image_embeds.device.type == "cuda"
-    ids = _decode(model, image_embeds, max_new_tokens, graphed=True) if cuda_graph and not graph_decoding.off else None
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    graphed = cuda_graph and not graph_decoding.off
+    ids = _decode(model, image_embeds, max_new_tokens, graphed=True, **rules) if graphed else None
     if ids is None:  # graphs off, or the capture failed
-        return _decode(model, image_embeds, max_new_tokens, graphed=False)
+        return _decode(model, image_embeds, max_new_tokens, graphed=False, **rules)
     if not graph_decoding.passed:
-        ids = graph_decoding.check(ids, _decode(model, image_embeds, max_new_tokens, graphed=False))
+        ids = graph_decoding.check(ids, _decode(model, image_embeds, max_new_tokens, graphed=False, **rules))
     return ids
 
 
-def _decode(model, image_embeds: torch.Tensor, max_new_tokens: int, graphed: bool) -> Optional[torch.Tensor]:
+def _decode(model, image_embeds: torch.Tensor, max_new_tokens: int, graphed: bool, **rules) -> Optional[torch.Tensor]:
     """The greedy loop, its step replayed as a CUDA graph or called plainly; None if the capture failed."""
-    decoder = StaticGreedyDecoder(model, image_embeds, max_new_tokens)
+    decoder = StaticGreedyDecoder(model, image_embeds, max_new_tokens, **rules)
     step = graphed_step(decoder.step, image_embeds.device) if graphed else decoder.step
     if step is None:
         return None
@@ -143,7 +161,14 @@ class StaticGreedyDecoder:
     output blocks, feed-forward and LM head), so the ids equal generate's.
     """
 
-    def __init__(self, model, image_embeds: torch.Tensor, max_new_tokens: int):
+    def __init__(
+        self,
+        model,
+        image_embeds: torch.Tensor,
+        max_new_tokens: int,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+    ):
         text_config = model.config.text_config
         decoder = model.text_decoder
         self.embeddings, self.layers, self.head = decoder.bert.embeddings, decoder.bert.encoder.layer, decoder.cls
@@ -170,6 +195,10 @@ class StaticGreedyDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # of the token fed next
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)  # steps taken while a row was unfinished
+        self.penalty, self.ngram = repetition_penalty, no_repeat_ngram_size
+        if self.penalty != 1.0:  # the tokens each row holds so far, the start token included (as generate sees them)
+            self.seen = torch.zeros(batch, self.head.predictions.decoder.out_features, dtype=torch.bool, device=device)
+            self.seen[:, text_config.bos_token_id] = True
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, heads * head) -> (B, heads, T, head), as BlipTextSelfAttention lays out q, k and v."""
@@ -194,13 +223,41 @@ class StaticGreedyDecoder:
             cross = layer.crossattention
             h = cross.output(self._attend(self._split(cross.self.query(h)), cross_k, cross_v), h)
             x = layer.feed_forward_chunk(h)
-        token = (
-            self.head(x)[:, -1].argmax(-1).masked_fill(self.done, self.pad)
-        )  # finished rows get padding, as in generate
+        logits = self.adjust(self.head(x)[:, -1])
+        token = logits.argmax(-1).masked_fill(self.done, self.pad)  # finished rows get padding, as in generate
+        if self.penalty != 1.0:
+            self.seen.scatter_(1, token.unsqueeze(1), True)
         self.steps += (~self.done).any().long()
         self.done |= token == self.sep
         self.ids.index_copy_(1, self.position + 1, token.unsqueeze(1))
         self.position += 1
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """generate's RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor, in fixed shapes.
+
+        As generate does, the scores are float32 before either applies. Repetition penalty: a seen
+        token's logit is divided by the penalty (multiplied where it is negative). No repeated n-gram:
+        where the last n-1 tokens occurred before, the token that followed them then is banned.
+        """
+        if self.penalty == 1.0 and not self.ngram:
+            return logits
+        logits = logits.float()
+        if self.penalty != 1.0:
+            penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.ngram:
+            n = self.ngram
+            windows = self.ids.unfold(1, n, 1)  # (B, W, n): every n-gram slot of the buffer
+            start = self.position + 2 - n  # where the last n-1 tokens (the one fed now included) begin
+            suffix = self.ids.index_select(1, (start + torch.arange(n - 1, device=logits.device)).clamp(min=0))
+            matched = (windows[..., : n - 1] == suffix.unsqueeze(1)).all(-1)
+            # a slot counts when all its n tokens are known already, and only once n-1 tokens precede the next
+            slots = torch.arange(windows.shape[1], device=logits.device)
+            counted = matched & (slots <= self.position + 1 - n) & (start >= 0)
+            banned = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+            banned.scatter_add_(1, windows[..., n - 1], counted.long())
+            logits = logits.masked_fill(banned > 0, float("-inf"))
+        return logits
 
 
 def graphed_step(step, device):
@@ -214,6 +271,7 @@ def graphed_step(step, device):
     """
     state = step.__self__
     advanced = (state.ids, state.position, state.done, state.steps)  # what a step changes besides the K/V slot
+    advanced += (state.seen,) if state.penalty != 1.0 else ()
     saved = [t.clone() for t in advanced]
     autocast = torch.autocast(
         device.type,
@@ -242,20 +300,28 @@ def graphed_step(step, device):
 
 
 @torch.no_grad()
-def caption_ids_from_embeddings(model, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1):
+def caption_ids_from_embeddings(
+    model,
+    image_embeds: torch.Tensor,
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+):
     """Generated token ids (B, T), starting with bos [DEC], and a mask that ends after the first [SEP]."""
     text_config = model.config.text_config
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     if num_beams == 1:
-        ids = greedy_caption_ids(model, image_embeds, max_new_tokens)
+        ids = greedy_caption_ids(model, image_embeds, max_new_tokens, **rules)
     else:
-        ids = generate_ids(model, image_embeds, max_new_tokens, num_beams)
+        ids = generate_ids(model, image_embeds, max_new_tokens, num_beams, **rules)
     # Keep everything up to and including the first [SEP]; batch padding after it is masked out
     is_sep = (ids == text_config.sep_token_id).long()
     after_sep = (is_sep.cumsum(1) - is_sep) > 0
     return ids, (~after_sep).long()
 
 
-def generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_beams: int) -> torch.Tensor:
+def generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_beams: int, **rules) -> torch.Tensor:
     """transformers' generate from bos [DEC] (beam search; greedy_caption_ids is the fast greedy path)."""
     text_config = model.config.text_config
     batch = image_embeds.shape[0]
@@ -269,15 +335,16 @@ def generate_ids(model, image_embeds: torch.Tensor, max_new_tokens: int, num_bea
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
         do_sample=False,
+        **rules,
     )
 
 
 @torch.no_grad()
 def captions_from_embeddings(
-    model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1
+    model, processor, image_embeds: torch.Tensor, max_new_tokens: int = 30, num_beams: int = 1, **rules
 ) -> list:
     """Greedy (or beam) captions from precomputed image embeddings, as BLIP's generate does them."""
-    ids, _ = caption_ids_from_embeddings(model, image_embeds, max_new_tokens, num_beams)
+    ids, _ = caption_ids_from_embeddings(model, image_embeds, max_new_tokens, num_beams, **rules)
     return [c.strip() for c in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -433,7 +500,7 @@ def evaluate_batch(models: dict, processor, pixels: torch.Tensor, candidates, cf
     out = {}
     for name, model in models.items():
         embeds = embeds_of[name]
-        captions = captions_from_embeddings(model, processor, embeds, cfg.max_new_tokens, cfg.num_beams)
+        captions = captions_from_embeddings(model, processor, embeds, **decoding_options(cfg))
         scores, _ = rank_labels(model, embeds, candidates)
         out[name] = {"captions": captions, "scores": scores.cpu().numpy()}
     return out

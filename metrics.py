@@ -36,6 +36,12 @@ def bootstrap_ci(correct, samples: int = 1000, seed: int = 42, level: float = 0.
     return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
 
 
+def format_ci(value: float, interval) -> str:
+    """A number with its interval, as every report writes it: 0.912 [0.894, 0.929]."""
+    lo, hi = interval
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def mcnemar(a_correct, b_correct) -> dict:
     """Exact McNemar test (two-sided binomial on the discordant pairs) of model b against model a."""
     from scipy.stats import binomtest

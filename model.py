@@ -254,11 +254,12 @@ def create_lora_model(
 
 
 def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store the frozen weights and biases of `model`'s nn.Linear layers in `dtype`, autocast's; returns how many tensors.
+    """Store the frozen weights and biases of `model`'s nn.Linear layers in `dtype` (autocast's); returns how many.
 
     Under autocast every Linear casts its fp32 weight and bias to bf16/fp16 on each call, and
     autocast keeps the cast only for leaf tensors that require grad: the frozen base weights are
-    cast again at every step, each cast a kernel launch in a launch-bound step. Stored in that dtype already, autocast leaves them alone. `.to` rounds as autocast's
+    cast again at every step, each cast a kernel launch in a launch-bound step. Stored in that dtype
+    already, autocast leaves them alone. `.to` rounds as autocast's
     cast does, so under the same autocast the loss and gradients are bitwise unchanged.
     Left in fp32: anything trainable and LoRA's A/B (the optimizer and fp16's GradScaler need
     fp32 parameters), LayerNorms and embeddings (autocast runs them in fp32, so casting would
@@ -433,7 +434,8 @@ def check_adapter(adapter_dir: str) -> dict:
             ]
     except Exception as e:  # broken JSON, truncated or corrupt safetensors
         raise UserError(
-            f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: {type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
+            f"adapter {adapter_dir!r} is incomplete, corrupt or truncated: "
+            f"{type(e).__name__}: {str(e)[:MAX_ERROR_CHARS]}; "
             "re-save or re-train it"
         ) from e
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):

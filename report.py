@@ -7,7 +7,8 @@ import numpy as np
 from baselines import report_section, summary_lines
 from breeds import BREED_NAMES, NUM_BREEDS, caption_for
 from data import load_image
-from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, label_index
+from figures import figure
+from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, format_ci, label_index
 
 KEY_ROWS = [  # (label, key, format)
     ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
@@ -27,8 +28,7 @@ KEY_ROWS = [  # (label, key, format)
 
 def _fmt(m: dict, key: str, kind: str) -> str:
     if kind == "ci":
-        lo, hi = m[key + "_ci95"]
-        return f"{m[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+        return format_ci(m[key], m[key + "_ci95"])
     return f"{m[key]:.1f}" if kind == "f1" else f"{m[key]:.3f}"
 
 
@@ -97,126 +97,105 @@ def failures_frame(predictions: Predictions, metrics: Metrics):
     return frame.sort_values(["model", "true_breed_rank", "margin"], ascending=[False, False, False], kind="stable")
 
 
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend: every figure here is written, none shown (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(matrix, title: str, path: str) -> None:
     import seaborn as sns
     from seaborn.utils import relative_luminance
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(15, 13))
-    mesh = sns.heatmap(
-        matrix,
-        cmap="Blues",
-        xticklabels=LABELS,
-        yticklabels=LABELS,
-        cbar_kws={"label": "images"},
-        linewidths=0.3,
-        linecolor="#eeeeee",
-        ax=ax,
-    ).collections[0]
-    # Counts written only where there are any, in seaborn's contrasting colour: its own annotation
-    # makes a text for each of the 1,444 cells, empty ones too, most of the figure's time
-    for row, col in zip(*np.nonzero(matrix)):
-        dark = relative_luminance(mesh.cmap(mesh.norm(matrix[row, col]))) <= 0.408
-        ax.text(
-            col + 0.5,
-            row + 0.5,
-            str(matrix[row, col]),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="w" if dark else ".15",
-        )
-    ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
-    ax.tick_params(labelsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(15, 13)) as (fig, ax):
+        mesh = sns.heatmap(
+            matrix,
+            cmap="Blues",
+            xticklabels=LABELS,
+            yticklabels=LABELS,
+            cbar_kws={"label": "images"},
+            linewidths=0.3,
+            linecolor="#eeeeee",
+            ax=ax,
+        ).collections[0]
+        # Counts written only where there are any, in seaborn's contrasting colour: its own annotation
+        # makes a text for each of the 1,444 cells, empty ones too, most of the figure's time
+        for row, col in zip(*np.nonzero(matrix)):
+            dark = relative_luminance(mesh.cmap(mesh.norm(matrix[row, col]))) <= 0.408
+            ax.text(
+                col + 0.5,
+                row + 0.5,
+                str(matrix[row, col]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="w" if dark else ".15",
+            )
+        ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
+        ax.tick_params(labelsize=8)
+        for label in ax.get_xticklabels():
+            label.set(rotation=60, ha="right", rotation_mode="anchor")
 
 
 def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> None:
-    plt = pyplot()
     counts = {"truth": np.bincount(label_index(predictions.label), minlength=NUM_BREEDS + 1)}
     for name in MODELS:
         counts[display(name)] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
     y = np.arange(len(LABELS))
-    fig, ax = plt.subplots(figsize=(9, 12))
-    for k, (name, c) in enumerate(counts.items()):
-        ax.barh(y + (k - 1) * 0.27, c, height=0.27, label=name)
-    ax.set_yticks(y, LABELS, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="images", title="Breeds named by the captions vs the true breeds")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(9, 12)) as (fig, ax):
+        for k, (name, c) in enumerate(counts.items()):
+            ax.barh(y + (k - 1) * 0.27, c, height=0.27, label=name)
+        ax.set_yticks(y, LABELS, fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel="images", title="Breeds named by the captions vs the true breeds")
+        ax.legend()
 
 
 def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> None:
-    plt = pyplot()
     lengths = {name.replace("_", "-"): [len(c.split()) for c in predictions.models[name].captions] for name in MODELS}
     reference = [len(caption_for(t, template).split()) for t in predictions.label]
     top = max([max(v) for v in lengths.values()] + reference) + 1
-    fig, ax = plt.subplots(figsize=(8, 4))
     bins = np.arange(0, top + 1) - 0.5
-    for name, values in lengths.items():
-        ax.hist(values, bins=bins, alpha=0.6, label=name)
-    ax.axvline(np.mean(reference), color="black", linestyle="--", label="reference (mean)")
-    ax.set(xlabel="caption length (words)", ylabel="images", title="Caption lengths")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(8, 4)) as (fig, ax):
+        for name, values in lengths.items():
+            ax.hist(values, bins=bins, alpha=0.6, label=name)
+        ax.axvline(np.mean(reference), color="black", linestyle="--", label="reference (mean)")
+        ax.set(xlabel="caption length (words)", ylabel="images", title="Caption lengths")
+        ax.legend()
 
 
 def plot_per_breed_accuracy(metrics, path: str) -> None:
-    plt = pyplot()
     breeds = [b for b, v in metrics.numbers["fine_tuned"]["per_breed"].items() if v["support"] > 0]
     y = np.arange(len(breeds))
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(breeds) + 1.5))
-    for k, name in enumerate(MODELS):
-        per = metrics.numbers[name]["per_breed"]
-        ax.barh(
-            y + (k - 0.5) * 0.4,
-            [per.get(b, {}).get("recall", 0.0) for b in breeds],
-            height=0.4,
-            label=name.replace("_", "-"),
+    with figure(path, figsize=(8, 0.3 * len(breeds) + 1.5)) as (fig, ax):
+        for k, name in enumerate(MODELS):
+            per = metrics.numbers[name]["per_breed"]
+            ax.barh(
+                y + (k - 0.5) * 0.4,
+                [per.get(b, {}).get("recall", 0.0) for b in breeds],
+                height=0.4,
+                label=name.replace("_", "-"),
+            )
+        ax.set_yticks(y, breeds, fontsize=8)
+        ax.invert_yaxis()
+        ax.set(
+            xlabel="breed accuracy (recall of the breed named in the caption)",
+            xlim=(0, 1.02),
+            title="Per-breed accuracy",
         )
-    ax.set_yticks(y, breeds, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(
-        xlabel="breed accuracy (recall of the breed named in the caption)", xlim=(0, 1.02), title="Per-breed accuracy"
-    )
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.legend(loc="lower right")
 
 
 def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16) -> None:
     """Image grid of the fine-tuned model's worst failures: true breed, caption, predicted breed under each."""
     import textwrap
 
-    plt = pyplot()
     worst = failures[failures["model"] == "fine_tuned"].head(limit)
     if worst.empty:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "The fine-tuned model named every breed correctly.", ha="center", va="center")
-    else:
-        cols = min(4, len(worst))
-        rows = (len(worst) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(max(3.6 * cols, 6.0), 4.3 * rows), squeeze=False)
+        with figure(path, dpi=100, figsize=(6, 2)) as (fig, ax):
+            ax.axis("off")
+            ax.text(0.5, 0.5, "The fine-tuned model named every breed correctly.", ha="center", va="center")
+        return
+    cols = min(4, len(worst))
+    rows = (len(worst) + cols - 1) // cols
+    with figure(path, dpi=100, nrows=rows, ncols=cols, figsize=(max(3.6 * cols, 6.0), 4.3 * rows), squeeze=False) as (
+        fig,
+        axes,
+    ):
         for ax in axes.flat:
             ax.axis("off")
         for ax, (_, row) in zip(axes.flat, worst.iterrows()):
@@ -233,9 +212,6 @@ def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16
                 fontsize=8,
             )
         fig.suptitle("Worst failures, fine-tuned model\n(true breed ranked lowest by likelihood first)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 FIGURES = {
@@ -269,7 +245,8 @@ def write_report(path: str, metrics: Metrics, info: dict) -> None:
         "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
     )
     per_breed = "\n".join(
-        f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
+        f"| {b} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | "
+        f"{zs['per_breed'].get(b, {}).get('recall', 0.0):.3f} |"
         for b, v in ft["per_breed"].items()
     )
     baselines = (
@@ -281,9 +258,11 @@ def write_report(path: str, metrics: Metrics, info: dict) -> None:
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
 - adapter `{info["adapter"]}` on base model `{info["base_model"]}`
-- data `{info["dataset"]}`, split **{info["split"]}**: {numbers["num_samples"]} images ({info["num_bad_images"]} unreadable, skipped)
+- data `{info["dataset"]}`, split **{info["split"]}**: {numbers["num_samples"]} images
+  ({info["num_bad_images"]} unreadable, skipped)
 - captions: {info["decoding"]}; reference caption: "{info["template"]}"
-- {info["runtime_seconds"]:.1f} s ({info["images_per_second"]:.2f} images/s on {info["device"]}); image embeddings shared between the models: {info["shared_image_embeddings"]}
+- {info["runtime_seconds"]:.1f} s ({info["images_per_second"]:.2f} images/s on {info["device"]}); image embeddings
+  shared between the models: {info["shared_image_embeddings"]}
 
 ## Key numbers
 
@@ -294,8 +273,9 @@ Brackets: 95% bootstrap confidence intervals ({info["bootstrap_samples"]} resamp
 {rows}
 
 **McNemar** (same images, exact test on the discordant pairs): by caption, the fine-tuned model alone is right on
-{mc["only_second_correct"]} images and the zero-shot model alone on {mc["only_first_correct"]} (p = {mc["p_value"]:.3g});
-by likelihood top-1, {mr["only_second_correct"]} vs {mr["only_first_correct"]} (p = {mr["p_value"]:.3g}).
+{mc["only_second_correct"]} images and the zero-shot model alone on {mc["only_first_correct"]}
+(p = {mc["p_value"]:.3g}); by likelihood top-1, {mr["only_second_correct"]} vs {mr["only_first_correct"]}
+(p = {mr["p_value"]:.3g}).
 
 The **likelihood ranking** scores the templated caption of each of the 37 breeds under the model given
 the image and ranks the breeds by it, so it names a breed for every image; it is the fair zero-shot

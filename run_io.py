@@ -6,8 +6,10 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -20,15 +22,24 @@ def is_local(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of huggingface_hub's ~45 s of retries."""
+    """One quick TCP connect instead of huggingface_hub's ~45 s of retries; UserError for an HF_ENDPOINT that is
+    not an http(s) URL with a valid port."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        url = urlparse(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("not an http(s) URL with a host")
+        address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        socket.create_connection(address, timeout=timeout).close()
         return True
     except OSError:
         return False
+    except ValueError as e:  # a port out of range or not a number, a host name IDNA cannot encode
+        raise UserError(
+            f"HF_ENDPOINT={endpoint!r} is not a valid URL ({e}); set it like https://huggingface.co or unset it"
+        ) from None
 
 
 def offline_hint(what: str, name: str, flag: str) -> str:
@@ -40,6 +51,30 @@ def offline_hint(what: str, name: str, flag: str) -> str:
 
 # Disk and permission faults the user fixes outside the program: one line, not a traceback
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# What torch.save raises for them: a RuntimeError of its C++ writer, not an OSError (as seen on a full disk)
+_TORCH_WRITE_FAILURE = re.compile(
+    r"PytorchStreamWriter failed writing|file write failed|inline_container\.cc.*unexpected pos"
+    r"|basic_ios::clear: iostream error|open file failed with strerror: (?:"
+    + "|".join(re.escape(os.strerror(code)) for code in sorted(_ENVIRONMENT_ERRNOS))
+    + ")"
+)
+# ... and safetensors' save_file: a SafetensorError that ends "(os error 28)"
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def _environment_fault(e: Exception):
+    """'what went wrong' when `e` is a disk or permission fault of writing a file, else None (a bug: a traceback)."""
+    if isinstance(e, OSError):
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            return None
+        return os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, RuntimeError) and _TORCH_WRITE_FAILURE.search(first_line):
+        return f"writing a file failed (torch: {first_line}); the disk may be full or the folder read-only"
+    code = _OS_ERROR_CODE.search(first_line)
+    if type(e).__name__ == "SafetensorError" and code and int(code.group(1)) in _ENVIRONMENT_ERRNOS:
+        return f"writing a file failed (safetensors: {first_line})"
+    return None
 
 
 def check_output_dir(out: str, adapter: str = None) -> None:
@@ -74,8 +109,9 @@ def join_cpu_processes() -> None:
 
 
 def run_main(main) -> None:
-    """Entry-point wrapper: a UserError (or a full disk, a read-only folder) becomes one line on stderr, exit code 2;
-    Ctrl+C one line and exit code 130, as a shell reports it."""
+    """Entry-point wrapper: a UserError (or a full disk, a read-only folder, also as torch.save's and safetensors'
+    own errors) becomes one line on stderr, exit code 2; Ctrl+C one line and exit code 130, as a shell reports it.
+    Any other exception is a bug and keeps its traceback."""
     try:
         main()
     except KeyboardInterrupt:
@@ -87,11 +123,11 @@ def run_main(main) -> None:
             logging.getLogger(__name__).debug("the error below was caused by:", exc_info=e.__cause__)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        if e.errno not in _ENVIRONMENT_ERRNOS:
+    except Exception as e:
+        fault = _environment_fault(e)
+        if fault is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {os.strerror(e.errno)}{where}: free some space or pick a writable --output_dir", file=sys.stderr)
+        print(f"error: {fault}: free some space or pick a writable --output_dir", file=sys.stderr)
         sys.exit(2)
 
 
@@ -142,17 +178,52 @@ def _lock_holder(fd: int) -> str:
     return f"pid {text}" if text.isdigit() else "another process"
 
 
+def _describe(path: str) -> str:
+    """What `path` is, for a refusal: 'a symbolic link to X', 'a folder', ..."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "not a plain file"
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)!r}"
+    return "a folder" if stat.S_ISDIR(mode) else "a plain file" if stat.S_ISREG(mode) else "not a plain file"
+
+
+def _open_plain_file(path: str, flags: int) -> int:
+    """os.open of a plain file that is never followed: UserError for a symbolic link (to anything, or dangling),
+    a folder, a pipe or a device. A link is not created, truncated or written through, wherever it points."""
+    try:
+        # O_NONBLOCK: opening a pipe left in the folder must not hang (plain files ignore it)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # ELOOP: a link, which O_NOFOLLOW refuses
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise UserError(f"{path} is {_describe(path)}, not a plain file; nothing was read or written through it: remove it")
+
+
 @contextmanager
 def exclusive_lock(path: str, busy):
     """Hold an exclusive flock on `path`, with this process's pid written in it, for the block.
 
     The kernel releases it when the process ends, even killed, so a stale lock never blocks, and
     forked children do not hold it. When another process holds it, `busy(holder)` is called with
-    'pid N': it raises to refuse, or returns to wait for the lock.
+    'pid N': it raises to refuse, or returns to wait for the lock. A `path` that is not a plain file
+    of its own (a symbolic link, a folder, a second name of another file) is refused with a UserError:
+    writing the pid through it would change a file elsewhere.
     """
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_plain_file(path, os.O_RDWR | os.O_CREAT)
+    if os.fstat(fd).st_nlink != 1:
+        os.close(fd)
+        raise UserError(
+            f"{path} is a second name (hard link) of another file, which the lock would overwrite: remove it"
+        )
     _HELD_LOCKS.add(fd)
     try:
         try:
@@ -173,7 +244,8 @@ def locked_output_dir(out: str):
     """Hold an exclusive lock on an output folder for a whole run: a second writer gets one line, not a mix.
 
     The lock is out/.lock (exclusive_lock). Under the lock, a save that was killed while moving its
-    files into place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed.
+    files into place is completed (staged_outputs), and `.saving-*` folders left by a killed save are removed
+    (one that is a symbolic link: the link only, never what it points at).
     """
     check_output_dir(out)
     os.makedirs(out, exist_ok=True)
@@ -185,8 +257,8 @@ def locked_output_dir(out: str):
         _finish_move(out)
         for name in os.listdir(out):
             path = os.path.join(out, name)
-            if name.startswith(".saving-") and os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+            if name.startswith(".saving-") and stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)  # removes links inside it, never follows them
             elif name.startswith(".saving-"):
                 os.remove(path)
         yield out
@@ -206,9 +278,10 @@ def staged_outputs(out: str, last: tuple = ()):
     writing leaves the previous set untouched (and a `.saving-*` folder that the next locked run
     removes). Moving the files in is one rename each, so first the plan (the new names, the old
     ones to remove) is written to out/.moving.json; a kill while moving leaves it, and whatever
-    next opens the folder as a writer (locked_output_dir) completes the move before
-    writing anything (readers refuse such a folder: run_record.AdapterRun.read): the folder is then all new. Files named in `last` move last.
-    Other files in `out` (checkpoints, the lock) are not part of the set and stay.
+    next opens the folder as a writer (locked_output_dir) completes the move before writing
+    anything (readers refuse such a folder: run_record.AdapterRun.read): the folder is then all
+    new. Files named in `last` move last. Other files in `out` (checkpoints, the lock) are not part
+    of the set and stay.
     """
     _finish_move(out)
     tmp = tempfile.mkdtemp(prefix=".saving-", dir=out)
@@ -224,36 +297,71 @@ def staged_outputs(out: str, last: tuple = ()):
 
 
 def _finish_move(out: str) -> None:
-    """Carry out out/.moving.json, if a save left one: every staged file moved in, the stale ones removed."""
+    """Carry out out/.moving.json, if a save left one: every staged file moved in, the stale ones removed.
+
+    The plan and the staging folder may come from someone else (a folder handed over): everything is
+    checked before anything is moved (_check_entry), and a UserError leaves the folder as it was.
+    """
     path = os.path.join(out, MOVING)
     try:
-        with open(path) as f:
+        fd = _open_plain_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        with os.fdopen(fd) as f:
             plan = json.load(f)
         staging = os.path.join(out, _plain_name(plan["staging"], ".saving-"))
         files, stale = [_plain_name(n) for n in plan["files"]], [_plain_name(n) for n in plan["stale"]]
-    except FileNotFoundError:
-        return
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
             f"{path} (left by a save that was stopped) cannot be read ({type(e).__name__}: {e}); "
             f"the files in {out!r} may come from two runs: delete it and run again"
         ) from None
+    # before anything moves: a refusal leaves the folder as it was
+    _check_entry(staging, out, f"remove {path} and {staging} (if a link, only the link) and run again", staged=True)
+    for name in files + stale:
+        target = os.path.join(out, name)
+        _check_entry(target, out, f"remove {target} (if a link, only the link) and run again: that finishes the save")
     for name in files:
         source, target = os.path.join(staging, name), os.path.join(out, name)
         if not os.path.lexists(source):  # moved before the interruption
             continue
-        if os.path.isdir(target) and not os.path.islink(target):
+        if os.path.isdir(target):  # not a link: _check_entry refused those
             shutil.rmtree(target)
         os.replace(source, target)
     for name in stale:
         target = os.path.join(out, name)
-        if os.path.isdir(target) and not os.path.islink(target):
+        if os.path.isdir(target):  # not a link: _check_entry refused those
             shutil.rmtree(target)
         elif os.path.lexists(target):
             os.remove(target)
     write_json_atomic(os.path.join(out, OUTPUT_SET), files)
     os.remove(path)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_entry(path: str, out: str, advice: str, staged: bool = False) -> None:
+    """UserError (ending in `advice`) unless `path` is absent, or a plain file or a real folder in `out` (with
+    `staged`: and so is everything in it).
+
+    A save makes only plain files and folders, so a symbolic link among what it moves, replaces or removes
+    was put there by someone else: it is refused wherever it points (its target can change after any
+    check), as are pipes and devices. Nothing outside `out` is ever moved or removed.
+    """
+    if not os.path.lexists(path):
+        return
+    paths = [path]
+    if staged and stat.S_ISDIR(os.lstat(path).st_mode):  # os.walk does not descend into links
+        paths += [os.path.join(root, n) for root, dirs, names in os.walk(path) for n in dirs + names]
+    for p in paths:
+        mode = os.lstat(p).st_mode
+        what = None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else _describe(p)
+        what = what or (None if inside(p, out) else f"outside {out!r}")
+        if what:
+            raise UserError(
+                f"a save that was stopped in {out!r} would move, replace or remove {p}, which is {what}; "
+                f"no save makes that, so nothing was moved: {advice}"
+            )
 
 
 def _plain_name(name, prefix: str = "") -> str:
@@ -269,11 +377,12 @@ def _plain_name(name, prefix: str = "") -> str:
 
 
 def _read_names(path: str) -> list:
-    """The names in an OUTPUT_SET file; [] when there is none or it cannot be read (then nothing is removed)."""
+    """The names in an OUTPUT_SET file; [] when there is none, it cannot be read or is not a plain file (a link is
+    not followed): then nothing is removed."""
     try:
-        with open(path) as f:
+        with os.fdopen(_open_plain_file(path, os.O_RDONLY)) as f:
             return [_plain_name(n) for n in json.load(f)]
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, UserError):
         return []
 
 
@@ -283,6 +392,15 @@ def write_json_atomic(path: str, value, prefix: str = ".saving-", suffix: str = 
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
     with os.fdopen(fd, "w") as f:
         json.dump(value, f, indent=indent, default=str)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file complete or not at all: a temporary file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

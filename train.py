@@ -22,6 +22,7 @@ from data import CaptionCollator, PetCaptionDataset, load_splits, longest_captio
 from demo import use_demo_assets
 from devices import pick_dtype
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
+from figures import figure
 from inference import image_embeddings
 from model import (
     cast_frozen_linears,
@@ -32,12 +33,11 @@ from model import (
     load_processor,
     save_adapter,
 )
-from report import pyplot
+from model_card import best_metric_name, write_model_card
 from run_io import (
     UserError,
     check_output_dir,
     inside,
-    is_local,
     join_cpu_processes,
     locked_output_dir,
     run_main,
@@ -66,7 +66,8 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
             args.mixed_precision = "bf16" if args.bf16 else "fp16"
     if args.fp16 and args.device.type == "cpu":
         raise UserError(
-            "fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; use bf16 or fp32"
+            "fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; "
+            "use bf16 or fp32"
         )
     if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
         use_demo_assets(cfg)
@@ -149,126 +150,21 @@ def history_from_logs(log_history: list) -> dict:
 
 
 def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
-    plt = pyplot()
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     train, val = history["train"], history["validation"]
-    ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
-    ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
-    kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
-    ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
-    ax_loss.legend()
-    ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
-    ax_acc.set(
-        xlabel="epoch", ylabel="breed accuracy", title="Validation breed accuracy (greedy captions)", ylim=(0, 1.02)
-    )
-    ax_acc.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def best_metric_name(args: TrainConfig) -> str:
-    """What state.best_metric measures: "validation breed accuracy" by default, else --metric_for_best_model's."""
-    metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
-    return f"validation {metric.replace('_', ' ')}"
-
-
-def card_metadata(cfg: PetConfig, args: TrainConfig, best: dict) -> str:
-    """The model card's YAML header in the Hub's format (huggingface_hub.ModelCardData)."""
-    from huggingface_hub import EvalResult, ModelCardData
-
-    dataset_id = None if is_local(cfg.dataset) else cfg.dataset
-    results = (
-        []
-        if best is None
-        else [
-            EvalResult(
-                task_type="image-to-text",
-                task_name="Image captioning (breed named in the caption)",
-                dataset_type=dataset_id or "oxford-iiit-pet",
-                dataset_name="Oxford-IIIT Pet",
-                dataset_split="validation",
-                metric_type=best_metric_name(args).split()[-1],
-                metric_name=best_metric_name(args),
-                metric_value=round(float(best), 4),
-            )
-        ]
-    )
-    data = ModelCardData(
-        base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
-        datasets=[dataset_id] if dataset_id else None,
-        library_name="peft",
-        pipeline_tag="image-to-text",
-        tags=["blip", "lora", "image-captioning", "oxford-iiit-pet"],
-        model_name=os.path.basename(os.path.normpath(args.output_dir)),
-        eval_results=results or None,
-    )
-    return data.to_yaml()
-
-
-def write_model_card(
-    path: str, cfg: PetConfig, args: TrainConfig, splits: dict, history: dict, best: dict, trainable: int, state: dict
-) -> None:
-    rows = "\n".join(
-        f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', float('nan')):.4f} | {e.get('breed_accuracy', float('nan')):.3f} |"
-        for e in history["validation"]
-    )
-    length = (
-        f"{state.global_step} optimizer steps (--max_steps {args.max_steps}, {state.epoch or 0:.2f} epochs)"
-        if args.max_steps > 0
-        else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)"
-    )
-    base = (
-        cfg.model_name_or_path
-        if is_local(cfg.model_name_or_path)
-        else f"[{cfg.model_name_or_path}](https://huggingface.co/{cfg.model_name_or_path})"
-    )
-    card = f"""---
-{card_metadata(cfg, args, best)}
----
-# BLIP + LoRA for Oxford-IIIT Pet breed captions
-
-LoRA adapter for `{base}` that captions pet photos as
-"{cfg.caption_template.format(article="a", breed="<Breed>")}", naming one of 37 cat and dog breeds.
-
-- **Data**: `{cfg.dataset}`: {len(splits["train"])} training and {len(splits["validation"])} validation images
-  (validation is a stratified {cfg.val_fraction:.0%} of trainval, seed {args.seed}); the test split was not used.
-- **LoRA**: r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, targets `{cfg.lora_target_modules}`;
-  {trainable:,} trainable parameters.
-- **Training**: {length}, learning rate {args.learning_rate:g}, batch size
-  {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation, seed {args.seed},
-  {"bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"}.
-- **Kept**: the evaluation with the best {best_metric_name(args)}: **{best if best is not None else float("nan"):.3f}**.
-
-## Validation
-
-| step | epoch | loss | breed accuracy |
-|---|---|---|---|
-{rows}
-
-![training curves](training_curves.png)
-
-## Use
-
-With plain transformers and PEFT: the base model with this LoRA merged in, captioned by the
-`image-text-to-text` pipeline (transformers 5 has no `image-to-text` pipeline; `text=""` asks for a
-caption with no prompt, exactly like `generate`):
-
-<!-- pipeline-snippet -->
-```python
-from peft import AutoPeftModel
-from PIL import Image
-from transformers import AutoProcessor, pipeline
-
-adapter = "{args.output_dir}"  # train.py's --output_dir, or the Hub repo id it was pushed to
-model = AutoPeftModel.from_pretrained(adapter).merge_and_unload().eval()  # base model + LoRA, merged
-captioner = pipeline("image-text-to-text", model=model, processor=AutoProcessor.from_pretrained(adapter))
-print(captioner(Image.open("pet.jpg"), text="", max_new_tokens=30)[0]["generated_text"])
-```
-"""
-    with open(path, "w") as f:
-        f.write(card)
+    with figure(path, dpi=120, ncols=2, figsize=(11, 4)) as (fig, (ax_loss, ax_acc)):
+        ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
+        ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
+        kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
+        ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
+        ax_loss.legend()
+        ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
+        ax_acc.set(
+            xlabel="epoch",
+            ylabel="breed accuracy",
+            title="Validation breed accuracy (greedy captions)",
+            ylim=(0, 1.02),
+        )
+        ax_acc.grid(alpha=0.3)
 
 
 def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig, args: TrainConfig) -> tuple:
@@ -354,7 +250,8 @@ def _train(cfg, args):
     splits["validation"] = subsample(splits["validation"], cfg.max_eval_samples, args.seed)
     if not splits["train"] or not splits["validation"]:
         raise UserError(
-            f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation images; need both"
+            f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation "
+            "images; need both"
         )
     logger.info(
         "data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset

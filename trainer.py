@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from inference import captions_from_embeddings, image_embeddings
+from inference import captions_from_embeddings, decoding_options, image_embeddings
 from model import (
     check_loaded_keys,
 )
@@ -156,7 +156,8 @@ class PetTrainer(Trainer):
                     embeds = batch["image_embeds"].to(self.args.device, model.text_decoder.dtype)
                 else:
                     embeds = image_embeddings(model, batch["pixel_values"].to(self.args.device))
-                captions = captions_from_embeddings(model, self.processor, embeds, self.pet_config.max_new_tokens)
+                options = {**decoding_options(self.pet_config), "num_beams": 1}  # greedy, as the loop is fast
+                captions = captions_from_embeddings(model, self.processor, embeds, **options)
             correct += int((self.labels.from_captions(captions) == np.asarray(truth)).sum())
             total += len(truth)
         if world > 1:
@@ -187,11 +188,6 @@ class _LossOf(torch.nn.Module):
 def graphs_supported(device) -> bool:
     """Can --cuda_graphs record the training step on `device`? (torch.cuda.make_graphed_callables: CUDA only)."""
     return device.type == "cuda"
-
-
-def record_graphs(module, sample_args):
-    """`module`'s forward and backward recorded as CUDA graphs on `sample_args`; a callable that replays them."""
-    return torch.cuda.make_graphed_callables(module, sample_args)
 
 
 class GraphedLoss:
@@ -248,7 +244,7 @@ class GraphedLoss:
                     torch.autocast(args[0].device.type, enabled=False),
                     torch.random.fork_rng(**_rng_fork(args[0].device)),
                 ):
-                    self.replay = record_graphs(self.recorded, sample)
+                    self.replay = torch.cuda.make_graphed_callables(self.recorded, sample)
             except Exception as e:
                 return self._eager_from_now(
                     "--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
@@ -352,7 +348,7 @@ class FiniteLossCheck(TrainerCallback):
 
 
 def resume_point(cfg, args):
-    """--resume_from_checkpoint PATH, or True/last for the newest checkpoint-N in --output_dir; checked against this run."""
+    """--resume_from_checkpoint PATH, or True/last: the newest checkpoint-N in --output_dir; checked against the run."""
     value = args.resume_from_checkpoint
     if value is None or value.lower() in ("false", "no", "none", ""):
         return None

@@ -316,7 +316,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
 
 
 def op_counts(fn, device) -> dict:
-    """Operator calls in one call of fn (torch.profiler): all aten ops, the two cast ops, and kernel launches on a GPU."""
+    """Operator calls in one call of fn (torch.profiler): all aten ops, the two cast ops, and GPU kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(
@@ -532,7 +532,8 @@ def main():
             )  # the cast is for autocast: bf16 unless --dtype fp16
             step_batch = a.batch or 16  # the GPU profile's training step (profile_gpu.py, h100-recipe-profile.txt)
             print(
-                f"[{kind}] training step under {half} autocast, frozen weights fp32 vs cast once (batch {step_batch}) ...",
+                f"[{kind}] training step under {half} autocast, frozen weights fp32 vs cast once "
+                f"(batch {step_batch}) ...",
                 flush=True,
             )
             r["cast"] = frozen_cast(kind, workdir, device, half, step_batch, a.repeats, a.lora_target_modules)

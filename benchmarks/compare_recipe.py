@@ -48,7 +48,7 @@ SELF_CHECK = re.compile(r"(INFO|WARNING) \S+: self-check")  # a log line of mode
 
 
 def self_checks():
-    """{stage: [its "self-check" log lines]}: passed, or failed and turned off (model.GraphSelfCheck, train.GraphedLoss)."""
+    """{stage: [its "self-check" log lines]}: passed, or failed and turned off (GraphSelfCheck, GraphedLoss)."""
     found = {}
     for name in sorted(os.listdir(work)):
         if name.endswith(".log"):

@@ -128,7 +128,8 @@ def zero_shot_species(base: str, pets: str) -> dict:
 
 def table(rows: list) -> str:
     lines = [
-        "| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption | pet attention zs / ft |",
+        "| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption "
+        "| pet attention zs / ft |",
         "|---|---|---|---|---|",
     ]
     for r in rows:

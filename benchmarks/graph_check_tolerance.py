@@ -62,7 +62,8 @@ def main():
         return {"loss": relative_difference(x[0], y[0]), "lora_gradients": relative_difference(x[1], y[1])}
 
     def lora(dropout):
-        """The LoRA model in fp32 and a copy (the same LoRA initialisation) with its frozen weights in bf16, as train.py stores them."""
+        """The LoRA model in fp32 and a copy (the same LoRA initialisation) with its frozen weights in bf16, as
+        train.py stores them."""
         model = create_lora_model(copy.deepcopy(base), 32, 64, dropout, "query,value")
         half = copy.deepcopy(model)
         cast_frozen_linears(half, torch.bfloat16)

@@ -63,7 +63,7 @@ def torchrun(args, cwd, nproc=2, timeout=600):
 
 
 def train_argv(assets, out, cache):
-    """train.py options for tiny_adapter's run: 2 steps on (base folder, data folder) `assets`, seed 7, val_fraction 0.2."""
+    """train.py options for tiny_adapter's run: 2 steps on (base, data folder) `assets`, seed 7, val_fraction 0.2."""
     return [
         "--demo",
         "--model_name_or_path",

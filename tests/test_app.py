@@ -538,3 +538,31 @@ def test_page_in_chromium(server, test_images, tmp_path):
             browser.close()
     hosts = {u.split("/")[2] for u in requests if u.startswith(("http:", "https:", "ws:", "wss:"))}
     assert hosts == {server.split("/")[2]}, f"the page fetched from {hosts}"  # nothing but the app itself
+
+
+def test_example_images_are_named_by_a_safe_form_of_their_ids(tmp_path):
+    """Ids are data: '../../victim/x' must not write outside the app's folder, and 'cats/1' must not crash it."""
+    from helpers import pngs, saved_dataset
+
+    ids = ["../../victim/pwn7", "cats/1", "/abs/dogs/1", "plain"]
+    paths = pngs(str(tmp_path / "png"), [f"{k}.png" for k in range(4)])
+    breeds = ["abyssinian", "beagle", "pug", "boxer"]
+    data = saved_dataset(
+        str(tmp_path / "hf"), {s: {"image": paths, "image_id": ids, "label": breeds} for s in ("train", "test")}
+    )
+    cfg, args = app.PetConfig(dataset=data), app.AppConfig(output_dir=str(tmp_path / "app" / "out"), num_examples=4)
+    examples = app.write_examples(cfg, args)
+    folder = app.example_folder(args)
+    assert len(examples) == 4 and sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p, _ in examples)
+    for path, _ in examples:
+        assert os.path.dirname(path) == folder and os.path.isfile(path) and ".." not in os.path.basename(path)
+    assert sorted(os.listdir(tmp_path)) == ["app", "hf", "png"]  # nothing written beside the app's folder
+
+
+def test_the_page_names_models_without_server_paths():
+    assert app.shown_name("/home/someone/outputs/demo/tiny-blip") == "tiny-blip"
+    assert app.shown_name("outputs/demo/tiny-blip/") == "tiny-blip"
+    assert app.shown_name("Salesforce/blip-image-captioning-base") == "Salesforce/blip-image-captioning-base"
+    page = app.build_ui(type("Captioner", (), {"base_name": "/home/someone/models/base"})(), [])
+    markdown = " ".join(str(getattr(b, "value", "")) for b in page.blocks.values())
+    assert "`base`" in markdown and "/home/someone" not in markdown

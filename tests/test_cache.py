@@ -1,9 +1,12 @@
-"""embedding_cache.py: cached embeddings give the stock loss; the cache is keyed by content, shared, locked and rebuilt when corrupt."""
+"""embedding_cache.py: cached embeddings give the stock loss; the cache is keyed by content, shared, locked, and
+rebuilt when corrupt or of another embedding shape."""
 
 import copy
+import json
 import logging
 import os
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -406,6 +409,89 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(pets, encoder, tmp_path, damage
         assert _fill(cache, encoder, records) == 4
     assert "corrupt" in caplog.text
     _assert_cached_correctly(_cache(tmp_path, encoder), encoder, records)
+
+
+def _edit_index(cache, **entries):
+    """index.json with `entries` (image key -> entry) replaced, as a damaged or foreign cache might hold them."""
+    with open(cache.index_path) as f:
+        index = json.load(f)
+    index.update(entries)
+    with open(cache.index_path, "w") as f:
+        json.dump(index, f)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda chunk: [chunk, 1.5],
+        lambda chunk: [chunk, True],  # Python would take it for row 1: another image's
+        lambda chunk: [[chunk], 0],
+    ],
+    ids=["float row", "bool row", "list for a chunk name"],
+)
+def test_index_rows_that_are_not_integers_are_dropped_and_encoded_again(pets, encoder, tmp_path, entry, caplog):
+    records = load_splits(pets, 0.0)["train"][:3]
+    cache = _cache(tmp_path, encoder)
+    _fill(cache, encoder, records)
+    keys = cache.keys(records)
+    [chunk] = {cache.index[k][0] for k in keys}
+    assert [cache.index[k][1] for k in keys] == [0, 1, 2]
+    _edit_index(cache, **{keys[0]: entry(chunk)})
+    with caplog.at_level(logging.WARNING):
+        cache = _cache(tmp_path, encoder)
+        assert sorted(cache.index) == sorted(keys[1:])
+        assert _fill(cache, encoder, records) == 1
+    assert "malformed entry" in caplog.text
+    _assert_cached_correctly(_cache(tmp_path, encoder), encoder, records)
+
+
+def _foreign_chunk(cache, keys, shape, dtype="float32"):
+    """A chunk of `shape` (rows, tokens, hidden) that index.json says holds the images of `keys`."""
+    name = f"chunk-{uuid.uuid4().hex}.npy"
+    np.save(os.path.join(cache.dir, name), np.random.default_rng(0).standard_normal(shape).astype(dtype))
+    _edit_index(cache, **{k: [name, row] for row, k in enumerate(keys)})
+
+
+@pytest.mark.parametrize("differs", ["hidden size", "token count", "dtype"])
+@pytest.mark.parametrize("which", ["one chunk", "every chunk"])
+def test_chunks_of_another_embedding_shape_are_dropped_and_encoded_again(pets, encoder, tmp_path, which, differs):
+    """'one chunk': it differs from the others; 'every chunk': only the encoder can tell (a build asks it)."""
+    model, processor = encoder
+    records = load_splits(pets, 0.0)["train"][:6]
+    cache = _cache(tmp_path, encoder)
+    _fill(cache, encoder, records[:4])
+    [[tokens, hidden]] = {tuple(cache.get(k).shape) for k in cache.index}
+    assert hidden == model.config.vision_config.hidden_size
+    foreign = records[4:] if which == "one chunk" else records
+    shape = {"hidden size": (tokens, hidden + 8), "token count": (tokens - 1, hidden), "dtype": (tokens, hidden)}
+    _foreign_chunk(
+        cache, cache.keys(foreign), (len(foreign),) + shape[differs], "float64" if differs == "dtype" else "float32"
+    )
+    if which == "one chunk":  # without a build too: what the baselines' linear probe reads (baselines.pooled_features)
+        from baselines import pooled_features
+
+        features, positions = pooled_features(
+            model, processor.image_processor, records, 4, cache=_cache(tmp_path, encoder)
+        )
+        expected, _ = pooled_features(model, processor.image_processor, records, 4)
+        assert positions == list(range(6)) and np.allclose(features, expected, atol=1e-5)
+    cache = _cache(tmp_path, encoder)
+    assert _fill(cache, encoder, records) == len(foreign)
+    _assert_cached_correctly(_cache(tmp_path, encoder), encoder, records)
+    dataset = CachedEmbeddingDataset(records, _cache(tmp_path, encoder), TEMPLATE)
+    assert len(dataset) == 6 and {tuple(dataset[i]["image_embeds"].shape) for i in range(6)} == {(tokens, hidden)}
+
+
+def test_a_known_embedding_shape_drops_a_foreign_cache_without_a_build(pets, encoder, tmp_path):
+    records = load_splits(pets, 0.0)["train"][:2]
+    cache = _cache(tmp_path, encoder)
+    _fill(cache, encoder, records)
+    [[tokens, hidden]] = {tuple(cache.get(k).shape) for k in cache.index}
+    _foreign_chunk(cache, cache.keys(records), (2, tokens, hidden + 8))
+    model, processor = encoder
+    key = vision_fingerprint(model, processor)
+    assert len(EmbeddingCache(str(tmp_path), key, "float32").index) == 2  # every chunk agrees: only the shape tells
+    assert EmbeddingCache(str(tmp_path), key, "float32", embed_shape=(tokens, hidden)).index == {}
 
 
 def test_image_deleted_after_listing_is_a_counted_bad_image(pets, encoder, tmp_path):

@@ -11,7 +11,7 @@ from inference import greedy_caption_ids
 from model import load_base_model
 
 
-def _generate(model, embeds, max_new_tokens):
+def _generate(model, embeds, max_new_tokens, **rules):
     """transformers' own greedy decoding from bos, as the project called it before (the reference)."""
     tc = model.config.text_config
     start = torch.full((embeds.shape[0], 1), tc.bos_token_id, dtype=torch.long)
@@ -24,6 +24,7 @@ def _generate(model, embeds, max_new_tokens):
         num_beams=1,
         do_sample=False,
         encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+        **rules,
     )
 
 
@@ -43,6 +44,39 @@ def test_greedy_loop_gives_generates_ids_to_the_length_limit(tiny_dir, dtype):
     ours = greedy_caption_ids(model, embeds.to(dtype), max_new_tokens=12)
     assert ours.shape == (9, 13)
     assert torch.equal(ours, _generate(model, embeds.to(dtype), 12))
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"repetition_penalty": 1.5},
+        {"repetition_penalty": 0.7},
+        {"no_repeat_ngram_size": 1},
+        {"no_repeat_ngram_size": 2},
+        {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+    ],
+)
+def test_repetition_rules_act_as_generates_on_the_greedy_loop(tiny_dir, rules):
+    """A random model repeats itself: the penalties change its ids, and exactly as generate's processors do."""
+    model = load_base_model(tiny_dir).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.text_decoder.cls.predictions.bias.normal_(0, 2)
+    embeds = 3 * torch.randn(6, 5, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(4))
+    plain = greedy_caption_ids(model, embeds, max_new_tokens=14)
+    ours = greedy_caption_ids(model, embeds, max_new_tokens=14, **rules)
+    assert torch.equal(ours, _generate(model, embeds, 14, **rules))
+    if rules.get("repetition_penalty", 1.0) > 1 or rules.get("no_repeat_ngram_size"):
+        assert not torch.equal(ours, plain)  # the rules broke this random model's loop
+
+
+def test_decoding_options_are_checked_before_anything_loads():
+    from config import EvalConfig, PetConfig, parse_config
+    from run_io import UserError
+
+    for flag, value in (("--repetition_penalty", "0"), ("--no_repeat_ngram_size", "-1")):
+        with pytest.raises(UserError, match=flag):
+            parse_config((PetConfig, EvalConfig), [flag, value])
 
 
 @pytest.mark.slow

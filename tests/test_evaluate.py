@@ -462,7 +462,8 @@ def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp
     import seaborn as sns
     from PIL import Image
 
-    from report import LABELS, plot_confusion, pyplot
+    from figures import pyplot
+    from report import LABELS, plot_confusion
 
     matrix = np.zeros((len(BREED_NAMES) + 1, len(BREED_NAMES) + 1), dtype=int)
     np.fill_diagonal(matrix, 40)

@@ -46,7 +46,7 @@ def tiny(tiny_assets):
 
 
 def _hooked_inputs(model):
-    """Forward hooks on every decoder layer's cross-attention module, keeping what it was given; returns (store, handles)."""
+    """Forward hooks on every decoder layer's cross-attention module, keeping its inputs; returns (store, handles)."""
     store, handles = [], []
     for layer in model.text_decoder.bert.encoder.layer:
 

@@ -1,4 +1,4 @@
-"""model.py: the base model's and the adapter's checks: one clear line for every broken file, never a silently wrong model."""
+"""model.py: the base model's and the adapter's checks: one line for every broken file, never a silently wrong model."""
 
 import json
 import os

@@ -30,6 +30,7 @@ from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
 from helpers import caption_images
 from inference import breed_candidates, image_embeddings, rank_breeds
 from model import check_fits, load_base_model, load_lora_for_inference, load_processor
+from model_card import card_metadata
 from run_io import UserError
 
 FIXTURE = REAL_PROCESSOR_DIR
@@ -48,7 +49,7 @@ def small_real_config() -> BlipConfig:
 
 
 def save_as_the_hub_ships_it(model, out_dir: str) -> None:
-    """config.json + pytorch_model.bin with the 4.26 keys (its text position_ids were a saved buffer); no safetensors."""
+    """config.json + pytorch_model.bin with the 4.26 keys (text position_ids were a saved buffer); no safetensors."""
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     positions = model.config.text_config.max_position_embeddings
@@ -176,7 +177,7 @@ def test_missing_weights_message_names_both_formats(tmp_path):
 def test_model_card_metadata_for_hub_ids():
     cfg = PetConfig(model_name_or_path="Salesforce/blip-image-captioning-base", dataset="timm/oxford-iiit-pet")
     args = train.TrainConfig(output_dir="outputs/blip-lora-pets")
-    meta = yaml.safe_load(train.card_metadata(cfg, args, 0.912))
+    meta = yaml.safe_load(card_metadata(cfg, args, 0.912).to_yaml())
     assert meta["base_model"] == "Salesforce/blip-image-captioning-base" and meta["datasets"] == [
         "timm/oxford-iiit-pet"
     ]
@@ -185,7 +186,7 @@ def test_model_card_metadata_for_hub_ids():
     assert metric == {"type": "accuracy", "value": 0.912, "name": "validation breed accuracy"}
     # kept by another --metric_for_best_model: the card names that metric, not breed accuracy
     args = train.TrainConfig(output_dir="outputs/blip-lora-pets", metric_for_best_model="loss", greater_is_better=False)
-    metric = yaml.safe_load(train.card_metadata(cfg, args, 3.96))["model-index"][0]["results"][0]["metrics"][0]
+    metric = yaml.safe_load(card_metadata(cfg, args, 3.96).to_yaml())["model-index"][0]["results"][0]["metrics"][0]
     assert metric == {"type": "loss", "value": 3.96, "name": "validation loss"}
 
 

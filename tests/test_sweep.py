@@ -1,19 +1,25 @@
-"""sweep.py: the grid's options, resuming, shards, the summary's numbers, and a real demo sweep killed midway."""
+"""sweep.py and its libraries: the grid's options, resuming, shards, the summary's numbers, and a real demo sweep
+killed midway."""
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-import sweeps
+import sweep_runs
 from helpers import ROOT, copy_demo, run_script
 from metrics import mcnemar
 from run_io import UserError
+
+# the entry script's parse_args and main, run in this process so that a test's stand-in for the runs applies
+sweep = SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "sweep.py")))
 
 DEMO_GRID = [
     "--demo",
@@ -48,7 +54,7 @@ DEMO_GRID = [
 )
 def test_bad_sweep_options_are_one_user_error(argv, message):
     with pytest.raises(UserError, match=message):
-        sweeps.parse_args(argv)
+        sweep.parse_args(argv)
 
 
 def test_bad_option_is_one_line_from_the_script(tmp_path):
@@ -58,18 +64,18 @@ def test_bad_option_is_one_line_from_the_script(tmp_path):
 
 def test_a_folder_of_another_sweep_or_other_files_is_refused(tmp_path):
     out = tmp_path / "sweep"
-    cfg, grid = sweeps.parse_args(["--output_dir", str(out), "--train_args", "--num_train_epochs 2"])
-    sweeps.check_sweep_folder(cfg, grid)  # claims the new folder
-    sweeps.check_sweep_folder(cfg, grid)  # the same sweep again: fine
-    other, other_grid = sweeps.parse_args(["--output_dir", str(out), "--train_args", "--num_train_epochs 3"])
+    cfg, grid = sweep.parse_args(["--output_dir", str(out), "--train_args", "--num_train_epochs 2"])
+    sweep_runs.check_sweep_folder(cfg, grid)  # claims the new folder
+    sweep_runs.check_sweep_folder(cfg, grid)  # the same sweep again: fine
+    other, other_grid = sweep.parse_args(["--output_dir", str(out), "--train_args", "--num_train_epochs 3"])
     with pytest.raises(UserError, match="holds another sweep's runs"):
-        sweeps.check_sweep_folder(other, other_grid)
+        sweep_runs.check_sweep_folder(other, other_grid)
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    cfg, grid = sweeps.parse_args(["--output_dir", str(stranger)])
+    cfg, grid = sweep.parse_args(["--output_dir", str(stranger)])
     with pytest.raises(UserError, match="not a sweep"):
-        sweeps.check_sweep_folder(cfg, grid)
+        sweep_runs.check_sweep_folder(cfg, grid)
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +90,7 @@ def _fake_run(labels_right: dict):
         calls.append(run.name)
         os.makedirs(os.path.join(run.folder, "adapter"), exist_ok=True)
         os.makedirs(os.path.join(run.folder, "eval"), exist_ok=True)
-        sweeps.write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
+        sweep_runs.write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
         rng = np.random.default_rng(run.seed * 100 + run.setting["lora_r"])
         right = rng.random(20) < labels_right[run.setting["lora_r"]]
         with open(os.path.join(run.folder, "adapter", "train_history.json"), "w") as f:
@@ -105,7 +111,7 @@ def _fake_run(labels_right: dict):
 
 def test_resume_skips_finished_runs_and_redoes_unfinished_ones(tmp_path, monkeypatch):
     run_one, calls = _fake_run({8: 0.5, 32: 0.8})
-    monkeypatch.setattr(sweeps.Runner, "run_one", run_one)
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
     argv = [
         "--output_dir",
         str(tmp_path / "s"),
@@ -118,34 +124,34 @@ def test_resume_skips_finished_runs_and_redoes_unfinished_ones(tmp_path, monkeyp
         "--gpus",
         "none",
     ]
-    sweeps.main(argv)
+    sweep.main(argv)
     assert len(calls) == 4
     unfinished = tmp_path / "s" / "r8_query+value_nall_seed2"
     os.remove(unfinished / "eval" / "metrics.json")  # as a run killed during its evaluation leaves it
     calls.clear()
-    summary = sweeps.main(argv)
+    summary = sweep.main(argv)
     assert calls == ["r8_query+value_nall_seed2"] and not summary["missing_runs"]
 
 
 def test_shards_of_a_job_array_split_the_grid_and_the_last_call_summarises(tmp_path, monkeypatch):
     run_one, calls = _fake_run({8: 0.5, 16: 0.6, 32: 0.8})
-    monkeypatch.setattr(sweeps.Runner, "run_one", run_one)
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
     base = ["--output_dir", str(tmp_path / "s"), "--lora_r", "8,16,32", "--seeds", "1,2", "--gpus", "none"]
     done = []
     for i in range(3):
-        sweeps.main(base + ["--shard", f"{i}/3"])
+        sweep.main(base + ["--shard", f"{i}/3"])
         done.append(list(calls))
         calls.clear()
     assert sorted(sum(done, [])) == sorted({n for d in done for n in d}) and len(sum(done, [])) == 12  # each run once
-    summary = sweeps.main(base + ["--summary_only"])
+    summary = sweep.main(base + ["--summary_only"])
     assert not calls and not summary["missing_runs"]
 
 
 def test_summary_numbers_equal_a_recomputation_from_the_runs_files(tmp_path, monkeypatch):
     run_one, _ = _fake_run({8: 0.5, 32: 0.8})
-    monkeypatch.setattr(sweeps.Runner, "run_one", run_one)
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
     out = tmp_path / "s"
-    summary = sweeps.main(
+    summary = sweep.main(
         [
             "--output_dir",
             str(out),
@@ -256,12 +262,12 @@ def test_one_run_per_gpu_at_a_time_on_several_gpus(tmp_path, monkeypatch):
         "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), t, time.time())"
     )
     monkeypatch.setattr(
-        sweeps.Run,
+        sweep_runs.Run,
         "commands",
         lambda self, cfg, grid: {"train": [sys.executable, "-c", stage], "evaluate": [sys.executable, "-c", "pass"]},
     )
-    monkeypatch.setattr(sweeps, "check_trained_setting", lambda run: None)
-    summary = sweeps.main(
+    monkeypatch.setattr(sweep_runs, "check_trained_setting", lambda run: None)
+    summary = sweep.main(
         [
             "--output_dir",
             str(tmp_path / "s"),

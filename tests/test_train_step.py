@@ -88,7 +88,7 @@ def test_frozen_linears_stored_in_autocast_dtype_change_no_number(pretrained_lik
 
 
 def test_the_comparison_sees_a_cast_of_the_tied_head(pretrained_like):
-    """Casting the LM head (tied to the word embeddings) by hand does change the loss: equality above means something."""
+    """Casting the LM head (tied to the word embeddings) by hand changes the loss: equality above means something."""
     base, processor = pretrained_like
     plain = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value")
     wrong = copy.deepcopy(plain)
@@ -310,7 +310,7 @@ def eager_graphs_run(tiny_assets, tmp_path_factory):
     """--cuda_graphs whose recording fails: every step eager, with the fixed padding (the reference)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "graphs_supported", lambda device: True)
-        mp.setattr(trainer, "record_graphs", _failing)
+        mp.setattr(torch.cuda, "make_graphed_callables", _failing)
         losses, adapter, _ = _graphs_run(
             tiny_assets, tmp_path_factory.mktemp("failed") / "run", "--cuda_graphs", "True"
         )
@@ -327,7 +327,8 @@ def test_cuda_graphs_take_full_batches_and_give_eagers_training(
     """--cuda_graphs, with a stand-in for torch.cuda.make_graphed_callables (no GPU here): recorded once, on the
     first batch's shapes; full batches go through it, the partial one eagerly; the self-check passes without a
     warning. Same losses (LoRA dropout on) and adapter as the run whose recording failed (every step eager), and
-    that run warned once. (Fixed padding against each batch's own: test_fixed_length_padding_gives_the_per_batch_loss.)"""
+    that run warned once. (Fixed padding against each batch's own:
+    test_fixed_length_padding_gives_the_per_batch_loss.)"""
     recorded, replays = [], []
 
     def stand_in(module, sample_args):
@@ -335,7 +336,7 @@ def test_cuda_graphs_take_full_batches_and_give_eagers_training(
         return lambda *args: replays.append([tuple(a.shape) for a in args]) or module(*args)
 
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(trainer, "record_graphs", stand_in)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
     with caplog.at_level("INFO", logger="trainer"):
         losses, adapter, result = _graphs_run(tiny_assets, tmp_path / "graphs", "--cuda_graphs", "True")
     pad_to = result["trainer"].data_collator.pad_to
@@ -384,7 +385,7 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(
         return replay
 
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(trainer, "record_graphs", off)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", off)
     with caplog.at_level("INFO", logger="trainer"):
         losses, adapter, _ = _graphs_run(tiny_assets, tmp_path / "off", "--cuda_graphs", "True")
     warnings = _graph_warnings(caplog)
@@ -409,7 +410,7 @@ def test_a_replay_off_by_more_than_the_tolerance_falls_back_to_eager_steps(
 def test_the_failed_recording_warned_once(tiny_assets, tmp_path, monkeypatch, caplog):
     """Recording that raises: exactly one warning, with the recorder's message, and no self-check."""
     monkeypatch.setattr(train, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(trainer, "record_graphs", _failing)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _failing)
     with caplog.at_level("INFO", logger="trainer"):
         _graphs_run(tiny_assets, tmp_path / "failed", "--cuda_graphs", "True", "--max_steps", "2")
     warnings = _graph_warnings(caplog)

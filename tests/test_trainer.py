@@ -1,4 +1,4 @@
-"""trainer.py: resuming from checkpoints (settings, hostile or damaged files, a killed run) and stopping on a NaN loss."""
+"""trainer.py: resuming from checkpoints (settings, hostile or damaged files, a killed run), stopping on a NaN loss."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""A grid of LoRA settings x seeds, each run through the real train.py and evaluate.py as subprocesses.
+"""A sweep's runs: its options, the grid of LoRA settings x seeds, and each run's train.py + evaluate.py subprocesses.
 
 Layout of --output_dir:
 
@@ -6,23 +6,17 @@ Layout of --output_dir:
     <setting>_seed<S>/run.json   the run's setting, seed and commands, written before it starts
     <setting>_seed<S>/adapter/   train.py's --output_dir (adapter, run_config.json, train_history.json, train.log)
     <setting>_seed<S>/eval/      evaluate.py's --output_dir (metrics.json, predictions.csv, report.md, eval.log)
-    sweep.md, sweep.json, sweep.png
+    sweep.md, sweep.json, sweep.png   the summary (sweep_summary.py)
 
 A run is finished when its eval/metrics.json exists (evaluate.py writes it last, atomically) and its run.json
 matches; rerunning the sweep skips finished runs and redoes the others from scratch, so a killed sweep resumes.
 Runs go one per GPU at once on a machine with several (CUDA_VISIBLE_DEVICES); past one machine, a job array
 runs one --shard each on a shared folder and a last `--summary_only` call writes the summary.
-
-Time of `make reproduce` on one H100, estimated (not measured) from benchmarks/results/h100-recipe-summary.txt:
-train.py 150 s (37 s of it building the embedding cache, which later runs reuse), evaluate.py 68 s plus about
-1-2 min of baselines (the probe encodes train, validation and test again in bf16; CLIP 3.7k images),
-explainability.py 27 s; the default sweep is 12 runs of about 115-150 s training and 68 s evaluation, the
-baselines in 3 of them: about 40-45 min. In all about 45-50 min, downloads not counted.
+How long the default sweep takes on one H100 (estimated): benchmarks/results/README.md.
 """
 
 import itertools
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -33,14 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
+from config import PetConfig, check_seed
+from run_io import UserError, check_output_dir, locked_output_dir, write_json_atomic
+from run_record import read_run_config
 
-from config import DEMO_OVERRIDES, PetConfig, check_seed
-from report import pyplot
-from run_io import UserError, check_output_dir, locked_output_dir, setup_logging, write_json_atomic
-from run_record import read_run_config, save_run_config
-
-logger = logging.getLogger("sweep")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SWEEP_FILE = "sweep_config.json"
 # set by the sweep for every run: not allowed in --train_args / --eval_args
@@ -158,7 +148,7 @@ class Grid:
 
 
 def grid_from(cfg: SweepConfig) -> Grid:
-    """The checked grid: one UserError line for an empty list, a repeated value, a bad number or a pass-through clash."""
+    """The checked grid: one UserError line for an empty list, a repeated value, a bad number, a pass-through clash."""
     ranks = _ints("lora_r", cfg.lora_r)
     targets = [
         ",".join(t.strip() for t in s.split(",")) for s in _values("lora_target_modules", cfg.lora_target_modules, "/")
@@ -189,13 +179,13 @@ def parse_shard(text: str) -> tuple:
     return i, n
 
 
-def default_setting(demo: bool) -> dict:
-    """The setting train.py uses without flags (the demo's with --demo): the paired test's reference."""
-    cfg, preset = PetConfig(), DEMO_OVERRIDES if demo else {}
+def default_setting() -> dict:
+    """The setting train.py uses without flags (the demo's too): the paired test's reference."""
+    cfg = PetConfig()
     return {
-        "lora_r": preset.get("lora_r", cfg.lora_r),
+        "lora_r": cfg.lora_r,
         "max_train_samples": cfg.max_train_samples,
-        "lora_target_modules": preset.get("lora_target_modules", cfg.lora_target_modules),
+        "lora_target_modules": cfg.lora_target_modules,
     }
 
 
@@ -262,13 +252,13 @@ class Run:
         }
 
     def finished(self, cfg, grid) -> bool:
-        return os.path.isfile(os.path.join(self.folder, "eval", "metrics.json")) and _read(
+        return os.path.isfile(os.path.join(self.folder, "eval", "metrics.json")) and read_json(
             os.path.join(self.folder, "run.json")
         ) == self.record(cfg, grid)
 
 
 def plan(cfg: SweepConfig, grid: Grid) -> list:
-    default = default_setting(cfg.demo)
+    default = default_setting()
     with_baselines = default if default in grid.settings else grid.settings[0]
     return [
         Run(s, seed, os.path.join(cfg.output_dir, f"{setting_name(s)}_seed{seed}"), s == with_baselines)
@@ -282,7 +272,8 @@ def write_json(path: str, data) -> None:
     write_json_atomic(path, data, prefix=".tmp-", suffix="", indent=2)
 
 
-def _read(path: str):
+def read_json(path: str):
+    """A JSON file's value, or None when it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -295,7 +286,7 @@ def check_sweep_folder(cfg: SweepConfig, grid: Grid) -> None:
     identity = {"demo": cfg.demo, "train_args": grid.train_args, "eval_args": grid.eval_args}
     path = os.path.join(cfg.output_dir, SWEEP_FILE)
     check_output_dir(cfg.output_dir)
-    saved = _read(path)
+    saved = read_json(path)
     if os.path.exists(path) and saved is None:
         raise UserError(f"{path} is unreadable; remove it, or pass another --output_dir")
     if saved is None:
@@ -452,326 +443,3 @@ def pick_slots(text: str) -> list:
             return ids[: torch.cuda.device_count()] or [None]
         return list(range(torch.cuda.device_count())) or [None]
     return _values("gpus", text)
-
-
-# ---------------------------------------------------------------------------
-# Summary
-
-
-def run_result(run: Run) -> Optional[dict]:
-    """A finished run's numbers from its own files, or None."""
-    metrics = _read(os.path.join(run.folder, "eval", "metrics.json"))
-    history = _read(os.path.join(run.folder, "adapter", "train_history.json"))
-    if metrics is None or history is None:
-        return None
-    val = [e["breed_accuracy"] for e in history.get("validation", []) if "breed_accuracy" in e]
-    out = {
-        "seed": run.seed,
-        "folder": run.folder,
-        "validation_breed_accuracy": max(val) if val else None,
-        "test_breed_accuracy": metrics["fine_tuned"]["breed_accuracy"],
-        "test_likelihood_top1": metrics["fine_tuned"]["likelihood_top1"],
-    }
-    for key in ("linear_probe", "clip_zero_shot"):
-        if "accuracy" in (metrics.get(key) or {}):
-            out[key] = metrics[key]["accuracy"]
-    return out
-
-
-def mean_std(values: list) -> dict:
-    """Mean and sample standard deviation (ddof=1; None for a single value) over seeds."""
-    v = [x for x in values if x is not None]
-    return {
-        "mean": float(np.mean(v)) if v else None,
-        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
-        "n": len(v),
-    }
-
-
-def caption_correct(run: Run):
-    """{image_id: fine-tuned caption right} from the run's predictions.csv."""
-    import pandas as pd
-
-    frame = pd.read_csv(os.path.join(run.folder, "eval", "predictions.csv"), dtype=str, keep_default_na=False)
-    return dict(zip(frame["image_id"], frame["fine_tuned_breed"] == frame["true_breed"]))
-
-
-def paired_test(best_runs: list, default_runs: list) -> dict:
-    """Exact McNemar between two settings on the same test images, pooled over the seeds both have, and per seed.
-
-    Pooled: each (seed, image) is one pair (the default's run and the best's run of that seed on that image).
-    """
-    from metrics import mcnemar
-
-    by_seed = {r.seed: r for r in default_runs}
-    pooled_a, pooled_b, per_seed = [], [], {}
-    for run in best_runs:
-        if run.seed not in by_seed:
-            continue
-        a, b = caption_correct(by_seed[run.seed]), caption_correct(run)
-        common = sorted(set(a) & set(b))
-        pa, pb = [a[i] for i in common], [b[i] for i in common]
-        per_seed[str(run.seed)] = {**mcnemar(pa, pb), "images": len(common)}
-        pooled_a += pa
-        pooled_b += pb
-    return {
-        "first": "default",
-        "second": "best",
-        "pooled_over_seeds": {**mcnemar(pooled_a, pooled_b), "pairs": len(pooled_a)},
-        "per_seed": per_seed,
-    }
-
-
-def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
-    default = default_setting(cfg.demo)
-    settings, results = [], {}
-    for s in grid.settings:
-        mine = [r for r in runs if r.setting == s]
-        done = [(r, res) for r in mine if (res := run_result(r)) is not None]
-        results[setting_name(s)] = [r for r, _ in done]
-        settings.append(
-            {
-                "name": setting_name(s),
-                **s,
-                "lora_alpha": 2 * s["lora_r"],
-                "runs": [res for _, res in done],
-                "validation_breed_accuracy": mean_std([res["validation_breed_accuracy"] for _, res in done]),
-                "test_breed_accuracy": mean_std([res["test_breed_accuracy"] for _, res in done]),
-                "test_likelihood_top1": mean_std([res["test_likelihood_top1"] for _, res in done]),
-            }
-        )
-    ranked = [s for s in settings if s["validation_breed_accuracy"]["mean"] is not None]
-    # chosen on validation only; ties go to the earlier setting in the grid
-    best = max(ranked, key=lambda s: s["validation_breed_accuracy"]["mean"]) if ranked else None
-    default_name = setting_name(default) if default in grid.settings else None
-    baselines = {}
-    for key in ("linear_probe", "clip_zero_shot"):
-        values = [res[key] for s in settings for res in s["runs"] if key in res]
-        if values:
-            baselines[key] = mean_std(values)
-    summary = {
-        "std": "sample standard deviation (ddof=1) over seeds",
-        "best_chosen_on": "mean validation breed accuracy",
-        "settings": settings,
-        "best": best["name"] if best else None,
-        "default": default_name,
-        "baselines": baselines,
-        "seeds": grid.seeds,
-        "missing_runs": [r.name for r in runs if run_result(r) is None],
-    }
-    if best and default_name and best["name"] != default_name and results[default_name] and results[best["name"]]:
-        summary["paired_test"] = paired_test(results[best["name"]], results[default_name])
-    return summary
-
-
-def write_summary(cfg: SweepConfig, summary: dict) -> None:
-    out = cfg.output_dir
-    write_json(os.path.join(out, "sweep.json"), summary)
-    plot_sweep(summary, os.path.join(out, "sweep.png"))
-    tmp = os.path.join(out, ".sweep.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(sweep_markdown(summary))
-    os.replace(tmp, os.path.join(out, "sweep.md"))
-
-
-def _ms(m: dict) -> str:
-    if m["mean"] is None:
-        return "-"
-    return f"{m['mean']:.3f} ± {m['std']:.3f}" if m["std"] is not None else f"{m['mean']:.3f}"
-
-
-def sweep_markdown(summary: dict) -> str:
-    rows = []
-    for s in summary["settings"]:
-        mark = " **best**" if s["name"] == summary["best"] else ""
-        mark += " (default)" if s["name"] == summary["default"] else ""
-        n = "all" if s["max_train_samples"] is None else s["max_train_samples"]
-        rows.append(
-            f"| {s['lora_r']} | {s['lora_alpha']} | {s['lora_target_modules']} | {n} | {s['test_breed_accuracy']['n']} | "
-            f"{_ms(s['validation_breed_accuracy'])} | {_ms(s['test_breed_accuracy'])} | {_ms(s['test_likelihood_top1'])} |{mark} |"
-        )
-    names = {"linear_probe": "linear probe on frozen BLIP features", "clip_zero_shot": "CLIP zero-shot"}
-    base = (
-        "\n".join(f"| {names[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
-        or "| (none scored) | - | - |"
-    )
-    paired = summary.get("paired_test")
-    if paired:
-        p = paired["pooled_over_seeds"]
-        per = "; ".join(
-            f"seed {k}: {v['only_first_correct']} vs {v['only_second_correct']}, p = {v['p_value']:.3g}"
-            for k, v in paired["per_seed"].items()
-        )
-        paired_text = (
-            f"Exact McNemar test, best ({summary['best']}) against default ({summary['default']}), on the same "
-            f"test images, **pooled over seeds** (each seed x image is one pair, {p['pairs']} pairs): default alone "
-            f"right {p['only_first_correct']}, best alone right {p['only_second_correct']}, p = {p['p_value']:.3g}. "
-            f"Per seed: {per}. Pooling treats seeds as independent replicates of the same images, so its p "
-            "is optimistic when seeds agree image by image; the per-seed tests are the conservative reading."
-        )
-    elif summary["default"] is None:
-        paired_text = "No paired test: the default setting is not in the grid."
-    elif summary["best"] == summary["default"]:
-        paired_text = "No paired test: the default setting is the best on validation."
-    else:
-        paired_text = "No paired test yet: the best or the default setting has no finished run."
-    missing = summary["missing_runs"]
-    return f"""# Sweep: LoRA settings x seeds
-
-Per setting: mean ± sample standard deviation over seeds (ddof = 1) of the validation breed accuracy (the best
-epoch's, as train.py selects it), the test breed accuracy (caption names the breed) and the test likelihood top-1.
-lora_alpha = 2 x r throughout, so the LoRA scale is the same and only the rank changes. The best setting is
-chosen on **validation only** (ties: the earlier in the grid); its test number is then read, not chosen on.
-
-| r | alpha | target modules | train images | seeds | validation breed acc. | test breed acc. | test likelihood top-1 | |
-|---|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
-
-Baselines on the same test images (they do not depend on the LoRA setting: scored in one setting's runs, over seeds):
-
-| baseline | seeds | test top-1 |
-|---|---|---|
-{base}
-
-{paired_text}
-
-{f"Missing runs (not finished): {', '.join(missing)}." if missing else "Every run finished."}
-
-![validation and test breed accuracy per setting](sweep.png)
-"""
-
-
-def plot_sweep(summary: dict, path: str) -> None:
-    plt = pyplot()
-
-    settings = summary["settings"]
-    x = np.arange(len(settings))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) + 3), 4.5))
-    for offset, key, label in ((-0.1, "validation_breed_accuracy", "validation"), (0.1, "test_breed_accuracy", "test")):
-        means = [s[key]["mean"] if s[key]["mean"] is not None else np.nan for s in settings]
-        stds = [s[key]["std"] or 0.0 for s in settings]
-        ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} breed accuracy (mean ± std)")
-    styles = {"linear_probe": ("linear probe (test)", "--"), "clip_zero_shot": ("CLIP zero-shot (test)", ":")}
-    for key, value in summary["baselines"].items():
-        ax.axhline(value["mean"], color="gray", linestyle=styles[key][1], label=styles[key][0])
-    ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
-    ax.set(
-        ylabel="breed accuracy",
-        ylim=(-0.02, 1.02),
-        xlim=(-0.5, len(settings) - 0.5),
-        title=f"Sweep over seeds {summary['seeds']}",
-    )
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ci(value, interval) -> str:
-    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
-def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> None:
-    """One page of evidence: the main run's numbers with intervals, every baseline, and the sweep over seeds."""
-    metrics = _read(os.path.join(eval_dir, "metrics.json"))
-    if metrics is None:
-        raise UserError(
-            f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)"
-        )
-    here = os.path.dirname(os.path.abspath(path))
-
-    def link(p):
-        return os.path.relpath(os.path.abspath(p), here)
-
-    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
-    rows = [
-        f"| zero-shot BLIP, caption names the breed | {_ci(zs['breed_accuracy'], zs['breed_accuracy_ci95'])} |",
-        f"| zero-shot BLIP, likelihood ranking top-1 | {_ci(zs['likelihood_top1'], zs['likelihood_top1_ci95'])} |",
-        f"| **fine-tuned BLIP + LoRA, caption names the breed** | {_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} |",
-        f"| fine-tuned BLIP + LoRA, likelihood ranking top-1 | {_ci(ft['likelihood_top1'], ft['likelihood_top1_ci95'])} |",
-    ]
-    for key, label in (("linear_probe", "linear probe on frozen BLIP features"), ("clip_zero_shot", "CLIP zero-shot")):
-        b = metrics.get(key) or {}
-        if "accuracy" in b:
-            mc = b["mcnemar_vs_fine_tuned_caption"]
-            rows.append(
-                f"| {label} (McNemar vs fine-tuned captions: {mc['only_first_correct']} vs "
-                f"{mc['only_second_correct']}, p = {mc['p_value']:.3g}) | {_ci(b['accuracy'], b['accuracy_ci95'])} |"
-            )
-        elif b:
-            rows.append(f"| {label} | skipped: {b.get('skipped')} |")
-    sweep = (
-        sweep_markdown(summary)
-        .split("\n", 2)[2]
-        .replace("](sweep.png)", f"]({link(os.path.join(sweep_dir, 'sweep.png'))})")
-    )
-    text = f"""# Results
-
-Main run: adapter `{metrics["adapter"]}` on `{metrics["base_model"]}`, {metrics["num_samples"]} {metrics["split"]} images of
-`{metrics["dataset"]}`. Brackets: 95% bootstrap intervals. Full report: [{link(os.path.join(eval_dir, "report.md"))}]({link(os.path.join(eval_dir, "report.md"))})
-(published numbers for context, and which baseline is fair for which question, are there).
-
-| method | breed accuracy |
-|---|---|
-{chr(10).join(rows)}
-
-## Over seeds and settings
-
-{sweep}"""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    print(f"Results: {path}")
-
-
-# ---------------------------------------------------------------------------
-
-
-def parse_args(argv=None) -> tuple:
-    from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        def error(self, message):  # one line, like every other option problem
-            raise UserError(message)
-
-    try:
-        (cfg,) = Parser((SweepConfig,), allow_abbrev=False).parse_args_into_dataclasses(args=argv)
-    except ValueError as e:
-        raise UserError(str(e).strip().splitlines()[0]) from None
-    return cfg, grid_from(cfg)
-
-
-def main(argv=None) -> dict:
-    setup_logging()
-    cfg, grid = parse_args(argv)
-    check_sweep_folder(cfg, grid)
-    runs = plan(cfg, grid)
-    save_run_config(os.path.join(cfg.output_dir, "run_config.json"), sweep=cfg)
-    if not cfg.summary_only:
-        index, count = parse_shard(cfg.shard)
-        mine = [r for k, r in enumerate(runs) if k % count == index]
-        todo = [r for r in mine if not r.finished(cfg, grid)]
-        logger.info(
-            "%d runs in the grid, %d in this shard: %d finished, %d to run",
-            len(runs),
-            len(mine),
-            len(mine) - len(todo),
-            len(todo),
-        )
-        if todo:
-            slots = pick_slots(cfg.gpus)
-            logger.info(
-                "running on %s",
-                "GPUs " + ",".join(map(str, slots)) if slots != [None] else "the default device, one run at a time",
-            )
-            Runner(cfg, grid, slots).run_all(todo)
-    summary = summarise(cfg, grid, runs)
-    write_summary(cfg, summary)
-    if cfg.results:
-        write_results(cfg.results, cfg.eval_dir, cfg.output_dir, summary)
-    print(
-        f"Sweep: {len(runs) - len(summary['missing_runs'])} of {len(runs)} runs finished; best on validation: "
-        f"{summary['best']}. Summary: {os.path.join(cfg.output_dir, 'sweep.md')}"
-    )
-    return summary

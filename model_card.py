@@ -1,0 +1,101 @@
+"""The adapter's model card (README.md): the Hub's YAML header, then assets/model_card_template.md filled in."""
+
+import os
+from typing import Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from config import PetConfig, TrainConfig
+from run_io import is_local
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card_template.md")
+
+
+def best_metric_name(args: TrainConfig) -> str:
+    """What state.best_metric measures: "validation breed accuracy" by default, else --metric_for_best_model's."""
+    metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
+    return f"validation {metric.replace('_', ' ')}"
+
+
+def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float]) -> ModelCardData:
+    """The model card's YAML header in the Hub's format: base model, data set, library, task and the kept score."""
+    dataset_id = None if is_local(cfg.dataset) else cfg.dataset
+    results = (
+        []
+        if best is None
+        else [
+            EvalResult(
+                task_type="image-to-text",
+                task_name="Image captioning (breed named in the caption)",
+                dataset_type=dataset_id or "oxford-iiit-pet",
+                dataset_name="Oxford-IIIT Pet",
+                dataset_split="validation",
+                metric_type=best_metric_name(args).split()[-1],
+                metric_name=best_metric_name(args),
+                metric_value=round(float(best), 4),
+            )
+        ]
+    )
+    return ModelCardData(
+        base_model=None if is_local(cfg.model_name_or_path) else cfg.model_name_or_path,
+        datasets=[dataset_id] if dataset_id else None,
+        library_name="peft",
+        pipeline_tag="image-to-text",
+        tags=["blip", "lora", "image-captioning", "oxford-iiit-pet"],
+        model_name=os.path.basename(os.path.normpath(args.output_dir)),
+        eval_results=results or None,
+    )
+
+
+def write_model_card(
+    path: str,
+    cfg: PetConfig,
+    args: TrainConfig,
+    splits: dict,
+    history: dict,
+    best: Optional[float],
+    trainable: int,
+    state,
+    repo_id: Optional[str] = None,
+) -> None:
+    """Write the card: what was trained on what, the validation history, and how to use the adapter.
+
+    The usage snippet loads the adapter from --output_dir, or from the Hub repo `repo_id` when it is given.
+    """
+    nan = float("nan")
+    length = (
+        f"{state.global_step} optimizer steps (--max_steps {args.max_steps}, {state.epoch or 0:.2f} epochs)"
+        if args.max_steps > 0
+        else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)"
+    )
+    base = cfg.model_name_or_path
+    card = ModelCard.from_template(
+        card_metadata(cfg, args, best),
+        template_path=TEMPLATE,
+        base=base if is_local(base) else f"[{base}](https://huggingface.co/{base})",
+        example_caption=cfg.caption_template.format(article="a", breed="<Breed>"),
+        dataset=cfg.dataset,
+        train_images=len(splits["train"]),
+        validation_images=len(splits["validation"]),
+        val_fraction=f"{cfg.val_fraction:.0%}",
+        seed=args.seed,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_target_modules=cfg.lora_target_modules,
+        trainable=f"{trainable:,}",
+        length=length,
+        learning_rate=f"{args.learning_rate:g}",
+        batch_size=args.per_device_train_batch_size,
+        accumulation=args.gradient_accumulation_steps,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        best_metric=best_metric_name(args),
+        best=f"{best if best is not None else nan:.3f}",
+        validation_rows="\n".join(
+            f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', nan):.4f} | "
+            f"{e.get('breed_accuracy', nan):.3f} |"
+            for e in history["validation"]
+        ),
+        adapter=repo_id or args.output_dir,
+    )
+    card.save(path)
