@@ -37,12 +37,12 @@ from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
 from attention import explain, overlay
-from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
 from config import DEMO_APP_OVERRIDES, AppConfig, PetConfig, check_seed, parse_config
-from data import BadImage, Record, load_image, load_splits
+from data import BadImage, Record, load_image, load_run_splits
 from demo import use_demo_assets
 from devices import pick_device, pick_dtype
-from inference import breed_candidates, embeddings_per_model, rank_breeds
+from inference import embeddings_per_model, label_candidates, rank_labels
+from labels import OXFORD_PETS, UNKNOWN, LabelSet
 from metrics import MODELS
 from model import load_model_pair
 from run_io import UserError, check_output_dir, inside, is_local, run_main, setup_logging
@@ -61,7 +61,13 @@ NOT_AN_IMAGE = "That file is not an image this app can read. Try a JPEG, PNG or 
 MAP_LABEL = "Cross-attention"
 # The bars are the summed ranking, which evaluate.py scores (likelihood_top1) and which agrees with the fine-tuned
 # demo's captions (metrics.json: ranking_agrees_with_caption); the per-token one is named where it differs
-RANKING_LABEL = "Top 5 of 37 breeds (softmax of summed caption log-likelihoods)"
+RANKING_LABEL = "Top 5 of 37 breeds (softmax of summed caption log-likelihoods)"  # the pets page's
+
+
+def ranking_title(labels: LabelSet) -> str:
+    return f"Top {TOP_K} of {len(labels)} {labels.plural} (softmax of summed caption log-likelihoods)"
+
+
 EMPTY_RESULT = [
     None,
     None,
@@ -179,10 +185,20 @@ class PetCaptioner:
         self.cfg, self.device = cfg, pick_device()
         self.dtype = pick_dtype(self.device, cfg.precision)
         self.base_name = cfg.model_name_or_path
-        pair = load_model_pair(self.base_name, args.adapter, self.device, self.dtype, adapter_run.adapter_config)
+        pair = load_model_pair(
+            self.base_name,
+            args.adapter,
+            self.device,
+            self.dtype,
+            adapter_run.adapter_config,
+            adapter_run.base_fingerprint,
+        )
         self.processor, self.models, self.shared = pair.processor, pair.models, pair.shared_vision
-        self.candidates = breed_candidates(pair.zero_shot, self.processor.tokenizer, cfg.caption_template)
-        self.candidate_tokens = self.candidates[1][:, 1:].sum(-1)  # tokens scored per breed, [SEP] included
+        self.labels = adapter_run.labels or OXFORD_PETS  # adapters of runs that did not record it are pets
+        self.template = cfg.caption_template or self.labels.default_template()
+        self.labels.check_template(self.template)
+        self.candidates = label_candidates(pair.zero_shot, self.processor.tokenizer, self.labels, self.template)
+        self.candidate_tokens = self.candidates[1][:, 1:].sum(-1)  # tokens scored per class, [SEP] included
 
     @torch.no_grad()
     def analyse(self, image) -> dict:
@@ -200,19 +216,19 @@ class PetCaptioner:
         out, embeds_of = {}, embeddings_per_model(self.models, pixels, self.shared)
         for key, model in self.models.items():
             embeds = embeds_of[key]
-            explained = explain(model, self.processor, embeds, self.cfg, layers=None)[0]
-            scores, order = rank_breeds(model, embeds, self.candidates)
+            explained = explain(model, self.processor, embeds, self.cfg, None, self.labels)[0]
+            scores, order = rank_labels(model, embeds, self.candidates)
             probs = torch.softmax(scores[0].float(), dim=-1)
             per_token_first = int(torch.argmax(scores[0].float() / self.candidate_tokens))
-            named = breed_from_caption(explained["caption"])
+            named = self.labels.from_caption(explained["caption"])
             subject = explained["subject_map"]
             out[key] = {
                 "caption": explained["caption"],
-                "breed": BREED_NAMES[named] if named != UNKNOWN else None,
-                "top": [(BREED_NAMES[i], float(probs[i])) for i in order[0, :TOP_K].tolist()],
+                "breed": self.labels.names[named] if named != UNKNOWN else None,
+                "top": [(self.labels.names[i], float(probs[i])) for i in order[0, :TOP_K].tolist()],
                 "scores": scores[0].float().cpu().numpy(),
                 # the per-token (length-normalised) ranking's first breed, when it is not the summed ranking's
-                "per_token_first": BREED_NAMES[per_token_first] if per_token_first != int(order[0, 0]) else None,
+                "per_token_first": self.labels.names[per_token_first] if per_token_first != int(order[0, 0]) else None,
                 "map_word": explained["panels"][0][0] if subject is not None else None,  # "breed: pug", "animal: dog"
                 "heatmap": overlay(shown, subject) if subject is not None else shown,
             }
@@ -242,21 +258,25 @@ def handle(captioner: PetCaptioner, image) -> list:
         r = result[key]
         values += [
             r["caption"],
-            r["breed"] or "no breed named",
-            gr.update(value=dict(r["top"]), label=ranking_label(r)),
+            r["breed"] or f"no {captioner.labels.kind} named",
+            gr.update(value=dict(r["top"]), label=ranking_label(r, captioner.labels)),
             gr.update(
                 value=r["heatmap"],
                 label=f"Cross-attention of “{r['map_word'].split(': ', 1)[1]}”"
                 if r["map_word"]
-                else "No breed or cat/dog word to map",
+                else nothing_to_map(captioner.labels),
             ),
         ]
     return values
 
 
-def ranking_label(result: dict) -> str:
-    first = result["per_token_first"]
-    return RANKING_LABEL if first is None else f"{RANKING_LABEL}; per token, {first} would come first"
+def ranking_label(result: dict, labels: LabelSet) -> str:
+    first, title = result["per_token_first"], ranking_title(labels)
+    return title if first is None else f"{title}; per token, {first} would come first"
+
+
+def nothing_to_map(labels: LabelSet) -> str:
+    return "No breed or cat/dog word to map" if labels.is_pets else f"No {labels.kind} word to map"
 
 
 def example_folder(args) -> str:
@@ -264,7 +284,7 @@ def example_folder(args) -> str:
     return os.path.abspath(os.path.join(args.output_dir, "examples"))
 
 
-def write_examples(cfg, args) -> list:
+def write_examples(cfg, args, labels: LabelSet = OXFORD_PETS) -> list:
     """[(PNG path, true breed)] of test images of the data set, one per breed (seeded), saved in example_folder.
 
     The file names come from a safe form of each image id, never the id itself: ids are data, and one like
@@ -273,7 +293,7 @@ def write_examples(cfg, args) -> list:
     if args.num_examples == 0:
         return []
     try:
-        records = load_splits(cfg.dataset, cfg.val_fraction, args.seed)["test"]
+        records = load_run_splits(cfg, cfg.val_fraction, args.seed, labels).test
     except UserError as e:  # the app works without examples (e.g. offline with a Hub data set)
         logger.warning("no example images: %s", e)
         return []
@@ -291,7 +311,7 @@ def write_examples(cfg, args) -> list:
             continue
         path = os.path.join(folder, f"{k:02d}_{safe_file_name(r.image_id)}.png")
         image.save(path)
-        examples.append((path, BREED_NAMES[r.label]))
+        examples.append((path, labels.names[r.label]))
     return examples
 
 
@@ -306,13 +326,21 @@ def shown_name(name_or_path: str) -> str:
 
 
 def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
-    with gr.Blocks(title="BLIP + LoRA pet captions") as demo:
+    labels = captioner.labels
+    pets = labels.is_pets
+    with gr.Blocks(title="BLIP + LoRA pet captions" if pets else f"BLIP + LoRA: which {labels.kind}?") as demo:
+        trained_on = "Oxford-IIIT Pet" if pets else f"{len(labels)} {labels.plural}"
         gr.Markdown(
-            "# Which breed is it?\nBLIP captions a pet photo before and after LoRA fine-tuning on "
-            f"Oxford-IIIT Pet. Zero-shot: `{shown_name(captioner.base_name)}`."
+            f"# Which {labels.kind} is it?\nBLIP captions {'a pet photo' if pets else 'an image'} before and after "
+            f"LoRA fine-tuning on {trained_on}. Zero-shot: `{shown_name(captioner.base_name)}`."
         )
         with gr.Row():
-            image = image_input(sources=["upload", "clipboard"], label="Pet photo", elem_id="input-image", height=320)
+            image = image_input(
+                sources=["upload", "clipboard"],
+                label="Pet photo" if pets else "Image",
+                elem_id="input-image",
+                height=320,
+            )
             with gr.Column():
                 submit = gr.Button("Caption it", variant="primary", elem_id="submit")
                 status = gr.Markdown(elem_id="status")
@@ -323,8 +351,10 @@ def build_ui(captioner: PetCaptioner, examples: list) -> gr.Blocks:
                     gr.Markdown(f"## {title}")
                     outputs += [
                         gr.Textbox(label="Caption", interactive=False, elem_id=f"{key}-caption"),
-                        gr.Textbox(label="Breed named", interactive=False, elem_id=f"{key}-breed"),
-                        gr.Label(label=RANKING_LABEL, num_top_classes=TOP_K, show_heading=False, elem_id=f"{key}-top"),
+                        gr.Textbox(label=f"{labels.kind.title()} named", interactive=False, elem_id=f"{key}-breed"),
+                        gr.Label(
+                            label=ranking_title(labels), num_top_classes=TOP_K, show_heading=False, elem_id=f"{key}-top"
+                        ),
                         gr.Image(label=MAP_LABEL, interactive=False, elem_id=f"{key}-map", height=320),
                     ]
         fn = lambda img: handle(captioner, img)  # noqa: E731
@@ -368,7 +398,7 @@ def main(argv=None):
         # would mostly wait for each other
         torch.set_num_threads(1)
     captioner = PetCaptioner(cfg, args, adapter_run)
-    examples = write_examples(cfg, args)
+    examples = write_examples(cfg, args, captioner.labels)
     save_run_config(os.path.join(args.output_dir, "run_config.json"), shared=cfg, app=args)
     port = args.port or free_port(args.host)
     print(f"Serving on http://{args.host}:{port} (Ctrl+C stops)", flush=True)

@@ -20,16 +20,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from breeds import BREED_NAMES, NUM_BREEDS
 from config import CLIP_DEFAULT
 from data import pixel_batches
 from embedding_cache import EmbeddingCache
+from labels import LabelSet
 from metrics import bootstrap_ci, format_ci, mcnemar
 from run_io import UserError, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 
 CLIP_PROMPT = "a photo of a {breed}, a type of pet."  # the CLIP paper's prompt for Oxford-IIIT Pet
+CLIP_GENERIC_PROMPT = "a photo of a {breed}."  # the CLIP paper's plain prompt, for other label sets
+
+
+def clip_prompt(labels: LabelSet) -> str:
+    return CLIP_PROMPT if labels.is_pets else CLIP_GENERIC_PROMPT
+
+
 PROBE_C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, on standardised features
 
 # (model, Oxford-IIIT Pet test accuracy %, source): the papers' tables and open_clip's results file
@@ -167,7 +174,7 @@ def linear_probe(model, processor, splits: dict, test_records: list, batch_size:
         xs[name], ys[name] = x, (np.array([records[i].label for i in positions]), positions)
     train_y = ys["train"][0]
     if len(set(train_y.tolist())) < 2:
-        raise ValueError(f"the training split has {len(set(train_y.tolist()))} breed(s); a probe needs two or more")
+        raise ValueError(f"the training split has {len(set(train_y.tolist()))} class(es); a probe needs two or more")
     fitted = fit_linear_probe(xs["train"], train_y, xs["validation"], ys["validation"][0])
     pred = np.full(len(test_records), -1)
     if len(ys["test"][1]):
@@ -241,12 +248,13 @@ def _features(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_scores(model, processor, records: list, batch_size: int):
-    """(logits (n, 37) float32, positions in `records`): CLIP's image-text logits against the 37 breed prompts."""
+def clip_scores(model, processor, records: list, batch_size: int, labels: LabelSet):
+    """(logits (n, classes) float32, positions in `records`): CLIP's image-text logits against each class's prompt."""
     from tqdm.auto import tqdm
 
     param = next(model.parameters())
-    text = processor.tokenizer([CLIP_PROMPT.format(breed=b) for b in BREED_NAMES], padding=True, return_tensors="pt")
+    prompt = clip_prompt(labels)
+    text = processor.tokenizer([prompt.format(breed=name) for name in labels.names], padding=True, return_tensors="pt")
     text_emb = _features(
         model.get_text_features(
             input_ids=text["input_ids"].to(param.device), attention_mask=text["attention_mask"].to(param.device)
@@ -263,7 +271,7 @@ def clip_scores(model, processor, records: list, batch_size: int):
             rows.append((scale * (emb / emb.norm(dim=-1, keepdim=True)) @ text_emb.T).cpu())
             positions += [where[id(r)] for r in batch]
             bar.update(len(batch))
-    logits = torch.cat(rows).numpy() if rows else np.zeros((0, NUM_BREEDS), np.float32)
+    logits = torch.cat(rows).numpy() if rows else np.zeros((0, len(labels)), np.float32)
     return logits, positions
 
 
@@ -272,10 +280,11 @@ def clip_scores(model, processor, records: list, batch_size: int):
 
 
 def run_baselines(
-    args, adapter_run, zero_shot, processor, splits: dict, predictions, fine_tuned_correct, device, dtype
+    args, adapter_run, zero_shot, processor, splits, predictions, fine_tuned_correct, device, dtype
 ) -> Baselines:
     """Every baseline on predictions' images, scored against the fine-tuned captions (fine_tuned_correct)."""
     out = Baselines()
+    names = splits.labels.names
     labels = np.asarray(predictions.label)
     records = predictions.records
     batch = args.per_device_eval_batch_size
@@ -298,7 +307,7 @@ def run_baselines(
             out.numbers["linear_probe"].update(
                 {k: probe[k] for k in ("C", "validation_accuracy", "train_images", "validation_images")}
             )
-            out.columns["linear_probe_breed"] = _names(probe["pred"])
+            out.columns["linear_probe_breed"] = _names(probe["pred"], names)
     loaded = None if args.clip_model.lower() == "none" else load_clip(args.clip_model, device, dtype)
     if loaded is None:
         reason = (
@@ -308,15 +317,15 @@ def run_baselines(
         )
         out.numbers["clip_zero_shot"] = {"skipped": reason, "model": args.clip_model}
     else:
-        logits, positions = clip_scores(*loaded, records, batch)
+        logits, positions = clip_scores(*loaded, records, batch, splits.labels)
         pred = np.full(len(records), -1)
         pred[positions] = logits.argmax(1)
         out.numbers["clip_zero_shot"] = {
             **_scored(pred, labels, fine_tuned_correct, args),
             "model": args.clip_model,
-            "prompt": CLIP_PROMPT,
+            "prompt": clip_prompt(splits.labels),
         }
-        out.columns["clip_zero_shot_breed"] = _names(pred)
+        out.columns["clip_zero_shot_breed"] = _names(pred, names)
         del loaded
     return out
 
@@ -329,8 +338,8 @@ def _scored(pred, labels, fine_tuned_correct, args) -> dict:
     return numbers
 
 
-def _names(pred) -> list:
-    return [BREED_NAMES[p] if p >= 0 else "unreadable" for p in pred]
+def _names(pred, names) -> list:
+    return [names[p] if p >= 0 else "unreadable" for p in pred]
 
 
 # ---------------------------------------------------------------------------
@@ -363,11 +372,11 @@ def summary_lines(numbers: dict) -> list:
     return lines
 
 
-def report_section(numbers: dict) -> str:
-    """The report's "Baselines" section: measured baselines, published numbers, and which comparison is fair."""
-    ft = numbers["fine_tuned"]
+def report_section(numbers: dict, labels: LabelSet) -> str:
+    """The report's "Baselines" section: measured baselines, published numbers (pets), which comparison is fair."""
+    ft, kind = numbers["fine_tuned"], labels.kind
     rows = [
-        "| fine-tuned BLIP + LoRA, breed named in the caption | "
+        f"| fine-tuned BLIP + LoRA, {kind} named in the caption | "
         f"{format_ci(ft['breed_accuracy'], ft['breed_accuracy_ci95'])} | - | - |"
     ]
     for label, b, skipped in _measured(numbers):
@@ -387,6 +396,18 @@ def report_section(numbers: dict) -> str:
         else ""
     )
     published = "\n".join(f"| {name} | {acc:.2f} | {source} |" for name, acc, source in PUBLISHED)
+    published = (
+        f"""
+Published Oxford-IIIT Pet numbers, for context (**not measured here**; official test split, 3,669 images;
+OpenCLIP scores Pets by mean per-class recall; the CLIP paper's metric for Pets was not verified here):
+
+| model | accuracy (%) | source |
+|---|---|---|
+{published}
+"""
+        if labels.is_pets
+        else ""
+    )
     table = "\n".join(rows)
     return f"""## Baselines on the same images
 
@@ -400,16 +421,9 @@ Brackets: 95% bootstrap intervals. McNemar: exact test on the images where exact
 Which comparison answers which question:
 
 - *Is fine-tuning worth it for this captioner?* The zero-shot BLIP **likelihood ranking** above (the same
-  model, no training) is the fair reference; zero-shot captions rarely name a breed at all, a low bar.
+  model, no training) is the fair reference; zero-shot captions rarely name a {kind} at all, a low bar.
 - *Does LoRA teach the decoder more than the frozen encoder already knows?* The **linear probe** on BLIP's own
   frozen pooled image features: same encoder, trained on the same training split.
 - *Should one caption at all, rather than classify zero-shot?* **CLIP zero-shot**: a different model,
-  no training on Pets; it only names a breed, it writes no caption.
-
-Published Oxford-IIIT Pet numbers, for context (**not measured here**; official test split, 3,669 images;
-OpenCLIP scores Pets by mean per-class recall; the CLIP paper's metric for Pets was not verified here):
-
-| model | accuracy (%) | source |
-|---|---|---|
-{published}
-"""
+  no training on {"Pets" if labels.is_pets else "these classes"}; it only names a {kind}, it writes no caption.
+{published}"""

@@ -123,7 +123,9 @@ class TrainConfig(TrainingArguments):
     greater_is_better: bool = True
     logging_steps: int = 10
     report_to: str = "none"
-    label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"])
+    # Trainer's own label_names (the batch keys of the labels) is fixed and not a flag: --label_names is the
+    # project's file of class names (PetConfig)
+    label_names: Optional[list[str]] = field(default_factory=lambda: ["labels"], init=False)
     remove_unused_columns: bool = False  # our collator builds the batch, keep every column
     prediction_loss_only: bool = True  # eval logits are (B, T, 30524): never gather them
     dataloader_num_workers: int = 0

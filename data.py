@@ -277,9 +277,7 @@ def _label_column(dataset, given: Optional[str], image_column: str) -> str:
             "the data set has images and no labels: an image folder needs one sub-folder per class, at least two "
             "classes (datasets reads a single class folder as unlabelled images)"
         )
-    raise UserError(
-        f"no label column (label, labels or a ClassLabel column) among {others}: pass --label_column_name"
-    )
+    raise UserError(f"no label column (label, labels or a ClassLabel column) among {others}: pass --label_column_name")
 
 
 def _class_names(dataset_dict: dict, column: str) -> list:
@@ -410,9 +408,7 @@ def _warn_empty_class_folders(path: str) -> None:
                 if not has_images and os.path.basename(folder).lower() not in split_names:
                     empty.append(os.path.relpath(folder, path))
     if empty:
-        logger.warning(
-            "Left out %d class folders without images (first: %s)", len(empty), ", ".join(empty[:5])
-        )
+        logger.warning("Left out %d class folders without images (first: %s)", len(empty), ", ".join(empty[:5]))
 
 
 def _load_hub(name: str, options: dict) -> tuple:
@@ -538,6 +534,24 @@ def load_splits(
             f"{dataset!r} has {len(present)} class(es) with images; telling classes apart needs at least two"
         )
     return Splits(trainval, validation, test, labels)
+
+
+def load_run_splits(cfg, val_fraction: float, seed: int, labels: Optional[LabelSet] = None) -> Splits:
+    """load_splits with a run's data options (PetConfig's dataset, columns, test split and label names); the
+    caption template the label set implies is set on cfg where none was given, and checked."""
+    splits = load_splits(
+        cfg.dataset,
+        val_fraction,
+        seed,
+        image_column=cfg.image_column_name,
+        label_column=cfg.label_column_name,
+        test_split=cfg.test_split,
+        label_names=cfg.label_names,
+        labels=labels,
+    )
+    cfg.caption_template = cfg.caption_template or splits.labels.default_template()
+    splits.labels.check_template(cfg.caption_template)
+    return splits
 
 
 def _relabel(by_split: dict, class_names: list, labels: LabelSet, dataset: str) -> dict:

@@ -20,12 +20,11 @@ from accelerate.utils import gather_object
 from transformers import set_seed
 
 from baselines import check_clip_option, run_baselines
-from breeds import NUM_BREEDS
 from config import DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, check_seed, parse_config
-from data import load_splits, pixel_batches, report_bad_images, subsample
+from data import load_run_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import pick_device, pick_dtype
-from inference import breed_candidates, evaluate_batch
+from inference import evaluate_batch, label_candidates
 from metrics import ModelPredictions, Predictions, compute_metrics
 from model import load_model_pair
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
@@ -60,17 +59,35 @@ def parse_args(argv=None):
     return cfg, args, adapter_run
 
 
+def decoding_text(cfg) -> str:
+    """How the captions were decoded, for metrics.json and the report."""
+    text = f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, "
+    text += f"up to {cfg.max_new_tokens} new tokens"
+    if cfg.repetition_penalty != 1.0:
+        text += f", repetition penalty {cfg.repetition_penalty:g}"
+    if cfg.no_repeat_ngram_size:
+        text += f", no repeated {cfg.no_repeat_ngram_size}-grams"
+    return text
+
+
 # ---------------------------------------------------------------------------
 # Predictions
 
 
 def predict(
-    models: dict, processor, records: list, cfg, batch_size: int, share_embeddings: bool, show_progress: bool = True
+    models: dict,
+    processor,
+    records: list,
+    labels,
+    cfg,
+    batch_size: int,
+    share_embeddings: bool,
+    show_progress: bool = True,
 ):
     """(Predictions, {image_id: reason} of unreadable images), with a progress bar over the images."""
     from tqdm.auto import tqdm
 
-    candidates = breed_candidates(next(iter(models.values())), processor.tokenizer, cfg.caption_template)
+    candidates = label_candidates(next(iter(models.values())), processor.tokenizer, labels, cfg.caption_template)
     # tokens scored per candidate ([SEP] included): for the per-token ranking
     out = Predictions([], [], {name: ModelPredictions([], []) for name in models}, candidates[1][:, 1:].sum(-1).numpy())
     scores = {name: [] for name in models}
@@ -91,11 +108,11 @@ def predict(
     bar.n = len(out.image_id) + len(bad)
     bar.close()
     for name in models:
-        out.models[name].scores = np.concatenate(scores[name]) if scores[name] else np.zeros((0, NUM_BREEDS))
+        out.models[name].scores = np.concatenate(scores[name]) if scores[name] else np.zeros((0, len(labels)))
     return out, bad
 
 
-def merge_shards(shards: list, records: list):
+def merge_shards(shards: list, records: list, num_classes: int):
     """Per-process (positions in `records`, Predictions, bad) -> one Predictions in the order of `records`, each once.
 
     By position, not by image_id: a data set may give two images one id (cats/1.jpg, dogs/1.jpg).
@@ -110,7 +127,7 @@ def merge_shards(shards: list, records: list):
         raise RuntimeError("an image was evaluated by two processes")
     models = {
         m: ModelPredictions(
-            [r[2][m][0] for r in rows], np.stack([r[2][m][1] for r in rows]) if rows else np.zeros((0, NUM_BREEDS))
+            [r[2][m][0] for r in rows], np.stack([r[2][m][1] for r in rows]) if rows else np.zeros((0, num_classes))
         )
         for m in shards[0][1].models
     }
@@ -147,14 +164,24 @@ def _evaluate(cfg, args, adapter_run):
     if not state.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
 
-    splits = load_splits(cfg.dataset, *adapter_run.split_settings(cfg, args.split, args.seed))
+    splits = load_run_splits(cfg, *adapter_run.split_settings(cfg, args.split, args.seed), labels=adapter_run.labels)
+    labels = splits.labels
     records = splits[args.split]
     records = subsample(records, cfg.max_eval_samples, args.seed)
     if not records:
         raise UserError(f"{cfg.dataset!r} has no images in split {args.split!r}")
-    logger.info("data: %d %s images from %s", len(records), args.split, cfg.dataset)
+    logger.info(
+        "data: %d %s images of %d %s from %s", len(records), args.split, len(labels), labels.plural, cfg.dataset
+    )
 
-    pair = load_model_pair(cfg.model_name_or_path, args.adapter, device, dtype, adapter_run.adapter_config)
+    pair = load_model_pair(
+        cfg.model_name_or_path,
+        args.adapter,
+        device,
+        dtype,
+        adapter_run.adapter_config,
+        adapter_run.base_fingerprint,
+    )
     zero_shot, processor, models, shared = pair.zero_shot, pair.processor, pair.models, pair.shared_vision
     logger.info(
         "vision encoders %s: image embeddings %s",
@@ -166,14 +193,21 @@ def _evaluate(cfg, args, adapter_run):
     positions = range(state.process_index, len(records), state.num_processes)
     shard = [records[i] for i in positions]
     predictions, bad = predict(
-        models, processor, shard, cfg, args.per_device_eval_batch_size, shared, show_progress=state.is_main_process
+        models,
+        processor,
+        shard,
+        labels,
+        cfg,
+        args.per_device_eval_batch_size,
+        shared,
+        show_progress=state.is_main_process,
     )
     if state.num_processes > 1:
         # Records can hold a whole datasets.Dataset: gather their positions instead, the main process has them all
         position_of = {id(r): i for i, r in zip(positions, shard)}
         evaluated = [position_of[id(r)] for r in predictions.records]  # unreadable images left out
         predictions.records = []
-        predictions, bad = merge_shards(gather_object([(evaluated, predictions, bad)]), records)
+        predictions, bad = merge_shards(gather_object([(evaluated, predictions, bad)]), records, len(labels))
         if not state.is_main_process:
             return None
     seconds = time.perf_counter() - start
@@ -181,7 +215,7 @@ def _evaluate(cfg, args, adapter_run):
     if not predictions.label:
         raise UserError("no readable image to evaluate (see the warning above)")
 
-    metrics = compute_metrics(predictions, cfg.caption_template, args.bootstrap_samples, args.seed)
+    metrics = compute_metrics(predictions, labels, cfg.caption_template, args.bootstrap_samples, args.seed)
     # the baselines on the same images, each against the fine-tuned captions
     baselines = run_baselines(
         args,
@@ -203,8 +237,7 @@ def _evaluate(cfg, args, adapter_run):
         "num_bad_images": len(bad),
         "bad_images": sorted(bad),
         "template": cfg.caption_template,
-        "decoding": f"{'greedy' if cfg.num_beams == 1 else f'beam search ({cfg.num_beams} beams)'}, "
-        f"up to {cfg.max_new_tokens} new tokens",
+        "decoding": decoding_text(cfg),
         "shared_image_embeddings": shared,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -217,15 +250,15 @@ def _evaluate(cfg, args, adapter_run):
     with staged_outputs(out) as tmp:  # a full disk or a kill leaves the previous results whole
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump({**metrics.numbers, **info}, f, indent=2)
-        predictions_frame(predictions, metrics).assign(**baselines.columns).to_csv(
+        predictions_frame(predictions, metrics, labels).assign(**baselines.columns).to_csv(
             os.path.join(tmp, "predictions.csv"), index=False
         )
-        failures = failures_frame(predictions, metrics)
+        failures = failures_frame(predictions, metrics, labels)
         failures.drop(columns="_index").to_csv(os.path.join(tmp, "failures.csv"), index=False)
-        write_figures(predictions, metrics, failures, cfg.caption_template, tmp)
-        write_report(os.path.join(tmp, "report.md"), metrics, info)
+        tables = write_figures(predictions, metrics, failures, labels, cfg.caption_template, tmp)
+        write_report(os.path.join(tmp, "report.md"), metrics, info, labels, tables)
         save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, evaluate=args)
-    print_summary(metrics, out)
+    print_summary(metrics, labels, out)
     return {"output_dir": out, "metrics": metrics.numbers, "predictions": predictions, "info": info}
 
 

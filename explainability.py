@@ -22,14 +22,14 @@ import numpy as np
 from PIL import Image
 from transformers import set_seed
 
-from attention import explain, load_pet_mask, overlay, pet_share, pointing_hit
-from breeds import BREED_NAMES
+from attention import explain, load_pet_mask, overlay, pet_share, pointing_hit, subject_words
 from config import DEMO_EXPLAIN_OVERRIDES, ExplainConfig, PetConfig, check_seed, parse_config
-from data import BadImage, Record, load_image, load_splits, report_bad_images, subsample
+from data import BadImage, Record, load_image, load_run_splits, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import device_setting, pick_device, pick_dtype
 from figures import figure
 from inference import embeddings_per_model
+from labels import OXFORD_PETS, LabelSet
 from metrics import MODELS, display
 from model import load_model_pair
 from run_io import (
@@ -77,11 +77,12 @@ def parse_args(argv=None):
 # Images
 
 
-def collect_images(cfg, ex, adapter_run):
-    """[(name, PIL image, Record or None, true label or None)]: data set samples, then --image files."""
-    items = []
+def collect_images(cfg, ex, adapter_run) -> tuple:
+    """([(name, PIL image, Record or None)]: data set samples, then --image files; the label set they belong to)."""
+    items, labels = [], adapter_run.labels or OXFORD_PETS  # adapters of runs that did not record it are pets
     if ex.num_images > 0:
-        splits = load_splits(cfg.dataset, *adapter_run.split_settings(cfg, ex.split, ex.seed))
+        splits = load_run_splits(cfg, *adapter_run.split_settings(cfg, ex.split, ex.seed), labels=adapter_run.labels)
+        labels = splits.labels
         records = subsample(splits[ex.split], ex.num_images, ex.seed)
         bad = {}
         for r in records:
@@ -102,7 +103,7 @@ def collect_images(cfg, ex, adapter_run):
         items.append((os.path.splitext(os.path.basename(path))[0], image, None))
     if not items:
         raise UserError("no readable image to explain: pass --num_images N or --image PATH (see the warnings above)")
-    return items
+    return items, labels
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def summarise(per_image: list) -> dict:
     return summary
 
 
-def plot_metrics(summary: dict, path: str) -> None:
+def plot_metrics(summary: dict, labels: LabelSet, path: str) -> None:
     keys = [
         ("mean_pet_attention_share", "attention on pet"),
         ("mean_mask_share", "pet area (chance)"),
@@ -165,14 +166,18 @@ def plot_metrics(summary: dict, path: str) -> None:
             bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=f"{display(m)} (n={summary[m]['images_scored']})")
             ax.bar_label(bars, fmt="%.2f", fontsize=8)
         ax.set_xticks(x, [label for _, label in keys])
-        ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title="Breed-token cross-attention on the pet (trimap)")
+        title = f"{labels.kind.title()}-token cross-attention on the pet (trimap)"
+        ax.set(ylim=(0, 1.1), ylabel="share / hit rate", title=title)
         if not any(summary[m]["images_scored"] for m in MODELS):
-            ax.text(1, 0.55, "no image with a trimap and a breed or animal word", ha="center", color="gray")
+            subject = "a breed or animal word" if labels.is_pets else f"a {labels.kind} word"
+            ax.text(1, 0.55, f"no image with a trimap and {subject}", ha="center", color="gray")
         ax.legend(fontsize=8)
 
 
-def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> None:
+def write_index(path: str, ex, base_name, summary: dict, per_image: list, labels: LabelSet) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    subject_kinds = [labels.kind, subject_words(labels)[1], "none"]  # breed / animal / none for pets
+    kinds = [f"{k} word" if k == subject_kinds[1] else k for k in subject_kinds]
     lines = [
         "# Where the caption decoder looks",
         "",
@@ -183,20 +188,19 @@ def write_index(path: str, ex, base_name, summary: dict, per_image: list) -> Non
         "",
         "## How much attention falls on the pet",
         "",
-        "| model | images scored | attention on pet | pet area (chance) | pointing game | breed / animal word / none |",
+        f"| model | images scored | attention on pet | pet area (chance) | pointing game | {' / '.join(kinds)} |",
         "|---|---|---|---|---|---|",
     ]
     for m in MODELS:
         s = summary[m]
-        kinds = s["subject_kinds"]
+        counts = " / ".join(str(s["subject_kinds"].get(k, 0)) for k in subject_kinds)
         lines.append(
             f"| {display(m)} | {s['images_scored']} | {fmt(s['mean_pet_attention_share'])} | "
-            f"{fmt(s['mean_mask_share'])} | {fmt(s['pointing_game_hit_rate'])} | "
-            f"{kinds.get('breed', 0)} / {kinds.get('animal', 0)} / {kinds.get('none', 0)} |"
+            f"{fmt(s['mean_mask_share'])} | {fmt(s['pointing_game_hit_rate'])} | {counts} |"
         )
     lines += ["", "![attention metrics](attention_metrics.png)", "", "## Images", ""]
     for r in per_image:
-        truth = f" (true breed: {r['true_breed']})" if r["true_breed"] else ""
+        truth = f" (true {labels.kind}: {r['true_breed']})" if r["true_breed"] else ""
         lines += [f"### {r['name']}{truth}", ""]
         lines += [f"- {display(m)}: \u201c{r[m]['caption']}\u201d" for m in MODELS]
         lines += ["", f"![{r['name']}]({r['figure']})", ""]
@@ -224,9 +228,11 @@ def _explain(cfg, ex, adapter_run, out):
     dtype = pick_dtype(device, cfg.precision)
 
     base_name = cfg.model_name_or_path  # --model_name_or_path, else the adapter's own base (AdapterRun.fill)
-    pair = load_model_pair(base_name, ex.adapter, device, dtype, adapter_run.adapter_config)
+    pair = load_model_pair(
+        base_name, ex.adapter, device, dtype, adapter_run.adapter_config, adapter_run.base_fingerprint
+    )
     processor = pair.processor
-    items = collect_images(cfg, ex, adapter_run)
+    items, labels = collect_images(cfg, ex, adapter_run)
     logger.info(
         "explaining %d images; zero-shot %s, fine-tuned %s, layers %s", len(items), base_name, ex.adapter, ex.layers
     )
@@ -239,7 +245,7 @@ def _explain(cfg, ex, adapter_run, out):
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, dtype)
         embeds = embeddings_per_model(pair.models, pixels, pair.shared_vision)
         for m, model in pair.models.items():
-            explained[m] += explain(model, processor, embeds[m], cfg, layers)
+            explained[m] += explain(model, processor, embeds[m], cfg, layers, labels)
 
     per_image = []
     for k, (name, image, record) in enumerate(items, 1):
@@ -252,7 +258,7 @@ def _explain(cfg, ex, adapter_run, out):
             "name": name,
             "figure": figure,
             "has_trimap": mask is not None,
-            "true_breed": BREED_NAMES[record.label] if record is not None else None,
+            "true_breed": labels.names[record.label] if record is not None else None,
         }
         for m, r in rows.items():
             entry[m] = {"caption": r["caption"], "subject_kind": r["subject_kind"]}
@@ -288,8 +294,8 @@ def _explain(cfg, ex, adapter_run, out):
     }
     with open(os.path.join(out, "attention_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    plot_metrics(summary, os.path.join(out, "attention_metrics.png"))
-    write_index(os.path.join(out, "index.md"), ex, base_name, summary, per_image)
+    plot_metrics(summary, labels, os.path.join(out, "attention_metrics.png"))
+    write_index(os.path.join(out, "index.md"), ex, base_name, summary, per_image, labels)
     save_run_config(os.path.join(out, "run_config.json"), shared=cfg, explain=ex)
     for m in MODELS:
         s = summary[m]

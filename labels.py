@@ -94,6 +94,11 @@ class LabelSet:
         return len(self.names)
 
     @property
+    def plural(self) -> str:
+        """What the classes are called in reports: "breeds", "classes"."""
+        return self.kind + ("es" if self.kind.endswith(("s", "sh", "ch", "x")) else "s")
+
+    @property
     def is_pets(self) -> bool:
         return self.names == OXFORD_PETS.names and self.groups == OXFORD_PETS.groups
 

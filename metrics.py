@@ -1,14 +1,16 @@
 """Evaluation metrics: plain functions of labels and captions, tested on hand-made sets.
 
-compute_metrics(Predictions) -> Metrics: per-model accuracy with bootstrap intervals, species, likelihood ranking,
-per-breed scores, confused pairs, BLEU, ROUGE-L, and McNemar tests between the two models.
+compute_metrics(Predictions, LabelSet) -> Metrics: per-model accuracy with bootstrap intervals, group accuracy
+(species for pets), likelihood ranking, per-class scores, confused pairs, BLEU, ROUGE-L, and McNemar tests
+between the two models. metrics.json keeps the keys it has for pets ("breed_accuracy", "per_breed", ...)
+for every label set, so that whatever reads one run's numbers reads every run's.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from breeds import BREED_NAMES, NUM_BREEDS, SPECIES, UNKNOWN, breed_from_caption, caption_for, species_from_caption
+from labels import UNKNOWN, LabelSet
 
 MODELS = ("zero_shot", "fine_tuned")  # the keys of every output: metrics.json, predictions.csv, attention_metrics.json
 
@@ -18,12 +20,14 @@ def display(model_key: str) -> str:
     return model_key.replace("_", "-")
 
 
-LABELS = BREED_NAMES + ["unknown"]  # confusion-matrix order; UNKNOWN (-1) is the last column
+def matrix_labels(labels: LabelSet) -> list:
+    """The confusion matrix's rows and columns: every class, then "unknown" (captions naming none) last."""
+    return list(labels.names) + ["unknown"]
 
 
-def label_index(labels) -> list:
-    """Positions in LABELS: a breed's own index, UNKNOWN (-1) -> the last one."""
-    return [NUM_BREEDS if x == UNKNOWN else int(x) for x in labels]
+def label_index(predicted, num_classes: int) -> list:
+    """Positions in matrix_labels: a class's own index, UNKNOWN (-1) -> the last one."""
+    return [num_classes if x == UNKNOWN else int(x) for x in predicted]
 
 
 def bootstrap_ci(correct, samples: int = 1000, seed: int = 42, level: float = 0.95) -> list:
@@ -53,33 +57,35 @@ def mcnemar(a_correct, b_correct) -> dict:
     return {"only_first_correct": only_a, "only_second_correct": only_b, "p_value": p, "test": "exact binomial"}
 
 
-def confused_pairs(truth, pred, k: int = 10) -> list:
-    """The k most frequent (true breed, predicted breed) mistakes; captions naming no breed are not pairs."""
+def confused_pairs(truth, pred, names, k: int = 10) -> list:
+    """The k most frequent (true class, predicted class) mistakes; captions naming no class are not pairs."""
     counts = {}
     for t, p in zip(truth, pred):
         if p != t and p != UNKNOWN:
             counts[(t, p)] = counts.get((t, p), 0) + 1
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], BREED_NAMES[item[0][0]], BREED_NAMES[item[0][1]]))
-    return [{"true": BREED_NAMES[t], "predicted": BREED_NAMES[p], "count": c} for (t, p), c in ranked[:k]]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], names[item[0][0]], names[item[0][1]]))
+    return [{"true": names[t], "predicted": names[p], "count": c} for (t, p), c in ranked[:k]]
 
 
-def per_breed_scores(truth, pred) -> dict:
-    """Precision, recall (= per-breed accuracy), F1 and support of each breed that occurs in truth or predictions."""
+def per_class_scores(truth, pred, names) -> dict:
+    """Precision, recall (= per-class accuracy), F1 and support of each class that occurs in truth or predictions."""
     from sklearn.metrics import precision_recall_fscore_support
 
-    labels = sorted({int(x) for x in truth} | {int(x) for x in pred} - {UNKNOWN})
-    p, r, f, s = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+    present = sorted({int(x) for x in truth} | {int(x) for x in pred} - {UNKNOWN})
+    p, r, f, s = precision_recall_fscore_support(truth, pred, labels=present, zero_division=0)
     return {
-        BREED_NAMES[b]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-        for i, b in enumerate(labels)
+        names[c]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(present)
     }
 
 
-def confusion(truth, pred):
-    """38 x 38 counts: rows true breed, columns predicted breed, last row/column 'unknown'."""
+def confusion(truth, pred, num_classes: int):
+    """(N + 1) x (N + 1) counts: rows true class, columns the class the caption names, last row/column 'unknown'."""
     from sklearn.metrics import confusion_matrix
 
-    return confusion_matrix(label_index(truth), label_index(pred), labels=list(range(NUM_BREEDS + 1)))
+    return confusion_matrix(
+        label_index(truth, num_classes), label_index(pred, num_classes), labels=list(range(num_classes + 1))
+    )
 
 
 def bleu(hypotheses: list, references: list) -> float:
@@ -104,7 +110,7 @@ class ModelPredictions:
     """One model's outputs on the evaluated images, in image order."""
 
     captions: list
-    scores: np.ndarray  # (images, NUM_BREEDS): log-likelihood of each breed's templated caption
+    scores: np.ndarray  # (images, classes): log-likelihood of each class's templated caption
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Predictions:
     image_id: list
     label: list
     models: dict  # MODELS name -> ModelPredictions
-    candidate_tokens: np.ndarray  # tokens scored per breed's caption, for the per-token ranking
+    candidate_tokens: np.ndarray  # tokens scored per class's caption, for the per-token ranking
     records: list = field(default_factory=list)  # for the failure figure; not gathered across processes
 
 
@@ -123,10 +129,10 @@ class ModelMetrics:
     """model_metrics' result: the numbers for metrics.json, and the per-image arrays behind the tables and figures."""
 
     numbers: dict
-    pred: np.ndarray  # the breed each caption names, UNKNOWN if none
+    pred: np.ndarray  # the class each caption names, UNKNOWN if none
     correct: np.ndarray  # pred == label
-    top1: np.ndarray  # the likelihood ranking's first breed is right
-    order: np.ndarray  # (images, NUM_BREEDS): breeds by likelihood, best first
+    top1: np.ndarray  # the likelihood ranking's first class is right
+    order: np.ndarray  # (images, classes): classes by likelihood, best first
 
 
 @dataclass
@@ -137,59 +143,60 @@ class Metrics:
     models: dict  # MODELS name -> ModelMetrics
 
 
-def breeds_named(captions: list) -> np.ndarray:
-    """The breed each caption names (class index, UNKNOWN for none): what every breed accuracy here counts."""
-    return np.array([breed_from_caption(c) for c in captions], dtype=int)
+def model_metrics(
+    labels: LabelSet, truth, captions, scores, template, samples, seed, candidate_tokens=None
+) -> ModelMetrics:
+    """Every number for one model: caption accuracy, group, unknown and empty shares, ranking, per class, BLEU,
+    ROUGE-L.
 
-
-def model_metrics(labels, captions, scores, template, samples, seed, candidate_tokens=None) -> ModelMetrics:
-    """Every number for one model: caption accuracy, species, unknown share, ranking, per breed, BLEU, ROUGE-L.
-
-    The ranking uses the summed log-likelihood of each breed's caption; with candidate_tokens it is also
-    reported per token (mean log-likelihood), which does not favour breeds with short names when the
+    The ranking uses the summed log-likelihood of each class's caption; with candidate_tokens it is also
+    reported per token (mean log-likelihood), which does not favour classes with short names when the
     model is unsure (the tiny demo model spreads its probability thinly over the vocabulary).
     """
-    labels = np.asarray(labels)
-    pred = breeds_named(captions)
-    correct = pred == labels
-    species_ok = np.array([species_from_caption(c) == SPECIES[t] for c, t in zip(captions, labels)])
+    truth = np.asarray(truth)
+    pred = labels.from_captions(captions)
+    correct = pred == truth
     order = np.argsort(-scores, axis=1, kind="stable")
-    top1 = order[:, 0] == labels
-    top5 = (order[:, :5] == labels[:, None]).any(axis=1)
-    references = [caption_for(t, template) for t in labels]
-    f1 = per_breed_scores(labels, pred)
+    top1 = order[:, 0] == truth
+    top5 = (order[:, :5] == truth[:, None]).any(axis=1)
+    references = [labels.caption(t, template) for t in truth]
+    f1 = per_class_scores(truth, pred, labels.names)
     tokens = np.ones(scores.shape[1]) if candidate_tokens is None else np.asarray(candidate_tokens, float)
     per_token_first = np.argmax(scores / tokens, axis=1)
-    top1_per_token = per_token_first == labels
-    numbers = {
-        "breed_accuracy": float(correct.mean()),
-        "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed),
-        "species_accuracy": float(species_ok.mean()),
-        "species_accuracy_ci95": bootstrap_ci(species_ok, samples, seed),
+    top1_per_token = per_token_first == truth
+    numbers = {"breed_accuracy": float(correct.mean()), "breed_accuracy_ci95": bootstrap_ci(correct, samples, seed)}
+    if labels.groups:  # "species_accuracy" for pets
+        group_ok = np.array([labels.group_from_caption(c) == labels.group_of(t) for c, t in zip(captions, truth)])
+        numbers[f"{labels.group_kind}_accuracy"] = float(group_ok.mean())
+        numbers[f"{labels.group_kind}_accuracy_ci95"] = bootstrap_ci(group_ok, samples, seed)
+    numbers |= {
         "no_breed_rate": float((pred == UNKNOWN).mean()),
+        "empty_caption_rate": float(np.mean([not c.strip() for c in captions])) if len(captions) else 0.0,
         "likelihood_top1": float(top1.mean()),
         "likelihood_top1_ci95": bootstrap_ci(top1, samples, seed),
         "likelihood_top5": float(top5.mean()),
         "likelihood_top1_per_token": float(top1_per_token.mean()),
-        # does the ranking's first breed match the breed the caption names (none named: no)? The app draws a ranking
-        # next to the caption: the one that agrees more often is the one to show
+        # does the ranking's first class match the class the caption names (none named: no)? The app draws a
+        # ranking next to the caption: the one that agrees more often is the one to show
         "ranking_agrees_with_caption": float((order[:, 0] == pred).mean()),
         "ranking_agrees_with_caption_per_token": float((per_token_first == pred).mean()),
         "macro_f1": float(np.mean([v["f1"] for v in f1.values()])) if f1 else 0.0,
         "bleu": bleu(captions, references),
         "rougeL": rouge_l(captions, references),
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])),
-        "confused_pairs": confused_pairs(labels, pred),
+        "confused_pairs": confused_pairs(truth, pred, labels.names),
         "per_breed": f1,
     }
     return ModelMetrics(numbers, pred, correct, top1, order)
 
 
-def compute_metrics(predictions: Predictions, template: str, samples: int = 1000, seed: int = 42) -> Metrics:
-    labels = predictions.label
+def compute_metrics(
+    predictions: Predictions, labels: LabelSet, template: str, samples: int = 1000, seed: int = 42
+) -> Metrics:
     models = {
         name: model_metrics(
             labels,
+            predictions.label,
             predictions.models[name].captions,
             predictions.models[name].scores,
             template,
@@ -201,7 +208,7 @@ def compute_metrics(predictions: Predictions, template: str, samples: int = 1000
     }
     zs, ft = models["zero_shot"], models["fine_tuned"]
     numbers = {
-        "num_samples": len(labels),
+        "num_samples": len(predictions.label),
         **{name: m.numbers for name, m in models.items()},
         "mcnemar_caption": mcnemar(zs.correct, ft.correct),
         "mcnemar_likelihood_top1": mcnemar(zs.top1, ft.top1),

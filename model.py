@@ -203,6 +203,29 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Bl
     return model
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".index.json")
+
+
+def weights_fingerprint(name_or_path: str, model=None) -> Optional[str]:
+    """What identifies a base model's weights: a hash of a local folder's weight files, or a Hub id and the
+    commit it was loaded from (`model`'s config records it); None where neither is known."""
+    import hashlib
+
+    if os.path.isdir(name_or_path):
+        files = sorted(f for f in os.listdir(name_or_path) if f.endswith(WEIGHT_FILES))
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for name in files:
+            digest.update(name.encode())
+            with open(os.path.join(name_or_path, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()[:32]
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return f"{name_or_path}@{commit}" if commit else None
+
+
 @torch.no_grad()
 def check_finite_model(model: torch.nn.Module, what: str, fix: str) -> None:
     """UserError unless every weight of `model` and its output on a probe input are finite numbers.
@@ -475,9 +498,21 @@ def load_model_pair(
     device: str | torch.device,
     dtype: torch.dtype,
     adapter_config: Optional[dict] = None,
+    trained_on: Optional[str] = None,
 ) -> ModelPair:
-    """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device."""
+    """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device.
+
+    trained_on: the weights_fingerprint of the base the adapter was trained on; a base whose weights are other
+    ones (rebuilt or replaced in place) is refused: the adapter's changes belong to the weights they were learnt on.
+    """
     zero_shot = load_base_model(base_name, dtype=dtype)
+    now = weights_fingerprint(base_name, zero_shot) if trained_on else None
+    same_kind = now is not None and now.startswith("sha256:") == trained_on.startswith("sha256:")
+    if same_kind and now != trained_on:  # a folder's files against a Hub commit tell nothing
+        raise UserError(
+            f"adapter {adapter_dir!r} was trained on other weights than {base_name!r} holds now (fingerprint "
+            f"{trained_on}, now {now}): the base was rebuilt or replaced; train the adapter again on it"
+        )
     fine_tuned, processor = load_lora_for_inference(
         adapter_dir,
         base_model=base_name,

@@ -6,6 +6,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from config import PetConfig, TrainConfig
+from labels import OXFORD_PETS, LabelSet
 from run_io import is_local
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card_template.md")
@@ -17,18 +18,21 @@ def best_metric_name(args: TrainConfig) -> str:
     return f"validation {metric.replace('_', ' ')}"
 
 
-def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float]) -> ModelCardData:
-    """The model card's YAML header in the Hub's format: base model, data set, library, task and the kept score."""
+def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float], labels: LabelSet = OXFORD_PETS):
+    """The model card's YAML header in the Hub's format (ModelCardData): base model, data set, library, task and
+    the kept score."""
     dataset_id = None if is_local(cfg.dataset) else cfg.dataset
+    pets = labels.is_pets
+    name = "Oxford-IIIT Pet" if pets else os.path.basename(os.path.normpath(cfg.dataset))
     results = (
         []
         if best is None
         else [
             EvalResult(
                 task_type="image-to-text",
-                task_name="Image captioning (breed named in the caption)",
-                dataset_type=dataset_id or "oxford-iiit-pet",
-                dataset_name="Oxford-IIIT Pet",
+                task_name=f"Image captioning ({labels.kind} named in the caption)",
+                dataset_type=dataset_id or ("oxford-iiit-pet" if pets else name),
+                dataset_name=name,
                 dataset_split="validation",
                 metric_type=best_metric_name(args).split()[-1],
                 metric_name=best_metric_name(args),
@@ -41,7 +45,7 @@ def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float]) -> M
         datasets=[dataset_id] if dataset_id else None,
         library_name="peft",
         pipeline_tag="image-to-text",
-        tags=["blip", "lora", "image-captioning", "oxford-iiit-pet"],
+        tags=["blip", "lora", "image-captioning"] + (["oxford-iiit-pet"] if pets else []),
         model_name=os.path.basename(os.path.normpath(args.output_dir)),
         eval_results=results or None,
     )
@@ -51,7 +55,7 @@ def write_model_card(
     path: str,
     cfg: PetConfig,
     args: TrainConfig,
-    splits: dict,
+    splits,
     history: dict,
     best: Optional[float],
     trainable: int,
@@ -68,15 +72,22 @@ def write_model_card(
         if args.max_steps > 0
         else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)"
     )
-    base = cfg.model_name_or_path
+    base, labels = cfg.model_name_or_path, splits.labels
+    placeholder = f"<{labels.kind.title()}>"
+    example = cfg.caption_template.format(article="a", breed=placeholder, label=placeholder, group="<group>")
+    shown = ", ".join(labels.names[:5]) + (", ..." if len(labels) > 5 else "")
     card = ModelCard.from_template(
-        card_metadata(cfg, args, best),
+        card_metadata(cfg, args, best, labels),
         template_path=TEMPLATE,
+        title="Oxford-IIIT Pet breed captions" if labels.is_pets else f"{len(labels)}-class captions",
+        subject="pet photos" if labels.is_pets else "images",
+        classes="one of 37 cat and dog breeds" if labels.is_pets else f"one of {len(labels)} {labels.plural} ({shown})",
+        kind=labels.kind,
         base=base if is_local(base) else f"[{base}](https://huggingface.co/{base})",
-        example_caption=cfg.caption_template.format(article="a", breed="<Breed>"),
+        example_caption=example,
         dataset=cfg.dataset,
-        train_images=len(splits["train"]),
-        validation_images=len(splits["validation"]),
+        train_images=len(splits.train),
+        validation_images=len(splits.validation),
         val_fraction=f"{cfg.val_fraction:.0%}",
         seed=args.seed,
         lora_r=cfg.lora_r,

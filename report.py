@@ -1,29 +1,48 @@
-"""evaluate.py's outputs besides metrics.json: tables, predictions/failures frames, figures, report.md."""
+"""evaluate.py's outputs besides metrics.json: tables, predictions/failures frames, figures, report.md.
+
+The text says what the label set calls its classes ("breed" for pets); the CSV columns keep their pets names
+(true_breed, ...) for every label set, as metrics.json's keys do.
+"""
 
 import os
 
 import numpy as np
 
 from baselines import report_section, summary_lines
-from breeds import BREED_NAMES, NUM_BREEDS, caption_for
 from data import load_image
 from figures import figure
-from metrics import LABELS, MODELS, Metrics, Predictions, confusion, display, format_ci, label_index
+from labels import LabelSet
+from metrics import MODELS, Metrics, Predictions, confusion, display, format_ci, label_index, matrix_labels
 
-KEY_ROWS = [  # (label, key, format)
-    ("breed accuracy (caption names the breed)", "breed_accuracy", "ci"),
-    ("species accuracy (cat/dog)", "species_accuracy", "ci"),
-    ("captions naming no breed", "no_breed_rate", "f"),
-    ("likelihood ranking top-1", "likelihood_top1", "ci"),
-    ("likelihood ranking top-5", "likelihood_top5", "f"),
-    ("likelihood ranking top-1, per-token mean", "likelihood_top1_per_token", "f"),
-    ("ranking top-1 = breed the caption names", "ranking_agrees_with_caption", "f"),
-    ("the same, per-token ranking", "ranking_agrees_with_caption_per_token", "f"),
-    ("macro F1 over breeds (captions)", "macro_f1", "f"),
-    ("BLEU (0-100)", "bleu", "f1"),
-    ("ROUGE-L F", "rougeL", "f"),
-    ("mean caption length (words)", "mean_caption_words", "f1"),
-]
+# A confusion matrix of more classes than this is drawn for its most confused classes only (the whole one
+# goes to a CSV file): 200 rows of labels and counts would be unreadable
+MAX_MATRIX_CLASSES = 40
+
+
+def key_rows(labels: LabelSet) -> list:
+    """(label, metrics.json key, format) of the key-numbers table, in the words of `labels`."""
+    kind = labels.kind
+    group = (
+        [("species accuracy (cat/dog)" if labels.is_pets else f"{labels.group_kind} accuracy",
+          f"{labels.group_kind}_accuracy", "ci")]
+        if labels.groups
+        else []
+    )  # fmt: skip
+    return [
+        (f"{kind} accuracy (caption names the {kind})", "breed_accuracy", "ci"),
+        *group,
+        (f"captions naming no {kind}", "no_breed_rate", "f"),
+        ("empty captions", "empty_caption_rate", "f"),
+        ("likelihood ranking top-1", "likelihood_top1", "ci"),
+        ("likelihood ranking top-5", "likelihood_top5", "f"),
+        ("likelihood ranking top-1, per-token mean", "likelihood_top1_per_token", "f"),
+        (f"ranking top-1 = {kind} the caption names", "ranking_agrees_with_caption", "f"),
+        ("the same, per-token ranking", "ranking_agrees_with_caption_per_token", "f"),
+        (f"macro F1 over {labels.plural} (captions)", "macro_f1", "f"),
+        ("BLEU (0-100)", "bleu", "f1"),
+        ("ROUGE-L F", "rougeL", "f"),
+        ("mean caption length (words)", "mean_caption_words", "f1"),
+    ]
 
 
 def _fmt(m: dict, key: str, kind: str) -> str:
@@ -32,19 +51,21 @@ def _fmt(m: dict, key: str, kind: str) -> str:
     return f"{m[key]:.1f}" if kind == "f1" else f"{m[key]:.3f}"
 
 
-def key_table(metrics: dict) -> list:
+def key_table(metrics: Metrics, labels: LabelSet) -> list:
     zs, ft = metrics.numbers["zero_shot"], metrics.numbers["fine_tuned"]
-    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind)) for label, key, kind in KEY_ROWS]
+    return [(label, _fmt(zs, key, kind), _fmt(ft, key, kind)) for label, key, kind in key_rows(labels)]
 
 
-def predictions_frame(predictions: Predictions, metrics: Metrics):
+def predictions_frame(predictions: Predictions, metrics: Metrics, labels: LabelSet):
     import pandas as pd
 
-    def top5(order):
-        return ["|".join(BREED_NAMES[b] for b in row[:5]) for row in order]
+    names = matrix_labels(labels)
 
-    def name(labels):
-        return [LABELS[x] for x in labels]  # UNKNOWN (-1) -> "unknown"
+    def top5(order):
+        return ["|".join(names[b] for b in row[:5]) for row in order]
+
+    def name(classes):
+        return [names[x] for x in classes]  # UNKNOWN (-1) -> "unknown"
 
     return pd.DataFrame(
         {
@@ -60,10 +81,11 @@ def predictions_frame(predictions: Predictions, metrics: Metrics):
     )
 
 
-def failures_frame(predictions: Predictions, metrics: Metrics):
-    """Every wrong caption prediction of either model, worst first (true breed ranked lowest by likelihood)."""
+def failures_frame(predictions: Predictions, metrics: Metrics, labels: LabelSet):
+    """Every wrong caption prediction of either model, worst first (true class ranked lowest by likelihood)."""
     import pandas as pd
 
+    names = matrix_labels(labels)
     rows = []
     for model_name in MODELS:
         m, p = metrics.models[model_name], predictions.models[model_name]
@@ -73,10 +95,10 @@ def failures_frame(predictions: Predictions, metrics: Metrics):
                 {
                     "model": model_name,
                     "image_id": predictions.image_id[i],
-                    "true_breed": BREED_NAMES[t],
+                    "true_breed": names[t],
                     "caption": p.captions[i],
-                    "predicted_breed": LABELS[m.pred[i]],
-                    "likelihood_top1": BREED_NAMES[order[0]],
+                    "predicted_breed": names[m.pred[i]],
+                    "likelihood_top1": names[order[0]],
                     "true_breed_rank": int(np.flatnonzero(order == t)[0]) + 1,
                     "margin": float(scores[order[0]] - scores[t]),
                     "_index": int(i),
@@ -97,16 +119,26 @@ def failures_frame(predictions: Predictions, metrics: Metrics):
     return frame.sort_values(["model", "true_breed_rank", "margin"], ascending=[False, False, False], kind="stable")
 
 
-def plot_confusion(matrix, title: str, path: str) -> None:
+def most_confused(matrix, keep: int) -> list:
+    """Indices of the `keep` classes with the most mistakes (as the true class or as the one named), in their
+    order, and the "unknown" column last: the part of a big confusion matrix worth drawing."""
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
+    classes = len(matrix) - 1
+    chosen = sorted(np.argsort(-errors[:classes], kind="stable")[:keep].tolist())
+    return chosen + [classes]
+
+
+def plot_confusion(matrix, names: list, title: str, path: str, kind: str = "breed") -> None:
     import seaborn as sns
     from seaborn.utils import relative_luminance
 
-    with figure(path, figsize=(15, 13)) as (fig, ax):
+    side = min(15, 4 + 0.3 * len(names))
+    with figure(path, figsize=(side, side - 2)) as (fig, ax):
         mesh = sns.heatmap(
             matrix,
             cmap="Blues",
-            xticklabels=LABELS,
-            yticklabels=LABELS,
+            xticklabels=names,
+            yticklabels=names,
             cbar_kws={"label": "images"},
             linewidths=0.3,
             linecolor="#eeeeee",
@@ -125,29 +157,30 @@ def plot_confusion(matrix, title: str, path: str) -> None:
                 fontsize=7,
                 color="w" if dark else ".15",
             )
-        ax.set(xlabel="predicted breed (from the caption)", ylabel="true breed", title=title)
+        ax.set(xlabel=f"predicted {kind} (from the caption)", ylabel=f"true {kind}", title=title)
         ax.tick_params(labelsize=8)
         for label in ax.get_xticklabels():
             label.set(rotation=60, ha="right", rotation_mode="anchor")
 
 
-def plot_distribution(predictions: Predictions, metrics: Metrics, path: str) -> None:
-    counts = {"truth": np.bincount(label_index(predictions.label), minlength=NUM_BREEDS + 1)}
+def plot_distribution(predictions: Predictions, metrics: Metrics, labels: LabelSet, path: str) -> None:
+    n, names = len(labels), matrix_labels(labels)
+    counts = {"truth": np.bincount(label_index(predictions.label, n), minlength=n + 1)}
     for name in MODELS:
-        counts[display(name)] = np.bincount(label_index(metrics.models[name].pred), minlength=NUM_BREEDS + 1)
-    y = np.arange(len(LABELS))
-    with figure(path, figsize=(9, 12)) as (fig, ax):
+        counts[display(name)] = np.bincount(label_index(metrics.models[name].pred, n), minlength=n + 1)
+    y = np.arange(len(names))
+    with figure(path, figsize=(9, max(12, 0.3 * len(names)))) as (fig, ax):
         for k, (name, c) in enumerate(counts.items()):
             ax.barh(y + (k - 1) * 0.27, c, height=0.27, label=name)
-        ax.set_yticks(y, LABELS, fontsize=8)
+        ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        ax.set(xlabel="images", title="Breeds named by the captions vs the true breeds")
+        ax.set(xlabel="images", title=f"{labels.plural.title()} named by the captions vs the true {labels.plural}")
         ax.legend()
 
 
-def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> None:
+def plot_caption_lengths(predictions: Predictions, labels: LabelSet, template: str, path: str) -> None:
     lengths = {name.replace("_", "-"): [len(c.split()) for c in predictions.models[name].captions] for name in MODELS}
-    reference = [len(caption_for(t, template).split()) for t in predictions.label]
+    reference = [len(labels.caption(t, template).split()) for t in predictions.label]
     top = max([max(v) for v in lengths.values()] + reference) + 1
     bins = np.arange(0, top + 1) - 0.5
     with figure(path, figsize=(8, 4)) as (fig, ax):
@@ -158,7 +191,7 @@ def plot_caption_lengths(predictions: Predictions, template: str, path: str) -> 
         ax.legend()
 
 
-def plot_per_breed_accuracy(metrics, path: str) -> None:
+def plot_per_class_accuracy(metrics, kind: str, path: str) -> None:
     breeds = [b for b, v in metrics.numbers["fine_tuned"]["per_breed"].items() if v["support"] > 0]
     y = np.arange(len(breeds))
     with figure(path, figsize=(8, 0.3 * len(breeds) + 1.5)) as (fig, ax):
@@ -173,22 +206,22 @@ def plot_per_breed_accuracy(metrics, path: str) -> None:
         ax.set_yticks(y, breeds, fontsize=8)
         ax.invert_yaxis()
         ax.set(
-            xlabel="breed accuracy (recall of the breed named in the caption)",
+            xlabel=f"{kind} accuracy (recall of the {kind} named in the caption)",
             xlim=(0, 1.02),
-            title="Per-breed accuracy",
+            title=f"Per-{kind} accuracy",
         )
         ax.legend(loc="lower right")
 
 
-def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16) -> None:
-    """Image grid of the fine-tuned model's worst failures: true breed, caption, predicted breed under each."""
+def plot_failures(predictions: Predictions, failures, path: str, kind: str = "breed", limit: int = 16) -> None:
+    """Image grid of the fine-tuned model's worst failures: true class, caption, predicted class under each."""
     import textwrap
 
     worst = failures[failures["model"] == "fine_tuned"].head(limit)
     if worst.empty:
         with figure(path, dpi=100, figsize=(6, 2)) as (fig, ax):
             ax.axis("off")
-            ax.text(0.5, 0.5, "The fine-tuned model named every breed correctly.", ha="center", va="center")
+            ax.text(0.5, 0.5, f"The fine-tuned model named every {kind} correctly.", ha="center", va="center")
         return
     cols = min(4, len(worst))
     rows = (len(worst) + cols - 1) // cols
@@ -205,41 +238,64 @@ def plot_failures(predictions: Predictions, failures, path: str, limit: int = 16
             ax.text(
                 0.5,
                 -0.03,
-                f'"{caption}"\nlikelihood rank of true breed: {row["true_breed_rank"]}',
+                f'"{caption}"\nlikelihood rank of true {kind}: {row["true_breed_rank"]}',
                 transform=ax.transAxes,
                 ha="center",
                 va="top",
                 fontsize=8,
             )
-        fig.suptitle("Worst failures, fine-tuned model\n(true breed ranked lowest by likelihood first)", fontsize=11)
+        fig.suptitle(f"Worst failures, fine-tuned model\n(true {kind} ranked lowest by likelihood first)", fontsize=11)
 
 
-FIGURES = {
-    "confusion_fine_tuned.png": "Confusion matrix, fine-tuned (rows: true breed; columns: breed named in the caption)",
-    "confusion_zero_shot.png": "Confusion matrix, zero-shot",
-    "per_breed_accuracy.png": "Per-breed accuracy of both models",
-    "breed_distribution.png": "Breeds named by the captions vs the true breeds",
-    "caption_lengths.png": "Caption length distributions",
-    "failures.png": "Worst failures of the fine-tuned model",
-}
+def figure_captions(labels: LabelSet) -> dict:
+    """{file name: caption} of write_figures' figures, in the words of the label set."""
+    kind = labels.kind
+    return {
+        "confusion_fine_tuned.png": f"Confusion matrix, fine-tuned (rows: true {kind}; columns: {kind} named in the "
+        "caption)",
+        "confusion_zero_shot.png": "Confusion matrix, zero-shot",
+        "per_breed_accuracy.png": f"Per-{kind} accuracy of both models",
+        "breed_distribution.png": f"{labels.plural.title()} named by the captions vs the true {labels.plural}",
+        "caption_lengths.png": "Caption length distributions",
+        "failures.png": "Worst failures of the fine-tuned model",
+    }
 
 
-def write_figures(predictions: Predictions, metrics: Metrics, failures, template: str, out: str) -> None:
+def write_figures(
+    predictions: Predictions, metrics: Metrics, failures, labels: LabelSet, template: str, out: str
+) -> list:
+    """The figures of figure_captions, and the full confusion matrices as CSV where the figure shows a part;
+    returns the CSV files' names."""
+    import pandas as pd
+
+    kind, names, written = labels.kind, matrix_labels(labels), []
     for name in MODELS:
-        title = f"{name.replace('_', '-')}: true vs predicted breed ({metrics.numbers['num_samples']} images)"
+        matrix = confusion(predictions.label, metrics.models[name].pred, len(labels))
+        title = f"{display(name)}: true vs predicted {kind} ({metrics.numbers['num_samples']} images)"
+        shown = list(range(len(names)))
+        if len(labels) > MAX_MATRIX_CLASSES:
+            frame = pd.DataFrame(matrix, index=names, columns=names)
+            frame.to_csv(os.path.join(out, f"confusion_{name}.csv"))
+            written.append(f"confusion_{name}.csv")
+            shown = most_confused(matrix, MAX_MATRIX_CLASSES)
+            title += f", the {MAX_MATRIX_CLASSES} most confused {labels.plural} of {len(labels)}"
         plot_confusion(
-            confusion(predictions.label, metrics.models[name].pred), title, os.path.join(out, f"confusion_{name}.png")
-        )
-    plot_per_breed_accuracy(metrics, os.path.join(out, "per_breed_accuracy.png"))
-    plot_distribution(predictions, metrics, os.path.join(out, "breed_distribution.png"))
-    plot_caption_lengths(predictions, template, os.path.join(out, "caption_lengths.png"))
-    plot_failures(predictions, failures, os.path.join(out, "failures.png"))
+            matrix[np.ix_(shown, shown)], [names[i] for i in shown], title, os.path.join(out, f"confusion_{name}.png"),
+            kind,
+        )  # fmt: skip
+    plot_per_class_accuracy(metrics, kind, os.path.join(out, "per_breed_accuracy.png"))
+    plot_distribution(predictions, metrics, labels, os.path.join(out, "breed_distribution.png"))
+    plot_caption_lengths(predictions, labels, template, os.path.join(out, "caption_lengths.png"))
+    plot_failures(predictions, failures, os.path.join(out, "failures.png"), kind)
+    return written
 
 
-def write_report(path: str, metrics: Metrics, info: dict) -> None:
+def write_report(path: str, metrics: Metrics, info: dict, labels: LabelSet, tables: list = ()) -> None:
+    """report.md; `tables`: the CSV files write_figures wrote beside it."""
     numbers = metrics.numbers
     zs, ft = numbers["zero_shot"], numbers["fine_tuned"]
-    rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in key_table(metrics))
+    kind, n = labels.kind, len(labels)
+    rows = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in key_table(metrics, labels))
     mc, mr = numbers["mcnemar_caption"], numbers["mcnemar_likelihood_top1"]
     pairs = (
         "\n".join(f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in ft["confused_pairs"]) or "| - | - | 0 |"
@@ -250,11 +306,16 @@ def write_report(path: str, metrics: Metrics, info: dict) -> None:
         for b, v in ft["per_breed"].items()
     )
     baselines = (
-        report_section(numbers)
+        report_section(numbers, labels)
         if "fine_tuned" in numbers and ("linear_probe" in numbers or "clip_zero_shot" in numbers)
         else ""
     )
-    figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in FIGURES.items())
+    figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in figure_captions(labels).items())
+    if tables:
+        figures += "\n\nThe confusion matrices show their most confused classes; the whole ones: " + ", ".join(
+            f"`{t}`" for t in tables
+        )
+    classes = f"the {n} {labels.plural}"
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
 - adapter `{info["adapter"]}` on base model `{info["base_model"]}`
@@ -277,22 +338,22 @@ Brackets: 95% bootstrap confidence intervals ({info["bootstrap_samples"]} resamp
 (p = {mc["p_value"]:.3g}); by likelihood top-1, {mr["only_second_correct"]} vs {mr["only_first_correct"]}
 (p = {mr["p_value"]:.3g}).
 
-The **likelihood ranking** scores the templated caption of each of the 37 breeds under the model given
-the image and ranks the breeds by it, so it names a breed for every image; it is the fair zero-shot
-baseline, because zero-shot captions rarely name a breed at all. The score is the summed log-probability of
+The **likelihood ranking** scores the templated caption of each of {classes} under the model given
+the image and ranks the {labels.plural} by it, so it names a {kind} for every image; it is the fair zero-shot
+baseline, because zero-shot captions rarely name a {kind} at all. The score is the summed log-probability of
 the caption's tokens; the per-token row divides it by the number of tokens, which matters when a model is
-unsure of every token (then long breed names lose to short ones).
+unsure of every token (then long {kind} names lose to short ones).
 
 {baselines}
-## Most confused breed pairs (fine-tuned captions)
+## Most confused {kind} pairs (fine-tuned captions)
 
-| true breed | named in caption | images |
+| true {kind} | named in caption | images |
 |---|---|---|
 {pairs}
 
-## Per breed (fine-tuned captions; recall is the per-breed accuracy)
+## Per {kind} (fine-tuned captions; recall is the per-{kind} accuracy)
 
-| breed | images | precision | recall | F1 | zero-shot recall |
+| {kind} | images | precision | recall | F1 | zero-shot recall |
 |---|---|---|---|---|---|
 {per_breed}
 
@@ -306,8 +367,8 @@ Every wrong prediction is in `failures.csv`; every image in `predictions.csv`.
         f.write(text)
 
 
-def print_summary(metrics: Metrics, out: str) -> None:
-    table = [("metric", "zero-shot", "fine-tuned")] + key_table(metrics)
+def print_summary(metrics: Metrics, labels: LabelSet, out: str) -> None:
+    table = [("metric", "zero-shot", "fine-tuned")] + key_table(metrics, labels)
     widths = [max(len(r[i]) for r in table) for i in range(3)]
 
     def line(row):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from config import DEFAULT_DATASET
+from labels import LabelSet
 from model import check_adapter
 from run_io import MOVING, UserError, same_source, write_json_atomic
 
@@ -33,10 +34,13 @@ LEGACY_SECTIONS = {
 
 
 def save_run_config(path: str, **sections) -> None:
-    """Write the command line and each options object (section name -> dataclass) to `path`."""
+    """Write the command line and each section (a dataclass of options, or a dict) to `path`."""
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
     for name, options in sections.items():
-        record[name] = options.to_dict() if hasattr(options, "to_dict") else asdict(options)
+        if isinstance(options, dict):
+            record[name] = options
+        else:
+            record[name] = options.to_dict() if hasattr(options, "to_dict") else asdict(options)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, record, indent=2)
 
@@ -98,6 +102,11 @@ class AdapterRun:
     caption_template: Optional[str] = None
     embedding_cache_dir: Optional[str] = None  # None: train.py did not cache embeddings (or did not say where)
     embedding_cache_dtype: str = "float16"
+    labels: Optional[LabelSet] = None  # the classes it names; None for adapters of runs that did not record them
+    image_column_name: Optional[str] = None
+    label_column_name: Optional[str] = None
+    test_split: Optional[str] = None
+    base_fingerprint: Optional[str] = None  # model.weights_fingerprint of the base it was trained on
 
     @property
     def base_model(self) -> str:
@@ -116,9 +125,10 @@ class AdapterRun:
         run = read_run_config(os.path.join(folder, RUN_CONFIG))
         if run is None:
             return cls(folder, adapter_config)
-        shared, train = run.options("shared"), run.options("train")
+        shared, train, trained_on = run.options("shared"), run.options("train"), run.options("trained_on")
         cache_on = _typed(train, "use_embedding_cache", bool) is not False
         dtype = _typed(train, "embedding_cache_dtype", str)
+        labels = trained_on.get("labels")
         return cls(
             folder,
             adapter_config,
@@ -128,6 +138,11 @@ class AdapterRun:
             caption_template=_typed(shared, "caption_template", str),
             embedding_cache_dir=_typed(train, "embedding_cache_dir", str) if cache_on else None,
             embedding_cache_dtype=dtype if dtype in ("float16", "float32") else "float16",
+            labels=None if labels is None else LabelSet.from_json(labels, os.path.join(folder, RUN_CONFIG)),
+            image_column_name=_typed(shared, "image_column_name", str),
+            label_column_name=_typed(shared, "label_column_name", str),
+            test_split=_typed(shared, "test_split", str),
+            base_fingerprint=_typed(trained_on, "base_fingerprint", str),
         )
 
     def use_sources_on_disk(self, cfg) -> None:
@@ -139,13 +154,25 @@ class AdapterRun:
             cfg.dataset = self.dataset
 
     def fill(self, cfg) -> None:
-        """The flags where given, else the adapter's own base model and data set (else the default data set)."""
+        """The flags where given, else what the adapter was trained with: its base model, data set (else the
+        default one), columns, held-out split and caption template."""
         if cfg.model_name_or_path is not None and not same_source(cfg.model_name_or_path, self.base_model):
             logger.warning(
                 "adapter %s was trained on %r; using it on %r", self.folder, self.base_model, cfg.model_name_or_path
             )
+        if cfg.label_names is not None and self.labels is not None:
+            raise UserError(
+                f"--label_names: adapter {self.folder!r} names its classes as its training run did; give "
+                "--label_names to train.py"
+            )
         cfg.model_name_or_path = cfg.model_name_or_path or self.base_model
+        same_data = cfg.dataset is None or same_source(cfg.dataset, self.dataset)
         cfg.dataset = cfg.dataset or self.dataset or DEFAULT_DATASET
+        if same_data:  # the columns and split names belong to the data set they were given for
+            for name in ("image_column_name", "label_column_name", "test_split"):
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, getattr(self, name))
+        cfg.caption_template = cfg.caption_template or self.caption_template
 
     def split_settings(self, cfg, split: str, seed: int) -> tuple:
         """(val_fraction, seed) that rebuild the adapter's own train/validation split.

@@ -18,7 +18,7 @@ import torch
 from transformers import BlipProcessor, set_seed
 
 from config import BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, check_seed, parse_config
-from data import CaptionCollator, PetCaptionDataset, load_splits, longest_caption_tokens, report_bad_images, subsample
+from data import CaptionCollator, CaptionDataset, load_run_splits, longest_caption_tokens, report_bad_images, subsample
 from demo import use_demo_assets
 from devices import pick_dtype
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
@@ -32,6 +32,7 @@ from model import (
     load_base_model,
     load_processor,
     save_adapter,
+    weights_fingerprint,
 )
 from model_card import best_metric_name, write_model_card
 from run_io import (
@@ -184,15 +185,15 @@ def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig,
             if args.process_index == 0:
                 model.vision_model.to(args.device).eval()
                 cache.build(
-                    splits["train"] + splits["validation"],
+                    splits.train + splits.validation,
                     encode,
                     processor.image_processor,
                     args.per_device_eval_batch_size,
                     device=args.device,
                 )
         datasets = (
-            CachedEmbeddingDataset(splits["train"], cache, cfg.caption_template),
-            CachedEmbeddingDataset(splits["validation"], cache, cfg.caption_template),
+            CachedEmbeddingDataset(splits.train, cache, splits.labels, cfg.caption_template),
+            CachedEmbeddingDataset(splits.validation, cache, splits.labels, cfg.caption_template),
         )
         if args.device.type == "cuda" and fits_on_gpu(datasets, args.device):
             for dataset in datasets:
@@ -201,8 +202,10 @@ def make_datasets(model, processor: BlipProcessor, splits: dict, cfg: PetConfig,
             logger.info("image embeddings preloaded onto %s", args.device)
         return datasets
     return (
-        PetCaptionDataset(splits["train"], processor.image_processor, cfg.caption_template),
-        PetCaptionDataset(splits["validation"], processor.image_processor, cfg.caption_template, substitute_bad=False),
+        CaptionDataset(splits.train, processor.image_processor, splits.labels, cfg.caption_template),
+        CaptionDataset(
+            splits.validation, processor.image_processor, splits.labels, cfg.caption_template, substitute_bad=False
+        ),
     )
 
 
@@ -243,18 +246,22 @@ def main(argv: Optional[list] = None) -> dict:
 
 
 def _train(cfg, args):
+    splits = load_run_splits(cfg, cfg.val_fraction, args.seed)  # sets the label set's template where none was given
     resume = resume_point(cfg, args)
-
-    splits = load_splits(cfg.dataset, cfg.val_fraction, args.seed)
-    splits["train"] = subsample(splits["train"], cfg.max_train_samples, args.seed)
-    splits["validation"] = subsample(splits["validation"], cfg.max_eval_samples, args.seed)
-    if not splits["train"] or not splits["validation"]:
+    splits.train = subsample(splits.train, cfg.max_train_samples, args.seed)
+    splits.validation = subsample(splits.validation, cfg.max_eval_samples, args.seed)
+    if not splits.train or not splits.validation:
         raise UserError(
-            f"{cfg.dataset!r} gave {len(splits['train'])} training and {len(splits['validation'])} validation "
+            f"{cfg.dataset!r} gave {len(splits.train)} training and {len(splits.validation)} validation "
             "images; need both"
         )
     logger.info(
-        "data: %d train, %d validation images from %s", len(splits["train"]), len(splits["validation"]), cfg.dataset
+        "data: %d train, %d validation images of %d %s from %s",
+        len(splits.train),
+        len(splits.validation),
+        len(splits.labels),
+        splits.labels.plural,
+        cfg.dataset,
     )
 
     timing = {"start": time.perf_counter()}
@@ -279,7 +286,7 @@ def _train(cfg, args):
         logger.info("%d frozen Linear weights and biases stored in %s for autocast", cast, autocast_dtype(args))
     # Compiled or graphed, every batch is padded to one length, so the graphs see one shape (and the last batch's)
     pad_to = (
-        longest_caption_tokens(processor.tokenizer, cfg.caption_template)
+        longest_caption_tokens(processor.tokenizer, splits.labels, cfg.caption_template)
         if args.torch_compile or args.cuda_graphs
         else None
     )
@@ -291,6 +298,7 @@ def _train(cfg, args):
         data_collator=CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, pad_to),
         processor=processor,
         pet_config=cfg,
+        labels=splits.labels,
     )
     timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -322,7 +330,9 @@ def _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, tra
     smoothing = args.label_smoothing_factor or getattr(trainer.model.config.text_config, "label_smoothing", 0.0)
     plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
     write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
-    save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, train=args)
+    base = weights_fingerprint(cfg.model_name_or_path, trainer.model.get_base_model())
+    trained_on = {"base_fingerprint": base, "labels": splits.labels.to_json()}
+    save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, train=args, trained_on=trained_on)
 
 
 if __name__ == "__main__":

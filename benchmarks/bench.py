@@ -28,15 +28,15 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from breeds import NUM_BREEDS, caption_for
 from config import PetConfig  # noqa: E402
-from data import CaptionCollator, PetCaptionDataset, load_image, load_splits
+from data import CaptionCollator, CaptionDataset, load_image, load_splits
 from demo import DEMO_BASE_RECIPE, build_tiny_blip, write_synthetic_pets  # noqa: E402
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
 from inference import image_embeddings
+from labels import NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 
-TEMPLATE = PetConfig().caption_template
+TEMPLATE = PETS_TEMPLATE
 
 
 def sync(device):
@@ -97,8 +97,10 @@ def training(kind, workdir, device, dtype, batch, repeats, lora_targets):
     collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
-    stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(batch)])
-    cached = collate([CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(batch)])
+    stock = collate(
+        [CaptionDataset(records, processor.image_processor, OXFORD_PETS, TEMPLATE)[i] for i in range(batch)]
+    )
+    cached = collate([CachedEmbeddingDataset(records, cache, OXFORD_PETS, TEMPLATE)[i] for i in range(batch)])
     stock = {k: v.to(device) for k, v in stock.items()}
     cached = {k: v.to(device) for k, v in cached.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -130,9 +132,9 @@ def training_memory(kind, workdir, device, dtype, batch, mode, lora_targets):
     if mode == "cached":
         cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
         cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
-        items = [CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(batch)]
+        items = [CachedEmbeddingDataset(records, cache, OXFORD_PETS, TEMPLATE)[i] for i in range(batch)]
     else:
-        items = [PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(batch)]
+        items = [CaptionDataset(records, processor.image_processor, OXFORD_PETS, TEMPLATE)[i] for i in range(batch)]
     b = {k: v.to(device) for k, v in collate(items).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -156,7 +158,7 @@ def pipeline(kind, workdir, device, dtype, batch, steps, repeats, lora_targets):
     model, processor, records = setup(kind, workdir, device, batch * 2, lora_targets)
     cache = EmbeddingCache(os.path.join(workdir, "cache"), vision_fingerprint(model, processor), "float16")
     cache.build(records, lambda px: image_embeddings(model, px.to(device)), processor.image_processor)
-    dataset = CachedEmbeddingDataset(records, cache, TEMPLATE)
+    dataset = CachedEmbeddingDataset(records, cache, OXFORD_PETS, TEMPLATE)
     collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
 
     class StepTimer(TrainerCallback):
@@ -246,7 +248,7 @@ def vision(kind, workdir, device, dtype, batch, repeats):
 
 def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=12):
     """3. Everything evaluate.py needs per image, the naive way against the project's path; same predictions."""
-    from inference import breed_candidates, evaluate_batch
+    from inference import evaluate_batch, label_candidates
 
     model_dir = build_model(kind, workdir)
     processor = load_processor(model_dir)
@@ -262,7 +264,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
     merged = merged.merge_and_unload().to(device).eval()
     records = load_splits(pets(workdir), 0.0)["test"][:n_images]
     images = [load_image(r) for r in records]
-    captions = [caption_for(b, TEMPLATE) for b in range(NUM_BREEDS)]
+    captions = [OXFORD_PETS.caption(b, TEMPLATE) for b in range(NUM_BREEDS)]
     tok = processor.tokenizer
 
     @torch.no_grad()
@@ -288,7 +290,7 @@ def evaluation(kind, workdir, device, dtype, n_images, repeats, max_new_tokens=1
         return preds
 
     cfg = PetConfig(max_new_tokens=max_new_tokens)
-    candidates = breed_candidates(base, tok, TEMPLATE)
+    candidates = label_candidates(base, tok, OXFORD_PETS, TEMPLATE)
 
     @torch.no_grad()
     def project():
@@ -349,7 +351,7 @@ def frozen_cast(kind, workdir, device, dtype, batch, repeats, lora_targets):
     vision = fp32.config.vision_config
     shape = (batch, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
     inputs = CaptionCollator(processor.tokenizer, fp32.config.text_config.bos_token_id)(
-        [{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(batch)]
+        [{"caption": OXFORD_PETS.caption(i % NUM_BREEDS, TEMPLATE)} for i in range(batch)]
     )
     inputs["image_embeds"] = torch.randn(shape, generator=torch.Generator().manual_seed(0)).half()  # as cached
     inputs = {k: v.to(device) for k, v in inputs.items()}

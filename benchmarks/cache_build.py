@@ -11,6 +11,7 @@ workers excluded, the writer thread included) and preload ms per image; ratios b
 """
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -33,7 +34,7 @@ def child(project, work, n, batch):
     from model import load_processor
 
     processor = load_processor(os.path.join(work, "model"))
-    records = load_splits(os.path.join(work, "pets"), 0.0)["train"][:n]
+    records = load_splits(os.path.join(work, "pets"), 0.0)["train"][:n]  # splits["train"]: old and new checkouts
     out = torch.randn(128, 577, 768)
     encode = lambda px: out[: len(px)] + px[:, :1, :1, :1].flatten()[:, None, None]  # noqa: E731 (reads the pixels)
     cache_dir = os.path.join(work, "cache")
@@ -45,7 +46,14 @@ def child(project, work, n, batch):
     cache.build(records, encode, processor.image_processor, batch)
     wall, main_cpu = time.perf_counter() - start, cpu() - cpu_start
     start = time.perf_counter()
-    CachedEmbeddingDataset(records, cache, "a {breed}").preload(torch.device("cpu"))
+    # the baseline checkout may predate label sets: the dataset then takes (records, cache, template)
+    if "labels" in inspect.signature(CachedEmbeddingDataset).parameters:
+        from labels import OXFORD_PETS
+
+        dataset = CachedEmbeddingDataset(records, cache, OXFORD_PETS, "a {breed}")
+    else:
+        dataset = CachedEmbeddingDataset(records, cache, "a {breed}")
+    dataset.preload(torch.device("cpu"))
     preload = time.perf_counter() - start
     print(json.dumps({"img_s": n / wall, "main_cpu_ms": main_cpu / n * 1e3, "preload_ms": preload / n * 1e3}))
 
@@ -61,8 +69,8 @@ def main():
     if a.child:
         return child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))
     sys.path.insert(0, ROOT)
-    from breeds import NUM_BREEDS
     from demo import build_tiny_blip, write_synthetic_pets
+    from labels import NUM_BREEDS
 
     work = tempfile.mkdtemp(prefix="cache-bench-")
     try:

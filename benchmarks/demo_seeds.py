@@ -24,10 +24,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import demo  # noqa: E402
-from breeds import BREED_NAMES, SPECIES, UNKNOWN, breed_from_caption, species_from_caption  # noqa: E402
-from config import PetConfig  # noqa: E402
 from data import load_image, load_splits  # noqa: E402
 from inference import captions_from_embeddings, image_embeddings  # noqa: E402
+from labels import BREED_NAMES, OXFORD_PETS, PETS_TEMPLATE, SPECIES, UNKNOWN  # noqa: E402
 from model import load_base_model, load_processor  # noqa: E402
 
 
@@ -115,13 +114,13 @@ def zero_shot_species(base: str, pets: str) -> dict:
     pixels = processor.image_processor([load_image(r) for r in test], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         captions = captions_from_embeddings(model, processor, image_embeddings(model, pixels), max_new_tokens=16)
-    right = [species_from_caption(c) == SPECIES[r.label] for c, r in zip(captions, test)]
+    right = [OXFORD_PETS.group_from_caption(c) == SPECIES[r.label] for c, r in zip(captions, test)]
     per_breed = {}
     for ok, r in zip(right, test):
         per_breed.setdefault(BREED_NAMES[r.label], []).append(ok)
     return {
         "species_accuracy": sum(right) / len(test),
-        "no_breed_rate": sum(breed_from_caption(c) == UNKNOWN for c in captions) / len(test),
+        "no_breed_rate": sum(OXFORD_PETS.from_caption(c) == UNKNOWN for c in captions) / len(test),
         "species_per_breed": {k: sum(v) / len(v) for k, v in per_breed.items()},
     }
 
@@ -153,7 +152,7 @@ def main():
     parser.add_argument("--train_args", default="", help="extra train.py flags, one string")
     parser.add_argument("--explain", action="store_true", help="also run explainability.py: pet attention")
     args = parser.parse_args()
-    template = PetConfig().caption_template
+    template = PETS_TEMPLATE
     pets = demo.prepare_demo_data(args.out_dir)
     result = {"recipe": {**demo.DEMO_BASE_RECIPE, **json.loads(args.recipe)}}
     base = args.base

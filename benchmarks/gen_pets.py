@@ -9,8 +9,8 @@ import sys
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from breeds import NUM_BREEDS  # noqa: E402
 from demo import write_synthetic_pets  # noqa: E402
+from labels import NUM_BREEDS  # noqa: E402
 
 root, tv, te, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 

@@ -22,10 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from breeds import NUM_BREEDS, caption_for
-from config import PetConfig  # noqa: E402
 from data import CaptionCollator  # noqa: E402
 from demo import build_tiny_blip  # noqa: E402
+from labels import NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor  # noqa: E402
 from trainer import relative_difference  # noqa: E402
 
@@ -35,8 +34,13 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out")
     a = p.parse_args()
-    template = PetConfig().caption_template
-    words = " ".join(caption_for(i, template) for i in range(NUM_BREEDS)).replace(",", " ").replace(".", " ").split()
+    template = PETS_TEMPLATE
+    words = (
+        " ".join(OXFORD_PETS.caption(i, template) for i in range(NUM_BREEDS))
+        .replace(",", " ")
+        .replace(".", " ")
+        .split()
+    )
     folder = build_tiny_blip(tempfile.mkdtemp(), words + ["cat", "dog"], base_sized=True)
     base, processor = load_base_model(folder), load_processor(folder)
     generator = torch.Generator().manual_seed(0)
@@ -44,7 +48,7 @@ def main():
         for q in base.parameters():
             q.add_(0.01 * torch.randn(q.shape, generator=generator))
     batch = CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id, 24)(
-        [{"caption": caption_for(i * 5 % NUM_BREEDS, template)} for i in range(a.batch)]
+        [{"caption": OXFORD_PETS.caption(i * 5 % NUM_BREEDS, template)} for i in range(a.batch)]
     )
     batch["image_embeds"] = torch.randn(a.batch, 577, 768, generator=generator).half()  # as the cache stores them
     order = torch.randperm(a.batch, generator=generator)

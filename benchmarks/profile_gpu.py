@@ -21,10 +21,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import inference  # noqa: E402
-from breeds import NUM_BREEDS, caption_for
-from config import PetConfig  # noqa: E402
 from data import CaptionCollator  # noqa: E402
-from inference import breed_candidates, generate_ids, greedy_caption_ids
+from inference import generate_ids, greedy_caption_ids, label_candidates
+from labels import NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 from run_io import setup_logging
 
@@ -72,7 +71,7 @@ def main():
     setup_logging()  # the self-checks' lines
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    template = PetConfig().caption_template
+    template = PETS_TEMPLATE
     processor = load_processor(a.model_dir)
     torch.manual_seed(0)
     model = create_lora_model(load_base_model(a.model_dir)).to(device)
@@ -80,7 +79,7 @@ def main():
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
     embeds = torch.randn(a.batch, tokens, vc.hidden_size, device=device).half()  # as the cache stores them
     batch = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)(
-        [{"caption": caption_for(i % NUM_BREEDS, template)} for i in range(a.batch)]
+        [{"caption": OXFORD_PETS.caption(i % NUM_BREEDS, template)} for i in range(a.batch)]
     )
     batch = {k: v.to(device) for k, v in batch.items()}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
@@ -172,13 +171,13 @@ def main():
     # Evaluation: one batch of cached-like embeddings through greedy captions and the 37-breed ranking
     merged = model.merge_and_unload().to(dtype).eval()
     emb = torch.randn(a.eval_batch, tokens, vc.hidden_size, device=device, dtype=dtype)
-    candidates = breed_candidates(merged, processor.tokenizer, template)
-    from inference import rank_breeds
+    candidates = label_candidates(merged, processor.tokenizer, OXFORD_PETS, template)
+    from inference import rank_labels
 
     @torch.no_grad()
     def eval_batch():
         greedy_caption_ids(merged, emb, 30)
-        rank_breeds(merged, emb, candidates)
+        rank_labels(merged, emb, candidates)
 
     eval_batch()
     t_eval = timed(eval_batch, device, max(2, a.repeats // 3))
@@ -204,7 +203,7 @@ def main():
         for _ in range(3):  # interleaved: a busy host slows all alike
             for name, fn in paths.items():
                 times[name].append(timed(fn, device, 1))
-        ranking = timed(lambda: rank_breeds(merged, emb, candidates), device, 3)
+        ranking = timed(lambda: rank_labels(merged, emb, candidates), device, 3)
     median = {name: statistics.median(t) for name, t in times.items()}
     same = all(torch.equal(i, ids["generate"]) for i in ids.values())
     print(

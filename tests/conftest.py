@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+from labels import PETS_TEMPLATE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import demo  # noqa: E402
-from config import DEMO_DIR, PetConfig  # noqa: E402
+from config import DEMO_DIR  # noqa: E402
 from demo import (  # noqa: E402
     DEMO_BREEDS,
     build_tiny_blip,
@@ -94,7 +96,7 @@ def suite_folder(tmp_path_factory):
 def demo_assets(tmp_path_factory):
     """(demo base folder, synthetic data folder), built (the base pre-trained) once for the session: slow tests only."""
     root = tmp_path_factory.mktemp("demo")
-    return prepare_demo_base(str(root), PetConfig().caption_template), prepare_demo_data(str(root))
+    return prepare_demo_base(str(root), PETS_TEMPLATE), prepare_demo_data(str(root))
 
 
 @pytest.fixture(scope="session")

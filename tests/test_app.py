@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import inference
-from breeds import BREED_NAMES, UNKNOWN, breed_from_caption
 from data import Record, load_image, load_splits
 from helpers import ROOT, caption_images, png_with_size
+from labels import BREED_NAMES, OXFORD_PETS, UNKNOWN
 from run_io import UserError
 
 pytest.importorskip("gradio")
@@ -48,7 +48,7 @@ def test_images(demo_run):
 
 @pytest.mark.slow
 def test_result_matches_an_independent_computation(captioner, test_images):
-    from inference import breed_candidates, image_embeddings, rank_breeds
+    from inference import image_embeddings, label_candidates, rank_labels
 
     right = 0
     for path, label in test_images:
@@ -63,12 +63,12 @@ def test_result_matches_an_independent_computation(captioner, test_images):
                 r["caption"]
                 == caption_images(model, processor, [image], max_new_tokens=captioner.cfg.max_new_tokens)[0]
             )
-            # Top 5: a softmax over all 37 rank_breeds scores, recomputed here without sharing embeddings
+            # Top 5: a softmax over all 37 rank_labels scores, recomputed here without sharing embeddings
             pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-            scores, _ = rank_breeds(
+            scores, _ = rank_labels(
                 model,
                 image_embeddings(model, pixels),
-                breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template),
+                label_candidates(model, processor.tokenizer, OXFORD_PETS, captioner.cfg.caption_template),
             )
             probs = np.exp(scores[0].numpy() - scores[0].numpy().max())
             probs /= probs.sum()
@@ -80,7 +80,9 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             assert len(probs) == 37 and sum(p for _, p in r["top"]) < 1
             # the per-token ranking is named only where its first breed is not the summed ranking's
             tokens = (
-                breed_candidates(model, processor.tokenizer, captioner.cfg.caption_template)[1][:, 1:].sum(-1)
+                label_candidates(model, processor.tokenizer, OXFORD_PETS, captioner.cfg.caption_template)[1][:, 1:].sum(
+                    -1
+                )
             ).numpy()
             per_token = int(np.argmax(scores[0].numpy() / tokens))
             assert r["per_token_first"] == (None if per_token == top[0] else BREED_NAMES[per_token])
@@ -88,7 +90,7 @@ def test_result_matches_an_independent_computation(captioner, test_images):
             assert r["heatmap"].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and r["heatmap"].dtype == np.uint8
         # The fine-tuned caption names a breed, the page says that breed, and its map is that breed word's
         tuned = result["fine_tuned"]
-        named = breed_from_caption(tuned["caption"])
+        named = OXFORD_PETS.from_caption(tuned["caption"])
         assert named != UNKNOWN and tuned["breed"] == BREED_NAMES[named]
         assert tuned["map_word"] == f"breed: {BREED_NAMES[named].lower()}"
         right += named == label
@@ -233,7 +235,7 @@ def test_urls_are_refused_before_gradio_fetches_them(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_bug_is_one_line_in_the_page(captioner, test_images, monkeypatch):
-    monkeypatch.setattr(app, "rank_breeds", lambda *a: 1 / 0)
+    monkeypatch.setattr(app, "rank_labels", lambda *a: 1 / 0)
     values = app.handle(captioner, test_images[0][0])
     assert (
         values[0] == "**error:** something went wrong on the server (see its log)."
@@ -563,6 +565,7 @@ def test_the_page_names_models_without_server_paths():
     assert app.shown_name("/home/someone/outputs/demo/tiny-blip") == "tiny-blip"
     assert app.shown_name("outputs/demo/tiny-blip/") == "tiny-blip"
     assert app.shown_name("Salesforce/blip-image-captioning-base") == "Salesforce/blip-image-captioning-base"
-    page = app.build_ui(type("Captioner", (), {"base_name": "/home/someone/models/base"})(), [])
+    captioner = type("Captioner", (), {"base_name": "/home/someone/models/base", "labels": OXFORD_PETS})()
+    page = app.build_ui(captioner, [])
     markdown = " ".join(str(getattr(b, "value", "")) for b in page.blocks.values())
     assert "`base`" in markdown and "/home/someone" not in markdown

@@ -19,12 +19,12 @@ from baselines import (
     mean_per_class_recall,
     pooled_features,
 )
-from breeds import BREED_NAMES
 from config import CLIP_DEFAULT, DEMO_DIR
 from data import load_image, load_splits
 from embedding_cache import EmbeddingCache, vision_fingerprint
 from helpers import run_script
 from inference import image_embeddings
+from labels import BREED_NAMES, OXFORD_PETS
 from metrics import mcnemar
 from model import load_base_model, load_processor
 from run_io import UserError
@@ -56,7 +56,7 @@ def test_linear_probe_equals_an_independent_sklearn_fit(tiny_blip):
     from sklearn.preprocessing import StandardScaler
 
     model, processor, splits = tiny_blip
-    splits = {k: v[::3] for k, v in splits.items()}  # 72 / 8 / 27 images: the test's time is the images'
+    splits = {k: splits[k][::3] for k in ("train", "validation", "test")}  # 72 / 8 / 27 images: the images' time
     probe = linear_probe(model, processor, splits, splits["test"], batch_size=16)
 
     x = {k: _pooler_outputs(model, processor, splits[k]) for k in ("train", "validation", "test")}
@@ -90,7 +90,7 @@ def test_clip_scores_equal_clip_logits(tiny_clip, tiny_assets):
 
     records = load_splits(tiny_assets[1])["test"][:5]
     model, processor = load_clip(tiny_clip, "cpu", torch.float32)
-    logits, positions = clip_scores(model, processor, records, batch_size=2)
+    logits, positions = clip_scores(model, processor, records, 2, OXFORD_PETS)
     assert positions == list(range(5))
     reference, ref_processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
     inputs = ref_processor(

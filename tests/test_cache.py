@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from config import PetConfig
-from data import CaptionCollator, PetCaptionDataset, Record, load_image, load_splits
+from data import CaptionCollator, CaptionDataset, Record, load_image, load_splits
 from devices import DEVICE_DEFAULTS
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
 from inference import image_embeddings
+from labels import OXFORD_PETS, PETS_TEMPLATE
 from model import create_lora_model, has_vision_lora, load_base_model, load_processor
 
-TEMPLATE = PetConfig().caption_template
+TEMPLATE = PETS_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def test_cached_loss_equals_stock_loss(setup, tmp_path, dtype, tol):
     cache, n = _build(tmp_path, model, processor, records, dtype)
     assert n == len(records)
     collate = CaptionCollator(processor.tokenizer, processor.tokenizer.bos_token_id)
-    stock = collate([PetCaptionDataset(records, processor.image_processor, TEMPLATE)[i] for i in range(len(records))])
-    cached = collate([CachedEmbeddingDataset(records, cache, TEMPLATE)[i] for i in range(len(records))])
+    stock = collate(
+        [CaptionDataset(records, processor.image_processor, OXFORD_PETS, TEMPLATE)[i] for i in range(len(records))]
+    )
+    cached = collate([CachedEmbeddingDataset(records, cache, OXFORD_PETS, TEMPLATE)[i] for i in range(len(records))])
     assert "pixel_values" not in cached and cached["image_embeds"].shape[0] == len(records)
     assert torch.equal(stock["input_ids"], cached["input_ids"])
     with torch.no_grad():
@@ -88,7 +90,7 @@ def test_unreadable_images_are_never_cached(setup, tmp_path):
     bad = Record("broken", 0, str(broken))
     cache, n = _build(tmp_path / "c", model, processor, records[:3] + [bad], "float16")
     assert n == 3 and list(cache.bad) == ["broken"]
-    dataset = CachedEmbeddingDataset(records[:3] + [bad], cache, TEMPLATE)
+    dataset = CachedEmbeddingDataset(records[:3] + [bad], cache, OXFORD_PETS, TEMPLATE)
     assert len(dataset) == 3 and list(dataset.bad_images) == ["broken"]
 
 
@@ -114,7 +116,7 @@ def test_preload_gives_each_item_its_stored_embedding(setup, tmp_path, monkeypat
     cache, _ = _build(tmp_path, model, processor, records + [missing], "float16")  # a second chunk, one bad image
     # items in another order than their rows, across both chunks, with runs of consecutive rows
     order = records[9:] + records[:2] + [missing] + records[3:7] + [records[8], records[7], records[2]]
-    dataset = CachedEmbeddingDataset(order, cache, TEMPLATE)
+    dataset = CachedEmbeddingDataset(order, cache, OXFORD_PETS, TEMPLATE)
     assert len(dataset) == len(records) and list(dataset.bad_images) == ["missing"]
     stored = [dataset[i]["image_embeds"] for i in range(len(dataset))]
     dataset.preload(torch.device("cpu"))
@@ -306,7 +308,9 @@ def test_leftovers_of_killed_builds_are_removed_under_the_lock(setup, tmp_path):
     assert n == 2
     names = set(os.listdir(cache.dir))
     assert not names & set(leftovers) and {kept, "notes.txt", "index.json"} <= names
-    assert len(CachedEmbeddingDataset(records[:6], cache, TEMPLATE)) == 6  # the indexed rows are all still there
+    assert (
+        len(CachedEmbeddingDataset(records[:6], cache, OXFORD_PETS, TEMPLATE)) == 6
+    )  # the indexed rows are all still there
 
 
 def test_a_busy_lock_names_the_process_that_holds_it(tmp_path, caplog):
@@ -478,7 +482,7 @@ def test_chunks_of_another_embedding_shape_are_dropped_and_encoded_again(pets, e
     cache = _cache(tmp_path, encoder)
     assert _fill(cache, encoder, records) == len(foreign)
     _assert_cached_correctly(_cache(tmp_path, encoder), encoder, records)
-    dataset = CachedEmbeddingDataset(records, _cache(tmp_path, encoder), TEMPLATE)
+    dataset = CachedEmbeddingDataset(records, _cache(tmp_path, encoder), OXFORD_PETS, TEMPLATE)
     assert len(dataset) == 6 and {tuple(dataset[i]["image_embeds"].shape) for i in range(6)} == {(tokens, hidden)}
 
 
@@ -499,5 +503,5 @@ def test_image_deleted_after_listing_is_a_counted_bad_image(pets, encoder, tmp_p
     os.remove(records[1].source)
     cache = _cache(tmp_path, encoder)
     assert _fill(cache, encoder, records) == 2
-    dataset = CachedEmbeddingDataset(records, cache, PetConfig().caption_template)
+    dataset = CachedEmbeddingDataset(records, cache, OXFORD_PETS, PETS_TEMPLATE)
     assert len(dataset) == 2 and list(dataset.bad_images) == [records[1].image_id]

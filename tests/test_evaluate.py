@@ -10,19 +10,20 @@ import torch
 
 import evaluate
 import explainability
-from breeds import BREED_NAMES, UNKNOWN, breed_from_caption, breed_index, caption_for, species_from_caption
-from config import DEMO_DIR, PetConfig
+from config import DEMO_DIR
 from data import load_image, load_splits
 from demo import build_tiny_blip
 from helpers import adapter_copy, edit_json, run_script
-from inference import breed_candidates, caption_log_likelihoods, image_embeddings, rank_breeds
+from inference import caption_log_likelihoods, image_embeddings, label_candidates, rank_labels
+from labels import BREED_NAMES, OXFORD_PETS, PETS_TEMPLATE, UNKNOWN
 from metrics import bleu, bootstrap_ci, confused_pairs, confusion, mcnemar, model_metrics, rouge_l
 from model import load_base_model, load_lora_for_inference, load_processor, same_vision_encoder
-from report import FIGURES
+from report import figure_captions
 from run_io import UserError
 
-TEMPLATE = PetConfig().caption_template
-OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", "run_config.json"] + list(FIGURES)
+TEMPLATE = PETS_TEMPLATE
+FIGURES = list(figure_captions(OXFORD_PETS))
+OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", "run_config.json"] + FIGURES
 
 
 # ---------------------------------------------------------------------------
@@ -53,7 +54,7 @@ OUTPUT_FILES = ["metrics.json", "predictions.csv", "failures.csv", "report.md", 
     ],
 )
 def test_breed_from_tricky_captions(caption, breed):
-    assert breed_from_caption(caption) == breed_index(breed)
+    assert OXFORD_PETS.from_caption(caption) == OXFORD_PETS.index(breed)
 
 
 @pytest.mark.parametrize(
@@ -70,16 +71,16 @@ def test_breed_from_tricky_captions(caption, breed):
     ],
 )
 def test_captions_naming_no_breed_are_unknown(caption):
-    assert breed_from_caption(caption) == UNKNOWN
+    assert OXFORD_PETS.from_caption(caption) == UNKNOWN
 
 
 def test_species_from_caption():
-    assert species_from_caption("a bengal on a chair") == "cat"
-    assert species_from_caption("a beagle puppy") == "dog"
-    assert species_from_caption("a cat sitting on a couch") == "cat"
-    assert species_from_caption("two puppies") == "dog"
-    assert species_from_caption("a cat and a dog") is None
-    assert species_from_caption("a man on a bench") is None
+    assert OXFORD_PETS.group_from_caption("a bengal on a chair") == "cat"
+    assert OXFORD_PETS.group_from_caption("a beagle puppy") == "dog"
+    assert OXFORD_PETS.group_from_caption("a cat sitting on a couch") == "cat"
+    assert OXFORD_PETS.group_from_caption("two puppies") == "dog"
+    assert OXFORD_PETS.group_from_caption("a cat and a dog") is None
+    assert OXFORD_PETS.group_from_caption("a man on a bench") is None
 
 
 # ---------------------------------------------------------------------------
@@ -96,10 +97,10 @@ def _scores(best_first):
 
 def test_metrics_on_a_hand_made_set():
     ab, bengal, pug, beagle = (
-        breed_index("Abyssinian"),
-        breed_index("Bengal"),
-        breed_index("pug"),
-        breed_index("beagle"),
+        OXFORD_PETS.index("Abyssinian"),
+        OXFORD_PETS.index("Bengal"),
+        OXFORD_PETS.index("pug"),
+        OXFORD_PETS.index("beagle"),
     )
     labels = [ab, ab, bengal, pug, pug, beagle]
     captions = [
@@ -120,7 +121,7 @@ def test_metrics_on_a_hand_made_set():
             _scores([beagle]),
         ]
     )
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=200, seed=0).numbers
+    m = model_metrics(OXFORD_PETS, labels, captions, scores, TEMPLATE, samples=200, seed=0).numbers
     assert m["breed_accuracy"] == pytest.approx(2 / 6)
     assert m["species_accuracy"] == pytest.approx(5 / 6)
     assert m["no_breed_rate"] == pytest.approx(2 / 6)
@@ -131,10 +132,14 @@ def test_metrics_on_a_hand_made_set():
     assert m["ranking_agrees_with_caption"] == pytest.approx(2 / 6)
     tokens = np.ones(37)
     tokens[ab] = 10
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
+    m = model_metrics(
+        OXFORD_PETS, labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens
+    ).numbers
     assert m["likelihood_top1_per_token"] == pytest.approx(3 / 6)
     scores[1, ab], scores[1, bengal] = -10.0, -2.0  # per token: Abyssinian -1.0 beats Bengal -2.0
-    m = model_metrics(labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens).numbers
+    m = model_metrics(
+        OXFORD_PETS, labels, captions, scores, TEMPLATE, samples=10, seed=0, candidate_tokens=tokens
+    ).numbers
     assert m["likelihood_top1"] == pytest.approx(3 / 6) and m["likelihood_top1_per_token"] == pytest.approx(4 / 6)
     # per token image 1 now ranks Abyssinian first while its caption names Bengal: one agreement fewer
     assert m["ranking_agrees_with_caption"] == pytest.approx(2 / 6)
@@ -154,6 +159,7 @@ def test_metrics_on_a_hand_made_set():
 def test_likelihood_top5_counts_rank_five_not_six():
     labels = [7, 7]
     m = model_metrics(
+        OXFORD_PETS,
         labels,
         ["x", "x"],
         np.stack([_scores([0, 1, 2, 3, 7]), _scores([0, 1, 2, 3, 4, 7])]),
@@ -167,13 +173,13 @@ def test_likelihood_top5_counts_rank_five_not_six():
 def test_confused_pairs_are_counted_and_ordered():
     truth = [0, 0, 0, 1, 1, 2, 2, 2, 3]
     pred = [1, 1, 0, 0, UNKNOWN, 1, 1, 1, 3]
-    assert confused_pairs(truth, pred) == [
+    assert confused_pairs(truth, pred, BREED_NAMES) == [
         {"true": BREED_NAMES[2], "predicted": BREED_NAMES[1], "count": 3},
         {"true": BREED_NAMES[0], "predicted": BREED_NAMES[1], "count": 2},
         {"true": BREED_NAMES[1], "predicted": BREED_NAMES[0], "count": 1},
     ]
-    assert len(confused_pairs(list(range(37)) * 2, [(i + 1) % 37 for i in range(37)] * 2)) == 10
-    matrix = confusion(truth, pred)
+    assert len(confused_pairs(list(range(37)) * 2, [(i + 1) % 37 for i in range(37)] * 2, BREED_NAMES)) == 10
+    matrix = confusion(truth, pred, 37)
     assert matrix.shape == (38, 38) and matrix.sum() == len(truth) and matrix[1, 37] == 1 and matrix[2, 1] == 3
 
 
@@ -215,7 +221,7 @@ def test_rouge_l_matches_a_hand_worked_example_and_torchmetrics():
     # LCS = "a photo of a" (4) -> P = 4/5, R = 4/9, F = 2PR/(P+R) = 8/14
     assert rouge_l(["a photo of a cat"], ["A photo of an Abyssinian, a type of pet."]) == pytest.approx(8 / 14)
     hyps = ["a photo of a pug, a type of pet.", "a dog lying on a bed", "a photo of a beagle"]
-    refs = [caption_for(breed_index(b), TEMPLATE) for b in ("pug", "beagle", "beagle")]
+    refs = [OXFORD_PETS.caption(OXFORD_PETS.index(b), TEMPLATE) for b in ("pug", "beagle", "beagle")]
     tm = ROUGEScore(rouge_keys=("rougeL",))(hyps, refs)["rougeL_fmeasure"].item()
     assert rouge_l(hyps, refs) == pytest.approx(tm, abs=1e-6)
 
@@ -229,6 +235,14 @@ def _one_by_one(model, pixel_values, caption, tokenizer):
     ids = tokenizer(caption, return_tensors="pt")["input_ids"]
     ids[0, 0] = tokenizer.bos_token_id
     logits = model(pixel_values=pixel_values, input_ids=ids).logits[0, :-1]
+    return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).sum().item()
+
+
+def _one_by_one_from_embeds(model, embeds, caption, tokenizer):
+    """log p(caption | image embeddings) through the text decoder's forward, one caption at a time."""
+    ids = tokenizer(caption, return_tensors="pt")["input_ids"]
+    ids[0, 0] = model.config.text_config.bos_token_id
+    logits = model.text_decoder(input_ids=ids, encoder_hidden_states=embeds).logits[0, :-1]
     return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, 1:, None]).sum().item()
 
 
@@ -255,13 +269,16 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter,
     records = load_splits(os.path.join(cwd, DEMO_DIR, "pets"))["test"][::20]
     pixels = processor.image_processor([load_image(r) for r in records], return_tensors="pt")["pixel_values"]
     breeds = list(range(37))
-    candidates = breed_candidates(model, processor.tokenizer, TEMPLATE, breeds)
+    candidates = label_candidates(model, processor.tokenizer, OXFORD_PETS, TEMPLATE)
     embeds = image_embeddings(model, pixels)
-    scores, order = rank_breeds(model, embeds, candidates)
+    scores, order = rank_labels(model, embeds, candidates)
     assert scores.shape == (len(records), 37)
     expected = torch.tensor(
         [
-            [_one_by_one(model, pixels[i : i + 1], caption_for(b, TEMPLATE), processor.tokenizer) for b in breeds]
+            [
+                _one_by_one(model, pixels[i : i + 1], OXFORD_PETS.caption(b, TEMPLATE), processor.tokenizer)
+                for b in breeds
+            ]
             for i in range(len(records))
         ]
     )
@@ -269,8 +286,36 @@ def test_ranking_agrees_with_scoring_captions_one_by_one(demo_run, demo_adapter,
     # the top-ranked breed has the best one-by-one score (ties within float noise may swap)
     best = expected.gather(1, order[:, :1]).squeeze(1).float()
     assert torch.all(best >= expected.max(-1).values.float() - 1e-4)
-    # chunking (a few images per decoder call) does not change the numbers
+    # chunking (a few images per decoder call) and groups of candidates do not change the numbers
     assert torch.allclose(caption_log_likelihoods(model, embeds, *candidates, max_rows=37), scores, atol=1e-5)
+    grouped = caption_log_likelihoods(model, embeds, *candidates, candidates_per_pass=10)
+    assert torch.allclose(grouped, scores, atol=1e-5)
+
+
+@torch.no_grad()
+def test_classes_ranked_in_groups_score_as_one_by_one(tiny_assets):
+    """More classes than one packed pass holds: scored in groups, each class's score is its caption's own."""
+    from labels import LabelSet
+
+    model, processor = load_base_model(tiny_assets[0]).eval(), load_processor(tiny_assets[0])
+    names = ["Blue Jay", "Snowy Owl", "American Goldfinch", "Common Raven", "Crow", "Great Grey Owl", "Wren"]
+    birds = LabelSet(names, names)
+    candidates = label_candidates(model, processor.tokenizer, birds, "A photo of {article} {label}.")
+    embeds = 2 * torch.randn(3, 17, model.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = caption_log_likelihoods(model, embeds, *candidates)
+    grouped = caption_log_likelihoods(model, embeds, *candidates, candidates_per_pass=3, max_rows=4)
+    expected = torch.tensor(
+        [
+            [
+                _one_by_one_from_embeds(model, embeds[i : i + 1], birds.caption(c, "A photo of {article} {label}."),
+                                        processor.tokenizer)
+                for c in range(len(birds))
+            ]
+            for i in range(3)
+        ]
+    )  # fmt: skip
+    assert whole.shape == (3, 7) and torch.allclose(whole, expected, atol=1e-4)
+    assert torch.allclose(grouped, expected, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -463,12 +508,15 @@ def test_confusion_figure_writes_the_counts_as_seaborns_own_annotation_would(tmp
     from PIL import Image
 
     from figures import pyplot
-    from report import LABELS, plot_confusion
+    from metrics import matrix_labels
+    from report import plot_confusion
+
+    LABELS = matrix_labels(OXFORD_PETS)
 
     matrix = np.zeros((len(BREED_NAMES) + 1, len(BREED_NAMES) + 1), dtype=int)
     np.fill_diagonal(matrix, 40)
     matrix[3, 7], matrix[10, 37], matrix[37, 2], matrix[5, 5] = 2, 9, 25, 17  # light, mid and dark cells
-    plot_confusion(matrix, "title", str(tmp_path / "fast.png"))
+    plot_confusion(matrix, LABELS, "title", str(tmp_path / "fast.png"))
     plt = pyplot()  # the same figure through seaborn's annotation
     fig, ax = plt.subplots(figsize=(15, 13))
     sns.heatmap(
@@ -559,9 +607,9 @@ def test_shards_merge_by_position_not_by_image_id():
             {},
         )
 
-    merged, _ = evaluate.merge_shards([shard([0, 2, 4]), shard([1, 3])], records)
+    merged, _ = evaluate.merge_shards([shard([0, 2, 4]), shard([1, 3])], records, 37)
     assert merged.models["m"].captions == [f"caption {p}" for p in range(5)]
     assert merged.models["m"].scores[:, 0].tolist() == list(range(5)) and merged.label == [0, 1, 0, 1, 0]
     assert merged.records == records
     with pytest.raises(RuntimeError, match="two processes"):
-        evaluate.merge_shards([shard([0, 2]), shard([2])], records)
+        evaluate.merge_shards([shard([0, 2]), shard([2])], records, 37)

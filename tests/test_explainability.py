@@ -27,6 +27,7 @@ from data import load_image, load_splits
 from explainability import parse_layers
 from helpers import run_script
 from inference import image_embeddings
+from labels import OXFORD_PETS
 from model import load_base_model, load_processor
 from run_io import UserError
 
@@ -155,7 +156,7 @@ def test_breed_word_pieces_are_gathered_into_one_map(tiny_assets):
     assert len(pieces) == 2  # the real tokenizer splits the breed name
     words = word_spans(tokens, set(tok.all_special_tokens))
     assert [w for w, _, _ in words] == ["a", "photo", "of", "an", "abyssinian", ",", "a", "type", "of", "pet", "."]
-    s, e, kind = subject_span(words)
+    s, e, kind = subject_span(words, OXFORD_PETS)
     assert kind == "breed" and words[s:e] == [("abyssinian", pieces[0], pieces[-1] + 1)]
     # One map for the breed: the steps that write its two pieces (rows before each piece), averaged
     maps = np.random.default_rng(0).dirichlet(np.ones(16), size=len(tokens)).reshape(len(tokens), 4, 4)
@@ -170,7 +171,7 @@ def test_multi_word_breed_and_fallback_to_the_animal_word(tiny_assets):
 
     def subject(text):
         words = word_spans(tok.convert_ids_to_tokens(tok(text)["input_ids"]), special)
-        found = subject_span(words)
+        found = subject_span(words, OXFORD_PETS)
         return (" ".join(w for w, _, _ in words[found[0] : found[1]]), found[2]) if found else None
 
     # The whole name, not the alias "pit bull" inside it

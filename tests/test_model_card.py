@@ -5,6 +5,8 @@ from types import SimpleNamespace
 import yaml
 
 from config import PetConfig, TrainConfig
+from data import Splits
+from labels import OXFORD_PETS, PETS_TEMPLATE
 from model_card import card_metadata, write_model_card
 
 HISTORY = {
@@ -16,9 +18,13 @@ HISTORY = {
 
 
 def _card(tmp_path, repo_id=None):
-    cfg = PetConfig(model_name_or_path="Salesforce/blip-image-captioning-base", dataset="timm/oxford-iiit-pet")
+    cfg = PetConfig(
+        model_name_or_path="Salesforce/blip-image-captioning-base",
+        dataset="timm/oxford-iiit-pet",
+        caption_template=PETS_TEMPLATE,
+    )
     args = TrainConfig(output_dir="outputs/blip-lora-pets", max_steps=10)
-    splits = {"train": [None] * 30, "validation": [None] * 7}
+    splits = Splits([None] * 30, [None] * 7, [], OXFORD_PETS)
     state = SimpleNamespace(global_step=10, epoch=2.0)
     path = tmp_path / "README.md"
     write_model_card(str(path), cfg, args, splits, HISTORY, 0.75, 1234567, state, repo_id=repo_id)

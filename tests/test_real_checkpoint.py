@@ -23,20 +23,25 @@ import evaluate
 import explainability
 import train
 from attention import subject_span, word_spans
-from breeds import breed_index, caption_for
 from config import PetConfig
 from data import CaptionCollator, load_image, load_splits
 from demo import REAL_PROCESSOR_DIR, write_synthetic_pets
 from helpers import caption_images
-from inference import breed_candidates, image_embeddings, rank_breeds
+from inference import image_embeddings, label_candidates, rank_labels
+from labels import OXFORD_PETS, PETS_TEMPLATE
 from model import check_fits, load_base_model, load_lora_for_inference, load_processor
 from model_card import card_metadata
 from run_io import UserError
 
 FIXTURE = REAL_PROCESSOR_DIR
-TEMPLATE = PetConfig().caption_template
+TEMPLATE = PETS_TEMPLATE
 DEC, ENC, VOCAB = 30522, 30523, 30524
-BREEDS_USED = [breed_index("Abyssinian"), breed_index("shiba_inu"), breed_index("pug"), breed_index("Sphynx")]
+BREEDS_USED = [
+    OXFORD_PETS.index("Abyssinian"),
+    OXFORD_PETS.index("shiba_inu"),
+    OXFORD_PETS.index("pug"),
+    OXFORD_PETS.index("Sphynx"),
+]
 
 
 def small_real_config() -> BlipConfig:
@@ -98,7 +103,7 @@ def test_load_processor_teaches_dec_and_enc_at_the_config_ids(real_blip):
 
 def test_all_37_template_captions_start_at_30522_and_padding_is_masked(real_blip):
     tok = load_processor(real_blip[0]).tokenizer
-    captions = [caption_for(b, TEMPLATE) for b in range(37)]
+    captions = [OXFORD_PETS.caption(b, TEMPLATE) for b in range(37)]
     batch = CaptionCollator(tok, DEC)([{"caption": c, "label": 0} for c in captions])
     assert (batch["input_ids"][:, 0] == DEC).all()
     for i, caption in enumerate(captions):
@@ -115,14 +120,14 @@ def test_all_37_template_captions_start_at_30522_and_padding_is_masked(real_blip
 )
 def test_word_pieces_are_one_breed_word_in_the_maps(real_blip, breed, pieces):
     tok = load_processor(real_blip[0]).tokenizer
-    ids = [DEC] + tok(caption_for(breed_index(breed), TEMPLATE))["input_ids"][1:]
+    ids = [DEC] + tok(OXFORD_PETS.caption(OXFORD_PETS.index(breed), TEMPLATE))["input_ids"][1:]
     tokens = tok.convert_ids_to_tokens(ids)
     start = tokens.index(pieces[0])
     assert tokens[start : start + len(pieces)] == pieces  # the real vocabulary splits the name
     words = word_spans(tokens, set(tok.all_special_tokens))
-    s, e, kind = subject_span(words)
+    s, e, kind = subject_span(words, OXFORD_PETS)
     assert kind == "breed" and words[s][1] == start and words[e - 1][2] == start + len(pieces)
-    assert " ".join(w for w, _, _ in words[s:e]) == caption_for(breed_index(breed), "{breed}").lower()
+    assert " ".join(w for w, _, _ in words[s:e]) == OXFORD_PETS.caption(OXFORD_PETS.index(breed), "{breed}").lower()
 
 
 def _one_by_one(model, pixels, caption, tokenizer):
@@ -137,16 +142,16 @@ def _one_by_one(model, pixels, caption, tokenizer):
 def test_ranking_scores_every_word_piece(real_blip, real_pets):
     model_dir, _ = real_blip
     model, processor = load_base_model(model_dir).eval(), load_processor(model_dir)
-    candidates = breed_candidates(model, processor.tokenizer, TEMPLATE)
+    candidates = label_candidates(model, processor.tokenizer, OXFORD_PETS, TEMPLATE)
     assert (candidates[0][:, 0] == DEC).all()
     # tokens scored per breed = the caption's tokens after [DEC], word pieces and [SEP] included
-    lengths = [len(processor.tokenizer(caption_for(b, TEMPLATE))["input_ids"]) - 1 for b in range(37)]
+    lengths = [len(processor.tokenizer(OXFORD_PETS.caption(b, TEMPLATE))["input_ids"]) - 1 for b in range(37)]
     assert candidates[1][:, 1:].sum(-1).tolist() == lengths
     image = load_image(load_splits(real_pets)["test"][0])
     pixels = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-    scores, _ = rank_breeds(model, image_embeddings(model, pixels), candidates)
+    scores, _ = rank_labels(model, image_embeddings(model, pixels), candidates)
     for b in BREEDS_USED:
-        expected = _one_by_one(model, pixels, caption_for(b, TEMPLATE), processor.tokenizer)
+        expected = _one_by_one(model, pixels, OXFORD_PETS.caption(b, TEMPLATE), processor.tokenizer)
         assert scores[0, b].item() == pytest.approx(expected, abs=1e-3)
 
 

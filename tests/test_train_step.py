@@ -9,13 +9,12 @@ from safetensors.torch import load_file
 
 import train
 import trainer
-from breeds import BREED_NAMES, NUM_BREEDS, caption_for
-from config import PetConfig
 from data import CaptionCollator, longest_caption_tokens
+from labels import BREED_NAMES, NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 from run_io import UserError
 
-TEMPLATE = PetConfig().caption_template
+TEMPLATE = PETS_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,9 @@ def pretrained_like(tiny_assets):
 
 def _batch(model, processor, n=4):
     collate = CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id)
-    batch = collate([{"caption": caption_for(i % NUM_BREEDS, TEMPLATE)} for i in range(n)])  # lengths differ: padding
+    batch = collate(
+        [{"caption": OXFORD_PETS.caption(i % NUM_BREEDS, TEMPLATE)} for i in range(n)]
+    )  # lengths differ: padding
     vision = model.config.vision_config
     shape = (n, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
     batch["image_embeds"] = torch.randn(
@@ -104,9 +105,10 @@ def test_fixed_length_padding_gives_the_per_batch_loss(pretrained_like):
     """--torch_compile pads every batch to the longest caption of any breed: the loss is the per-batch padding's."""
     base, processor = pretrained_like
     tokenizer, bos = processor.tokenizer, base.config.text_config.bos_token_id
-    length = longest_caption_tokens(tokenizer, TEMPLATE)
+    length = longest_caption_tokens(tokenizer, OXFORD_PETS, TEMPLATE)
     items = [
-        {"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)} for name in ("Beagle", "Bengal", "Pug", "Boxer")
+        {"caption": OXFORD_PETS.caption(BREED_NAMES.index(name), TEMPLATE)}
+        for name in ("Beagle", "Bengal", "Pug", "Boxer")
     ]
     per_batch = CaptionCollator(tokenizer, bos)(items)
     fixed = CaptionCollator(tokenizer, bos, pad_to=length)(items)
@@ -130,7 +132,7 @@ def test_loss_on_labelled_positions_is_blips_loss(pretrained_like):
     own text-decoder loss, label smoothing and padding included, and so are its gradients."""
     base, processor = pretrained_like
     items = [
-        {"caption": caption_for(BREED_NAMES.index(name), TEMPLATE)}
+        {"caption": OXFORD_PETS.caption(BREED_NAMES.index(name), TEMPLATE)}
         for name in ("Pug", "American Pit Bull Terrier", "Bengal")
     ]
     batch = CaptionCollator(processor.tokenizer, base.config.text_config.bos_token_id)(items)
@@ -259,7 +261,7 @@ def test_compiled_training_is_one_graph_with_eagers_losses(tiny_assets, tmp_path
     counters.clear()
     compiled = train.main(argv + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True"])
     assert compiled["trainer"].data_collator.pad_to == longest_caption_tokens(
-        load_processor(model_dir).tokenizer, TEMPLATE
+        load_processor(model_dir).tokenizer, OXFORD_PETS, TEMPLATE
     )
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once: no recompilation
@@ -340,7 +342,7 @@ def test_cuda_graphs_take_full_batches_and_give_eagers_training(
     with caplog.at_level("INFO", logger="trainer"):
         losses, adapter, result = _graphs_run(tiny_assets, tmp_path / "graphs", "--cuda_graphs", "True")
     pad_to = result["trainer"].data_collator.pad_to
-    assert pad_to == longest_caption_tokens(load_processor(tiny_assets[0]).tokenizer, TEMPLATE)
+    assert pad_to == longest_caption_tokens(load_processor(tiny_assets[0]).tokenizer, OXFORD_PETS, TEMPLATE)
     assert len(recorded) == 1 and recorded[0][0][0] == 4 and recorded[0][1:] == [(4, pad_to)] * 3
     # steps 1-4 and 6 (step 5 has 2 images: eager), and the self-check's replay of step 1
     assert len(replays) == 6 and all(r == recorded[0] for r in replays)

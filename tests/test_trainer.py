@@ -15,6 +15,7 @@ import config
 import train
 import trainer
 from helpers import ROOT, RunsCode, checkpoint_copy, edit_json, run_script
+from labels import PETS_TEMPLATE
 from run_io import UserError
 
 # ---------------------------------------------------------------------------
@@ -31,6 +32,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_adapter, change):
 def test_resume_accepts_its_own_checkpoint_and_refuses_one_without_settings(tiny_adapter, tmp_path):
     out, argv = tiny_adapter
     cfg, args = train.parse_args(argv + ["--resume_from_checkpoint", "True"])
+    cfg.caption_template = PETS_TEMPLATE  # what train.py takes from the data's label set before it checks
     assert trainer.resume_point(cfg, args) == os.path.join(out, "checkpoint-2")
     old = str(tmp_path / "old")
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(old, "checkpoint-2"))
