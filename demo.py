@@ -610,10 +610,21 @@ def prepare_demo_data(demo_dir: str) -> str:
     return data_dir
 
 
+def demo_base_dir(demo_dir: str, template: str) -> str:
+    """Where the demo base pre-trained with `template` lives: a folder per template, so that building the base
+    for another template never replaces the weights adapters were trained on."""
+    import hashlib
+
+    if template == PETS_TEMPLATE:
+        return os.path.join(demo_dir, "tiny-blip")
+    return os.path.join(demo_dir, f"tiny-blip-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
+
+
 def prepare_demo_base(demo_dir: str, template: str) -> str:
-    """The demo base folder under demo_dir; one that records another recipe or template (or none: the
-    random tiny-blip of earlier versions) is rebuilt."""
-    model_dir = os.path.join(demo_dir, "tiny-blip")
+    """The demo base folder for `template` under demo_dir; one that records another recipe (or none: the random
+    tiny-blip of earlier versions) is rebuilt, and adapters trained on the old one are then refused by its
+    fingerprint (model.load_model_pair)."""
+    model_dir = demo_base_dir(demo_dir, template)
     if not is_current_base(model_dir, template):
         _replace_with(model_dir, demo_dir, lambda tmp: pretrain_demo_blip(tmp, template))
     return model_dir

@@ -83,6 +83,7 @@ def write_model_card(
         subject="pet photos" if labels.is_pets else "images",
         classes="one of 37 cat and dog breeds" if labels.is_pets else f"one of {len(labels)} {labels.plural} ({shown})",
         kind=labels.kind,
+        image="pet.jpg" if labels.is_pets else "image.jpg",
         base=base if is_local(base) else f"[{base}](https://huggingface.co/{base})",
         example_caption=example,
         dataset=cfg.dataset,

@@ -235,6 +235,10 @@ def test_a_demo_base_of_another_recipe_is_rebuilt_and_a_current_one_reused(tmp_p
     assert len(built) == 2 and demo.is_current_base(str(base), TEMPLATE)
     assert not demo.is_current_base(str(base), "A {breed}.")  # another template: its words were not pre-trained
     assert sorted(os.listdir(tmp_path)) == ["pets", "tiny-blip"]  # no temporary folder left behind
+    weights = (base / "config.json").read_text()
+    other = demo.prepare_demo_base(str(tmp_path), "A {breed}.")  # another template: a base of its own, beside
+    assert len(built) == 3 and other != str(base) and os.path.basename(other).startswith("tiny-blip-")
+    assert demo.is_current_base(str(base), TEMPLATE) and (base / "config.json").read_text() == weights
 
 
 def test_demo_pets_drawn_by_another_version_are_redrawn_and_current_ones_reused(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 a class out of a caption, templates, and --label_names files."""
 
 import json
+import re
 
 import pytest
 
@@ -141,3 +142,48 @@ def _csv(tmp_path):
     path = tmp_path / "n.csv"
     path.write_text("label,name,aliases,group\n001.Crow,Crow,raven,corvid\n002.Owl,Owl,,owl\n")
     return str(path)
+
+
+# ---------------------------------------------------------------------------
+# A data set that is not pets, end to end
+
+
+def test_toy_birds_train_evaluate_and_explain_with_no_data_flags(tiny_assets, tmp_path):
+    """An image folder of 6 bird species: train.py learns its classes; evaluate.py and explainability.py take
+    the adapter alone and speak of birds by their readable names, never of pets."""
+    import pandas as pd
+
+    import evaluate
+    import explainability
+    import train
+    from demo import write_toy_birds
+
+    birds = write_toy_birds(str(tmp_path / "birds"), train_per_class=4, test_per_class=2, size=32)
+    adapter = str(tmp_path / "adapter")
+    train.main(
+        ["--model_name_or_path", tiny_assets[0], "--dataset", birds, "--output_dir", adapter, "--max_steps", "2",
+         "--embedding_cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "4", "--val_fraction", "0.25"]
+    )  # fmt: skip
+    run = json.load(open(f"{adapter}/run_config.json"))
+    assert run["trained_on"]["labels"]["names"][0] == "Northern Cardinal"
+    assert run["shared"]["caption_template"] == GENERIC_TEMPLATE
+    assert "captions images as" in open(f"{adapter}/README.md").read()
+
+    out = str(tmp_path / "eval")
+    result = evaluate.main(["--adapter", adapter, "--output_dir", out, "--bootstrap_samples", "10"])
+    assert result["metrics"]["num_samples"] == 12 and "species_accuracy" not in result["metrics"]["fine_tuned"]
+    report = open(f"{out}/report.md").read()
+    assert "Snowy Owl" in report and "class accuracy (caption names the class)" in report
+    text = re.sub(r"\(\w+\.(png|csv)\)", "", report).lower()  # the files keep their names (per_breed_accuracy.png)
+    assert "breed" not in text and " pet" not in text
+    truth = pd.read_csv(f"{out}/predictions.csv")["true_breed"]
+    assert set(truth) == {"Northern Cardinal", "Blue Jay", "American Goldfinch", "Common Raven", "Snowy Owl",
+                          "Ruby throated Hummingbird"}  # fmt: skip
+
+    explained = str(tmp_path / "explain")
+    explainability.main(["--adapter", adapter, "--output_dir", explained, "--num_images", "2"])
+    index = open(f"{explained}/index.md").read()
+    assert "(true class: " in index and "breed" not in index
+
+    with pytest.raises(UserError, match="not among the adapter's 6 classes"):  # an adapter on birds sees no pets
+        evaluate.main(["--adapter", adapter, "--dataset", tiny_assets[1], "--output_dir", out])

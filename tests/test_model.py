@@ -265,3 +265,17 @@ def test_sdpa_vision_attention_matches_eager(tiny_assets):
     weights = model.vision_model(pixel_values=pixels, output_attentions=True).attentions
     assert len(weights) == len(attentions) and all(w is not None for w in weights)
     assert torch.allclose(weights[0].sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_an_adapter_on_base_weights_rebuilt_in_place_is_refused(tiny_adapter, tiny_assets, tmp_path):
+    """The base folder an adapter names now holds other weights (a demo base rebuilt under its adapters): one line,
+    not a fine-tuned model that silently scores nothing."""
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_assets[0], base)  # the same files: the same fingerprint as the adapter's run recorded
+    adapter = adapter_copy(tiny_adapter, tmp_path)
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=base)
+    argv = ["--adapter", adapter, "--num_images", "1", "--output_dir", str(tmp_path / "explain")]
+    explainability.main(argv)
+    build_tiny_blip(base, seed=1)  # other random weights, in place
+    with pytest.raises(UserError, match="trained on other weights than .* holds now"):
+        explainability.main(argv)
