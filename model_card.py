@@ -12,9 +12,12 @@ from run_io import is_local
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card_template.md")
 
 
-def best_metric_name(args: TrainConfig) -> str:
-    """What state.best_metric measures: "validation breed accuracy" by default, else --metric_for_best_model's."""
+def best_metric_name(args: TrainConfig, labels: LabelSet = OXFORD_PETS) -> str:
+    """What state.best_metric measures: "validation breed accuracy" by default ("class accuracy" for another label
+    set: the key is breed_accuracy for every one), else --metric_for_best_model's."""
     metric = (args.metric_for_best_model or "loss").removeprefix("eval_")
+    if metric == "breed_accuracy":
+        metric = f"{labels.kind}_accuracy"
     return f"validation {metric.replace('_', ' ')}"
 
 
@@ -34,8 +37,8 @@ def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float], labe
                 dataset_type=dataset_id or ("oxford-iiit-pet" if pets else name),
                 dataset_name=name,
                 dataset_split="validation",
-                metric_type=best_metric_name(args).split()[-1],
-                metric_name=best_metric_name(args),
+                metric_type=best_metric_name(args, labels).split()[-1],
+                metric_name=best_metric_name(args, labels),
                 metric_value=round(float(best), 4),
             )
         ]
@@ -101,7 +104,7 @@ def write_model_card(
         batch_size=args.per_device_train_batch_size,
         accumulation=args.gradient_accumulation_steps,
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        best_metric=best_metric_name(args),
+        best_metric=best_metric_name(args, labels),
         best=f"{best if best is not None else nan:.3f}",
         validation_rows="\n".join(
             f"| {e['step']} | {e.get('epoch') or 0:.2f} | {e.get('loss', nan):.4f} | "

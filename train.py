@@ -150,7 +150,7 @@ def history_from_logs(log_history: list) -> dict:
     return {"train": train, "validation": [evals[s] for s in sorted(evals)]}
 
 
-def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
+def plot_curves(history: dict, path: str, label_smoothing: float = 0.0, kind: str = "breed") -> None:
     train, val = history["train"], history["validation"]
     with figure(path, dpi=120, ncols=2, figsize=(11, 4)) as (fig, (ax_loss, ax_acc)):
         ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
@@ -161,8 +161,8 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0) -> None:
         ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
         ax_acc.set(
             xlabel="epoch",
-            ylabel="breed accuracy",
-            title="Validation breed accuracy (greedy captions)",
+            ylabel=f"{kind} accuracy",
+            title=f"Validation {kind} accuracy (greedy captions)",
             ylim=(0, 1.02),
         )
         ax_acc.grid(alpha=0.3)
@@ -314,9 +314,8 @@ def _train(cfg, args):
     if args.process_index == 0:
         with staged_outputs(out, last=("adapter_config.json",)) as tmp:
             _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
-        print(
-            f"Adapter saved to {out}/ (best {best_metric_name(args)} {best if best is not None else float('nan'):.3f})"
-        )
+        score = best if best is not None else float("nan")
+        print(f"Adapter saved to {out}/ (best {best_metric_name(args, splits.labels)} {score:.3f})")
         log_timing(timing, trainer, args)
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 
@@ -328,7 +327,7 @@ def _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, tra
     with open(os.path.join(tmp, "train_history.json"), "w") as f:
         json.dump(history, f, indent=2)
     smoothing = args.label_smoothing_factor or getattr(trainer.model.config.text_config, "label_smoothing", 0.0)
-    plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing)
+    plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing, splits.labels.kind)
     write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
     base = weights_fingerprint(cfg.model_name_or_path, trainer.model.get_base_model())
     trained_on = {"base_fingerprint": base, "labels": splits.labels.to_json()}
