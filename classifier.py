@@ -23,12 +23,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from config import CLASSIFIER_DEFAULT
 from data import pixel_batches
 from run_io import UserError, hub_reachable, is_local, offline_hint, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_DEFAULT = "google/vit-base-patch16-224-in21k"  # the ViT paper's ImageNet-21k ViT-B/16, no head
+BACKBONE_DEFAULT = CLASSIFIER_DEFAULT
 CACHE_VERSION = 1  # bump when training changes what the same settings produce: older cached weights are not read
 # LoRA's places in an attention block, by the names transformers gives its projections (first match wins)
 ATTENTION_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("qkv",))

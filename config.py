@@ -22,6 +22,7 @@ OUTPUT_DIR = "outputs/blip-lora-pets"  # the adapter and everything train.py wri
 DEMO_DIR = "outputs/demo"  # tiny model, synthetic data and demo runs
 SEED = 42
 CLIP_DEFAULT = "openai/clip-vit-base-patch16"  # evaluate.py's CLIP zero-shot baseline: BLIP-base's encoder size
+CLASSIFIER_DEFAULT = "google/vit-base-patch16-224-in21k"  # the ViT paper's ImageNet-21k ViT-B/16, no head
 
 
 @dataclass
@@ -191,9 +192,36 @@ class EvalConfig:
             "none turns it off (the default is skipped with a warning offline)"
         },
     )
+    classifier_baseline: Literal["cached", "retrain", "none"] = field(
+        default="cached",
+        metadata={
+            "help": "baseline: BLIP's vision encoder with LoRA (r=64 on qkv) and a linear head, trained on the train "
+            "split, its epoch chosen on validation (--split test only); cached: trained once and kept in "
+            "--classifier_cache_dir, retrain: train it again, none: off"
+        },
+    )
+    classifier_model: str = field(
+        default=CLASSIFIER_DEFAULT,
+        metadata={
+            "help": "baseline: the same LoRA classifier on this Hub image classifier (id or folder); none turns it "
+            "off (the default is skipped with a warning offline)"
+        },
+    )
+    classifier_cache_dir: str = field(
+        default="outputs/cache/classifier", metadata={"help": "where the trained classifiers are kept"}
+    )
+    classifier_epochs: int = field(default=10, metadata={"help": "the LoRA classifiers' epochs"})
+    classifier_learning_rate: float = field(default=1e-3, metadata={"help": "the LoRA classifiers' learning rate"})
 
 
-DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
+# The demo's classifier, like its captioner, gets a schedule of its own: 7 steps an epoch
+DEMO_EVAL_OVERRIDES = dict(
+    adapter=f"{DEMO_DIR}/blip-lora",
+    output_dir=f"{DEMO_DIR}/eval",
+    classifier_cache_dir=f"{DEMO_DIR}/cache/classifier",
+    classifier_epochs=30,
+    classifier_learning_rate=3e-3,
+)
 
 
 class OptionParser(HfArgumentParser):
