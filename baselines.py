@@ -26,7 +26,7 @@ from data import pixel_batches
 from embedding_cache import EmbeddingCache
 from labels import LabelSet
 from metrics import bootstrap_ci, format_ci, mcnemar
-from run_io import UserError, hub_reachable, is_local, offline_hint
+from run_io import UserError, is_local, load_baseline_model
 
 logger = logging.getLogger(__name__)
 
@@ -217,30 +217,15 @@ def load_clip(name: str, device, dtype, labels: LabelSet):
     reached offline."""
     from transformers import CLIPModel, CLIPProcessor
 
-    kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
-    try:
+    def load(**kwargs):
         processor = CLIPProcessor.from_pretrained(name, **kwargs)
         model, info = CLIPModel.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
-    except OSError as e:
-        if name == CLIP_DEFAULT:
-            logger.warning(
-                "CLIP zero-shot baseline skipped: %s cannot be loaded (%s). Pass --clip_model /local/copy, "
-                "or --clip_model none to silence this",
-                name,
-                str(e).splitlines()[0][:150],
-            )
-            return None
-        if kwargs:
-            raise UserError(offline_hint("CLIP model", name, "--clip_model")) from e
-        raise UserError(
-            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-            "pass a CLIP folder or Hub id, or --clip_model none"
-        ) from e
-    except Exception as e:  # corrupt weights or configs: each library raises its own type
-        raise UserError(
-            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e)[:150]}); "
-            "download it again, or pass --clip_model none"
-        ) from e
+        return model, processor, info
+
+    loaded = load_baseline_model(name, CLIP_DEFAULT, "CLIP model", "--clip_model", load)
+    if loaded is None:
+        return None
+    model, processor, info = loaded
     model = model.to(device).eval()
     check_clip(model, processor, name, labels, info.get("missing_keys") or [])
     return model, processor
