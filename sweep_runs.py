@@ -8,7 +8,7 @@ Layout of --output_dir:
     <setting>_seed<S>/eval/      evaluate.py's --output_dir (metrics.json, predictions.csv, report.md, eval.log)
     sweep.md, sweep.json, sweep.png   the summary (sweep_summary.py)
 
-A run is finished when its files are complete and its own (run_result): run.json records its setting and commands
+A run is finished when its files are complete and its own (Run.result): run.json records its setting and commands
 (the folder's spelling aside), the adapter's run_config.json its setting and seed, eval/run_config.json its adapter,
 no save was stopped midway (.moving.json), and metrics.json, train_history.json and predictions.csv hold the
 numbers the summary reads. Rerunning the sweep skips finished runs and redoes the others from scratch, each with
@@ -337,11 +337,11 @@ class Run:
         for sub in ("adapter", "eval"):
             if os.path.lexists(path(sub, MOVING)):
                 return None, f"a save into {sub}/ was stopped while moving its files in ({sub}/{MOVING})"
+        if not os.path.isfile(path("adapter", "adapter_config.json")):
+            return None, "adapter/adapter_config.json is missing: the training did not finish"
         why = trained_setting_mismatch(self)
         if why:
             return None, why
-        if not os.path.isfile(path("adapter", "adapter_config.json")):
-            return None, "adapter/adapter_config.json is missing: the training did not finish"
         evaluated = read_run_config(path("eval", "run_config.json"))
         adapter = evaluated.options("evaluate").get("adapter") if evaluated else None
         if not isinstance(adapter, str) or _tail(adapter) != _tail(path("adapter")):
@@ -557,6 +557,8 @@ class Runner:
 
     def run_one(self, run: Run, slot) -> None:
         check_output_dir(run.folder)
+        if os.path.islink(run.folder):  # the sweep makes run folders: a link was put there, to write elsewhere
+            raise UserError(f"{run.folder} is a symbolic link, not a run folder: remove it (only the link)")
         os.makedirs(run.folder, exist_ok=True)
         # held for the whole run: a second sweep (or shard) on the same run skips it, rather than mixing two
         with exclusive_lock(os.path.join(run.folder, ".lock"), functools.partial(_refuse_held, run.folder)):
@@ -621,14 +623,16 @@ def _last_error(log_path: str) -> str:
 
 
 def trained_setting_mismatch(run: Run) -> Optional[str]:
-    """Why the adapter's run_config.json does not record the run's setting (lora_alpha 2 x r) and seed, or None."""
+    """Why the adapter's run_config.json (and PEFT's adapter_config.json, for DoRA) do not record the run's setting
+    (lora_alpha 2 x r) and seed, or None."""
     saved = read_run_config(os.path.join(run.folder, "adapter", "run_config.json"))
     if saved is None:
         return "adapter/run_config.json is missing or unreadable: the training did not finish"
     shared, train = saved.options("shared"), saved.options("train")
-    # use_dora: in either section; a train.py without the flag trained LoRA
-    got = {k: shared.get(k, train.get(k)) for k in ("lora_r", "lora_target_modules", "max_train_samples")}
-    got["use_dora"] = shared.get("use_dora", train.get("use_dora", False))
+    got = {k: shared.get(k) for k in ("lora_r", "lora_target_modules", "max_train_samples")}
+    # PEFT records use_dora in adapter_config.json (a version from before DoRA has no such key: LoRA)
+    peft = read_json(os.path.join(run.folder, "adapter", "adapter_config.json"))
+    got["use_dora"] = peft.get("use_dora", False) if isinstance(peft, dict) else None
     alpha, seed = shared.get("lora_alpha"), train.get("seed")
     want = run.setting
     if (

@@ -134,10 +134,10 @@ def _fake_run(labels_right: dict):
         save_run_config(
             os.path.join(run.folder, "adapter", "run_config.json"),
             shared=shared,
-            train={"seed": run.seed, **({"use_dora": True} if s.get("use_dora") else {})},
+            train={"seed": run.seed},
         )
         with open(os.path.join(run.folder, "adapter", "adapter_config.json"), "w") as f:
-            json.dump({"r": s["lora_r"]}, f)
+            json.dump({"r": s["lora_r"], "use_dora": bool(s.get("use_dora"))}, f)  # as PEFT records it
         save_run_config(
             os.path.join(run.folder, "eval", "run_config.json"),
             evaluate={"adapter": os.path.join(run.folder, "adapter")},
@@ -622,15 +622,39 @@ def test_use_dora_is_an_axis_and_lora_runs_keep_todays_names_and_commands(tmp_pa
 
 
 def test_a_dora_run_whose_adapter_is_lora_is_refused(tmp_path, monkeypatch):
-    """train.py that ignored --use_dora (the adapter's run_config.json records none): one line, not a LoRA result
-    filed as DoRA's."""
+    """A train.py that ignored --use_dora (PEFT's adapter_config.json says LoRA): one line, not a LoRA result filed
+    as DoRA's."""
     run_one, _ = _fake_run({8: 0.5, 32: 0.8})
 
     def lora_only(self, run, slot):
         run_one(self, run, slot)
-        _rewrite(Path(run.folder) / "adapter" / "run_config.json", lambda r: {**r, "train": {"seed": run.seed}})
+        _rewrite(Path(run.folder) / "adapter" / "adapter_config.json", lambda r: {**r, "use_dora": False})
         sweep_runs.check_trained_setting(run)
 
     monkeypatch.setattr(sweep_runs.Runner, "run_one", lora_only)
     with pytest.raises(UserError, match="r8_query\\+value_nall_dora_seed1: train.py trained .*'use_dora': False"):
         sweep.main(_grid(tmp_path / "s", "--use_dora", "true", "--lora_r", "8"))
+
+
+def test_links_in_a_sweep_folder_are_never_followed(tmp_path, monkeypatch):
+    """A run's adapter/ that is a link: only the link goes; a run folder that is a link: one line."""
+    _stand_in_stages(monkeypatch)
+    out, outside = tmp_path / "s", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    sweep.main(_grid(out))
+    adapter = out / TARGET / "adapter"
+    shutil.rmtree(adapter)
+    adapter.symlink_to(outside)
+    sweep.main(_grid(out))
+    assert adapter.is_dir() and not adapter.is_symlink() and sorted(os.listdir(outside)) == ["keep.txt"]
+    shutil.rmtree(out / TARGET)
+    (out / TARGET).symlink_to(outside)
+    with pytest.raises(UserError, match="is a symbolic link, not a run folder"):
+        sweep.main(_grid(out))
+    assert sorted(os.listdir(outside)) == ["keep.txt"]
+
+
+def test_one_gpu_given_twice_is_refused():
+    with pytest.raises(UserError, match="repeats 0"):
+        sweep_runs.pick_slots("0,00")
