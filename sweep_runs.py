@@ -318,9 +318,6 @@ class Run:
             "eval_args": commands["evaluate"][2:],
         }
 
-    def finished(self, cfg, grid) -> bool:
-        return self.result(cfg, grid)[0] is not None
-
     def result(self, cfg, grid) -> tuple:
         """(the numbers the summary reads, None) when the run is finished, else (None, why not).
 
