@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from config import PetConfig, check_seed
-from data import _die_with_parent
+from data import die_with_parent
 from run_io import MOVING, UserError, check_output_dir, exclusive_lock, write_json_atomic
 from run_record import read_run_config
+
+# evaluate.py's baselines (metrics.json's keys), scored in one setting's runs only: they do not depend on the LoRA
+BASELINES = ("linear_probe", "lora_classifier", "hub_classifier", "clip_zero_shot")
 
 logger = logging.getLogger("sweep")
 
@@ -305,7 +308,11 @@ class Run:
         ]
         demo = ["--demo"] if cfg.demo else []
         # the baselines do not depend on the LoRA setting: scored in one setting's runs only (one per seed)
-        off = [] if self.baselines else ["--linear_probe", "False", "--clip_model", "none"]
+        off = (
+            []
+            if self.baselines
+            else ["--linear_probe", "False", "--clip_model", "none", "--classifier_baseline", "none"]
+        )
         return {"train": train + demo + grid.train_args, "evaluate": evaluate + demo + grid.eval_args + off}
 
     def record(self, cfg, grid) -> dict:
@@ -365,7 +372,7 @@ class Run:
             "test_breed_accuracy": tuned["breed_accuracy"],
             "test_likelihood_top1": tuned["likelihood_top1"],
         }
-        for key in ("linear_probe", "clip_zero_shot"):
+        for key in BASELINES:
             baseline = metrics.get(key)
             if isinstance(baseline, dict) and "accuracy" in baseline:
                 if not _fraction(baseline["accuracy"]):
@@ -577,7 +584,7 @@ class Runner:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         env=env,
-                        preexec_fn=functools.partial(_die_with_parent, os.getpid(), None),
+                        preexec_fn=functools.partial(die_with_parent, os.getpid(), None),
                     )
                     with self.lock:
                         self.live.add(proc)

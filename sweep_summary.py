@@ -8,7 +8,29 @@ import numpy as np
 from figures import figure
 from metrics import format_ci, mcnemar
 from run_io import UserError, write_text_atomic
-from sweep_runs import Grid, Run, SweepConfig, default_setting, read_json, same_setting, setting_name, write_json
+from sweep_runs import (
+    BASELINES,
+    Grid,
+    Run,
+    SweepConfig,
+    default_setting,
+    read_json,
+    same_setting,
+    setting_name,
+    write_json,
+)
+
+BASELINE_NAMES = dict(
+    zip(
+        BASELINES,
+        (
+            "linear probe on frozen BLIP features",
+            "LoRA classifier on BLIP's vision encoder",
+            "LoRA classifier on a Hub backbone",
+            "CLIP zero-shot",
+        ),
+    )
+)
 
 
 def mean_std(values: list) -> dict:
@@ -77,7 +99,7 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
     best = max(ranked, key=lambda s: s["validation_breed_accuracy"]["mean"]) if ranked else None
     default_name = next((setting_name(s) for s in grid.settings if same_setting(s, default)), None)
     baselines = {}
-    for key in ("linear_probe", "clip_zero_shot"):
+    for key in BASELINES:
         values = [res[key] for s in settings for res in s["runs"] if key in res]
         if values:
             baselines[key] = mean_std(values)
@@ -126,9 +148,8 @@ def sweep_markdown(summary: dict) -> str:
         "| r | alpha | variant | target modules | train images | seeds | validation breed acc. | test breed acc. "
         "| test likelihood top-1 | |"
     )
-    names = {"linear_probe": "linear probe on frozen BLIP features", "clip_zero_shot": "CLIP zero-shot"}
     base = (
-        "\n".join(f"| {names[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
+        "\n".join(f"| {BASELINE_NAMES[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
         or "| (none scored) | - | - |"
     )
     paired = summary.get("paired_test")
@@ -181,7 +202,7 @@ Baselines on the same test images (they do not depend on the LoRA setting: score
 def plot_sweep(summary: dict, path: str) -> None:
     settings = summary["settings"]
     x = np.arange(len(settings))
-    styles = {"linear_probe": ("linear probe (test)", "--"), "clip_zero_shot": ("CLIP zero-shot (test)", ":")}
+    styles = dict(zip(BASELINES, ("--", "-.", (0, (5, 1)), ":")))
     with figure(path, figsize=(max(6, 1.2 * len(settings) + 3), 4.5)) as (fig, ax):
         for offset, key, label in (
             (-0.1, "validation_breed_accuracy", "validation"),
@@ -191,7 +212,7 @@ def plot_sweep(summary: dict, path: str) -> None:
             stds = [s[key]["std"] or 0.0 for s in settings]
             ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} breed accuracy (mean ± std)")
         for key, value in summary["baselines"].items():
-            ax.axhline(value["mean"], color="gray", linestyle=styles[key][1], label=styles[key][0])
+            ax.axhline(value["mean"], color="gray", linestyle=styles[key], label=f"{BASELINE_NAMES[key]} (test)")
         ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
         ax.set(
             ylabel="breed accuracy",
@@ -235,7 +256,7 @@ def results_page(metrics, path: str, eval_dir: str, sweep_dir: str, summary: dic
             ("fine-tuned BLIP + LoRA, likelihood ranking top-1", ft, "likelihood_top1"),
         )
     ]
-    for key, label in (("linear_probe", "linear probe on frozen BLIP features"), ("clip_zero_shot", "CLIP zero-shot")):
+    for key, label in BASELINE_NAMES.items():
         b = metrics.get(key) or {}
         if "accuracy" in b:
             mc = b["mcnemar_vs_fine_tuned_caption"]
