@@ -174,7 +174,10 @@ def check_backbone_option(name: str) -> None:
 def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
     """An AutoModelForImageClassification folder or Hub id with a new `num_classes` head, or None with one warning
     when the default cannot be reached offline. Any other failure is one UserError line."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
+
+    # From its module: transformers 5.9's top-level name asks for torchvision, which the Pil processors do not need
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     check_backbone_option(name)
     if name.lower() == "none":

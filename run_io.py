@@ -49,6 +49,11 @@ def offline_hint(what: str, name: str, flag: str) -> str:
     )
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (some libraries start theirs with a newline)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
 def load_baseline_model(name: str, default: str, what: str, flag: str, load):
     """`load(**kwargs)` of a baseline's Hub id or folder (kwargs: local_files_only when the Hub is unreachable).
 
@@ -59,7 +64,7 @@ def load_baseline_model(name: str, default: str, what: str, flag: str, load):
     try:
         return load(**kwargs)
     except OSError as e:
-        first = (str(e).splitlines() or [""])[0][:150]
+        first = first_line(e)[:150]
         if name == default:
             logging.getLogger(__name__).warning(
                 "%s baseline skipped: %s cannot be loaded (%s). Pass %s /local/copy, or %s none to silence this",
@@ -76,7 +81,7 @@ def load_baseline_model(name: str, default: str, what: str, flag: str, load):
             f"cannot load the {what} {name!r} ({type(e).__name__}: {first}); pass a folder or Hub id, or {flag} none"
         ) from e
     except Exception as e:  # a config of another kind, corrupt weights: each library raises its own type
-        first = (str(e).splitlines() or [""])[0][:150]
+        first = first_line(e)[:150]
         raise UserError(
             f"cannot load the {what} {name!r} ({type(e).__name__}: {first}); download it again, or pass {flag} none"
         ) from e
@@ -101,12 +106,12 @@ def _environment_fault(e: Exception):
         if e.errno not in _ENVIRONMENT_ERRNOS:
             return None
         return os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    if isinstance(e, RuntimeError) and _TORCH_WRITE_FAILURE.search(first_line):
-        return f"writing a file failed (torch: {first_line}); the disk may be full or the folder read-only"
-    code = _OS_ERROR_CODE.search(first_line)
+    first = first_line(e)
+    if isinstance(e, RuntimeError) and _TORCH_WRITE_FAILURE.search(first):
+        return f"writing a file failed (torch: {first}); the disk may be full or the folder read-only"
+    code = _OS_ERROR_CODE.search(first)
     if type(e).__name__ == "SafetensorError" and code and int(code.group(1)) in _ENVIRONMENT_ERRNOS:
-        return f"writing a file failed (safetensors: {first_line})"
+        return f"writing a file failed (safetensors: {first})"
     return None
 
 
