@@ -2,7 +2,8 @@
 
 Each entry script parses `PetConfig` plus its own small dataclass with
 `HfArgumentParser`, so every field below is also a snake_case CLI flag
-(`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail.
+(`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail. The first argument may be a YAML
+or JSON file of options, a run's own run_config.json among them (options_file); the flags after it override it.
 """
 
 import argparse

@@ -104,6 +104,8 @@ def test_evaluate_checks_the_adapter_and_reads_its_run_config_once(tiny_adapter,
         ]
     )
     assert checks == [adapter] and len(reads) == 1
+    # the kind of LoRA, from the adapter_config.json that was checked (model.adapter_variant)
+    assert f"- adapter `{adapter}` (LoRA) on base model" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_one_rule_for_the_base_model_and_data_of_evaluate_and_explain(tiny_adapter, tiny_assets, tmp_path):
