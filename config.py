@@ -224,9 +224,20 @@ class OptionParser(HfArgumentParser):
 OPTIONS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 # What a run's own record (its run_config.json) does not carry into a re-run: what the machine chose (the
 # precision that --precision auto picked, pinned memory, and every device default in devices.DEVICE_DEFAULTS),
-# which the machine running it chooses again; the Hub token (recorded redacted); and the push and the resume:
-# a re-run trains afresh and publishes only when asked
-NOT_RERUN = {"train": ("bf16", "fp16", "dataloader_pin_memory", "hub_token", "push_to_hub", "resume_from_checkpoint")}
+# which the machine running it chooses again; what TrainingArguments derives from --output_dir (logging_dir, in
+# the transformers versions that have it); the Hub token (recorded redacted); and the push and the resume: a
+# re-run trains afresh and publishes only when asked
+NOT_RERUN = {
+    "train": (
+        "bf16",
+        "fp16",
+        "dataloader_pin_memory",
+        "logging_dir",
+        "hub_token",
+        "push_to_hub",
+        "resume_from_checkpoint",
+    )
+}
 
 
 def parse_options(types: tuple, argv=None) -> tuple:
