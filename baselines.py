@@ -16,6 +16,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from data import pixel_batches
 from embedding_cache import EmbeddingCache
 from labels import LabelSet
 from metrics import bootstrap_ci, format_ci, mcnemar
-from run_io import UserError, hub_reachable, is_local, offline_hint
+from run_io import UserError, is_local, load_baseline_model
 
 logger = logging.getLogger(__name__)
 
@@ -211,35 +212,65 @@ def check_clip_option(name: str) -> None:
         raise UserError(f"--clip_model folder {name!r} does not exist; pass a CLIP folder, a Hub id, or none")
 
 
-def load_clip(name: str, device, dtype):
-    """(CLIPModel, CLIPProcessor), or None with one warning when the default model cannot be reached offline."""
+def load_clip(name: str, device, dtype, labels: LabelSet):
+    """(CLIPModel, CLIPProcessor), checked (check_clip); None with one warning when the default model cannot be
+    reached offline."""
     from transformers import CLIPModel, CLIPProcessor
 
-    kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
-    try:
+    def load(**kwargs):
         processor = CLIPProcessor.from_pretrained(name, **kwargs)
-        model = CLIPModel.from_pretrained(name, dtype=dtype, **kwargs)
-    except OSError as e:
-        if name == CLIP_DEFAULT:
-            logger.warning(
-                "CLIP zero-shot baseline skipped: %s cannot be loaded (%s). Pass --clip_model /local/copy, "
-                "or --clip_model none to silence this",
-                name,
-                str(e).splitlines()[0][:150],
-            )
-            return None
-        if kwargs:
-            raise UserError(offline_hint("CLIP model", name, "--clip_model")) from e
+        model, info = CLIPModel.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
+        return model, processor, info
+
+    loaded = load_baseline_model(name, CLIP_DEFAULT, "CLIP model", "--clip_model", load)
+    if loaded is None:
+        return None
+    model, processor, info = loaded
+    model = model.to(device).eval()
+    check_clip(model, processor, name, labels, info.get("missing_keys") or [])
+    return model, processor
+
+
+@torch.no_grad()
+def check_clip(model, processor, name: str, labels: LabelSet, missing_keys=()) -> None:
+    """UserError unless the CLIP model is whole and fits its processor, with the checks BLIP's models get: no
+    missing weights (transformers fills them with random ones and only logs it), finite weights and logit scale,
+    a tokenizer of the model's vocabulary (missing tokenizer files give a tokenizer of a few tokens; a larger one
+    gives ids the model has no row for), images of the model's size, and finite logits on a probe."""
+    fix = "download it again, or pass --clip_model none"
+    missing = sorted(k for k in missing_keys if not k.endswith("position_ids"))
+    if missing:
+        raise UserError(f"the CLIP model {name!r} lacks {len(missing)} weights (first: {missing[0]}); {fix}")
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"the CLIP model {name!r} has NaN or infinite weights (first: {key}); {fix}")
+    if not torch.isfinite(model.logit_scale.float().exp()):
+        raise UserError(f"the CLIP model {name!r} has a logit scale of {model.logit_scale.item():g}, whose exp "
+                        f"overflows; {fix}")  # fmt: skip
+    vocab, tokens = model.config.text_config.vocab_size, len(processor.tokenizer)
+    if tokens > vocab or tokens < 0.9 * vocab:
         raise UserError(
-            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-            "pass a CLIP folder or Hub id, or --clip_model none"
-        ) from e
-    except Exception as e:  # corrupt weights or configs: each library raises its own type
+            f"the tokenizer of the CLIP model {name!r} has {tokens} tokens and the model {vocab}: its tokenizer "
+            f"files are missing or belong to another model; {fix}"
+        )
+    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size or {}
+    side = crop.get("height") or crop.get("shortest_edge")
+    if side is not None and side != model.config.vision_config.image_size:
         raise UserError(
-            f"cannot load the CLIP model {name!r} ({type(e).__name__}: {str(e)[:150]}); "
-            "download it again, or pass --clip_model none"
-        ) from e
-    return model.to(device).eval(), processor
+            f"the CLIP processor of {name!r} makes {side}px images, the model takes "
+            f"{model.config.vision_config.image_size}px; {fix}"
+        )
+    param = next(model.parameters())
+    blank = torch.zeros(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    prompts = [clip_prompt(labels).format(breed=n) for n in labels.names[:8]]
+    text = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    logits = model(
+        input_ids=text["input_ids"].to(param.device),
+        attention_mask=text["attention_mask"].to(param.device),
+        pixel_values=blank.to(param.device, param.dtype),
+    ).logits_per_image
+    if not torch.isfinite(logits.float()).all():
+        raise UserError(f"the CLIP model {name!r} computes NaN or infinite logits; {fix}")
 
 
 def _features(out) -> torch.Tensor:
@@ -279,21 +310,65 @@ def clip_scores(model, processor, records: list, batch_size: int, labels: LabelS
 # All of them, for evaluate.py
 
 
+@dataclass
+class LoadedBaselines:
+    """The baselines' own models, loaded and checked before any caption is written (load_baselines)."""
+
+    clip: Optional[tuple] = None  # (CLIPModel, CLIPProcessor)
+    hub_backbone: Optional[Any] = None  # classifier.Backbone of --classifier_model
+    skipped: dict = field(default_factory=dict)  # baseline key -> why it does not run
+
+
+def load_baselines(args, labels: LabelSet, device, dtype) -> LoadedBaselines:
+    """Load and check every baseline model the options ask for, so that a broken one costs seconds, not an
+    evaluation: CLIP (check_clip) and the --classifier_model backbone. The linear probe and the classifier on
+    BLIP's encoder use the zero-shot model, checked with it."""
+    from classifier import load_backbone
+
+    out = LoadedBaselines()
+    if args.clip_model.lower() == "none":
+        out.skipped["clip_zero_shot"] = "--clip_model none"
+    else:
+        out.clip = load_clip(args.clip_model, device, dtype, labels)
+        if out.clip is None:
+            out.skipped["clip_zero_shot"] = f"{args.clip_model} could not be loaded (offline?)"
+    trains = args.split == "test"
+    if args.classifier_baseline == "none" or args.classifier_model.lower() == "none":
+        out.skipped["hub_classifier"] = "--classifier_baseline none" if args.classifier_baseline == "none" else (
+            "--classifier_model none"
+        )  # fmt: skip
+    elif trains:
+        out.hub_backbone = load_backbone(args.classifier_model, len(labels))
+        if out.hub_backbone is None:
+            out.skipped["hub_classifier"] = f"{args.classifier_model} could not be loaded (offline?)"
+    return out
+
+
+def classifier_settings(args, seed: int):
+    """The LoRA classifiers' settings from evaluate.py's options; `seed`: the adapter's training seed, so a sweep
+    over seeds repeats the classifier over the same seeds."""
+    from classifier import ClassifierSettings
+
+    return ClassifierSettings(learning_rate=args.classifier_learning_rate, epochs=args.classifier_epochs, seed=seed)
+
+
 def run_baselines(
-    args, adapter_run, zero_shot, processor, splits, predictions, fine_tuned_correct, device, dtype
+    args, adapter_run, zero_shot, processor, splits, predictions, fine_tuned_correct, device, dtype, loaded=None
 ) -> Baselines:
     """Every baseline on predictions' images, scored against the fine-tuned captions (fine_tuned_correct)."""
+    from classifier import blip_backbone
+
+    loaded = loaded or LoadedBaselines()
     out = Baselines()
     names = splits.labels.names
     labels = np.asarray(predictions.label)
     records = predictions.records
     batch = args.per_device_eval_batch_size
+    test_only = f"trained on train and chosen on validation, so scored on test only (not {args.split})"
     if not args.linear_probe:
         out.numbers["linear_probe"] = {"skipped": "--linear_probe False"}
     elif args.split != "test":
-        out.numbers["linear_probe"] = {
-            "skipped": f"fitted on train and tuned on validation, so scored on test only (not {args.split})"
-        }
+        out.numbers["linear_probe"] = {"skipped": test_only}
     else:
         try:
             probe = linear_probe(
@@ -308,16 +383,31 @@ def run_baselines(
                 {k: probe[k] for k in ("C", "validation_accuracy", "train_images", "validation_images")}
             )
             out.columns["linear_probe_breed"] = _names(probe["pred"], names)
-    loaded = None if args.clip_model.lower() == "none" else load_clip(args.clip_model, device, dtype)
-    if loaded is None:
-        reason = (
-            "--clip_model none"
-            if args.clip_model.lower() == "none"
-            else f"{args.clip_model} could not be loaded (offline?)"
-        )
-        out.numbers["clip_zero_shot"] = {"skipped": reason, "model": args.clip_model}
+    seed = adapter_run.seed if adapter_run.seed is not None else args.seed
+    backbones = {"lora_classifier": None, "hub_classifier": loaded.hub_backbone}
+    if args.classifier_baseline == "none":
+        out.numbers["lora_classifier"] = {"skipped": "--classifier_baseline none"}
+    elif args.split != "test":
+        out.numbers["lora_classifier"] = {"skipped": test_only}
     else:
-        logits, positions = clip_scores(*loaded, records, batch, splits.labels)
+        backbones["lora_classifier"] = blip_backbone(zero_shot, processor, len(splits.labels))
+    for key, backbone in backbones.items():
+        if backbone is None:
+            if key in loaded.skipped:
+                out.numbers[key] = {"skipped": loaded.skipped[key], "model": args.classifier_model}
+            continue
+        try:
+            result = run_classifier_baseline(args, backbone, splits, records, seed, device, dtype)
+        except ValueError as e:
+            logger.warning("%s skipped: %s", LABELS[key], e)
+            out.numbers[key] = {"skipped": str(e)}
+            continue
+        out.numbers[key] = {**_scored(result.pred, labels, fine_tuned_correct, args), **result.summary()}
+        out.columns[f"{key}_breed"] = _names(result.pred, names)
+    if loaded.clip is None:
+        out.numbers["clip_zero_shot"] = {"skipped": loaded.skipped.get("clip_zero_shot"), "model": args.clip_model}
+    else:
+        logits, positions = clip_scores(*loaded.clip, records, batch, splits.labels)
         pred = np.full(len(records), -1)
         pred[positions] = logits.argmax(1)
         out.numbers["clip_zero_shot"] = {
@@ -326,8 +416,26 @@ def run_baselines(
             "prompt": clip_prompt(splits.labels),
         }
         out.columns["clip_zero_shot_breed"] = _names(pred, names)
-        del loaded
     return out
+
+
+def run_classifier_baseline(args, backbone, splits, records, seed, device, dtype):
+    """classifier.run_classifier on the evaluation's images with evaluate.py's options (cached in
+    --classifier_cache_dir unless --classifier_baseline retrain)."""
+    from classifier import run_classifier
+
+    return run_classifier(
+        backbone,
+        splits.train,
+        splits.validation,
+        records,
+        classifier_settings(args, seed),
+        device,
+        dtype,
+        cache_dir=args.classifier_cache_dir,
+        retrain=args.classifier_baseline == "retrain",
+        eval_batch_size=args.per_device_eval_batch_size,
+    )
 
 
 def _scored(pred, labels, fine_tuned_correct, args) -> dict:
@@ -345,7 +453,12 @@ def _names(pred, names) -> list:
 # ---------------------------------------------------------------------------
 # Report text
 
-LABELS = {"linear_probe": "linear probe on frozen BLIP image features", "clip_zero_shot": "CLIP zero-shot"}
+LABELS = {
+    "linear_probe": "linear probe on frozen BLIP image features",
+    "lora_classifier": "LoRA classifier on BLIP's vision encoder (r=64 on qkv, linear head)",
+    "hub_classifier": "LoRA classifier on an image classifier backbone",
+    "clip_zero_shot": "CLIP zero-shot",
+}
 
 
 def _measured(numbers: dict):
@@ -353,7 +466,38 @@ def _measured(numbers: dict):
     for key, label in LABELS.items():
         b = numbers.get(key)
         if b:
+            if key == "hub_classifier":
+                label = f"LoRA classifier on {b.get('backbone') or b.get('model')}"
             yield label, (None if "skipped" in b else b), b.get("skipped")
+
+
+def _costs(numbers: dict, info: Optional[dict]) -> str:
+    """What each trained baseline costs beside the captioner: parameters trained, training time, images/s."""
+    rows = []
+    for key in ("lora_classifier", "hub_classifier"):
+        b = numbers.get(key) or {}
+        if "accuracy" not in b:
+            continue
+        trained = f"{b['train_seconds']:.1f} s" + (" (cached: not trained again)" if b.get("cached") else "")
+        rows.append(
+            f"| {next(label for label, m, _ in _measured({key: b}))} | {b['trainable_parameters']['total']:,} | "
+            f"{trained}, epoch {b['best_epoch']} of {b['settings']['epochs']} kept | {b['images_per_second']:.1f} | "
+            "a class name |"
+        )
+    if not rows:
+        return ""
+    if info:
+        rows.insert(
+            0,
+            f"| fine-tuned BLIP + LoRA (evaluate.py's pass: both models' captions and rankings) | see the model "
+            f"card | see the model card | {info['images_per_second']:.1f} | a caption, and where it looked |",
+        )
+    return (
+        "\nWhat each costs (images/s: decoding, preprocessing and the model, on this run's device):\n\n"
+        "| method | trained parameters | training | images/s | gives |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 def summary_lines(numbers: dict) -> list:
@@ -372,7 +516,7 @@ def summary_lines(numbers: dict) -> list:
     return lines
 
 
-def report_section(numbers: dict, labels: LabelSet) -> str:
+def report_section(numbers: dict, labels: LabelSet, info: Optional[dict] = None) -> str:
     """The report's "Baselines" section: measured baselines, published numbers (pets), which comparison is fair."""
     ft, kind = numbers["fine_tuned"], labels.kind
     rows = [
@@ -409,6 +553,15 @@ OpenCLIP scores Pets by mean per-class recall; the CLIP paper's metric for Pets 
         else ""
     )
     table = "\n".join(rows)
+    classifier = (
+        "\n- *Why caption at all, rather than fine-tune a classifier?* The **LoRA classifier**: BLIP's own vision "
+        "encoder with LoRA\n  (r=64 on its `qkv`: the captioner's LoRA budget) and a linear head, trained on the same "
+        "split, its epoch\n  chosen on the same validation split. It only names a class; the captioner writes a "
+        "sentence and shows where\n  it looked."
+        if "lora_classifier" in numbers or "hub_classifier" in numbers
+        else ""
+    )
+    trained_on = "Pets" if labels.is_pets else "these classes"
     return f"""## Baselines on the same images
 
 Brackets: 95% bootstrap intervals. McNemar: exact test on the images where exactly one of the two is right
@@ -425,5 +578,5 @@ Which comparison answers which question:
 - *Does LoRA teach the decoder more than the frozen encoder already knows?* The **linear probe** on BLIP's own
   frozen pooled image features: same encoder, trained on the same training split.
 - *Should one caption at all, rather than classify zero-shot?* **CLIP zero-shot**: a different model,
-  no training on {"Pets" if labels.is_pets else "these classes"}; it only names a {kind}, it writes no caption.
-{published}"""
+  no training on {trained_on}; it only names a {kind}, it writes no caption.{classifier}
+{_costs(numbers, info)}{published}"""

@@ -23,12 +23,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from config import CLASSIFIER_DEFAULT
 from data import pixel_batches
-from run_io import UserError, hub_reachable, is_local, offline_hint, write_json_atomic
+from run_io import UserError, is_local, load_baseline_model, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_DEFAULT = "google/vit-base-patch16-224-in21k"  # the ViT paper's ImageNet-21k ViT-B/16, no head
+BACKBONE_DEFAULT = CLASSIFIER_DEFAULT
 CACHE_VERSION = 1  # bump when training changes what the same settings produce: older cached weights are not read
 # LoRA's places in an attention block, by the names transformers gives its projections (first match wins)
 ATTENTION_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("qkv",))
@@ -178,9 +179,9 @@ def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
     check_backbone_option(name)
     if name.lower() == "none":
         return None
-    kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
     labels = {i: str(i) for i in range(num_classes)}
-    try:
+
+    def load(**kwargs):
         image_processor = AutoImageProcessor.from_pretrained(name, **kwargs)
         with torch.random.fork_rng(devices=[]):  # the replaced head's random initialisation
             model = AutoModelForImageClassification.from_pretrained(
@@ -192,26 +193,12 @@ def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
                 dtype=torch.float32,
                 **kwargs,
             )
-    except OSError as e:
-        if name == BACKBONE_DEFAULT:
-            logger.warning(
-                "LoRA classifier on %s skipped: it cannot be loaded (%s). Pass --classifier_model /local/copy, "
-                "or --classifier_model none to silence this",
-                name,
-                str(e).splitlines()[0][:150],
-            )
-            return None
-        if kwargs:
-            raise UserError(offline_hint("image classifier", name, "--classifier_model")) from e
-        raise UserError(
-            f"cannot load the image classifier {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-            "pass an image-classifier folder or Hub id, or --classifier_model none"
-        ) from e
-    except Exception as e:  # a config of another kind (ValueError), corrupt weights: each library its own type
-        raise UserError(
-            f"cannot load {name!r} as an image classifier ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
-            "pass an AutoModelForImageClassification folder or Hub id, or --classifier_model none"
-        ) from e
+        return model, image_processor
+
+    loaded = load_baseline_model(name, BACKBONE_DEFAULT, "image classifier", "--classifier_model", load)
+    if loaded is None:
+        return None
+    model, image_processor = loaded
     if not isinstance(getattr(model, "classifier", None), torch.nn.Module) or not _head_linears(model):
         raise UserError(f"{name!r} has no linear head named `classifier` to replace; pass another image classifier")
     linears = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

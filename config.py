@@ -25,6 +25,7 @@ OUTPUT_DIR = "outputs/blip-lora-pets"  # the adapter and everything train.py wri
 DEMO_DIR = "outputs/demo"  # tiny model, synthetic data and demo runs
 SEED = 42
 CLIP_DEFAULT = "openai/clip-vit-base-patch16"  # evaluate.py's CLIP zero-shot baseline: BLIP-base's encoder size
+CLASSIFIER_DEFAULT = "google/vit-base-patch16-224-in21k"  # the ViT paper's ImageNet-21k ViT-B/16, no head
 
 
 @dataclass
@@ -208,9 +209,36 @@ class EvalConfig:
             "none turns it off (the default is skipped with a warning offline)"
         },
     )
+    classifier_baseline: Literal["cached", "retrain", "none"] = field(
+        default="cached",
+        metadata={
+            "help": "baseline: BLIP's vision encoder with LoRA (r=64 on qkv) and a linear head, trained on the train "
+            "split, its epoch chosen on validation (--split test only); cached: trained once and kept in "
+            "--classifier_cache_dir, retrain: train it again, none: off"
+        },
+    )
+    classifier_model: str = field(
+        default=CLASSIFIER_DEFAULT,
+        metadata={
+            "help": "baseline: the same LoRA classifier on this Hub image classifier (id or folder); none turns it "
+            "off (the default is skipped with a warning offline)"
+        },
+    )
+    classifier_cache_dir: str = field(
+        default="outputs/cache/classifier", metadata={"help": "where the trained classifiers are kept"}
+    )
+    classifier_epochs: int = field(default=10, metadata={"help": "the LoRA classifiers' epochs"})
+    classifier_learning_rate: float = field(default=1e-3, metadata={"help": "the LoRA classifiers' learning rate"})
 
 
-DEMO_EVAL_OVERRIDES = dict(adapter=f"{DEMO_DIR}/blip-lora", output_dir=f"{DEMO_DIR}/eval")
+# The demo's classifier, like its captioner, gets a schedule of its own: 7 steps an epoch
+DEMO_EVAL_OVERRIDES = dict(
+    adapter=f"{DEMO_DIR}/blip-lora",
+    output_dir=f"{DEMO_DIR}/eval",
+    classifier_cache_dir=f"{DEMO_DIR}/cache/classifier",
+    classifier_epochs=30,
+    classifier_learning_rate=3e-3,
+)
 
 
 class OptionParser(HfArgumentParser):
@@ -241,11 +269,17 @@ NOT_RERUN = {
 
 
 def parse_options(types: tuple, argv=None) -> tuple:
-    """(the options given, the dataclasses) from the command line; a bad or unknown flag is one UserError line.
+    """(parser, the dataclasses) from the command line; a bad or unknown flag is one UserError line.
 
-    The first argument may be a YAML or JSON file of options (options_file): the flags after it override it, and
-    its values count as given, like flags. "Given" is what demo presets and device defaults never override.
+    The first argument may be a YAML or JSON file of options (options_file); the flags after it override it.
     """
+    parser, _, options = _parse(types, argv)
+    return parser, options
+
+
+def _parse(types: tuple, argv=None) -> tuple:
+    """(parser, the options given, the dataclasses): "given" are the flags typed and the options file's keys, which
+    demo presets and device defaults never override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
     parser = OptionParser(types, allow_abbrev=False)
@@ -259,7 +293,7 @@ def parse_options(types: tuple, argv=None) -> tuple:
         options = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from e
-    return given_options(parser, argv) | from_file.keys(), options
+    return parser, given_options(parser, argv) | from_file.keys(), options
 
 
 def options_file(path: str, types: tuple, parser: argparse.ArgumentParser) -> dict:
@@ -328,7 +362,7 @@ def parse_config(types: tuple, argv=None, demo_overrides=None):
     even when it equals the default. A bad or unknown flag becomes one UserError line instead of argparse's
     traceback.
     """
-    given, (cfg, args) = parse_options(types, argv)
+    _, given, (cfg, args) = _parse(types, argv)
     if cfg.demo:
         apply_overrides(cfg, DEMO_OVERRIDES, given)
         apply_overrides(args, demo_overrides or {}, given)

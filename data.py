@@ -763,7 +763,7 @@ def image_workers(num_images: int) -> int:
     return 0 if num_images < 64 else max(0, min(device_setting("max_image_workers", "cpu"), (os.cpu_count() or 1) - 1))
 
 
-def _die_with_parent(parent_pid: int, worker_id: int) -> None:
+def die_with_parent(parent_pid: int, worker_id: int) -> None:
     """DataLoader worker_init_fn: on Linux the kernel kills the worker when its parent dies.
 
     A worker of a killed run would otherwise go on decoding for seconds, until its watchdog
@@ -799,7 +799,7 @@ def pixel_batches(records: list, image_processor, batch_size: int, num_workers: 
         num_workers=workers,
         collate_fn=_stack_piece,
         generator=torch.Generator(),  # its seed draw leaves the global RNG alone
-        worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
     )

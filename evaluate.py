@@ -19,7 +19,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import set_seed
 
-from baselines import check_clip_option, run_baselines
+from baselines import check_clip_option, load_baselines, run_baselines
+from classifier import check_backbone_option
 from config import DEMO_EVAL_OVERRIDES, EvalConfig, PetConfig, check_seed, parse_config
 from data import load_run_splits, pixel_batches, report_bad_images, subsample
 from demo import use_demo_assets
@@ -51,6 +52,9 @@ def parse_args(argv=None):
         raise UserError(f"--bootstrap_samples must be 1-100000, not {args.bootstrap_samples}")
     check_seed(args.seed)
     check_clip_option(args.clip_model)
+    check_backbone_option(args.classifier_model)
+    if args.classifier_epochs < 1 or not args.classifier_learning_rate > 0:
+        raise UserError("--classifier_epochs must be at least 1 and --classifier_learning_rate positive")
     check_output_dir(args.output_dir, args.adapter)
     adapter_run = AdapterRun.read(args.adapter)
     if cfg.demo:
@@ -183,6 +187,8 @@ def _evaluate(cfg, args, adapter_run):
         adapter_run.base_fingerprint,
     )
     zero_shot, processor, models, shared = pair.zero_shot, pair.processor, pair.models, pair.shared_vision
+    # every baseline's model loaded and checked now: a broken one costs seconds, not the whole evaluation
+    loaded = load_baselines(args, labels, device, dtype) if state.is_main_process else None
     logger.info(
         "vision encoders %s: image embeddings %s",
         "identical" if shared else "differ",
@@ -227,6 +233,7 @@ def _evaluate(cfg, args, adapter_run):
         metrics.models["fine_tuned"].correct,
         device,
         dtype,
+        loaded,
     )
     metrics.numbers.update(baselines.numbers)
     info = {

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from baselines import LABELS as BASELINE_LABELS
 from baselines import report_section, summary_lines
 from data import load_image
 from figures import figure
@@ -306,8 +307,8 @@ def write_report(path: str, metrics: Metrics, info: dict, labels: LabelSet, tabl
         for b, v in ft["per_breed"].items()
     )
     baselines = (
-        report_section(numbers, labels)
-        if "fine_tuned" in numbers and ("linear_probe" in numbers or "clip_zero_shot" in numbers)
+        report_section(numbers, labels, info)
+        if "fine_tuned" in numbers and any(k in numbers for k in BASELINE_LABELS)
         else ""
     )
     figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in figure_captions(labels).items())

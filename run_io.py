@@ -49,6 +49,39 @@ def offline_hint(what: str, name: str, flag: str) -> str:
     )
 
 
+def load_baseline_model(name: str, default: str, what: str, flag: str, load):
+    """`load(**kwargs)` of a baseline's Hub id or folder (kwargs: local_files_only when the Hub is unreachable).
+
+    The default model that cannot be loaded offline is None with one warning (the baseline is skipped); any
+    other failure is one UserError line.
+    """
+    kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
+    try:
+        return load(**kwargs)
+    except OSError as e:
+        first = (str(e).splitlines() or [""])[0][:150]
+        if name == default:
+            logging.getLogger(__name__).warning(
+                "%s baseline skipped: %s cannot be loaded (%s). Pass %s /local/copy, or %s none to silence this",
+                what,
+                name,
+                first,
+                flag,
+                flag,
+            )
+            return None
+        if kwargs:
+            raise UserError(offline_hint(what, name, flag)) from e
+        raise UserError(
+            f"cannot load the {what} {name!r} ({type(e).__name__}: {first}); pass a folder or Hub id, or {flag} none"
+        ) from e
+    except Exception as e:  # a config of another kind, corrupt weights: each library raises its own type
+        first = (str(e).splitlines() or [""])[0][:150]
+        raise UserError(
+            f"cannot load the {what} {name!r} ({type(e).__name__}: {first}); download it again, or pass {flag} none"
+        ) from e
+
+
 # Disk and permission faults the user fixes outside the program: one line, not a traceback
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # What torch.save raises for them: a RuntimeError of its C++ writer, not an OSError (as seen on a full disk)

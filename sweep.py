@@ -3,12 +3,13 @@
     python sweep.py                                  # r 8,32 x query,value / query,key,value,dense x seeds 1,2,3
     python sweep.py --lora_r 8,16,32,64 --seeds 1,2,3
     python sweep.py --max_train_samples 500,1000,all          # a learning curve
+    python sweep.py --use_dora false,true                     # LoRA beside DoRA
     python sweep.py --demo --lora_r 8,16 --lora_target_modules query,value,key,dense --seeds 1,2 \\
                     --train_args "--num_train_epochs 4"       # offline, a few minutes on a CPU
 
 Each run is `train.py` then `evaluate.py` in its own folder under --output_dir; rerunning skips finished
-runs and redoes unfinished ones. One run per GPU at a time (--gpus); a job array shares the grid with --shard i/n.
-The runs are sweep_runs.py's, the summary sweep_summary.py's.
+runs and redoes unfinished ones, saying why. One run per GPU at a time (--gpus); a job array shares the grid with
+--shard i/n. The runs are sweep_runs.py's, the summary sweep_summary.py's.
 """
 
 import logging
@@ -17,7 +18,7 @@ import os
 from config import parse_options
 from run_io import run_main, setup_logging
 from run_record import save_run_config
-from sweep_runs import Runner, SweepConfig, check_sweep_folder, grid_from, parse_shard, pick_slots, plan
+from sweep_runs import Runner, SweepConfig, check_sweep_folder, grid_from, parse_shard, pick_slots, plan, unfinished
 from sweep_summary import summarise, write_results, write_summary
 
 logger = logging.getLogger("sweep")
@@ -38,7 +39,7 @@ def main(argv=None) -> dict:
     if not cfg.summary_only:
         index, count = parse_shard(cfg.shard)
         mine = [r for k, r in enumerate(runs) if k % count == index]
-        todo = [r for r in mine if not r.finished(cfg, grid)]
+        todo = unfinished(mine, cfg, grid)
         logger.info(
             "%d runs in the grid, %d in this shard: %d finished, %d to run",
             len(runs),

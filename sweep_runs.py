@@ -8,15 +8,23 @@ Layout of --output_dir:
     <setting>_seed<S>/eval/      evaluate.py's --output_dir (metrics.json, predictions.csv, report.md, eval.log)
     sweep.md, sweep.json, sweep.png   the summary (sweep_summary.py)
 
-A run is finished when its eval/metrics.json exists (evaluate.py writes it last, atomically) and its run.json
-matches; rerunning the sweep skips finished runs and redoes the others from scratch, so a killed sweep resumes.
+A run is finished when its files are complete and its own (Run.result): run.json records its setting and commands
+(the folder's spelling aside), the adapter's run_config.json its setting and seed, eval/run_config.json its adapter,
+no save was stopped midway (.moving.json), and metrics.json, train_history.json and predictions.csv hold the
+numbers the summary reads. Rerunning the sweep skips finished runs and redoes the others from scratch, each with
+one warning line saying why, so a killed sweep resumes. The sweep's train.py and evaluate.py die with it, and a
+run folder that a live process holds (its .lock) is skipped with a warning, never deleted under it.
 Runs go one per GPU at once on a machine with several (CUDA_VISIBLE_DEVICES); past one machine, a job array
 runs one --shard each on a shared folder and a last `--summary_only` call writes the summary.
 How long the default sweep takes on one H100 (estimated): benchmarks/results/README.md.
 """
 
+import csv
+import functools
 import itertools
 import json
+import logging
+import math
 import os
 import shlex
 import shutil
@@ -28,22 +36,31 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from config import PetConfig, check_seed
-from run_io import UserError, check_output_dir, locked_output_dir, write_json_atomic
+from data import die_with_parent
+from run_io import MOVING, UserError, check_output_dir, exclusive_lock, write_json_atomic
 from run_record import read_run_config
+
+# evaluate.py's baselines (metrics.json's keys), scored in one setting's runs only: they do not depend on the LoRA
+BASELINES = ("linear_probe", "lora_classifier", "hub_classifier", "clip_zero_shot")
+
+logger = logging.getLogger("sweep")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SWEEP_FILE = "sweep_config.json"
-# set by the sweep for every run: not allowed in --train_args / --eval_args
-OWN_FLAGS = {
-    "--output_dir",
-    "--seed",
-    "--lora_r",
-    "--lora_alpha",
-    "--lora_target_modules",
-    "--max_train_samples",
-    "--adapter",
-    "--demo",
-    "--split",
+# options the sweep sets for every run (as the scripts' dataclass fields): not allowed in --train_args / --eval_args,
+# in any spelling the scripts' parser takes (--lora_alpha, --lora-alpha, --lora_alpha=1, --no_demo; it refuses
+# abbreviations)
+OWN_OPTIONS = {
+    "output_dir",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "max_train_samples",
+    "use_dora",
+    "adapter",
+    "demo",
+    "split",
 }
 
 
@@ -61,6 +78,10 @@ class SweepConfig:
     )
     max_train_samples: str = field(
         default="all", metadata={"help": "training images per run (learning curve), e.g. 500,1000,all"}
+    )
+    use_dora: str = field(
+        default="false",
+        metadata={"help": "false (LoRA), true (DoRA: PEFT's use_dora) or false,true (both, as a grid axis)"},
     )
     seeds: str = field(default="1,2,3", metadata={"help": "training seeds; every setting runs once per seed"})
     demo: bool = field(
@@ -97,33 +118,65 @@ class SweepConfig:
 # Options
 
 
-def _values(flag: str, text: str, sep: str = ",") -> list:
+def _values(flag: str, text: str, sep: str = ",", key=None) -> list:
+    """The stripped values of a `sep`-separated list; UserError for an empty value, or for two values that are the
+    same once read (`key`: 1 and 01 are one seed, query,value and value,query one set of modules)."""
     values = [v.strip() for v in text.split(sep)]
     if not text.strip() or any(not v for v in values):
         raise UserError(
             f"--{flag} {text!r} has an empty value; give a {sep!r}-separated list, e.g. "
             f"{SweepConfig.__dataclass_fields__[flag].default!r}"
         )
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise UserError(f"--{flag} {text!r} repeats {', '.join(repeated)}: each value once")
+    seen = {}
+    for v in values:
+        k = key(v) if key else v
+        if k in seen:
+            same = "" if v == seen[k] else f" (as {v!r})"
+            raise UserError(f"--{flag} {text!r} repeats {seen[k]}{same}: each value once")
+        seen[k] = v
     return values
 
 
+def _int(flag: str, v: str, allow_all: bool = False, minimum: int = 1) -> Optional[int]:
+    if allow_all and v.lower() == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise UserError(f"--{flag}: {v!r} is not a whole number{' or all' if allow_all else ''}") from None
+    if n < minimum:
+        raise UserError(f"--{flag}: {n} must be at least {minimum}")
+    return n
+
+
 def _ints(flag: str, text: str, allow_all: bool = False, minimum: int = 1) -> list:
-    out = []
-    for v in _values(flag, text):
-        if allow_all and v.lower() == "all":
-            out.append(None)
-            continue
-        try:
-            n = int(v)
-        except ValueError:
-            raise UserError(f"--{flag}: {v!r} is not a whole number{' or all' if allow_all else ''}") from None
-        if n < minimum:
-            raise UserError(f"--{flag}: {n} must be at least {minimum}")
-        out.append(n)
-    return out
+    read = functools.partial(_int, flag, allow_all=allow_all, minimum=minimum)
+    return [read(v) for v in _values(flag, text, key=read)]
+
+
+def _bool(flag: str, v: str) -> bool:
+    for value, words in ((True, ("true", "yes", "1")), (False, ("false", "no", "0"))):
+        if v.lower() in words:
+            return value
+    raise UserError(f"--{flag}: {v!r} is not true or false")
+
+
+def _bools(flag: str, text: str) -> list:
+    read = functools.partial(_bool, flag)
+    return [read(v) for v in _values(flag, text, key=read)]
+
+
+def _module_set(text: str) -> frozenset:
+    return frozenset(t.strip() for t in text.split(","))
+
+
+def option_name(arg: str) -> Optional[str]:
+    """The option field a command-line word sets, in any spelling the scripts' parser takes (--lora-alpha=1:
+    lora_alpha; --no_demo: demo), or None for a word that is not a long option."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = arg[2:].split("=", 1)[0].replace("-", "_")
+    return name[3:] if name.startswith("no_") else name
 
 
 def _pass_through(flag: str, text: str) -> list:
@@ -131,7 +184,7 @@ def _pass_through(flag: str, text: str) -> list:
         args = shlex.split(text)
     except ValueError as e:
         raise UserError(f"--{flag} {text!r} cannot be split into flags ({e})") from None
-    own = sorted({a.split("=")[0] for a in args if a.split("=")[0] in OWN_FLAGS})
+    own = sorted({a.split("=")[0] for a in args if option_name(a) in OWN_OPTIONS})
     if own:
         raise UserError(
             f"--{flag} sets {', '.join(own)}, which the sweep sets for every run; use the sweep's own options"
@@ -141,7 +194,7 @@ def _pass_through(flag: str, text: str) -> list:
 
 @dataclass
 class Grid:
-    settings: list  # dicts: lora_r, lora_target_modules, max_train_samples
+    settings: list  # dicts: lora_r, lora_target_modules, max_train_samples, use_dora
     seeds: list
     train_args: list
     eval_args: list
@@ -151,11 +204,13 @@ def grid_from(cfg: SweepConfig) -> Grid:
     """The checked grid: one UserError line for an empty list, a repeated value, a bad number, a pass-through clash."""
     ranks = _ints("lora_r", cfg.lora_r)
     targets = [
-        ",".join(t.strip() for t in s.split(",")) for s in _values("lora_target_modules", cfg.lora_target_modules, "/")
+        ",".join(t.strip() for t in s.split(","))
+        for s in _values("lora_target_modules", cfg.lora_target_modules, "/", key=_module_set)
     ]
     for t in targets:
-        _values("lora_target_modules", t)  # "query,,value" is an empty module name
+        _values("lora_target_modules", t)  # "query,,value" is an empty module name, "query,query" a repeat
     samples = _ints("max_train_samples", cfg.max_train_samples, allow_all=True)
+    dora = _bools("use_dora", cfg.use_dora)
     seeds = _ints("seeds", cfg.seeds, minimum=0)
     for s in seeds:
         check_seed(s)
@@ -163,8 +218,8 @@ def grid_from(cfg: SweepConfig) -> Grid:
     if n_shard < 1:
         raise UserError(f"--shard {cfg.shard!r}: n must be at least 1")
     settings = [
-        {"lora_r": r, "lora_target_modules": t, "max_train_samples": n}
-        for r, t, n in itertools.product(ranks, targets, samples)
+        {"lora_r": r, "lora_target_modules": t, "max_train_samples": n, "use_dora": d}
+        for r, t, n, d in itertools.product(ranks, targets, samples, dora)
     ]
     return Grid(settings, seeds, _pass_through("train_args", cfg.train_args), _pass_through("eval_args", cfg.eval_args))
 
@@ -186,12 +241,25 @@ def default_setting() -> dict:
         "lora_r": cfg.lora_r,
         "max_train_samples": cfg.max_train_samples,
         "lora_target_modules": cfg.lora_target_modules,
+        "use_dora": False,
     }
 
 
+def same_setting(a: dict, b: dict) -> bool:
+    """One training setting: module lists compare as sets (PEFT's target_modules is one), a setting recorded
+    before DoRA was an axis is LoRA."""
+
+    def key(s):
+        return {**s, "lora_target_modules": _module_set(s["lora_target_modules"]), "use_dora": bool(s.get("use_dora"))}
+
+    return key(a) == key(b)
+
+
 def setting_name(s: dict) -> str:
+    """The run folder's name stem; a DoRA setting's ends in _dora (LoRA settings keep the names they always had)."""
     n = "all" if s["max_train_samples"] is None else s["max_train_samples"]
-    return f"r{s['lora_r']}_{s['lora_target_modules'].replace(',', '+')}_n{n}"
+    dora = "_dora" if s.get("use_dora") else ""
+    return f"r{s['lora_r']}_{s['lora_target_modules'].replace(',', '+')}_n{n}{dora}"
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +295,8 @@ class Run:
         ]
         if s["max_train_samples"] is not None:
             train += ["--max_train_samples", str(s["max_train_samples"])]
+        if s["use_dora"]:  # only then: a LoRA run's command, and so its run.json, is what it always was
+            train += ["--use_dora", "True"]
         # evaluate.py keeps its own --seed, so every run scores the same test images (the paired test needs them)
         evaluate = [
             sys.executable,
@@ -238,7 +308,11 @@ class Run:
         ]
         demo = ["--demo"] if cfg.demo else []
         # the baselines do not depend on the LoRA setting: scored in one setting's runs only (one per seed)
-        off = [] if self.baselines else ["--linear_probe", "False", "--clip_model", "none"]
+        off = (
+            []
+            if self.baselines
+            else ["--linear_probe", "False", "--clip_model", "none", "--classifier_baseline", "none"]
+        )
         return {"train": train + demo + grid.train_args, "evaluate": evaluate + demo + grid.eval_args + off}
 
     def record(self, cfg, grid) -> dict:
@@ -251,17 +325,113 @@ class Run:
             "eval_args": commands["evaluate"][2:],
         }
 
-    def finished(self, cfg, grid) -> bool:
-        return os.path.isfile(os.path.join(self.folder, "eval", "metrics.json")) and read_json(
-            os.path.join(self.folder, "run.json")
-        ) == self.record(cfg, grid)
+    def result(self, cfg, grid) -> tuple:
+        """(the numbers the summary reads, None) when the run is finished, else (None, why not).
+
+        Finished: every file is complete and this run's own, whatever the sweep folder is called now.
+        """
+
+        def path(*parts):
+            return os.path.join(self.folder, *parts)
+
+        if not any(os.path.lexists(path(n)) for n in ("run.json", "adapter", "eval")):
+            return None, "not started"
+        if _comparable(read_json(path("run.json"))) != _comparable(self.record(cfg, grid)):
+            return None, "its run.json is missing, unreadable or records another setting or command"
+        for sub in ("adapter", "eval"):
+            if os.path.lexists(path(sub, MOVING)):
+                return None, f"a save into {sub}/ was stopped while moving its files in ({sub}/{MOVING})"
+        if not os.path.isfile(path("adapter", "adapter_config.json")):
+            return None, "adapter/adapter_config.json is missing: the training did not finish"
+        why = trained_setting_mismatch(self)
+        if why:
+            return None, why
+        evaluated = read_run_config(path("eval", "run_config.json"))
+        adapter = evaluated.options("evaluate").get("adapter") if evaluated else None
+        if not isinstance(adapter, str) or _tail(adapter) != _tail(path("adapter")):
+            return None, f"eval/ is not the evaluation of this run's adapter (eval/run_config.json names {adapter!r})"
+        metrics = read_json(path("eval", "metrics.json"))
+        tuned = metrics.get("fine_tuned") if isinstance(metrics, dict) else None
+        if not isinstance(tuned, dict) or not all(
+            _fraction(tuned.get(k)) for k in ("breed_accuracy", "likelihood_top1")
+        ):
+            return None, "eval/metrics.json is missing, unreadable or lacks the fine-tuned model's accuracies"
+        history = read_json(path("adapter", "train_history.json"))
+        epochs = history.get("validation", []) if isinstance(history, dict) else None
+        if not isinstance(epochs, list) or not all(
+            isinstance(e, dict) and _fraction(e.get("breed_accuracy", 0.0)) for e in epochs
+        ):
+            return None, "adapter/train_history.json is missing, unreadable or not a list of validation epochs"
+        if not {"image_id", "true_breed", "fine_tuned_breed"} <= set(_csv_header(path("eval", "predictions.csv"))):
+            return None, "eval/predictions.csv is missing or lacks the image_id, true_breed, fine_tuned_breed columns"
+        val = [e["breed_accuracy"] for e in epochs if "breed_accuracy" in e]
+        out = {
+            "seed": self.seed,
+            "folder": self.folder,
+            "validation_breed_accuracy": max(val) if val else None,
+            "test_breed_accuracy": tuned["breed_accuracy"],
+            "test_likelihood_top1": tuned["likelihood_top1"],
+        }
+        for key in BASELINES:
+            baseline = metrics.get(key)
+            if isinstance(baseline, dict) and "accuracy" in baseline:
+                if not _fraction(baseline["accuracy"]):
+                    return None, f"eval/metrics.json's {key} accuracy is not a fraction"
+                out[key] = baseline["accuracy"]
+        return out, None
+
+
+def _comparable(record) -> Optional[dict]:
+    """A run.json record as compared: each folder the sweep passed (--output_dir, --adapter) as its last two parts,
+    so that a sweep folder spelled otherwise (relative, absolute, moved) holds the same runs; a setting recorded
+    before DoRA was an axis is LoRA."""
+    if not isinstance(record, dict) or not isinstance(record.get("setting"), dict):
+        return None
+    out = {**record, "setting": {"use_dora": False, **record["setting"]}}
+    for key in ("train_args", "eval_args"):
+        args = record.get(key)
+        if isinstance(args, list):
+            out[key] = [
+                _tail(a) if k and isinstance(a, str) and option_name(args[k - 1]) in ("output_dir", "adapter") else a
+                for k, a in enumerate(args)
+            ]
+    return out
+
+
+def _tail(path: str) -> str:
+    """The last two parts of a path: <run>/adapter."""
+    return "/".join(os.path.normpath(path).split(os.sep)[-2:])
+
+
+def _fraction(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1
+
+
+def _csv_header(path: str) -> list:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def unfinished(runs: list, cfg: SweepConfig, grid: Grid) -> list:
+    """The runs to do; one warning line for each that has files, saying why they are replaced."""
+    todo = []
+    for run in runs:
+        done, why = run.result(cfg, grid)
+        if done is None:
+            todo.append(run)
+            if why != "not started":
+                logger.warning("run %s is redone from scratch, its adapter/ and eval/ replaced: %s", run.name, why)
+    return todo
 
 
 def plan(cfg: SweepConfig, grid: Grid) -> list:
     default = default_setting()
-    with_baselines = default if default in grid.settings else grid.settings[0]
+    with_baselines = next((s for s in grid.settings if same_setting(s, default)), grid.settings[0])
     return [
-        Run(s, seed, os.path.join(cfg.output_dir, f"{setting_name(s)}_seed{seed}"), s == with_baselines)
+        Run(s, seed, os.path.join(cfg.output_dir, f"{setting_name(s)}_seed{seed}"), s is with_baselines)
         for s in grid.settings
         for seed in grid.seeds
     ]
@@ -304,12 +474,21 @@ def check_sweep_folder(cfg: SweepConfig, grid: Grid) -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json(path, identity)
         return
+    if not isinstance(saved, dict) or set(saved) != set(identity):
+        raise UserError(
+            f"{path} is not a sweep's record (an object with {', '.join(identity)}); if the folder holds this "
+            f"sweep's runs, write {json.dumps(identity)} into it, else pass another --output_dir"
+        )
     differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in identity.items() if saved.get(k) != v]
     if differ:
         raise UserError(
             f"--output_dir {cfg.output_dir!r} holds another sweep's runs ({'; '.join(differ)}); "
             "pass another --output_dir, or the same --demo/--train_args/--eval_args to resume it"
         )
+
+
+class RunHeld(Exception):
+    """A run folder that a live process holds (its .lock): the run is skipped, nothing in it is deleted."""
 
 
 class Runner:
@@ -320,6 +499,7 @@ class Runner:
         self.live = set()  # Popen objects of the runs in progress, terminated if the sweep is stopped
         self.lock = threading.Lock()
         self.failed = []
+        self.skipped = []  # names of the runs another process holds
 
     def run_all(self, runs: list) -> None:
         from queue import Empty, SimpleQueue
@@ -339,6 +519,9 @@ class Runner:
                     return
                 try:
                     self.run_one(run, slot)
+                except RunHeld as e:
+                    logger.warning("run %s skipped: %s; rerun the sweep once that process has ended", run.name, e)
+                    self.skipped.append(run.name)
                 except UserError as e:
                     self.failed.append(str(e))
                     return
@@ -377,10 +560,14 @@ class Runner:
                 proc.kill()
 
     def run_one(self, run: Run, slot) -> None:
-        # held for the whole run: a second sweep (or shard) on the same run gets one line, not a mix
-        with locked_output_dir(run.folder):
+        check_output_dir(run.folder)
+        if os.path.islink(run.folder):  # the sweep makes run folders: a link was put there, to write elsewhere
+            raise UserError(f"{run.folder} is a symbolic link, not a run folder: remove it (only the link)")
+        os.makedirs(run.folder, exist_ok=True)
+        # held for the whole run: a second sweep (or shard) on the same run skips it, rather than mixing two
+        with exclusive_lock(os.path.join(run.folder, ".lock"), functools.partial(_refuse_held, run.folder)):
             for sub in ("adapter", "eval"):  # an unfinished run starts again from scratch
-                shutil.rmtree(os.path.join(run.folder, sub), ignore_errors=True)
+                _remove_unless_held(os.path.join(run.folder, sub))
             write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
             commands = run.commands(self.cfg, self.grid)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -390,7 +577,15 @@ class Runner:
                 os.makedirs(os.path.join(run.folder, log_dir), exist_ok=True)
                 log_path = os.path.join(run.folder, f"{stage}.log")
                 with open(log_path, "w") as log:
-                    proc = subprocess.Popen(commands[stage], stdout=log, stderr=subprocess.STDOUT, env=env)
+                    # the kernel ends the child when this thread's process dies, killed too (Linux): a killed
+                    # sweep leaves no train.py writing into a folder its resume will clear
+                    proc = subprocess.Popen(
+                        commands[stage],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        preexec_fn=functools.partial(die_with_parent, os.getpid(), None),
+                    )
                     with self.lock:
                         self.live.add(proc)
                     try:
@@ -406,6 +601,20 @@ class Runner:
             check_trained_setting(run)
 
 
+def _refuse_held(folder: str, holder: str):
+    raise RunHeld(f"{folder} is in use by {holder}")
+
+
+def _remove_unless_held(path: str) -> None:
+    """Remove a run's adapter/ or eval/ (a link there: only the link), or RunHeld when a live process holds its
+    .lock: an orphaned train.py or evaluate.py writing into it keeps its folder."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.remove(path)
+    elif os.path.isdir(path):
+        with exclusive_lock(os.path.join(path, ".lock"), functools.partial(_refuse_held, path)):
+            shutil.rmtree(path)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -417,17 +626,38 @@ def _last_error(log_path: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
 
 
+def trained_setting_mismatch(run: Run) -> Optional[str]:
+    """Why the adapter's run_config.json (and PEFT's adapter_config.json, for DoRA) do not record the run's setting
+    (lora_alpha 2 x r) and seed, or None."""
+    saved = read_run_config(os.path.join(run.folder, "adapter", "run_config.json"))
+    if saved is None:
+        return "adapter/run_config.json is missing or unreadable: the training did not finish"
+    shared, train = saved.options("shared"), saved.options("train")
+    got = {k: shared.get(k) for k in ("lora_r", "lora_target_modules", "max_train_samples")}
+    # PEFT records use_dora in adapter_config.json (a version from before DoRA has no such key: LoRA)
+    peft = read_json(os.path.join(run.folder, "adapter", "adapter_config.json"))
+    got["use_dora"] = peft.get("use_dora", False) if isinstance(peft, dict) else None
+    alpha, seed = shared.get("lora_alpha"), train.get("seed")
+    want = run.setting
+    if (
+        isinstance(got["lora_target_modules"], str)
+        and isinstance(got["use_dora"], bool)
+        and same_setting(got, want)
+        and alpha == 2 * want["lora_r"]
+        and seed == run.seed
+    ):
+        return None
+    return (
+        f"train.py trained {got} with lora_alpha {alpha!r} and seed {seed!r}, not the sweep's {want} with lora_alpha "
+        f"{2 * want['lora_r']} and seed {run.seed}"
+    )
+
+
 def check_trained_setting(run: Run) -> None:
     """UserError when the adapter's run_config.json says it trained another setting than the sweep asked for."""
-    saved = read_run_config(os.path.join(run.folder, "adapter", "run_config.json"))
-    shared, train = (saved.options("shared"), saved.options("train")) if saved else ({}, {})
-    got = {k: shared.get(k) for k in run.setting}
-    got_seed = train.get("seed")
-    if got != run.setting or got_seed != run.seed:
-        raise UserError(
-            f"run {run.name}: train.py trained {got} with seed {got_seed}, not the sweep's {run.setting} "
-            f"with seed {run.seed}"
-        )
+    why = trained_setting_mismatch(run)
+    if why:
+        raise UserError(f"run {run.name}: {why}")
 
 
 def pick_slots(text: str) -> list:
@@ -442,4 +672,4 @@ def pick_slots(text: str) -> list:
             ids = [v.strip() for v in visible.split(",") if v.strip()]
             return ids[: torch.cuda.device_count()] or [None]
         return list(range(torch.cuda.device_count())) or [None]
-    return _values("gpus", text)
+    return _values("gpus", text, key=lambda v: int(v) if v.isdigit() else v)

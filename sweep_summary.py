@@ -2,34 +2,35 @@
 and the results page (the main run's numbers beside the sweep's)."""
 
 import os
-from typing import Optional
 
 import numpy as np
 
 from figures import figure
 from metrics import format_ci, mcnemar
 from run_io import UserError, write_text_atomic
-from sweep_runs import Grid, Run, SweepConfig, default_setting, read_json, setting_name, write_json
+from sweep_runs import (
+    BASELINES,
+    Grid,
+    Run,
+    SweepConfig,
+    default_setting,
+    read_json,
+    same_setting,
+    setting_name,
+    write_json,
+)
 
-
-def run_result(run: Run) -> Optional[dict]:
-    """A finished run's numbers from its own files, or None."""
-    metrics = read_json(os.path.join(run.folder, "eval", "metrics.json"))
-    history = read_json(os.path.join(run.folder, "adapter", "train_history.json"))
-    if metrics is None or history is None:
-        return None
-    val = [e["breed_accuracy"] for e in history.get("validation", []) if "breed_accuracy" in e]
-    out = {
-        "seed": run.seed,
-        "folder": run.folder,
-        "validation_breed_accuracy": max(val) if val else None,
-        "test_breed_accuracy": metrics["fine_tuned"]["breed_accuracy"],
-        "test_likelihood_top1": metrics["fine_tuned"]["likelihood_top1"],
-    }
-    for key in ("linear_probe", "clip_zero_shot"):
-        if "accuracy" in (metrics.get(key) or {}):
-            out[key] = metrics[key]["accuracy"]
-    return out
+BASELINE_NAMES = dict(
+    zip(
+        BASELINES,
+        (
+            "linear probe on frozen BLIP features",
+            "LoRA classifier on BLIP's vision encoder",
+            "LoRA classifier on a Hub backbone",
+            "CLIP zero-shot",
+        ),
+    )
+)
 
 
 def mean_std(values: list) -> dict:
@@ -76,10 +77,11 @@ def paired_test(best_runs: list, default_runs: list) -> dict:
 
 def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
     default = default_setting()
+    state = {r.name: r.result(cfg, grid) for r in runs}
     settings, results = [], {}
     for s in grid.settings:
         mine = [r for r in runs if r.setting == s]
-        done = [(r, res) for r in mine if (res := run_result(r)) is not None]
+        done = [(r, state[r.name][0]) for r in mine if state[r.name][0] is not None]
         results[setting_name(s)] = [r for r, _ in done]
         settings.append(
             {
@@ -95,9 +97,9 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
     ranked = [s for s in settings if s["validation_breed_accuracy"]["mean"] is not None]
     # chosen on validation only; ties go to the earlier setting in the grid
     best = max(ranked, key=lambda s: s["validation_breed_accuracy"]["mean"]) if ranked else None
-    default_name = setting_name(default) if default in grid.settings else None
+    default_name = next((setting_name(s) for s in grid.settings if same_setting(s, default)), None)
     baselines = {}
-    for key in ("linear_probe", "clip_zero_shot"):
+    for key in BASELINES:
         values = [res[key] for s in settings for res in s["runs"] if key in res]
         if values:
             baselines[key] = mean_std(values)
@@ -109,7 +111,8 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
         "default": default_name,
         "baselines": baselines,
         "seeds": grid.seeds,
-        "missing_runs": [r.name for r in runs if run_result(r) is None],
+        "missing_runs": [r.name for r in runs if state[r.name][0] is None],
+        "why_missing": {r.name: state[r.name][1] for r in runs if state[r.name][0] is None},
     }
     if best and default_name and best["name"] != default_name and results[default_name] and results[best["name"]]:
         summary["paired_test"] = paired_test(results[best["name"]], results[default_name])
@@ -135,18 +138,18 @@ def sweep_markdown(summary: dict) -> str:
         mark = " **best**" if s["name"] == summary["best"] else ""
         mark += " (default)" if s["name"] == summary["default"] else ""
         n = "all" if s["max_train_samples"] is None else s["max_train_samples"]
+        variant = "DoRA" if s["use_dora"] else "LoRA"
         rows.append(
-            f"| {s['lora_r']} | {s['lora_alpha']} | {s['lora_target_modules']} | {n} | "
+            f"| {s['lora_r']} | {s['lora_alpha']} | {variant} | {s['lora_target_modules']} | {n} | "
             f"{s['test_breed_accuracy']['n']} | {_ms(s['validation_breed_accuracy'])} | "
             f"{_ms(s['test_breed_accuracy'])} | {_ms(s['test_likelihood_top1'])} |{mark} |"
         )
     header = (
-        "| r | alpha | target modules | train images | seeds | validation breed acc. | test breed acc. "
+        "| r | alpha | variant | target modules | train images | seeds | validation breed acc. | test breed acc. "
         "| test likelihood top-1 | |"
     )
-    names = {"linear_probe": "linear probe on frozen BLIP features", "clip_zero_shot": "CLIP zero-shot"}
     base = (
-        "\n".join(f"| {names[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
+        "\n".join(f"| {BASELINE_NAMES[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
         or "| (none scored) | - | - |"
     )
     paired = summary.get("paired_test")
@@ -169,16 +172,17 @@ def sweep_markdown(summary: dict) -> str:
         paired_text = "No paired test: the default setting is the best on validation."
     else:
         paired_text = "No paired test yet: the best or the default setting has no finished run."
-    missing = summary["missing_runs"]
+    missing = [f"{name} ({why})" for name, why in summary["why_missing"].items()]
     return f"""# Sweep: LoRA settings x seeds
 
 Per setting: mean ± sample standard deviation over seeds (ddof = 1) of the validation breed accuracy (the best
 epoch's, as train.py selects it), the test breed accuracy (caption names the breed) and the test likelihood top-1.
-lora_alpha = 2 x r throughout, so the LoRA scale is the same and only the rank changes. The best setting is
+lora_alpha = 2 x r throughout, so the LoRA scale is the same and only the rank changes; variant: LoRA, or
+DoRA (PEFT's use_dora). The best setting is
 chosen on **validation only** (ties: the earlier in the grid); its test number is then read, not chosen on.
 
 {header}
-|---|---|---|---|---|---|---|---|---|
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Baselines on the same test images (they do not depend on the LoRA setting: scored in one setting's runs, over seeds):
@@ -198,7 +202,7 @@ Baselines on the same test images (they do not depend on the LoRA setting: score
 def plot_sweep(summary: dict, path: str) -> None:
     settings = summary["settings"]
     x = np.arange(len(settings))
-    styles = {"linear_probe": ("linear probe (test)", "--"), "clip_zero_shot": ("CLIP zero-shot (test)", ":")}
+    styles = dict(zip(BASELINES, ("--", "-.", (0, (5, 1)), ":")))
     with figure(path, figsize=(max(6, 1.2 * len(settings) + 3), 4.5)) as (fig, ax):
         for offset, key, label in (
             (-0.1, "validation_breed_accuracy", "validation"),
@@ -208,7 +212,7 @@ def plot_sweep(summary: dict, path: str) -> None:
             stds = [s[key]["std"] or 0.0 for s in settings]
             ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} breed accuracy (mean ± std)")
         for key, value in summary["baselines"].items():
-            ax.axhline(value["mean"], color="gray", linestyle=styles[key][1], label=styles[key][0])
+            ax.axhline(value["mean"], color="gray", linestyle=styles[key], label=f"{BASELINE_NAMES[key]} (test)")
         ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
         ax.set(
             ylabel="breed accuracy",
@@ -221,11 +225,22 @@ def plot_sweep(summary: dict, path: str) -> None:
 
 def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> None:
     """One page of evidence: the main run's numbers with intervals, every baseline, and the sweep over seeds."""
-    metrics = read_json(os.path.join(eval_dir, "metrics.json"))
+    source = os.path.join(eval_dir, "metrics.json")
+    metrics = read_json(source)
     if metrics is None:
+        raise UserError(f"--results needs {source} (run evaluate.py first, or pass --eval_dir)")
+    try:
+        text = results_page(metrics, path, eval_dir, sweep_dir, summary)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a file anyone can edit or cut short
         raise UserError(
-            f"--results needs {os.path.join(eval_dir, 'metrics.json')} (run evaluate.py first, or pass --eval_dir)"
-        )
+            f"{source} is not a complete evaluate.py metrics.json ({type(e).__name__}: {e}); "
+            "run evaluate.py again, or pass another --eval_dir"
+        ) from None
+    write_text_atomic(path, text)
+    print(f"Results: {path}")
+
+
+def results_page(metrics, path: str, eval_dir: str, sweep_dir: str, summary: dict) -> str:
     here = os.path.dirname(os.path.abspath(path))
 
     def link(p):
@@ -241,7 +256,7 @@ def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> No
             ("fine-tuned BLIP + LoRA, likelihood ranking top-1", ft, "likelihood_top1"),
         )
     ]
-    for key, label in (("linear_probe", "linear probe on frozen BLIP features"), ("clip_zero_shot", "CLIP zero-shot")):
+    for key, label in BASELINE_NAMES.items():
         b = metrics.get(key) or {}
         if "accuracy" in b:
             mc = b["mcnemar_vs_fine_tuned_caption"]
@@ -258,7 +273,7 @@ def write_results(path: str, eval_dir: str, sweep_dir: str, summary: dict) -> No
         .replace("](sweep.png)", f"]({link(os.path.join(sweep_dir, 'sweep.png'))})")
     )
     report = link(os.path.join(eval_dir, "report.md"))
-    text = f"""# Results
+    return f"""# Results
 
 Main run: adapter `{metrics["adapter"]}` on `{metrics["base_model"]}`, {metrics["num_samples"]} {metrics["split"]}
 images of `{metrics["dataset"]}`. Brackets: 95% bootstrap intervals. Full report: [{report}]({report})
@@ -271,5 +286,3 @@ images of `{metrics["dataset"]}`. Brackets: 95% bootstrap intervals. Full report
 ## Over seeds and settings
 
 {sweep}"""
-    write_text_atomic(path, text)
-    print(f"Results: {path}")

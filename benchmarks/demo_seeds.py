@@ -1,4 +1,4 @@
-"""Pre-train a demo base, then fine-tune and evaluate it with several seeds: issue 22's table.
+"""Pre-train a demo base, then fine-tune and evaluate it with several seeds: the README's demo table.
 
     python benchmarks/demo_seeds.py OUT_DIR [--seeds 1 2 3] [--recipe '{"steps": 500}'] [--base DIR]
         [--train_args "--num_train_epochs 12"] [--explain]
@@ -79,10 +79,12 @@ def run_seed(out_dir: str, base: str, pets: str, seed: int, train_args: list, ex
                 adapter,
                 "--output_dir",
                 evaluation,
-                "--linear_probe",
-                "false",
                 "--clip_model",
+                "none",  # the real CLIP is not on this disk
+                "--classifier_model",
                 "none",
+                "--classifier_cache_dir",
+                os.path.join(out_dir, "classifiers"),
             ],
         )
     )
@@ -91,8 +93,18 @@ def run_seed(out_dir: str, base: str, pets: str, seed: int, train_args: list, ex
     for model in ("zero_shot", "fine_tuned"):
         m = metrics[model]
         row[model] = {
-            k: m[k] for k in ("breed_accuracy", "species_accuracy", "no_breed_rate", "ranking_agrees_with_caption")
+            k: m[k]
+            for k in (
+                "breed_accuracy",
+                "species_accuracy",
+                "no_breed_rate",
+                "ranking_agrees_with_caption",
+                "likelihood_top1",
+            )
         }
+    for baseline in ("linear_probe", "lora_classifier"):
+        b = metrics.get(baseline, {})
+        row[baseline] = {k: b[k] for k in ("accuracy", "accuracy_ci95", "train_seconds") if k in b}
     if explain:
         explained = os.path.join(out_dir, f"explain-{seed}")
         _, row["explain_wall_s"], row["explain_cpu_s"] = timed(
@@ -127,16 +139,20 @@ def zero_shot_species(base: str, pets: str) -> dict:
 
 def table(rows: list) -> str:
     lines = [
-        "| seed | zero-shot species / breed / no breed named | fine-tuned breed | ranking = caption "
-        "| pet attention zs / ft |",
-        "|---|---|---|---|---|",
+        "| seed | zero-shot species / breed / no breed named | zero-shot ranking top-1 | fine-tuned breed "
+        "| ranking = caption | linear probe | LoRA classifier | pet attention zs / ft |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         zs, ft = r["zero_shot"], r["fine_tuned"]
         attention = f"{zs['pet_attention']} / {ft['pet_attention']}" if "pet_attention" in zs else "-"
+        probe, classifier = (r.get(k, {}).get("accuracy") for k in ("linear_probe", "lora_classifier"))
+        probe, classifier = ("-" if v is None else f"{v:.4g}" for v in (probe, classifier))
         lines.append(
             f"| {r['seed']} | {zs['species_accuracy']:.4g} / {zs['breed_accuracy']:.3g} / {zs['no_breed_rate']:.3g} "
-            f"| {ft['breed_accuracy']:.4g} | {ft['ranking_agrees_with_caption']:.4g} | {attention} |"
+            f"| {zs['likelihood_top1']:.4g} | {ft['breed_accuracy']:.4g} | {ft['ranking_agrees_with_caption']:.4g} "
+            f"| {probe} | {classifier} "
+            f"| {attention} |"
         )
     return "\n".join(lines)
 

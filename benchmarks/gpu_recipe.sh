@@ -57,8 +57,14 @@ stage data 90 $PY benchmarks/gen_pets.py "$W/pets" "$TV" "$TE" "$SIZE"
 # The new path: the full recipe, three scripts as a user runs them
 stage train 240 $PY train.py --model_name_or_path "$W/base" --dataset "$W/pets" --output_dir "$W/run" \
   --embedding_cache_dir "$W/cache" --logging_steps 50
-stage evaluate 120 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval"
+stage evaluate 120 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval" \
+  --classifier_baseline none
 cp "$W/run/train_history.json" "$W/eval/metrics.json" "$OUT/" 2>/dev/null
+# The LoRA classifier baseline on BLIP's vision encoder alone (its training time and images/s are in metrics.json)
+stage classifier 180 $PY evaluate.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/eval_classifier" \
+  --linear_probe False --clip_model none --classifier_model none --classifier_cache_dir "$W/classifiers" \
+  --max_eval_samples 512
+cp "$W/eval_classifier/metrics.json" "$OUT/classifier_metrics.json" 2>/dev/null
 stage explain 60 $PY explainability.py --adapter "$W/run" --dataset "$W/pets" --output_dir "$W/explain" --num_images 8
 # train.py's defaults again with the training step recorded as CUDA graphs (--cuda_graphs: no compilation),
 # on the cache the first run built (its build time is in the first run's timing line)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -89,7 +90,7 @@ def test_clip_scores_equal_clip_logits(tiny_clip, tiny_assets):
     from transformers import CLIPModel, CLIPProcessor
 
     records = load_splits(tiny_assets[1])["test"][:5]
-    model, processor = load_clip(tiny_clip, "cpu", torch.float32)
+    model, processor = load_clip(tiny_clip, "cpu", torch.float32, OXFORD_PETS)
     logits, positions = clip_scores(model, processor, records, 2, OXFORD_PETS)
     assert positions == list(range(5))
     reference, ref_processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
@@ -126,9 +127,63 @@ def test_bad_clip_model_options_are_one_line(tmp_path, tiny_assets):
 def test_default_clip_offline_is_one_warning(monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level(logging.WARNING, logger="baselines"):
-        assert load_clip(CLIP_DEFAULT, "cpu", torch.float32) is None
+        assert load_clip(CLIP_DEFAULT, "cpu", torch.float32, OXFORD_PETS) is None
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert "skipped" in caplog.text
+
+
+def _broken_clip(tiny_clip, tmp_path, damage):
+    """A copy of the tiny CLIP with one defect."""
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / damage)
+    shutil.copytree(tiny_clip, folder)
+    weights = os.path.join(folder, "model.safetensors")
+    tensors = load_file(weights)
+    if damage == "nan weights":
+        tensors["text_model.encoder.layers.0.mlp.fc1.weight"][0, 0] = float("nan")
+    elif damage == "overflowing logit scale":
+        tensors["logit_scale"] = torch.tensor(1e4)
+    elif damage == "no text tower":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("text_model.")}
+    elif damage == "no tokenizer files":
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    elif damage == "tokenizer larger than the vocabulary":
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        tokenizer.add_tokens([f"extra{k}" for k in range(40)])
+        tokenizer.save_pretrained(folder)
+    elif damage == "other image size":
+        path = os.path.join(folder, "processor_config.json")
+        config = json.load(open(path))
+        config["image_processor"].update(crop_size={"height": 48, "width": 48}, size={"shortest_edge": 48})
+        json.dump(config, open(path, "w"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("nan weights", "NaN or infinite weights"),
+        ("overflowing logit scale", "logit scale"),
+        ("no text tower", "lacks .* weights"),
+        ("no tokenizer files", "tokenizer files are missing|cannot load the CLIP model"),
+        ("tokenizer larger than the vocabulary", "tokenizer files are missing or belong to another model"),
+        ("other image size", "makes 48px images"),
+    ],
+)
+def test_a_broken_clip_is_one_line_before_any_caption_is_written(damage, message, tiny_clip, tiny_adapter, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    clip = _broken_clip(tiny_clip, tmp_path, damage)
+    with pytest.raises(UserError, match=message):
+        load_clip(clip, "cpu", torch.float32, OXFORD_PETS)
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("captioned before checking the baselines"))
+    with pytest.raises(UserError, match=message):
+        evaluate.main(["--adapter", tiny_adapter[0], "--clip_model", clip, "--output_dir", str(tmp_path / "out")])
 
 
 def _demo_cwd(adapter):
@@ -184,3 +239,22 @@ def test_evaluate_demo_without_clip_says_skipped(demo_adapter, tmp_path):
     assert "skipped" in metrics["clip_zero_shot"] and "skipped" in metrics["linear_probe"]
     assert proc.stderr.count("CLIP zero-shot baseline skipped") == 1
     assert "CLIP zero-shot | skipped" in (out / "report.md").read_text()
+
+
+def test_the_lora_classifier_is_scored_cached_and_retrained_on_request(tiny_adapter, tmp_path):
+    """evaluate.py trains the classifier on the adapter's own split once, reuses it on the next run (same numbers,
+    no training) and trains it again when asked."""
+    out, cache = str(tmp_path / "eval"), str(tmp_path / "classifiers")
+    argv = ["--adapter", tiny_adapter[0], "--output_dir", out, "--classifier_cache_dir", cache, "--linear_probe",
+            "False", "--clip_model", "none", "--classifier_epochs", "2", "--bootstrap_samples", "10",
+            "--max_eval_samples", "8", "--max_new_tokens", "3"]  # fmt: skip
+    first = evaluate.main(argv)["metrics"]["lora_classifier"]
+    assert not first["cached"] and first["trainable_parameters"]["lora"] == 2 * 64 * (32 + 96)  # tiny: 2 layers
+    assert first["settings"]["seed"] == 7  # the adapter's training seed (tiny_adapter), not evaluate's 42
+    predicted = pd.read_csv(os.path.join(out, "predictions.csv"))["lora_classifier_breed"]
+    truth = pd.read_csv(os.path.join(out, "predictions.csv"))["true_breed"]
+    assert first["accuracy"] == pytest.approx((predicted == truth).mean())
+    assert "LoRA classifier on BLIP's vision encoder" in open(os.path.join(out, "report.md")).read()
+    again = evaluate.main(argv)["metrics"]["lora_classifier"]
+    assert again["cached"] and again["accuracy"] == first["accuracy"] and again["key"] == first["key"]
+    assert not evaluate.main(argv + ["--classifier_baseline", "retrain"])["metrics"]["lora_classifier"]["cached"]

@@ -3,11 +3,14 @@ killed midway."""
 
 import json
 import os
+import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +20,7 @@ import sweep_runs
 from helpers import ROOT, copy_demo, run_script
 from metrics import mcnemar
 from run_io import UserError
+from run_record import save_run_config
 
 # the entry script's parse_args and main, run in this process so that a test's stand-in for the runs applies
 sweep = SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "sweep.py")))
@@ -45,8 +49,24 @@ DEMO_GRID = [
         (["--lora_r", "0"], "at least 1"),
         (["--max_train_samples", "100,lots"], "not a whole number or all"),
         (["--seeds", "-1"], "at least 0"),
+        (["--seeds", "1,01"], "repeats 1 \\(as '01'\\)"),  # one seed, however spelled
+        (["--lora_r", "8,08"], "repeats 8"),
+        (["--max_train_samples", "100,0100,all"], "repeats 100"),
+        (["--max_train_samples", "all,ALL"], "repeats all"),
+        (["--lora_target_modules", "query,value/value, query"], "repeats query,value"),  # one set of modules
+        (["--lora_target_modules", "query,query"], "repeats query"),
+        (["--use_dora", "false,False"], "repeats false"),
+        (["--use_dora", "maybe"], "not true or false"),
         (["--train_args", "--seed 3"], "which the sweep sets"),
         (["--eval_args=--output_dir=x"], "which the sweep sets"),
+        # every spelling the scripts' parser takes (HfArgumentParser adds the dashed one)
+        (["--train_args", "--lora-alpha 1"], "sets --lora-alpha, which the sweep sets"),
+        (["--train_args=--lora_alpha=1"], "sets --lora_alpha, which the sweep sets"),
+        (["--train_args=--output-dir=/tmp/elsewhere"], "sets --output-dir, which"),
+        (["--train_args", "--num_train_epochs 1 --max-train-samples 5"], "sets --max-train-samples, which"),
+        (["--train_args", "--use-dora True"], "sets --use-dora, which"),
+        (["--eval_args=--adapter=x"], "sets --adapter, which"),
+        (["--eval-args=--no-demo"], "sets --no-demo, which"),
         (["--train_args", "'unclosed"], "cannot be split"),
         (["--shard", "2/2"], "i must be in"),
         (["--no_such_flag"], "not used"),
@@ -88,8 +108,9 @@ def _fake_run(labels_right: dict):
 
     def run_one(self, run, slot):
         calls.append(run.name)
-        os.makedirs(os.path.join(run.folder, "adapter"), exist_ok=True)
-        os.makedirs(os.path.join(run.folder, "eval"), exist_ok=True)
+        for sub in ("adapter", "eval"):  # from scratch, as the real one
+            shutil.rmtree(os.path.join(run.folder, sub), ignore_errors=True)
+            os.makedirs(os.path.join(run.folder, sub))
         sweep_runs.write_json(os.path.join(run.folder, "run.json"), run.record(self.cfg, self.grid))
         rng = np.random.default_rng(run.seed * 100 + run.setting["lora_r"])
         right = rng.random(20) < labels_right[run.setting["lora_r"]]
@@ -105,6 +126,22 @@ def _fake_run(labels_right: dict):
             metrics["linear_probe"] = {"accuracy": 0.5 + run.seed / 100}
         with open(os.path.join(run.folder, "eval", "metrics.json"), "w") as f:
             json.dump(metrics, f)
+        s = run.setting
+        shared = {
+            **{k: s[k] for k in ("lora_r", "lora_target_modules", "max_train_samples")},
+            "lora_alpha": 2 * s["lora_r"],
+        }
+        save_run_config(
+            os.path.join(run.folder, "adapter", "run_config.json"),
+            shared=shared,
+            train={"seed": run.seed},
+        )
+        with open(os.path.join(run.folder, "adapter", "adapter_config.json"), "w") as f:
+            json.dump({"r": s["lora_r"], "use_dora": bool(s.get("use_dora"))}, f)  # as PEFT records it
+        save_run_config(
+            os.path.join(run.folder, "eval", "run_config.json"),
+            evaluate={"adapter": os.path.join(run.folder, "adapter")},
+        )
 
     return run_one, calls
 
@@ -131,6 +168,142 @@ def test_resume_skips_finished_runs_and_redoes_unfinished_ones(tmp_path, monkeyp
     calls.clear()
     summary = sweep.main(argv)
     assert calls == ["r8_query+value_nall_seed2"] and not summary["missing_runs"]
+
+
+def _grid(out, *more):
+    """2 settings x 2 seeds, one run at a time: r8 and r32 (the default) on query,value, seeds 1 and 2."""
+    return ["--output_dir", str(out), "--lora_r", "8,32", "--lora_target_modules", "query,value", "--seeds", "1,2"] + [
+        "--gpus",
+        "none",
+        *more,
+    ]
+
+
+def _redone(caplog) -> list:
+    return [r.getMessage().split()[1] for r in caplog.records if "is redone" in r.getMessage()]
+
+
+def test_a_sweep_resumed_under_another_spelling_of_its_folder_redoes_nothing(tmp_path, monkeypatch, caplog):
+    """Relative or absolute, from another working folder, or moved: the same runs, none trained again."""
+    run_one, calls = _fake_run({8: 0.5, 32: 0.8})
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+    monkeypatch.chdir(tmp_path)
+    sweep.main(_grid("s"))
+    assert len(calls) == 4
+    (tmp_path / "elsewhere").mkdir()
+    for where, spelling in (
+        (tmp_path, str(tmp_path / "s")),
+        (tmp_path, "./s/"),
+        (tmp_path / "elsewhere", "../s"),
+        (tmp_path / "elsewhere", str(tmp_path / "moved")),
+    ):
+        if spelling.endswith("moved"):
+            os.rename(tmp_path / "s", tmp_path / "moved")
+        monkeypatch.chdir(where)
+        calls.clear()
+        summary = sweep.main(_grid(spelling))
+        assert calls == [] and not summary["missing_runs"], spelling
+    assert not _redone(caplog)
+    _check_summary_against_runs(tmp_path / "moved", summary)
+
+
+TARGET, OTHER = "r32_query+value_nall_seed2", "r8_query+value_nall_seed1"
+
+
+def _rewrite(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _half_moved(run, other):
+    """As a kill during evaluate.py's staged move leaves eval/: metrics.json in place, predictions.csv not yet."""
+    staging = run / "eval" / ".saving-x"
+    staging.mkdir()
+    os.replace(run / "eval" / "predictions.csv", staging / "predictions.csv")
+    (run / "eval" / ".moving.json").write_text(json.dumps({"staging": ".saving-x", "files": ["predictions.csv"]}))
+
+
+def _foreign_eval(run, other):
+    shutil.rmtree(run / "eval")
+    shutil.copytree(other / "eval", run / "eval")
+
+
+def _adapter_of(key, value):
+    def edit(run, other):
+        _rewrite(run / "adapter" / "run_config.json", lambda r: {**r, key: {**r[key], **value}})
+
+    return edit
+
+
+def _text(name, text):
+    return lambda run, other: (run / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda run, other: (run / "eval/metrics.json").write_text('{"fine_tuned": {"breed_accura'), "metrics.json"),
+        (_text("eval/metrics.json", "{}"), "metrics.json"),
+        (_text("eval/metrics.json", "[]"), "metrics.json"),
+        (_text("eval/metrics.json", '{"fine_tuned": {"breed_accuracy": "high", "likelihood_top1": 1}}'), "metrics"),
+        (
+            _text(
+                "eval/metrics.json", '{"fine_tuned": {"breed_accuracy": 1, "likelihood_top1": 1}, "linear_probe": []}'
+            ),
+            None,
+        ),  # not damage: a baseline that is no dict is not read; the run stays finished
+        (_text("adapter/train_history.json", "[]"), "train_history.json"),
+        (_text("adapter/train_history.json", '{"validation": [0.5, 0.6]}'), "train_history.json"),
+        (_text("run.json", "{}"), "run.json"),
+        (_text("run.json", "[]"), "run.json"),
+        (_foreign_eval, "names '.*r8_query\\+value_nall_seed1/adapter'"),  # another run's evaluation
+        (_half_moved, "stopped while moving"),
+        (_adapter_of("train", {"seed": 1}), "seed 1, not"),  # the adapter of another seed
+        (_adapter_of("shared", {"lora_alpha": 1}), "lora_alpha 1 "),  # trained with another alpha than sweep.md says
+        (lambda run, other: os.remove(run / "eval/run_config.json"), "eval/run_config.json names None"),
+        (lambda run, other: os.remove(run / "adapter/adapter_config.json"), "adapter_config.json is missing"),
+    ],
+)
+def test_a_run_whose_files_are_incomplete_or_not_its_own_is_redone_saying_why(
+    damage, why, tmp_path, monkeypatch, caplog
+):
+    run_one, calls = _fake_run({8: 0.5, 32: 0.8})
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+    out = tmp_path / "s"
+    sweep.main(_grid(out))
+    damage(out / TARGET, out / OTHER)
+    calls.clear()
+    summary = sweep.main(_grid(out))
+    warnings = [r.getMessage() for r in caplog.records if "is redone" in r.getMessage()]
+    if why is None:
+        assert calls == [] and not warnings
+    else:
+        assert calls == [TARGET] and len(warnings) == 1 and re.search(why, warnings[0]), warnings
+    assert not summary["missing_runs"]
+    _check_summary_against_runs(out, summary)
+
+
+def test_a_sweep_config_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch):
+    run_one, _ = _fake_run({8: 0.5, 32: 0.8})
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+    out = tmp_path / "s"
+    sweep.main(_grid(out))
+    for text in ("[]", "{}", '{"demo": false}', "3"):
+        (out / "sweep_config.json").write_text(text)
+        with pytest.raises(UserError, match="is not a sweep's record .*write .*demo.* into it"):
+            sweep.main(_grid(out))
+
+
+def test_results_page_from_a_metrics_json_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch):
+    run_one, _ = _fake_run({8: 0.5, 32: 0.8})
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+    (tmp_path / "eval").mkdir()
+    for text in ("[]", "{}", '{"zero_shot": {"breed_accuracy": 0.5}, "fine_tuned": []}'):
+        (tmp_path / "eval" / "metrics.json").write_text(text)
+        with pytest.raises(UserError, match="is not a complete evaluate.py metrics.json"):
+            sweep.main(
+                _grid(tmp_path / "s", "--results", str(tmp_path / "results.md"), "--eval_dir", str(tmp_path / "eval"))
+            )
+    assert not (tmp_path / "results.md").exists()
 
 
 def test_shards_of_a_job_array_split_the_grid_and_the_last_call_summarises(tmp_path, monkeypatch):
@@ -292,3 +465,196 @@ def test_one_run_per_gpu_at_a_time_on_several_gpus(tmp_path, monkeypatch):
     first0, first1 = spans["0"][0], spans["1"][0]
     assert first0[0] < first1[1] and first1[0] < first0[1]  # the two GPUs ran at the same time
     assert len(summary["missing_runs"]) == 4  # the stand-in wrote no metrics: nothing is summarised as finished
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate"])
+def test_every_spelling_the_scripts_take_of_the_sweeps_own_options_is_refused(script, tmp_path):
+    """Each option string the script's parser maps to an option the sweep sets (--lora-alpha, --no_x, ...) is
+    refused in --train_args / --eval_args; the abbreviations the sweep cannot see are refused by the script."""
+    from config import EvalConfig, PetConfig, TrainConfig, parse_options
+
+    types = (PetConfig, TrainConfig if script == "train" else EvalConfig)
+    flag = "train_args" if script == "train" else "eval_args"
+    parser, _ = parse_options(types, ["--output_dir", str(tmp_path)])
+    spellings = [s for s, a in parser._option_string_actions.items() if a.dest in sweep_runs.OWN_OPTIONS]
+    assert {"--output-dir", "--lora-alpha", "--lora_alpha"} <= set(spellings)
+    for spelling in spellings:
+        with pytest.raises(UserError, match="which the sweep sets"):
+            sweep.parse_args([f"--{flag}={spelling}=1"])
+        with pytest.raises(UserError, match="not used"):
+            parse_options(types, ["--output_dir", str(tmp_path), spelling[:-1], "1"])
+
+
+# ---------------------------------------------------------------------------
+# Processes: a killed sweep's children, and run folders that a live process holds
+
+
+def _stand_in_stages(monkeypatch, train_code="pass"):
+    monkeypatch.setattr(
+        sweep_runs.Run,
+        "commands",
+        lambda self, cfg, grid: {
+            "train": [sys.executable, "-c", train_code],
+            "evaluate": [sys.executable, "-c", "pass"],
+        },
+    )
+    monkeypatch.setattr(sweep_runs, "check_trained_setting", lambda run: None)
+
+
+def test_a_run_folder_that_a_live_process_holds_is_skipped_not_deleted(tmp_path, monkeypatch, caplog):
+    """An orphaned train.py (its adapter/.lock held) keeps its folder; so does a run another sweep is running."""
+    from run_io import exclusive_lock
+
+    _stand_in_stages(monkeypatch)
+    out = tmp_path / "s"
+    sweep.main(_grid(out))  # the stand-ins write no metrics: every run stays unfinished
+    orphan = out / OTHER / "adapter"
+    (orphan / "adapter_model.safetensors").write_bytes(b"being written")
+
+    def busy(holder):
+        raise AssertionError(f"held by {holder} before the sweep ran")
+
+    # flock: a second open file of the same lock conflicts, even in one process
+    with exclusive_lock(str(orphan / ".lock"), busy):
+        sweep.main(_grid(out))
+    assert (orphan / "adapter_model.safetensors").read_bytes() == b"being written"
+    (out / TARGET / "train.log").write_text("the other sweep's log")
+    with exclusive_lock(str(out / TARGET / ".lock"), busy):  # another sweep is running that run
+        summary = sweep.main(_grid(out))
+    assert (out / TARGET / "train.log").read_text() == "the other sweep's log"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all(f"in use by pid {os.getpid()}" in m for m in skipped), skipped
+    assert skipped[0].startswith(f"run {OTHER} skipped") and skipped[1].startswith(f"run {TARGET} skipped")
+    assert len(summary["missing_runs"]) == 4
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_sweeps_train_py_dies_with_it(tmp_path):
+    pid_file, out = tmp_path / "train.pid", tmp_path / "s"
+    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    driver = tmp_path / "driver.py"
+    # the real sweep.py in its own process, its train.py a stand-in that sleeps
+    driver.write_text(
+        f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nimport sweep_runs\n"
+        "sweep_runs.Run.commands = lambda self, cfg, grid: "
+        f"{{'train': [sys.executable, '-c', {stage!r}], 'evaluate': [sys.executable, '-c', 'pass']}}\n"
+        f"sys.argv = ['sweep.py', '--output_dir', {str(out)!r}, '--lora_r', '8', '--seeds', '1', '--gpus', 'none']\n"
+        f"runpy.run_path({os.path.join(ROOT, 'sweep.py')!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = None
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no train.py"
+        child = int(pid_file.read_text())
+        proc.kill()  # SIGKILL: the sweep cannot clean up
+        proc.wait()
+        deadline = time.time() + 10
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the killed sweep's train.py is still running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# DoRA as a grid axis
+
+
+def test_use_dora_is_an_axis_and_lora_runs_keep_todays_names_and_commands(tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    cfg, grid = sweep.parse_args(
+        ["--output_dir", str(out), "--lora_r", "8", "--lora_target_modules", "query,value", "--use_dora", "false,true"]
+        + ["--seeds", "1"]
+    )
+    lora, dora = sweep_runs.plan(cfg, grid)
+    assert (lora.name, dora.name) == ("r8_query+value_nall_seed1", "r8_query+value_nall_dora_seed1")
+    adapter = os.path.join(str(out), lora.name, "adapter")
+    # the command a LoRA run always had; DoRA's adds the flag
+    assert lora.commands(cfg, grid)["train"][2:] == [
+        "--output_dir",
+        adapter,
+        "--seed",
+        "1",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lora_target_modules",
+        "query,value",
+    ]
+    assert dora.commands(cfg, grid)["train"][12:] == ["--use_dora", "True"]
+
+    run_one, calls = _fake_run({8: 0.5, 32: 0.8})
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+    summary = sweep.main(_grid(out, "--use_dora", "false,true"))
+    assert len(calls) == 8 and not summary["missing_runs"]
+    _check_summary_against_runs(out, summary)
+    assert [(s["name"], s["use_dora"]) for s in summary["settings"]][:2] == [
+        ("r8_query+value_nall", False),
+        ("r8_query+value_nall_dora", True),
+    ]
+    table = (out / "sweep.md").read_text()
+    assert "| 8 | 16 | LoRA | query,value |" in table and "| 8 | 16 | DoRA | query,value |" in table
+    assert summary["default"] == "r32_query+value_nall"  # LoRA: train.py's default
+
+    # a run.json written before DoRA was an axis (no use_dora in its setting) is the same LoRA run
+    for record in out.glob("*/run.json"):
+        if "_dora_" not in record.parent.name:
+            _rewrite(record, lambda r: {**r, "setting": {k: v for k, v in r["setting"].items() if k != "use_dora"}})
+    calls.clear()
+    assert not sweep.main(_grid(out, "--use_dora", "false,true"))["missing_runs"] and calls == []
+
+
+def test_a_dora_run_whose_adapter_is_lora_is_refused(tmp_path, monkeypatch):
+    """A train.py that ignored --use_dora (PEFT's adapter_config.json says LoRA): one line, not a LoRA result filed
+    as DoRA's."""
+    run_one, _ = _fake_run({8: 0.5, 32: 0.8})
+
+    def lora_only(self, run, slot):
+        run_one(self, run, slot)
+        _rewrite(Path(run.folder) / "adapter" / "adapter_config.json", lambda r: {**r, "use_dora": False})
+        sweep_runs.check_trained_setting(run)
+
+    monkeypatch.setattr(sweep_runs.Runner, "run_one", lora_only)
+    with pytest.raises(UserError, match="r8_query\\+value_nall_dora_seed1: train.py trained .*'use_dora': False"):
+        sweep.main(_grid(tmp_path / "s", "--use_dora", "true", "--lora_r", "8"))
+
+
+def test_links_in_a_sweep_folder_are_never_followed(tmp_path, monkeypatch):
+    """A run's adapter/ that is a link: only the link goes; a run folder that is a link: one line."""
+    _stand_in_stages(monkeypatch)
+    out, outside = tmp_path / "s", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    sweep.main(_grid(out))
+    adapter = out / TARGET / "adapter"
+    shutil.rmtree(adapter)
+    adapter.symlink_to(outside)
+    sweep.main(_grid(out))
+    assert adapter.is_dir() and not adapter.is_symlink() and sorted(os.listdir(outside)) == ["keep.txt"]
+    shutil.rmtree(out / TARGET)
+    (out / TARGET).symlink_to(outside)
+    with pytest.raises(UserError, match="is a symbolic link, not a run folder"):
+        sweep.main(_grid(out))
+    assert sorted(os.listdir(outside)) == ["keep.txt"]
+
+
+def test_one_gpu_given_twice_is_refused():
+    with pytest.raises(UserError, match="repeats 0"):
+        sweep_runs.pick_slots("0,00")
