@@ -4,7 +4,8 @@ Every script writes run_config.json next to its outputs: the command line and th
 section per options dataclass under a name that does not change when a class is renamed ("shared",
 "train", "evaluate", "explain", "app", "sweep"). evaluate.py, explainability.py and app.py read the
 adapter's record once, in parse_args (AdapterRun.read), fill in what the flags did not give, and pass it
-down. Reading never locks, repairs or moves anything in the adapter folder.
+down. Reading never locks, repairs or moves anything in the adapter folder. Given to a script as its options
+file (config.options_file), a run_config.json re-runs its run.
 """
 
 import json

@@ -3,6 +3,8 @@
     python train.py                      # Salesforce/blip-image-captioning-base on timm/oxford-iiit-pet
     python train.py --demo               # offline: tiny BLIP + synthetic pets, about a minute on a CPU
     python train.py --dataset /data/oxford-iiit-pet --num_train_epochs 3 --bf16
+    python train.py run.yaml --learning_rate 2e-4  # options from a file (or a run's run_config.json), then flags
+    python train.py --use_dora --early_stopping_patience 3 --push_to_hub --hub_model_id you/blip-lora-pets
 
 Every TrainingArguments flag works. Writes the adapter, processor, model card,
 run_config.json, train_history.json and training_curves.png to --output_dir.
