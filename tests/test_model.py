@@ -286,6 +286,8 @@ def test_an_adapter_on_base_weights_rebuilt_in_place_is_refused(tiny_adapter, ti
 
 
 def test_rslora_scales_by_the_square_root_of_r_and_dora_adds_magnitudes(tiny_assets):
+    from model import adapter_variant
+
     base = load_base_model(tiny_assets[0])
     plain = create_lora_model(base, 4, 8, 0.0, "query,value")
     query = plain.get_base_model().text_decoder.bert.encoder.layer[0].attention.self.query
@@ -298,8 +300,17 @@ def test_rslora_scales_by_the_square_root_of_r_and_dora_adds_magnitudes(tiny_ass
     magnitude = query.lora_magnitude_vector["default"].weight
     # DoRA starts from the base weight's own norms: one per output, so the wrapped layer is the base layer at first
     assert magnitude.requires_grad and torch.allclose(magnitude, query.base_layer.weight.norm(dim=1))
+    variants = {(d, r): adapter_variant({"use_dora": d, "use_rslora": r}) for d in (False, True) for r in (False, True)}
+    assert variants == {
+        (False, False): "LoRA",
+        (False, True): "rsLoRA",
+        (True, False): "DoRA",
+        (True, True): "DoRA + rsLoRA",
+    }
+    assert adapter_variant({}) == "LoRA"  # an adapter_config.json from a PEFT before the variants
 
 
+@pytest.mark.slow
 def test_a_dora_rslora_run_records_its_variant_and_reloads(tiny_dora_adapter):
     from safetensors import safe_open
 
@@ -309,7 +320,6 @@ def test_a_dora_rslora_run_records_its_variant_and_reloads(tiny_dora_adapter):
     config = json.load(open(os.path.join(folder, "adapter_config.json")))
     assert (config["use_dora"], config["use_rslora"]) == (True, True)
     assert adapter_variant(config) == "DoRA + rsLoRA"
-    assert adapter_variant({"use_dora": False}) == "LoRA" and adapter_variant({"use_rslora": True}) == "rsLoRA"
     with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     assert any("lora_magnitude_vector" in k for k in stored) and all(t.dtype == torch.float32 for t in stored.values())

@@ -442,6 +442,7 @@ def test_early_stopping_where_it_cannot_work_is_one_line(extra, message, tmp_pat
         train.parse_args(["--output_dir", str(tmp_path / "o"), "--early_stopping_patience", "2", *extra])
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_adapter_and_validates(tiny_adapter, tiny_assets, tmp_path):
     """--gradient_checkpointing recomputes the decoder's activations in the backward pass (non-reentrant, so the
     LoRA weights get gradients from frozen inputs, and the dropout masks are replayed): the same adapter as without
