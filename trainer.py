@@ -56,6 +56,10 @@ RESUME_KEYS = {
 }
 
 
+# What a checkpoint written before a setting existed ran with: it matches a run with that setting's default
+SETTINGS_BEFORE = {"use_dora": False, "use_rslora": False}
+
+
 def run_settings(cfg, args) -> dict:
     values = {
         k: getattr(obj, k)
@@ -376,6 +380,7 @@ def resume_point(cfg, args):
             "run; start afresh (without --resume_from_checkpoint) or in another --output_dir"
         ) from e
     current = json.loads(json.dumps(run_settings(cfg, args), default=str))
+    saved = {**SETTINGS_BEFORE, **saved}
     differ = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if differ:
         raise UserError(
