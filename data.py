@@ -528,11 +528,8 @@ def load_splits(
             records[:] = [r for r in records if r.identity not in test_ids]
     if validation is None:
         trainval, validation = stratified_split(trainval, val_fraction, seed)
-    present = {r.label for r in trainval + validation + test}
-    if len(present) < 2:
-        raise UserError(
-            f"{dataset!r} has {len(present)} class(es) with images; telling classes apart needs at least two"
-        )
+    if len(labels) < 2:
+        raise UserError(f"{dataset!r} has {len(labels)} class; telling classes apart needs at least two")
     return Splits(trainval, validation, test, labels)
 
 
