@@ -2,17 +2,20 @@
 
 Each entry script parses `PetConfig` plus its own small dataclass with
 `HfArgumentParser`, so every field below is also a snake_case CLI flag
-(`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail.
+(`--lora_r 16`, `--dataset /data/oxford-iiit-pet`, ...). Unknown flags fail. The first argument may be a YAML
+or JSON file of options, a run's own run_config.json among them (options_file); the flags after it override it.
 """
 
 import argparse
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from devices import device_defaults, pick_device
+from devices import DEVICE_DEFAULTS, device_defaults, pick_device
 from labels import check_template
 from run_io import UserError
 
@@ -51,6 +54,13 @@ class PetConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default="query,value", metadata={"help": "comma-separated module names"})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA changes each target's direction, and a magnitude per output is trained too"},
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rsLoRA: the update is scaled by lora_alpha/sqrt(r) instead of lora_alpha/r"}
+    )
     caption_template: Optional[str] = field(
         default=None,
         metadata={
@@ -140,6 +150,13 @@ class TrainConfig(TrainingArguments):
     embedding_cache_dir: str = "outputs/cache"
     embedding_cache_dtype: Literal["float16", "float32"] = field(
         default="float16", metadata={"help": "float16 (half the disk) or float32 (exact)"}
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "stop when the validation breed accuracy (--metric_for_best_model) has not improved for this many "
+            "evaluations in a row (transformers' EarlyStoppingCallback); the best evaluation's adapter is kept"
+        },
     )
     cuda_graphs: bool = field(
         default=False,
@@ -232,27 +249,120 @@ class OptionParser(HfArgumentParser):
         raise UserError(message)
 
 
+OPTIONS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+# What a run's own record (its run_config.json) does not carry into a re-run: what the machine chose (the
+# precision that --precision auto picked, pinned memory, and every device default in devices.DEVICE_DEFAULTS),
+# which the machine running it chooses again; what TrainingArguments derives from --output_dir (logging_dir, in
+# the transformers versions that have it); the Hub token (recorded redacted); and the push and the resume: a
+# re-run trains afresh and publishes only when asked
+NOT_RERUN = {
+    "train": (
+        "bf16",
+        "fp16",
+        "dataloader_pin_memory",
+        "logging_dir",
+        "hub_token",
+        "push_to_hub",
+        "resume_from_checkpoint",
+    )
+}
+
+
 def parse_options(types: tuple, argv=None) -> tuple:
-    """(parser, the dataclasses) from the command line; a bad or unknown flag is one UserError line."""
+    """(parser, the dataclasses) from the command line; a bad or unknown flag is one UserError line.
+
+    The first argument may be a YAML or JSON file of options (options_file); the flags after it override it.
+    """
+    parser, _, options = _parse(types, argv)
+    return parser, options
+
+
+def _parse(types: tuple, argv=None) -> tuple:
+    """(parser, the options given, the dataclasses): "given" are the flags typed and the options file's keys, which
+    demo presets and device defaults never override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
     parser = OptionParser(types, allow_abbrev=False)
+    from_file = {}
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(OPTIONS_FILE_SUFFIXES):
+        from_file = options_file(argv.pop(0), types, parser)
+        parser.set_defaults(**from_file)
     try:
         # look_for_args_file=False: HfArgumentParser would read a stray `<script>.args` from the working folder,
         # a config no one typed and run_config.json's command would not show
-        return parser, parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        options = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
         raise UserError(str(e).strip().splitlines()[0]) from e
+    return parser, given_options(parser, argv) | from_file.keys(), options
+
+
+def options_file(path: str, types: tuple, parser: argparse.ArgumentParser) -> dict:
+    """{option: value} from a YAML or JSON file, each value checked and converted as the flag would be.
+
+    Flat ({lora_r: 16, learning_rate: 2e-4}, as HfArgumentParser.parse_yaml_file reads), or in sections like
+    run_config.json, whose sections this script's options use: "shared" and its own ("train", "evaluate", ...).
+    A run's own record (a run_config.json, which has "command") re-runs that run, less NOT_RERUN and the
+    device defaults. A key that is no option is one UserError line, as an unknown flag is.
+    """
+    import yaml
+
+    from run_record import SECTIONS, run_config_from  # run_record imports this module
+
+    try:
+        with open(path) as f:
+            raw = json.load(f) if path.lower().endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"options file {path!r} does not exist; pass a YAML or JSON file of options") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"options file {path!r} cannot be read ({type(e).__name__}: {first[:150]})") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"options file {path!r} holds no options: write one `option: value` per line")
+    own = [SECTIONS[t.__name__] for t in types if t.__name__ in SECTIONS]
+    values = raw
+    if set(raw) & (set(SECTIONS) | set(SECTIONS.values()) | {"command"}):
+        record = run_config_from(raw, path)
+        values = {k: v for name in own for k, v in record.options(name).items()}
+        if "command" in raw:  # a run's own record
+            machine = {
+                k for per_class in DEVICE_DEFAULTS.values() for t in types for k in per_class.get(t.__name__, {})
+            }
+            dropped = machine.union(*(NOT_RERUN.get(name, ()) for name in own))
+            values = {k: v for k, v in values.items() if k not in dropped}
+    defaults = vars(parser.parse_known_args([])[0])
+    unknown = sorted(k for k in values if k not in defaults)
+    if unknown:
+        raise UserError(f"options file {path!r}: {', '.join(map(str, unknown))} is no option of this script")
+    return {key: _file_value(path, parser, key, value, defaults[key]) for key, value in values.items()}
+
+
+def _file_value(path: str, parser: argparse.ArgumentParser, key: str, value, default):
+    """One value from an options file, as the flag `--key value` gives it (its type and choices checked)."""
+    if value is None:
+        if default is not None:
+            raise UserError(f"options file {path!r}: {key} is null; give it a value or leave it out")
+        return None
+    if isinstance(value, (list, dict)):
+        # as HfArgumentParser.parse_yaml_file passes them; never to a number or a switch
+        if isinstance(default, (bool, int, float)):
+            raise UserError(f"options file {path!r}: {key} takes one value, not {type(value).__name__} {value!r}")
+        return value
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        return getattr(parser.parse_known_args([f"--{key}={text}"])[0], key)
+    except UserError as e:
+        raise UserError(f"options file {path!r}: {e}") from None
 
 
 def parse_config(types: tuple, argv=None, demo_overrides=None):
     """(PetConfig, the script's dataclass) from the command line, with the demo's and the device's defaults.
 
     --demo applies the demo's defaults, then the device's (DEVICE_DEFAULTS) apply, each only to options
-    that were not on the command line: a flag the user typed always wins, even when it equals the default.
-    A bad or unknown flag becomes one UserError line instead of argparse's traceback.
+    that were not given (on the command line or in an options file): a flag the user typed always wins,
+    even when it equals the default. A bad or unknown flag becomes one UserError line instead of argparse's
+    traceback.
     """
-    parser, (cfg, args) = parse_options(types, argv)
-    given = given_options(parser, argv)
+    _, given, (cfg, args) = _parse(types, argv)
     if cfg.demo:
         apply_overrides(cfg, DEMO_OVERRIDES, given)
         apply_overrides(args, demo_overrides or {}, given)

@@ -27,7 +27,7 @@ from demo import use_demo_assets
 from devices import pick_device, pick_dtype
 from inference import evaluate_batch, label_candidates
 from metrics import ModelPredictions, Predictions, compute_metrics
-from model import load_model_pair
+from model import adapter_variant, load_model_pair
 from report import failures_frame, predictions_frame, print_summary, write_figures, write_report
 from run_io import (
     UserError,
@@ -238,6 +238,7 @@ def _evaluate(cfg, args, adapter_run):
     metrics.numbers.update(baselines.numbers)
     info = {
         "adapter": args.adapter,
+        "adapter_variant": adapter_variant(adapter_run.adapter_config),
         "base_model": cfg.model_name_or_path,
         "dataset": cfg.dataset,
         "split": args.split,

@@ -257,8 +257,14 @@ def create_lora_model(
     alpha: int = 64,
     dropout: float = 0.05,
     target_modules: str = "query,value",
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ) -> "PeftModel":
-    """Wrap `model` with LoRA adapters; task_type stays unset (CAUSAL_LM breaks BLIP's forward)."""
+    """Wrap `model` with LoRA adapters; task_type stays unset (CAUSAL_LM breaks BLIP's forward).
+
+    use_dora: DoRA (each target's weight split into a direction, which LoRA changes, and a trained magnitude
+    per output); use_rslora: scale by alpha / sqrt(r) instead of alpha / r. Both are PEFT's LoraConfig fields.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = (
@@ -272,8 +278,24 @@ def create_lora_model(
         raise UserError(
             f"--lora_target_modules {','.join(unknown)} match no module of this model; e.g. query,value,key,dense"
         )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+    )
     return get_peft_model(model, config)
+
+
+def adapter_variant(adapter_config: dict) -> str:
+    """Which kind of LoRA an adapter_config.json describes: LoRA, DoRA, rsLoRA or DoRA + rsLoRA."""
+    dora, rslora = adapter_config.get("use_dora") is True, adapter_config.get("use_rslora") is True
+    if dora and rslora:
+        return "DoRA + rsLoRA"
+    return "DoRA" if dora else "rsLoRA" if rslora else "LoRA"
 
 
 def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -287,11 +309,13 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     Left in fp32: anything trainable and LoRA's A/B (the optimizer and fp16's GradScaler need
     fp32 parameters), LayerNorms and embeddings (autocast runs them in fp32, so casting would
     round their values), and any tensor another module shares (BLIP's LM head is tied to the
-    word embeddings). So `model.dtype`, the first parameter's, stays fp32. For training under
+    word embeddings). So `model.dtype`, the first parameter's, stays fp32. DoRA's targets stay fp32 too: DoRA
+    reads their weight itself, outside autocast's cast, for the norm its magnitudes divide by. For training under
     autocast only: outside it fp32 activations meet half-precision weights and F.linear refuses.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"cast_frozen_linears is for autocast's half-precision dtypes, not {dtype}")
+    dora_bases = {id(m.base_layer) for m in model.modules() if getattr(m, "lora_magnitude_vector", None)}
     owners = {}  # storage -> modules holding a parameter in it (tied weights have two)
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -299,7 +323,11 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
             owners[key] = owners.get(key, 0) + 1
     cast = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or any(part.startswith("lora_") for part in name.split(".")):
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or id(module) in dora_bases
+            or any(part.startswith("lora_") for part in name.split("."))
+        ):
             continue
         for p in module.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32 and owners[p.untyped_storage().data_ptr()] == 1:

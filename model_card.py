@@ -21,9 +21,11 @@ def best_metric_name(args: TrainConfig, labels: LabelSet = OXFORD_PETS) -> str:
     return f"validation {metric.replace('_', ' ')}"
 
 
-def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float], labels: LabelSet = OXFORD_PETS):
-    """The model card's YAML header in the Hub's format (ModelCardData): base model, data set, library, task and
-    the kept score."""
+def card_metadata(
+    cfg: PetConfig, args: TrainConfig, best: Optional[float], labels: LabelSet = OXFORD_PETS, variant: str = "LoRA"
+):
+    """The model card's YAML header in the Hub's format (ModelCardData): base model, data set, library, task, tags
+    (the adapter's variant among them) and the kept score."""
     dataset_id = None if is_local(cfg.dataset) else cfg.dataset
     pets = labels.is_pets
     name = "Oxford-IIIT Pet" if pets else os.path.basename(os.path.normpath(cfg.dataset))
@@ -48,7 +50,10 @@ def card_metadata(cfg: PetConfig, args: TrainConfig, best: Optional[float], labe
         datasets=[dataset_id] if dataset_id else None,
         library_name="peft",
         pipeline_tag="image-to-text",
-        tags=["blip", "lora", "image-captioning"] + (["oxford-iiit-pet"] if pets else []),
+        tags=["blip", "lora"]
+        + [v.lower() for v in variant.split(" + ") if v != "LoRA"]
+        + ["image-captioning"]
+        + (["oxford-iiit-pet"] if pets else []),
         model_name=os.path.basename(os.path.normpath(args.output_dir)),
         eval_results=results or None,
     )
@@ -64,10 +69,12 @@ def write_model_card(
     trainable: int,
     state,
     repo_id: Optional[str] = None,
+    variant: str = "LoRA",
 ) -> None:
     """Write the card: what was trained on what, the validation history, and how to use the adapter.
 
     The usage snippet loads the adapter from --output_dir, or from the Hub repo `repo_id` when it is given.
+    `variant`: model.adapter_variant of the saved adapter_config.json (LoRA, DoRA, rsLoRA, DoRA + rsLoRA).
     """
     nan = float("nan")
     length = (
@@ -75,12 +82,21 @@ def write_model_card(
         if args.max_steps > 0
         else f"{args.num_train_epochs:g} epochs ({state.global_step} optimizer steps)"
     )
+    patience = args.early_stopping_patience
+    if patience:
+        metric = best_metric_name(args, splits.labels)
+        if state.global_step < state.max_steps:  # the callback ended training before the planned steps
+            length += (
+                f", stopped early at epoch {state.epoch or 0:.2f}: {patience} evaluations without a better {metric}"
+            )
+        else:
+            length += f", with early stopping after {patience} evaluations without a better {metric} (not reached)"
     base, labels = cfg.model_name_or_path, splits.labels
     placeholder = f"<{labels.kind.title()}>"
     example = cfg.caption_template.format(article="a", breed=placeholder, label=placeholder, group="<group>")
     shown = ", ".join(labels.names[:5]) + (", ..." if len(labels) > 5 else "")
     card = ModelCard.from_template(
-        card_metadata(cfg, args, best, labels),
+        card_metadata(cfg, args, best, labels, variant),
         template_path=TEMPLATE,
         title="Oxford-IIIT Pet breed captions" if labels.is_pets else f"{len(labels)}-class captions",
         subject="pet photos" if labels.is_pets else "images",
@@ -94,6 +110,7 @@ def write_model_card(
         validation_images=len(splits.validation),
         val_fraction=f"{cfg.val_fraction:.0%}",
         seed=args.seed,
+        variant=variant,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,

@@ -319,7 +319,7 @@ def write_report(path: str, metrics: Metrics, info: dict, labels: LabelSet, tabl
     classes = f"the {n} {labels.plural}"
     text = f"""# Evaluation: fine-tuned BLIP + LoRA vs zero-shot BLIP
 
-- adapter `{info["adapter"]}` on base model `{info["base_model"]}`
+- adapter `{info["adapter"]}` ({info["adapter_variant"]}) on base model `{info["base_model"]}`
 - data `{info["dataset"]}`, split **{info["split"]}**: {numbers["num_samples"]} images
   ({info["num_bad_images"]} unreadable, skipped)
 - captions: {info["decoding"]}; reference caption: "{info["template"]}"

@@ -4,7 +4,8 @@ Every script writes run_config.json next to its outputs: the command line and th
 section per options dataclass under a name that does not change when a class is renamed ("shared",
 "train", "evaluate", "explain", "app", "sweep"). evaluate.py, explainability.py and app.py read the
 adapter's record once, in parse_args (AdapterRun.read), fill in what the flags did not give, and pass it
-down. Reading never locks, repairs or moves anything in the adapter folder.
+down. Reading never locks, repairs or moves anything in the adapter folder. Given to a script as its options
+file (config.options_file), a run_config.json re-runs its run.
 """
 
 import json
@@ -22,8 +23,8 @@ from run_io import MOVING, UserError, same_source, write_json_atomic
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
-# Files written before the sections had names of their own keyed them by the options class
-LEGACY_SECTIONS = {
+# The section of each options class; files written before the sections had names of their own used the class name
+SECTIONS = {
     "PetConfig": "shared",
     "TrainConfig": "train",
     "EvalConfig": "evaluate",
@@ -31,6 +32,7 @@ LEGACY_SECTIONS = {
     "AppConfig": "app",
     "SweepConfig": "sweep",
 }
+TRAINED_ON = "trained_on"  # train.py's section of what the adapter was trained on (base weights, label set)
 
 
 def save_run_config(path: str, **sections) -> None:
@@ -68,11 +70,23 @@ def read_run_config(path: str) -> Optional[RunConfig]:
     except (OSError, ValueError) as e:
         logger.warning("%s cannot be read (%s): the run's settings are unknown", path, e)
         return None
+    return run_config_from(raw)
+
+
+def run_config_from(raw: dict, path: Optional[str] = None) -> RunConfig:
+    """A run_config.json's contents as a RunConfig, old section names mapped to the new ones. With `path` (an options
+    file given to a script), a top-level key that is no section is one UserError line; else it is left out."""
     sections = {}
     for key, value in raw.items():
-        name = LEGACY_SECTIONS.get(key, key)
-        if name != "command" and isinstance(value, dict):
+        name = SECTIONS.get(key, key)
+        known = name in SECTIONS.values() or name == TRAINED_ON
+        if name != "command" and isinstance(value, dict) and (known or path is None):
             sections[name] = value
+        elif path is not None and name != "command":
+            raise UserError(
+                f"options file {path!r}: {key!r} is neither an option nor a section of options "
+                f"({', '.join(sorted(set(SECTIONS.values())))})"
+            )
     command = raw.get("command")
     return RunConfig(command if isinstance(command, str) else "", sections)
 

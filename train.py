@@ -3,6 +3,8 @@
     python train.py                      # Salesforce/blip-image-captioning-base on timm/oxford-iiit-pet
     python train.py --demo               # offline: tiny BLIP + synthetic pets, about a minute on a CPU
     python train.py --dataset /data/oxford-iiit-pet --num_train_epochs 3 --bf16
+    python train.py run.yaml --learning_rate 2e-4  # options from a file (or a run's run_config.json), then flags
+    python train.py --use_dora --early_stopping_patience 3 --push_to_hub --hub_model_id you/blip-lora-pets
 
 Every TrainingArguments flag works. Writes the adapter, processor, model card,
 run_config.json, train_history.json and training_curves.png to --output_dir.
@@ -15,7 +17,7 @@ import time
 from typing import Optional
 
 import torch
-from transformers import BlipProcessor, set_seed
+from transformers import BlipProcessor, EarlyStoppingCallback, set_seed
 
 from config import BASE_MODEL, DEFAULT_DATASET, DEMO_TRAIN_OVERRIDES, PetConfig, TrainConfig, check_seed, parse_config
 from data import CaptionCollator, CaptionDataset, load_run_splits, longest_caption_tokens, report_bad_images, subsample
@@ -23,8 +25,10 @@ from demo import use_demo_assets
 from devices import pick_dtype
 from embedding_cache import CachedEmbeddingDataset, EmbeddingCache, vision_fingerprint
 from figures import figure
+from hub import check_hub_options, hub_repo_id, push_folder
 from inference import image_embeddings
 from model import (
+    adapter_variant,
     cast_frozen_linears,
     check_fits,
     create_lora_model,
@@ -57,7 +61,12 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
     check_train_options(args)
     if args.device.type != "cuda":
         args.dataloader_pin_memory = False  # pinning needs an accelerator; it only warns elsewhere
-    # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
+    # Precision is chosen once: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU. --precision records
+    # the choice (run_config.json): a re-run of this run takes it, not the flags the machine's choice set
+    typed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    if typed and cfg.precision not in ("auto", typed):
+        raise UserError(f"--precision {cfg.precision} and --{typed} disagree: pass one of them")
+    cfg.precision = typed or cfg.precision
     if not (args.bf16 or args.fp16):
         dtype = pick_dtype(args.device, cfg.precision)
         args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
@@ -70,6 +79,8 @@ def parse_args(argv: Optional[list] = None) -> tuple[PetConfig, TrainConfig]:
             "fp16 (--precision fp16, --fp16) needs a GPU: accelerate has no fp16 loss scaling on a CPU; "
             "use bf16 or fp32"
         )
+    if args.push_to_hub:  # the login, before anything heavy
+        args.hub_model_id = hub_repo_id(args)
     if cfg.demo:  # after every option check (use_demo_assets may pre-train the base)
         use_demo_assets(cfg)
     cfg.model_name_or_path = cfg.model_name_or_path or BASE_MODEL
@@ -103,6 +114,17 @@ def check_train_options(args: TrainConfig) -> None:
         )
     check_seed(args.seed)
     check_report_to(args.report_to)
+    check_hub_options(args)
+    if args.early_stopping_patience is not None:
+        if args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be at least 1, not {args.early_stopping_patience}")
+        if args.eval_strategy == "no":
+            raise UserError("--early_stopping_patience watches the validation each epoch: leave --eval_strategy out")
+        if not args.load_best_model_at_end:
+            raise UserError(
+                "--early_stopping_patience needs --load_best_model_at_end (the default): else the adapter saved is "
+                "the last evaluation's, after the ones that did not improve"
+            )
     if args.cuda_graphs:
         if not graphs_supported(args.device):
             raise UserError(f"--cuda_graphs needs a CUDA GPU (this run is on {args.device.type}); leave it off")
@@ -268,7 +290,9 @@ def _train(cfg, args):
     processor = load_processor(cfg.model_name_or_path)
     base = load_base_model(cfg.model_name_or_path)
     check_fits(base, processor, cfg.model_name_or_path)
-    model = create_lora_model(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    model = create_lora_model(
+        base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.use_dora, cfg.use_rslora
+    )
     if resume:
         check_checkpoint(model, resume)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -299,6 +323,7 @@ def _train(cfg, args):
         processor=processor,
         pet_config=cfg,
         labels=splits.labels,
+        callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else None,
     )
     timing["cached"] = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -314,9 +339,12 @@ def _train(cfg, args):
     if args.process_index == 0:
         with staged_outputs(out, last=("adapter_config.json",)) as tmp:
             _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, trainable)
+            files = sorted(os.listdir(tmp))
         score = best if best is not None else float("nan")
         print(f"Adapter saved to {out}/ (best {best_metric_name(args, splits.labels)} {score:.3f})")
         log_timing(timing, trainer, args)
+        if args.push_to_hub:  # the complete folder, once it is in place
+            print(f"Pushed to {push_folder(out, files, args)}")
     return {"output_dir": out, "best_breed_accuracy": best, "history": history, "trainer": trainer}
 
 
@@ -328,7 +356,20 @@ def _save_outputs(tmp, trainer, processor, cfg, args, splits, history, best, tra
         json.dump(history, f, indent=2)
     smoothing = args.label_smoothing_factor or getattr(trainer.model.config.text_config, "label_smoothing", 0.0)
     plot_curves(history, os.path.join(tmp, "training_curves.png"), smoothing, splits.labels.kind)
-    write_model_card(os.path.join(tmp, "README.md"), cfg, args, splits, history, best, trainable, trainer.state)
+    with open(os.path.join(tmp, "adapter_config.json")) as f:
+        variant = adapter_variant(json.load(f))
+    write_model_card(
+        os.path.join(tmp, "README.md"),
+        cfg,
+        args,
+        splits,
+        history,
+        best,
+        trainable,
+        trainer.state,
+        repo_id=args.hub_model_id if args.push_to_hub else None,
+        variant=variant,
+    )
     base = weights_fingerprint(cfg.model_name_or_path, trainer.model.get_base_model())
     trained_on = {"base_fingerprint": base, "labels": splits.labels.to_json()}
     save_run_config(os.path.join(tmp, "run_config.json"), shared=cfg, train=args, trained_on=trained_on)

@@ -3,6 +3,7 @@ accuracy, the CUDA-graph training step that checks itself, the finite-loss check
 reading a checkpoint to resume from.
 """
 
+import copy
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ RESUME_KEYS = {
         "lora_alpha",
         "lora_dropout",
         "lora_target_modules",
+        "use_dora",
+        "use_rslora",
         "caption_template",
         "val_fraction",
         "max_train_samples",
@@ -53,6 +56,10 @@ RESUME_KEYS = {
 }
 
 
+# What a checkpoint written before a setting existed ran with: it matches a run with that setting's default
+SETTINGS_BEFORE = {"use_dora": False, "use_rslora": False}
+
+
 def run_settings(cfg, args) -> dict:
     values = {
         k: getattr(obj, k)
@@ -65,10 +72,17 @@ def run_settings(cfg, args) -> dict:
 class PetTrainer(Trainer):
     """Trainer whose evaluation adds the accuracy of greedy captions on the validation split: the share that
     name the right class (logged as breed_accuracy, whatever the label set, so that every run's logs and
-    --metric_for_best_model read alike)."""
+    --metric_for_best_model read alike).
 
-    def __init__(self, *a, processor, pet_config, labels, **kw):
-        super().__init__(*a, **kw)
+    It never pushes to the Hub: with --push_to_hub Trainer would upload at every checkpoint, while train.py
+    uploads the finished folder once (hub.py).
+    """
+
+    def __init__(self, *a, args, processor, pet_config, labels, **kw):
+        if args.push_to_hub:
+            args = copy.copy(args)
+            args.push_to_hub = False
+        super().__init__(*a, args=args, **kw)
         self.processor, self.pet_config, self.labels = processor, pet_config, labels
         self.unchecked_losses = []  # (step, loss) not yet checked for NaN/inf
         self.seconds_outside_loop = 0.0  # per-epoch validation and checkpoints, for the timing line
@@ -131,11 +145,15 @@ class PetTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        key = f"{metric_key_prefix}_breed_accuracy"
-        metrics[key] = self.breed_accuracy(eval_dataset or self.eval_dataset)
-        self.log({key: metrics[key]})
         self.seconds_outside_loop += time.perf_counter() - start
         return metrics
+
+    def evaluation_loop(self, dataloader, *a, metric_key_prefix="eval", **kw):
+        """Trainer's (the validation loss) and the breed accuracy, in the metrics that evaluate() logs and hands to
+        the callbacks (EarlyStoppingCallback among them) and that pick the best checkpoint."""
+        output = super().evaluation_loop(dataloader, *a, metric_key_prefix=metric_key_prefix, **kw)
+        output.metrics[f"{metric_key_prefix}_breed_accuracy"] = self.breed_accuracy(dataloader.dataset)
+        return output
 
     @torch.no_grad()
     def breed_accuracy(self, dataset) -> float:
@@ -362,6 +380,7 @@ def resume_point(cfg, args):
             "run; start afresh (without --resume_from_checkpoint) or in another --output_dir"
         ) from e
     current = json.loads(json.dumps(run_settings(cfg, args), default=str))
+    saved = {**SETTINGS_BEFORE, **saved}
     differ = [f"--{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if differ:
         raise UserError(

@@ -131,6 +131,23 @@ def tiny_adapter(tiny_assets, tmp_path_factory):
     return out, argv
 
 
+@pytest.fixture(scope="session")
+def tiny_dora_adapter(tiny_assets, tmp_path_factory):
+    """(folder, train.py argv) of tiny_adapter's run as DoRA with rsLoRA scaling, in bf16 autocast (the frozen
+    weights cast for it) on cached embeddings."""
+    import train
+
+    out = str(tmp_path_factory.mktemp("tiny-dora") / "adapter")
+    argv = train_argv(tiny_assets, out, tmp_path_factory.mktemp("cache")) + [
+        "--use_dora",
+        "--use_rslora",
+        "--precision",
+        "bf16",
+    ]
+    train.main(argv)
+    return out, argv
+
+
 @pytest.fixture
 def pets(tmp_path):
     """A small synthetic pet set of two breeds (8 trainval and 4 test images), to damage."""

@@ -148,3 +148,15 @@ def test_report_to_unusable_is_one_line(name, message, monkeypatch):
         train.check_report_to([name])
     train.check_report_to(["tensorboard"])
     train.check_report_to(["none"])
+
+
+@pytest.mark.slow
+def test_readme_snippet_loads_a_dora_rslora_adapter_with_plain_peft(tiny_dora_adapter, tiny_assets, tmp_path):
+    """AutoPeftModel reads use_dora / use_rslora from adapter_config.json itself: the snippet needs no change."""
+    folder, _ = tiny_dora_adapter
+    code = snippet(open(os.path.join(ROOT, "README.md")).read()).replace(f'"{OUTPUT_DIR}"', repr(folder))
+    records = load_splits(tiny_assets[1])["test"][::9][:3]
+    model, processor = load_lora_for_inference(folder)
+    ours = caption_images(model, processor, [load_image(r) for r in records])
+    paths = [os.path.join(tiny_assets[1], "images", f"{r.image_id}.jpg") for r in records]
+    assert run_snippet(code, paths, tmp_path) == ours

@@ -117,3 +117,16 @@ def test_two_processes_evaluate_a_split_with_repeated_image_ids(tiny_adapter, ti
     a, b = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("one", "two"))
     assert len(a) == 7 and (a["image_id"] == "pet").all()
     pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.slow
+def test_dora_trains_with_two_processes(tiny_dora_adapter, tmp_path):
+    """DoRA's magnitudes are parameters DDP synchronises like LoRA's: two processes train the variant, in bf16 too."""
+    _, argv = tiny_dora_adapter
+    out = tmp_path / "ddp"
+    argv = [*argv, "--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")]
+    proc = torchrun(["train.py", *argv, "--per_device_train_batch_size", "8"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Adapter saved to") == 1
+    config = json.load(open(out / "adapter_config.json"))
+    assert (config["use_dora"], config["use_rslora"]) == (True, True)

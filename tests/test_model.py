@@ -279,3 +279,85 @@ def test_an_adapter_on_base_weights_rebuilt_in_place_is_refused(tiny_adapter, ti
     build_tiny_blip(base, seed=1)  # other random weights, in place
     with pytest.raises(UserError, match="trained on other weights than .* holds now"):
         explainability.main(argv)
+
+
+# ---------------------------------------------------------------------------
+# PEFT's LoRA variants: DoRA and rsLoRA
+
+
+def test_rslora_scales_by_the_square_root_of_r_and_dora_adds_magnitudes(tiny_assets):
+    from model import adapter_variant
+
+    base = load_base_model(tiny_assets[0])
+    plain = create_lora_model(base, 4, 8, 0.0, "query,value")
+    query = plain.get_base_model().text_decoder.bert.encoder.layer[0].attention.self.query
+    assert query.scaling["default"] == 8 / 4
+    rs = create_lora_model(load_base_model(tiny_assets[0]), 4, 8, 0.0, "query,value", use_rslora=True)
+    query = rs.get_base_model().text_decoder.bert.encoder.layer[0].attention.self.query
+    assert query.scaling["default"] == 8 / 4**0.5
+    dora = create_lora_model(load_base_model(tiny_assets[0]), 4, 8, 0.0, "query,value", use_dora=True)
+    query = dora.get_base_model().text_decoder.bert.encoder.layer[0].attention.self.query
+    magnitude = query.lora_magnitude_vector["default"].weight
+    # DoRA starts from the base weight's own norms: one per output, so the wrapped layer is the base layer at first
+    assert magnitude.requires_grad and torch.allclose(magnitude, query.base_layer.weight.norm(dim=1))
+    variants = {(d, r): adapter_variant({"use_dora": d, "use_rslora": r}) for d in (False, True) for r in (False, True)}
+    assert variants == {
+        (False, False): "LoRA",
+        (False, True): "rsLoRA",
+        (True, False): "DoRA",
+        (True, True): "DoRA + rsLoRA",
+    }
+    assert adapter_variant({}) == "LoRA"  # an adapter_config.json from a PEFT before the variants
+
+
+@pytest.mark.slow
+def test_a_dora_rslora_run_records_its_variant_and_reloads(tiny_dora_adapter):
+    from safetensors import safe_open
+
+    from model import adapter_variant
+
+    folder, _ = tiny_dora_adapter
+    config = json.load(open(os.path.join(folder, "adapter_config.json")))
+    assert (config["use_dora"], config["use_rslora"]) == (True, True)
+    assert adapter_variant(config) == "DoRA + rsLoRA"
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert any("lora_magnitude_vector" in k for k in stored) and all(t.dtype == torch.float32 for t in stored.values())
+    card = open(os.path.join(folder, "README.md")).read()
+    assert "**Adapter**: DoRA + rsLoRA, r=32" in card and "- dora\n" in card and "- rslora\n" in card
+    # reloaded, the adapter changes the model, and merged into the base weights it is the same model
+    model, _ = load_lora_for_inference(folder, merge=False)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[model.config.text_config.bos_token_id, 1037, 6302]] * 2)
+    with torch.no_grad():
+        unmerged = model(pixel_values=pixels, input_ids=ids).logits
+        with model.disable_adapter():
+            zero_shot = model(pixel_values=pixels, input_ids=ids).logits
+        merged = model.merge_and_unload()(pixel_values=pixels, input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5) and not torch.allclose(unmerged, zero_shot, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_adapters_variant(tiny_dora_adapter, tmp_path):
+    folder, _ = tiny_dora_adapter
+    out = tmp_path / "eval"
+    evaluate.main(
+        [
+            "--adapter",
+            folder,
+            "--output_dir",
+            str(out),
+            "--max_eval_samples",
+            "4",
+            "--max_new_tokens",
+            "3",
+            "--bootstrap_samples",
+            "10",
+            "--linear_probe",
+            "False",
+            "--clip_model",
+            "none",
+        ]
+    )
+    assert json.load(open(out / "metrics.json"))["adapter_variant"] == "DoRA + rsLoRA"
+    assert f"- adapter `{folder}` (DoRA + rsLoRA) on base model" in (out / "report.md").read_text()

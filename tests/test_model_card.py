@@ -47,3 +47,22 @@ def test_card_fills_the_template_with_the_runs_numbers(tmp_path):
 def test_card_snippet_loads_from_the_hub_repo_when_given(tmp_path):
     text, _ = _card(tmp_path, repo_id="someone/blip-lora-pets")
     assert 'adapter = "someone/blip-lora-pets"' in text and '"outputs/blip-lora-pets"' not in text
+
+
+def test_card_names_the_lora_variant_and_early_stopping(tmp_path):
+    cfg = PetConfig(model_name_or_path="m", dataset="timm/oxford-iiit-pet", caption_template=PETS_TEMPLATE)
+    args = TrainConfig(output_dir="outputs/x", num_train_epochs=5, early_stopping_patience=2)
+    splits = Splits([None] * 30, [None] * 7, [], OXFORD_PETS)
+    path = tmp_path / "README.md"
+    for state, says in [
+        (SimpleNamespace(global_step=6, epoch=3.0, max_steps=10), "stopped early at epoch 3.00: 2 evaluations"),
+        (SimpleNamespace(global_step=10, epoch=5.0, max_steps=10), "with early stopping after 2 evaluations"),
+    ]:
+        write_model_card(str(path), cfg, args, splits, HISTORY, 0.75, 1, state, variant="DoRA + rsLoRA")
+        text = path.read_text()
+        assert says in text and "without a better validation breed accuracy" in text
+        assert "**Adapter**: DoRA + rsLoRA, r=32, alpha=64" in text
+        tags = yaml.safe_load(text.split("---\n")[1])["tags"]
+        assert "dora" in tags and "rslora" in tags
+    _, meta = _card(tmp_path)
+    assert "dora" not in meta.tags and "rslora" not in meta.tags  # plain LoRA

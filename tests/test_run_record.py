@@ -104,6 +104,8 @@ def test_evaluate_checks_the_adapter_and_reads_its_run_config_once(tiny_adapter,
         ]
     )
     assert checks == [adapter] and len(reads) == 1
+    # the kind of LoRA, from the adapter_config.json that was checked (model.adapter_variant)
+    assert f"- adapter `{adapter}` (LoRA) on base model" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_one_rule_for_the_base_model_and_data_of_evaluate_and_explain(tiny_adapter, tiny_assets, tmp_path):
@@ -169,3 +171,16 @@ def test_demo_with_an_adapter_takes_the_adapters_own_base_and_data(script, tiny_
         ["--demo", "--adapter", adapter, "--model_name_or_path", given, "--output_dir", str(tmp_path / "out2")]
     )
     assert cfg.model_name_or_path == given  # a typed flag still wins
+
+
+@pytest.mark.parametrize("script", ["evaluate", "explainability"])
+def test_a_scripts_own_run_config_gives_back_its_options(script, tiny_adapter, tmp_path):
+    """What evaluate.py / explainability.py record (the options as resolved: the adapter's base model, data and
+    template filled in) parses back to the same options, so `python evaluate.py <its run_config.json>` re-runs it."""
+    module = importlib.import_module(script)
+    flags = ["--adapter", tiny_adapter[0], "--output_dir", str(tmp_path / "o"), "--seed", "3", "--max_new_tokens", "9"]
+    cfg, args, _ = module.parse_args(flags)
+    path = str(tmp_path / "run_config.json")
+    save_run_config(path, **{"shared": cfg, "evaluate" if script == "evaluate" else "explain": args})
+    again, args_again, _ = module.parse_args([path])
+    assert (again, args_again) == (cfg, args)

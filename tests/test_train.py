@@ -362,3 +362,98 @@ def test_training_skips_unreadable_images_and_reports_them(pets, tiny_assets, tm
         assert os.path.isfile(tmp_path / cached / "adapter_model.safetensors")
         assert "Skipped 2 unreadable images" in caplog.text and "Abyssinian_1" in caplog.text
         caplog.clear()
+
+
+# ---------------------------------------------------------------------------
+# A run from its own run_config.json, early stopping, gradient checkpointing
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def test_a_runs_own_run_config_re_runs_it_to_the_same_adapter(tiny_adapter, tmp_path):
+    """tiny_adapter's run had seed 7 and val_fraction 0.2, not the defaults: a re-run that missed them would differ."""
+    folder, _ = tiny_adapter
+    again = str(tmp_path / "again")
+    result = train.main([os.path.join(folder, "run_config.json"), "--output_dir", again])
+    first, second = _weights(folder), _weights(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in second.items())  # it trained
+    history = json.load(open(os.path.join(folder, "train_history.json")))
+    assert result["history"] == json.loads(json.dumps(history))
+    old, new = (json.load(open(os.path.join(f, "run_config.json"))) for f in (folder, again))
+    assert new["shared"] == old["shared"] and new["trained_on"] == old["trained_on"]
+    assert {k: v for k, v in new["train"].items() if k != "output_dir"} == {
+        k: v for k, v in old["train"].items() if k != "output_dir"
+    }
+
+
+def _tiny_run(tiny_assets, tmp_path, *extra):
+    return [
+        "--demo",
+        "--model_name_or_path",
+        tiny_assets[0],
+        "--dataset",
+        tiny_assets[1],
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--embedding_cache_dir",
+        str(tmp_path / "cache"),
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--per_device_train_batch_size",
+        "8",
+        *extra,
+    ]
+
+
+def test_early_stopping_ends_training_when_validation_accuracy_stops_improving(tiny_assets, tmp_path):
+    """At learning rate 0 the validation accuracy never improves on the first epoch's: patience 1 stops after the
+    second of 4 epochs. The accuracy must reach the callback (it is computed after Trainer's own metrics)."""
+    result = train.main(
+        _tiny_run(
+            tiny_assets, tmp_path, "--num_train_epochs", "4", "--learning_rate", "0", "--early_stopping_patience", "1"
+        )
+    )
+    validation = result["history"]["validation"]
+    assert [e["epoch"] for e in validation] == [1.0, 2.0] and all("breed_accuracy" in e for e in validation)
+    assert result["trainer"].state.global_step == 4  # 2 epochs of 2 steps, of 8 planned
+    card = open(tmp_path / "run" / "README.md").read()
+    assert "stopped early at epoch 2.00: 1 evaluations without a better validation breed accuracy" in card
+    record = json.load(open(tmp_path / "run" / "run_config.json"))
+    assert record["train"]["early_stopping_patience"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--early_stopping_patience", "0"], "at least 1"),
+        (["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"], "--eval_strategy"),
+        (["--load_best_model_at_end", "False"], "needs --load_best_model_at_end"),
+    ],
+)
+def test_early_stopping_where_it_cannot_work_is_one_line(extra, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train.parse_args(["--output_dir", str(tmp_path / "o"), "--early_stopping_patience", "2", *extra])
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_adapter_and_validates(tiny_adapter, tiny_assets, tmp_path):
+    """--gradient_checkpointing recomputes the decoder's activations in the backward pass (non-reentrant, so the
+    LoRA weights get gradients from frozen inputs, and the dropout masks are replayed): the same adapter as without
+    it, and the validation captions (decoded in eval mode, where checkpointing is off) as before."""
+    folder, argv = tiny_adapter
+    out = str(tmp_path / "checkpointed")
+    result = train.main([*argv, "--output_dir", out, "--gradient_checkpointing", "True"])
+    assert result["trainer"].model.get_base_model().text_decoder.bert.encoder.layer[0].gradient_checkpointing
+    plain, checkpointed = _weights(folder), _weights(out)
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    history = json.load(open(os.path.join(folder, "train_history.json")))
+    assert [e["breed_accuracy"] for e in result["history"]["validation"]] == [
+        e["breed_accuracy"] for e in history["validation"]
+    ]

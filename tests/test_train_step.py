@@ -88,6 +88,28 @@ def test_frozen_linears_stored_in_autocast_dtype_change_no_number(pretrained_lik
         assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
 
 
+def test_dora_keeps_its_targets_and_magnitudes_fp32_and_the_cast_changes_no_number(pretrained_like):
+    """DoRA reads each target's weight itself (outside autocast's cast) for the norm its magnitudes divide by: cast,
+    that norm would be of rounded weights. So its targets stay fp32, as do its magnitudes (trained)."""
+    base, processor = pretrained_like
+    plain = create_lora_model(copy.deepcopy(base), 4, 8, 0.0, "query,value", use_dora=True)
+    cast = copy.deepcopy(plain)
+    assert cast_frozen_linears(cast, torch.bfloat16) > 0
+    for name, module in cast.named_modules():
+        if name.endswith((".query", ".value")) and hasattr(module, "base_layer"):
+            assert (
+                module.base_layer.weight.dtype == module.lora_magnitude_vector["default"].weight.dtype == torch.float32
+            )
+    key = next(n for n, m in cast.named_modules() if n.endswith("attention.self.key"))
+    assert cast.get_submodule(key).weight.dtype == torch.bfloat16  # not a DoRA target: cast
+    batch = _batch(base, processor)
+    for (loss, grads), (loss_cast, grads_cast) in zip(
+        _steps(plain, batch, torch.bfloat16), _steps(cast, batch, torch.bfloat16)
+    ):
+        assert torch.equal(loss, loss_cast)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))
+
+
 def test_the_comparison_sees_a_cast_of_the_tied_head(pretrained_like):
     """Casting the LM head (tied to the word embeddings) by hand changes the loss: equality above means something."""
     base, processor = pretrained_like

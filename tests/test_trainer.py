@@ -42,6 +42,21 @@ def test_resume_accepts_its_own_checkpoint_and_refuses_one_without_settings(tiny
         trainer.resume_point(cfg, args)
 
 
+def test_a_checkpoint_from_before_the_lora_variants_resumes_as_lora_only(tiny_adapter, tmp_path):
+    out, checkpoint = checkpoint_copy(tiny_adapter, tmp_path)
+    path = os.path.join(checkpoint, trainer.RUN_SETTINGS_FILE)
+    settings = json.load(open(path))
+    json.dump({k: v for k, v in settings.items() if k not in ("use_dora", "use_rslora")}, open(path, "w"))
+    argv = tiny_adapter[1] + ["--output_dir", out, "--resume_from_checkpoint", checkpoint]
+    cfg, args = train.parse_args(argv)
+    cfg.caption_template = PETS_TEMPLATE  # what train.py takes from the data's label set before it checks
+    assert trainer.resume_point(cfg, args) == checkpoint
+    cfg, args = train.parse_args(argv + ["--use_dora"])
+    cfg.caption_template = PETS_TEMPLATE
+    with pytest.raises(UserError, match="--use_dora False there, True here"):
+        trainer.resume_point(cfg, args)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints that cannot be trusted or do not fit: one line
 
