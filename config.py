@@ -17,7 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from devices import DEVICE_DEFAULTS, device_defaults, pick_device
 from labels import check_template
-from run_io import UserError
+from run_io import UserError, first_line
 
 BASE_MODEL = "Salesforce/blip-image-captioning-base"
 DEFAULT_DATASET = "timm/oxford-iiit-pet"
@@ -314,8 +314,7 @@ def options_file(path: str, types: tuple, parser: argparse.ArgumentParser) -> di
     except FileNotFoundError:
         raise UserError(f"options file {path!r} does not exist; pass a YAML or JSON file of options") from None
     except (OSError, ValueError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"options file {path!r} cannot be read ({type(e).__name__}: {first[:150]})") from e
+        raise UserError(f"options file {path!r} cannot be read ({type(e).__name__}: {first_line(e)[:150]})") from e
     if not isinstance(raw, dict):
         raise UserError(f"options file {path!r} holds no options: write one `option: value` per line")
     own = [SECTIONS[t.__name__] for t in types if t.__name__ in SECTIONS]

@@ -11,14 +11,14 @@ import os
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from run_io import UserError
+from run_io import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
 
 def _first_line(e: Exception) -> str:
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    text = first_line(e)[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def check_hub_options(args) -> None:
