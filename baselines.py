@@ -11,7 +11,6 @@
 Each gets a 95% bootstrap interval and an exact McNemar test against the fine-tuned captions.
 """
 
-import json
 import logging
 import os
 import warnings
@@ -26,7 +25,7 @@ from data import pixel_batches
 from embedding_cache import EmbeddingCache
 from labels import LabelSet
 from metrics import bootstrap_ci, format_ci, mcnemar
-from run_io import UserError, is_local, load_baseline_model
+from run_io import UserError, folder_model_type, is_local, load_baseline_model
 
 logger = logging.getLogger(__name__)
 
@@ -198,12 +197,7 @@ def check_clip_option(name: str) -> None:
     if name.lower() == "none":
         return
     if os.path.isdir(name):
-        try:
-            with open(os.path.join(name, "config.json")) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            model_type = None
-        if model_type != "clip":
+        if folder_model_type(name) != "clip":
             raise UserError(
                 f'--clip_model {name!r} holds no CLIP model (config.json with model_type "clip"); '
                 f"pass a CLIP folder, a Hub id such as {CLIP_DEFAULT}, or none"

@@ -25,7 +25,7 @@ import torch
 
 from config import CLASSIFIER_DEFAULT
 from data import pixel_batches
-from run_io import UserError, is_local, load_baseline_model, write_json_atomic
+from run_io import UserError, folder_model_type, is_local, load_baseline_model, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,7 @@ def check_backbone_option(name: str) -> None:
     if name.lower() == "none":
         return
     if os.path.isdir(name):
-        try:
-            with open(os.path.join(name, "config.json")) as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            model_type = None
-        if model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        if folder_model_type(name) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
             raise UserError(
                 f"--classifier_model {name!r} holds no image classifier (a config.json whose model_type "
                 f"AutoModelForImageClassification loads); pass such a folder, a Hub id such as {BACKBONE_DEFAULT}, "

@@ -54,6 +54,15 @@ def first_line(e: BaseException) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
+def folder_model_type(folder: str):
+    """The model_type in a model folder's config.json, or None where it has none or cannot be read."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_baseline_model(name: str, default: str, what: str, flag: str, load):
     """`load(**kwargs)` of a baseline's Hub id or folder (kwargs: local_files_only when the Hub is unreachable).
 

@@ -62,16 +62,15 @@ def torchrun(args, cwd, nproc=2, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def demo_argv(assets, out):
+    """train.py's or evaluate.py's --demo options on (base, data folder) `assets`, writing to `out`."""
+    return ["--demo", "--model_name_or_path", assets[0], "--dataset", assets[1], "--output_dir", str(out)]
+
+
 def train_argv(assets, out, cache):
     """train.py options for tiny_adapter's run: 2 steps on (base, data folder) `assets`, seed 7, val_fraction 0.2."""
     return [
-        "--demo",
-        "--model_name_or_path",
-        assets[0],
-        "--dataset",
-        assets[1],
-        "--output_dir",
-        str(out),
+        *demo_argv(assets, str(out)),
         "--max_steps",
         "2",
         "--seed",

@@ -12,7 +12,7 @@ import pytest
 import train
 from config import DEMO_DIR, OUTPUT_DIR
 from data import load_image, load_splits
-from helpers import ROOT, caption_images
+from helpers import ROOT, caption_images, demo_argv
 from model import load_lora_for_inference
 from run_io import UserError
 
@@ -97,13 +97,7 @@ def test_report_to_tensorboard_logs_loss_and_breed_accuracy_every_epoch(tiny_ass
     epochs = 3
     result = train.main(
         [
-            "--demo",
-            "--model_name_or_path",
-            tiny_assets[0],
-            "--dataset",
-            tiny_assets[1],
-            "--output_dir",
-            str(out),
+            *demo_argv(tiny_assets, str(out)),
             "--embedding_cache_dir",
             str(tmp_path / "cache"),
             "--report_to",

@@ -12,7 +12,7 @@ import evaluate
 import explainability
 import run_io
 import train
-from helpers import ROOT, checkpoint_copy
+from helpers import ROOT, checkpoint_copy, demo_argv
 from run_io import UserError, locked_output_dir, staged_outputs
 
 # ---------------------------------------------------------------------------
@@ -28,13 +28,7 @@ def test_second_writer_into_an_output_folder_is_refused(tmp_path, tiny_assets, t
         with pytest.raises(UserError, match="another run is writing"):
             train.main(
                 [
-                    "--demo",
-                    "--model_name_or_path",
-                    tiny_assets[0],
-                    "--dataset",
-                    tiny_assets[1],
-                    "--output_dir",
-                    out,
+                    *demo_argv(tiny_assets, out),
                     "--max_steps",
                     "1",
                 ]

@@ -12,7 +12,7 @@ import train
 from config import DEMO_DIR, DEMO_TRAIN_OVERRIDES
 from data import load_image, load_splits
 from demo import write_synthetic_pets
-from helpers import caption_images, hostile_images, run_script
+from helpers import caption_images, demo_argv, hostile_images, run_script
 from labels import OXFORD_PETS, SPECIES, UNKNOWN
 from model import load_base_model, load_lora_for_inference
 from run_io import UserError, run_main
@@ -100,13 +100,7 @@ def test_reload_gives_the_same_captions_merged_or_not(demo_run, demo_adapter, tm
 def _logged_loss(tiny_assets, tmp_path, batch, accumulation, patch=True, monkeypatch=None):
     model_dir, data_dir = tiny_assets
     args = [
-        "--demo",
-        "--model_name_or_path",
-        model_dir,
-        "--dataset",
-        data_dir,
-        "--output_dir",
-        str(tmp_path),
+        *demo_argv((model_dir, data_dir), str(tmp_path)),
         "--max_steps",
         "2",
         "--learning_rate",
@@ -196,13 +190,7 @@ def test_precision_flag_reaches_trainers_autocast(tiny_assets, tmp_path):
     """--precision sets bf16 after TrainingArguments derived mixed_precision from the flags, and Trainer's
     autocast follows mixed_precision alone: it must be set too, or the step runs in fp32."""
     given = [
-        "--demo",
-        "--model_name_or_path",
-        tiny_assets[0],
-        "--dataset",
-        tiny_assets[1],
-        "--output_dir",
-        str(tmp_path),
+        *demo_argv(tiny_assets, str(tmp_path)),
     ]
     _, args = train.parse_args([*given, "--precision", "bf16"])
     assert args.bf16 and not args.fp16 and args.mixed_precision == "bf16"
@@ -393,13 +381,7 @@ def test_a_runs_own_run_config_re_runs_it_to_the_same_adapter(tiny_adapter, tmp_
 
 def _tiny_run(tiny_assets, tmp_path, *extra):
     return [
-        "--demo",
-        "--model_name_or_path",
-        tiny_assets[0],
-        "--dataset",
-        tiny_assets[1],
-        "--output_dir",
-        str(tmp_path / "run"),
+        *demo_argv(tiny_assets, str(tmp_path / "run")),
         "--embedding_cache_dir",
         str(tmp_path / "cache"),
         "--max_train_samples",

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import train
 import trainer
 from data import CaptionCollator, longest_caption_tokens
+from helpers import demo_argv
 from labels import BREED_NAMES, NUM_BREEDS, OXFORD_PETS, PETS_TEMPLATE
 from model import cast_frozen_linears, create_lora_model, load_base_model, load_processor
 from run_io import UserError
@@ -178,15 +179,8 @@ def test_loss_on_labelled_positions_is_blips_loss(pretrained_like):
 
 
 def _bf16_run(tiny_assets, out, cache, *extra):
-    model_dir, data_dir = tiny_assets
     argv = [
-        "--demo",
-        "--model_name_or_path",
-        model_dir,
-        "--dataset",
-        data_dir,
-        "--output_dir",
-        str(out),
+        *demo_argv(tiny_assets, str(out)),
         "--embedding_cache_dir",
         str(cache),
         "--precision",
@@ -292,15 +286,8 @@ def test_compiled_training_is_one_graph_with_eagers_losses(tiny_assets, tmp_path
 
 
 def _graphs_run(tiny_assets, out, *extra):
-    model_dir, data_dir = tiny_assets
     argv = [
-        "--demo",
-        "--model_name_or_path",
-        model_dir,
-        "--dataset",
-        data_dir,
-        "--output_dir",
-        str(out),
+        *demo_argv(tiny_assets, str(out)),
         "--embedding_cache_dir",
         str(out.parent / "cache"),
         "--max_steps",
@@ -453,15 +440,8 @@ def test_relative_difference():
 
 
 def test_cuda_graph_option_errors_are_one_line(tiny_assets, tmp_path, monkeypatch):
-    model_dir, data_dir = tiny_assets
     argv = [
-        "--demo",
-        "--model_name_or_path",
-        model_dir,
-        "--dataset",
-        data_dir,
-        "--output_dir",
-        str(tmp_path / "x"),
+        *demo_argv(tiny_assets, str(tmp_path / "x")),
         "--cuda_graphs",
         "True",
     ]

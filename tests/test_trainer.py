@@ -14,7 +14,7 @@ import torch
 import config
 import train
 import trainer
-from helpers import ROOT, RunsCode, checkpoint_copy, edit_json, run_script
+from helpers import ROOT, RunsCode, checkpoint_copy, demo_argv, edit_json, run_script
 from labels import PETS_TEMPLATE
 from run_io import UserError
 
@@ -115,13 +115,7 @@ def test_nan_loss_stops_training_without_saving(tiny_assets, tmp_path, monkeypat
     with pytest.raises(UserError, match="loss became nan at step 2"):
         train.main(
             [
-                "--demo",
-                "--model_name_or_path",
-                tiny_assets[0],
-                "--dataset",
-                tiny_assets[1],
-                "--output_dir",
-                str(tmp_path),
+                *demo_argv(tiny_assets, str(tmp_path)),
                 "--embedding_cache_dir",
                 str(tmp_path / "cache"),
             ]
