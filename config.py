@@ -268,6 +268,47 @@ NOT_RERUN = {
 }
 
 
+# The section of each options class; files written before the sections had names of their own used the class name
+SECTIONS = {
+    "PetConfig": "shared",
+    "TrainConfig": "train",
+    "EvalConfig": "evaluate",
+    "ExplainConfig": "explain",
+    "AppConfig": "app",
+    "SweepConfig": "sweep",
+}
+TRAINED_ON = "trained_on"  # train.py's section of what the adapter was trained on (base weights, label set)
+
+
+@dataclass
+class RunConfig:
+    """A run_config.json as read: the command line and each section's options (a plain dict per section)."""
+
+    command: str = ""
+    sections: dict = field(default_factory=dict)
+
+    def options(self, section: str) -> dict:
+        return self.sections.get(section) or {}
+
+
+def run_config_from(raw: dict, path: Optional[str] = None) -> RunConfig:
+    """A run_config.json's contents as a RunConfig, old section names mapped to the new ones. With `path` (an options
+    file given to a script), a top-level key that is no section is one UserError line; else it is left out."""
+    sections = {}
+    for key, value in raw.items():
+        name = SECTIONS.get(key, key)
+        known = name in SECTIONS.values() or name == TRAINED_ON
+        if name != "command" and isinstance(value, dict) and (known or path is None):
+            sections[name] = value
+        elif path is not None and name != "command":
+            raise UserError(
+                f"options file {path!r}: {key!r} is neither an option nor a section of options "
+                f"({', '.join(sorted(set(SECTIONS.values())))})"
+            )
+    command = raw.get("command")
+    return RunConfig(command if isinstance(command, str) else "", sections)
+
+
 def parse_options(types: tuple, argv=None) -> tuple:
     """(parser, the dataclasses) from the command line; a bad or unknown flag is one UserError line.
 
@@ -305,8 +346,6 @@ def options_file(path: str, types: tuple, parser: argparse.ArgumentParser) -> di
     device defaults. A key that is no option is one UserError line, as an unknown flag is.
     """
     import yaml
-
-    from run_record import SECTIONS, run_config_from  # run_record imports this module
 
     try:
         with open(path) as f:

@@ -1,21 +1,22 @@
-"""run_config.json, written and read here only, and the record of what an adapter's training run was.
+"""run_config.json, written and read from disk here only, and the record of what an adapter's training run was.
 
 Every script writes run_config.json next to its outputs: the command line and the resolved options, one
 section per options dataclass under a name that does not change when a class is renamed ("shared",
 "train", "evaluate", "explain", "app", "sweep"). evaluate.py, explainability.py and app.py read the
 adapter's record once, in parse_args (AdapterRun.read), fill in what the flags did not give, and pass it
-down. Reading never locks, repairs or moves anything in the adapter folder. Given to a script as its options
-file (config.options_file), a run_config.json re-runs its run.
+down. Reading never locks, repairs or moves anything in the adapter folder. The section names and the parsing
+of a file's contents (config.SECTIONS, config.run_config_from) stand with the options: given to a script as
+its options file (config.options_file), a run_config.json re-runs its run.
 """
 
 import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
-from config import DEFAULT_DATASET
+from config import DEFAULT_DATASET, RunConfig, run_config_from
 from labels import LabelSet
 from model import check_adapter
 from run_io import MOVING, UserError, same_source, write_json_atomic
@@ -23,16 +24,6 @@ from run_io import MOVING, UserError, same_source, write_json_atomic
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
-# The section of each options class; files written before the sections had names of their own used the class name
-SECTIONS = {
-    "PetConfig": "shared",
-    "TrainConfig": "train",
-    "EvalConfig": "evaluate",
-    "ExplainConfig": "explain",
-    "AppConfig": "app",
-    "SweepConfig": "sweep",
-}
-TRAINED_ON = "trained_on"  # train.py's section of what the adapter was trained on (base weights, label set)
 
 
 def save_run_config(path: str, **sections) -> None:
@@ -45,17 +36,6 @@ def save_run_config(path: str, **sections) -> None:
             record[name] = options.to_dict() if hasattr(options, "to_dict") else asdict(options)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, record, indent=2)
-
-
-@dataclass
-class RunConfig:
-    """A run_config.json as read: the command line and each section's options (a plain dict per section)."""
-
-    command: str = ""
-    sections: dict = field(default_factory=dict)
-
-    def options(self, section: str) -> dict:
-        return self.sections.get(section) or {}
 
 
 def read_run_config(path: str) -> Optional[RunConfig]:
@@ -71,24 +51,6 @@ def read_run_config(path: str) -> Optional[RunConfig]:
         logger.warning("%s cannot be read (%s): the run's settings are unknown", path, e)
         return None
     return run_config_from(raw)
-
-
-def run_config_from(raw: dict, path: Optional[str] = None) -> RunConfig:
-    """A run_config.json's contents as a RunConfig, old section names mapped to the new ones. With `path` (an options
-    file given to a script), a top-level key that is no section is one UserError line; else it is left out."""
-    sections = {}
-    for key, value in raw.items():
-        name = SECTIONS.get(key, key)
-        known = name in SECTIONS.values() or name == TRAINED_ON
-        if name != "command" and isinstance(value, dict) and (known or path is None):
-            sections[name] = value
-        elif path is not None and name != "command":
-            raise UserError(
-                f"options file {path!r}: {key!r} is neither an option nor a section of options "
-                f"({', '.join(sorted(set(SECTIONS.values())))})"
-            )
-    command = raw.get("command")
-    return RunConfig(command if isinstance(command, str) else "", sections)
 
 
 def _typed(options: dict, key: str, kind):
