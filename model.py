@@ -15,7 +15,7 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditi
 if TYPE_CHECKING:
     from peft import PeftModel
 
-from run_io import UserError, hub_reachable, is_local, offline_hint
+from run_io import UserError, hub_reachable, is_local, offline_hint, same_source
 
 logger = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
@@ -530,9 +530,13 @@ def load_model_pair(
 ) -> ModelPair:
     """The base model (zero-shot) and the adapter merged into a copy of it (fine-tuned), both in eval mode on device.
 
-    trained_on: the weights_fingerprint of the base the adapter was trained on; a base whose weights are other
-    ones (rebuilt or replaced in place) is refused: the adapter's changes belong to the weights they were learnt on.
+    trained_on: the weights_fingerprint of the base the adapter was trained on; that base (the adapter's own
+    base_model_name_or_path) holding other weights now (rebuilt or replaced in place) is refused: the adapter's
+    changes belong to the weights they were learnt on. Another base, given on purpose, is left to the fit checks.
     """
+    own_base = (adapter_config or {}).get("base_model_name_or_path")
+    if own_base is not None and not same_source(base_name, own_base):
+        trained_on = None
     zero_shot = load_base_model(base_name, dtype=dtype)
     now = weights_fingerprint(base_name, zero_shot) if trained_on else None
     same_kind = now is not None and now.startswith("sha256:") == trained_on.startswith("sha256:")

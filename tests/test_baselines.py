@@ -237,7 +237,7 @@ def test_evaluate_demo_without_clip_says_skipped(demo_adapter, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "skipped" in metrics["clip_zero_shot"] and "skipped" in metrics["linear_probe"]
-    assert proc.stderr.count("CLIP zero-shot baseline skipped") == 1
+    assert proc.stderr.count("CLIP model baseline skipped") == 1
     assert "CLIP zero-shot | skipped" in (out / "report.md").read_text()
 
 
