@@ -68,6 +68,8 @@ DEMO_GRID = [
         (["--eval_args=--adapter=x"], "sets --adapter, which"),
         (["--eval-args=--no-demo"], "sets --no-demo, which"),
         (["--train_args", "'unclosed"], "cannot be split"),
+        (["--train_args", "run.yaml"], "passes the options file 'run.yaml'"),
+        (["--eval_args", "--bootstrap_samples 50 old/run_config.json"], "passes the options file"),
         (["--shard", "2/2"], "i must be in"),
         (["--no_such_flag"], "not used"),
     ],
@@ -658,3 +660,8 @@ def test_links_in_a_sweep_folder_are_never_followed(tmp_path, monkeypatch):
 def test_one_gpu_given_twice_is_refused():
     with pytest.raises(UserError, match="repeats 0"):
         sweep_runs.pick_slots("0,00")
+
+
+def test_a_file_given_as_a_flags_value_passes_through():
+    _, grid = sweep.parse_args(["--train_args", "--label_names names.json --logging_dir=x.yaml"])
+    assert grid.train_args == ["--label_names", "names.json", "--logging_dir=x.yaml"]
