@@ -75,6 +75,17 @@ def paired_test(best_runs: list, default_runs: list) -> dict:
     }
 
 
+def label_kind(runs: list) -> str:
+    """What the runs' classes are called ("breed" for pets, "class" for others), from the first adapter that
+    recorded its label set (train.py's run_config.json); "breed" when none did."""
+    for run in runs:
+        record = read_json(os.path.join(run.folder, "adapter", "run_config.json"))
+        labels = (record or {}).get("trained_on", {}).get("labels") if isinstance(record, dict) else None
+        if isinstance(labels, dict) and isinstance(labels.get("kind"), str):
+            return labels["kind"]
+    return "breed"
+
+
 def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
     default = default_setting()
     state = {r.name: r.result(cfg, grid) for r in runs}
@@ -103,9 +114,11 @@ def summarise(cfg: SweepConfig, grid: Grid, runs: list) -> dict:
         values = [res[key] for s in settings for res in s["runs"] if key in res]
         if values:
             baselines[key] = mean_std(values)
+    kind = label_kind([r for r in runs if state[r.name][0] is not None])
     summary = {
         "std": "sample standard deviation (ddof=1) over seeds",
-        "best_chosen_on": "mean validation breed accuracy",
+        "kind": kind,  # the keys say breed_accuracy whatever the classes are; the text says `kind`
+        "best_chosen_on": f"mean validation {kind} accuracy",
         "settings": settings,
         "best": best["name"] if best else None,
         "default": default_name,
@@ -133,6 +146,7 @@ def _ms(m: dict) -> str:
 
 
 def sweep_markdown(summary: dict) -> str:
+    kind = summary.get("kind", "breed")
     rows = []
     for s in summary["settings"]:
         mark = " **best**" if s["name"] == summary["best"] else ""
@@ -145,7 +159,7 @@ def sweep_markdown(summary: dict) -> str:
             f"{_ms(s['test_breed_accuracy'])} | {_ms(s['test_likelihood_top1'])} |{mark} |"
         )
     header = (
-        "| r | alpha | variant | target modules | train images | seeds | validation breed acc. | test breed acc. "
+        f"| r | alpha | variant | target modules | train images | seeds | validation {kind} acc. | test {kind} acc. "
         "| test likelihood top-1 | |"
     )
     base = (
@@ -175,8 +189,8 @@ def sweep_markdown(summary: dict) -> str:
     missing = [f"{name} ({why})" for name, why in summary["why_missing"].items()]
     return f"""# Sweep: LoRA settings x seeds
 
-Per setting: mean ± sample standard deviation over seeds (ddof = 1) of the validation breed accuracy (the best
-epoch's, as train.py selects it), the test breed accuracy (caption names the breed) and the test likelihood top-1.
+Per setting: mean ± sample standard deviation over seeds (ddof = 1) of the validation {kind} accuracy (the best
+epoch's, as train.py selects it), the test {kind} accuracy (caption names the {kind}) and the test likelihood top-1.
 lora_alpha = 2 x r throughout, so the LoRA scale is the same and only the rank changes; variant: LoRA, or
 DoRA (PEFT's use_dora). The best setting is
 chosen on **validation only** (ties: the earlier in the grid); its test number is then read, not chosen on.
@@ -195,12 +209,12 @@ Baselines on the same test images (they do not depend on the LoRA setting: score
 
 {f"Missing runs (not finished): {', '.join(missing)}." if missing else "Every run finished."}
 
-![validation and test breed accuracy per setting](sweep.png)
+![validation and test {kind} accuracy per setting](sweep.png)
 """
 
 
 def plot_sweep(summary: dict, path: str) -> None:
-    settings = summary["settings"]
+    settings, kind = summary["settings"], summary.get("kind", "breed")
     x = np.arange(len(settings))
     styles = dict(zip(BASELINES, ("--", "-.", (0, (5, 1)), ":")))
     with figure(path, figsize=(max(6, 1.2 * len(settings) + 3), 4.5)) as (fig, ax):
@@ -210,12 +224,12 @@ def plot_sweep(summary: dict, path: str) -> None:
         ):
             means = [s[key]["mean"] if s[key]["mean"] is not None else np.nan for s in settings]
             stds = [s[key]["std"] or 0.0 for s in settings]
-            ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} breed accuracy (mean ± std)")
+            ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} {kind} accuracy (mean ± std)")
         for key, value in summary["baselines"].items():
             ax.axhline(value["mean"], color="gray", linestyle=styles[key], label=f"{BASELINE_NAMES[key]} (test)")
         ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
         ax.set(
-            ylabel="breed accuracy",
+            ylabel=f"{kind} accuracy",
             ylim=(-0.02, 1.02),
             xlim=(-0.5, len(settings) - 0.5),
             title=f"Sweep over seeds {summary['seeds']}",
@@ -246,13 +260,13 @@ def results_page(metrics, path: str, eval_dir: str, sweep_dir: str, summary: dic
     def link(p):
         return os.path.relpath(os.path.abspath(p), here)
 
-    zs, ft = metrics["zero_shot"], metrics["fine_tuned"]
+    zs, ft, kind = metrics["zero_shot"], metrics["fine_tuned"], summary.get("kind", "breed")
     rows = [
         f"| {label} | {format_ci(m[key], m[key + '_ci95'])} |"
         for label, m, key in (
-            ("zero-shot BLIP, caption names the breed", zs, "breed_accuracy"),
+            (f"zero-shot BLIP, caption names the {kind}", zs, "breed_accuracy"),
             ("zero-shot BLIP, likelihood ranking top-1", zs, "likelihood_top1"),
-            ("**fine-tuned BLIP + LoRA, caption names the breed**", ft, "breed_accuracy"),
+            (f"**fine-tuned BLIP + LoRA, caption names the {kind}**", ft, "breed_accuracy"),
             ("fine-tuned BLIP + LoRA, likelihood ranking top-1", ft, "likelihood_top1"),
         )
     ]
@@ -279,7 +293,7 @@ Main run: adapter `{metrics["adapter"]}` on `{metrics["base_model"]}`, {metrics[
 images of `{metrics["dataset"]}`. Brackets: 95% bootstrap intervals. Full report: [{report}]({report})
 (published numbers for context, and which baseline is fair for which question, are there).
 
-| method | breed accuracy |
+| method | {kind} accuracy |
 |---|---|
 {chr(10).join(rows)}
 

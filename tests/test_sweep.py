@@ -104,7 +104,7 @@ def test_a_folder_of_another_sweep_or_other_files_is_refused(tmp_path):
 # Resuming, shards and the summary, with a stand-in for train.py + evaluate.py
 
 
-def _fake_run(labels_right: dict):
+def _fake_run(labels_right: dict, trained_on=None):
     """A Runner.run_one that writes what train.py and evaluate.py would: history, metrics and predictions."""
     calls = []
 
@@ -137,6 +137,7 @@ def _fake_run(labels_right: dict):
             os.path.join(run.folder, "adapter", "run_config.json"),
             shared=shared,
             train={"seed": run.seed},
+            **({"trained_on": trained_on} if trained_on else {}),
         )
         with open(os.path.join(run.folder, "adapter", "adapter_config.json"), "w") as f:
             json.dump({"r": s["lora_r"], "use_dora": bool(s.get("use_dora"))}, f)  # as PEFT records it
@@ -343,6 +344,18 @@ def test_summary_numbers_equal_a_recomputation_from_the_runs_files(tmp_path, mon
     _check_summary_against_runs(out, summary)
     assert summary["default"] == "r32_query+value_nall"
     assert summary["baselines"]["linear_probe"]["mean"] == pytest.approx(np.mean([0.51, 0.52, 0.53]))
+
+
+def test_the_summary_names_the_classes_as_the_runs_label_set_does(tmp_path, monkeypatch):
+    birds = {"labels": {"names": ["Blue Jay", "Snowy Owl"], "kind": "class"}}
+    for trained_on, kind in ((None, "breed"), (birds, "class")):
+        run_one, _ = _fake_run({8: 0.5, 32: 0.8}, trained_on)
+        monkeypatch.setattr(sweep_runs.Runner, "run_one", run_one)
+        out = tmp_path / kind
+        summary = sweep.main(["--output_dir", str(out), "--lora_r", "8", "--seeds", "1", "--gpus", "none"])
+        table = (out / "sweep.md").read_text()
+        assert summary["kind"] == kind and f"| test {kind} acc. |" in table
+        assert (kind == "breed") == ("breed" in table)
 
 
 def _check_summary_against_runs(out, summary):
