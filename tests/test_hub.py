@@ -60,10 +60,14 @@ def fake_hub(monkeypatch):
     FakeHub.calls, FakeHub.fail = [], None
     monkeypatch.setattr(hub, "HfApi", FakeHub)
 
-    def trainer_pushes():
+    def trainer_pushes(*args, **kwargs):
         raise AssertionError("Trainer itself pushed to the Hub")
 
-    monkeypatch.setattr(transformers.trainer, "hf_api", trainer_pushes)
+    # how Trainer reaches the Hub: hf_api() in transformers 5.25, create_repo and upload_folder in 5.9
+    names = [n for n in ("hf_api", "create_repo", "upload_folder") if hasattr(transformers.trainer, n)]
+    assert names, "transformers.trainer reaches the Hub by a name this fixture does not replace"
+    for name in names:
+        monkeypatch.setattr(transformers.trainer, name, trainer_pushes)
     return FakeHub
 
 
