@@ -59,21 +59,21 @@ MAX_UPLOAD_BYTES = 50 << 20  # the pixel limit is data.load_image's, as everywhe
 EMPTY_MESSAGE = "No image: upload or paste one, or pick an example below."
 NOT_AN_IMAGE = "That file is not an image this app can read. Try a JPEG, PNG or WebP photo."
 MAP_LABEL = "Cross-attention"
+
+
 # The bars are the summed ranking, which evaluate.py scores (likelihood_top1) and which agrees with the fine-tuned
 # demo's captions (metrics.json: ranking_agrees_with_caption); the per-token one is named where it differs
-RANKING_LABEL = "Top 5 of 37 breeds (softmax of summed caption log-likelihoods)"  # the pets page's
-
-
 def ranking_title(labels: LabelSet) -> str:
     return f"Top {TOP_K} of {len(labels)} {labels.plural} (softmax of summed caption log-likelihoods)"
 
 
-EMPTY_RESULT = [
-    None,
-    None,
-    gr.update(value=None, label=RANKING_LABEL),
-    gr.update(value=None, label=MAP_LABEL),
-]  # one model's fields after an error
+def empty_result(labels: LabelSet) -> list:
+    """One model's fields after an error: no caption, no class, no bars or map (their titles kept)."""
+    return [None, None, gr.update(value=None, label=ranking_title(labels)), gr.update(value=None, label=MAP_LABEL)]
+
+
+RANKING_LABEL = ranking_title(OXFORD_PETS)  # the pets page's
+EMPTY_RESULT = empty_result(OXFORD_PETS)
 
 
 @dataclass(frozen=True)
@@ -244,10 +244,12 @@ def handle(captioner: PetCaptioner, image) -> list:
     try:
         result = captioner.analyse(image)
     except UserError as e:
-        return [f"**error:** {e}"] + EMPTY_RESULT * len(MODELS)
+        return [f"**error:** {e}"] + empty_result(captioner.labels) * len(MODELS)
     except Exception:  # a bug: the log gets the traceback, the page one line
         logger.exception("request failed")
-        return ["**error:** something went wrong on the server (see its log)."] + EMPTY_RESULT * len(MODELS)
+        return ["**error:** something went wrong on the server (see its log)."] + empty_result(captioner.labels) * len(
+            MODELS
+        )
     seconds = time.perf_counter() - start
     logger.info("answered in %.3f s: %s", seconds, {k: r["caption"] for k, r in result.items()})
     values = [

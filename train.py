@@ -177,8 +177,8 @@ def plot_curves(history: dict, path: str, label_smoothing: float = 0.0, kind: st
     with figure(path, dpi=120, ncols=2, figsize=(11, 4)) as (fig, (ax_loss, ax_acc)):
         ax_loss.plot([e["epoch"] for e in train], [e["loss"] for e in train], label="train loss", alpha=0.8)
         ax_loss.plot([e["epoch"] for e in val], [e.get("loss") for e in val], "o-", label="validation loss")
-        kind = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
-        ax_loss.set(xlabel="epoch", ylabel=f"loss ({kind})", title="Loss")
+        loss = f"cross-entropy, label smoothing {label_smoothing:g}" if label_smoothing else "cross-entropy"
+        ax_loss.set(xlabel="epoch", ylabel=f"loss ({loss})", title="Loss")
         ax_loss.legend()
         ax_acc.plot([e["epoch"] for e in val], [e.get("breed_accuracy") for e in val], "o-", color="tab:green")
         ax_acc.set(

@@ -569,3 +569,18 @@ def test_the_page_names_models_without_server_paths():
     page = app.build_ui(captioner, [])
     markdown = " ".join(str(getattr(b, "value", "")) for b in page.blocks.values())
     assert "`base`" in markdown and "/home/someone" not in markdown
+
+
+def test_an_error_keeps_the_ranking_title_of_the_adapters_own_classes():
+    from types import SimpleNamespace
+
+    from labels import from_class_names
+
+    birds = from_class_names(["Blue Jay", "Snowy Owl", "Barn Owl"])
+
+    def refuse(image):
+        raise UserError("not an image")
+
+    values = app.handle(SimpleNamespace(analyse=refuse, labels=birds), None)
+    titles = [v["label"] for v in values[1:] if isinstance(v, dict) and v["label"] != app.MAP_LABEL]
+    assert titles == ["Top 5 of 3 classes (softmax of summed caption log-likelihoods)"] * 2

@@ -439,3 +439,24 @@ def test_gradient_checkpointing_trains_the_same_adapter_and_validates(tiny_adapt
     assert [e["breed_accuracy"] for e in result["history"]["validation"]] == [
         e["breed_accuracy"] for e in history["validation"]
     ]
+
+
+def test_training_curves_name_the_loss_and_the_classes(tmp_path, monkeypatch):
+    import contextlib
+
+    import matplotlib.pyplot as plt
+
+    axes = []
+
+    @contextlib.contextmanager
+    def keep_figure(path, **kw):  # figures.figure without the close, so the axes can be read
+        fig, ax = plt.subplots(kw.get("nrows", 1), kw.get("ncols", 1))
+        axes.extend(ax)
+        yield fig, ax
+
+    monkeypatch.setattr(train, "figure", keep_figure)
+    history = {"train": [{"epoch": 1, "loss": 1.0}], "validation": [{"epoch": 1, "loss": 0.9, "breed_accuracy": 0.5}]}
+    train.plot_curves(history, str(tmp_path / "c.png"), 0.1, "class")
+    assert axes[0].get_ylabel() == "loss (cross-entropy, label smoothing 0.1)"
+    assert axes[1].get_ylabel() == "class accuracy" and axes[1].get_title().startswith("Validation class accuracy")
+    plt.close("all")
