@@ -11,6 +11,7 @@
 Each gets a 95% bootstrap interval and an exact McNemar test against the fine-tuned captions.
 """
 
+import functools
 import logging
 import os
 import warnings
@@ -89,8 +90,9 @@ def score(labels, pred, reference_correct, samples: int, seed: int) -> dict:
 # Linear probe on BLIP's frozen pooled features
 
 
-def adapter_cache(adapter_run, model, processor):
-    """The embedding cache train.py filled for this adapter (run_record.AdapterRun says where), or None."""
+def adapter_cache(adapter_run, model, processor, fingerprint=None):
+    """The embedding cache train.py filled for this adapter (run_record.AdapterRun says where), or None.
+    fingerprint: a function giving vision_fingerprint(model, processor), when the caller has it already."""
     from embedding_cache import vision_fingerprint
 
     folder = adapter_run.embedding_cache_dir
@@ -99,7 +101,8 @@ def adapter_cache(adapter_run, model, processor):
     # the key hashes the weights as loaded: a model loaded in bf16 has another key than training's fp32 one
     vision = model.config.vision_config
     shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)  # CLS + patches, as encoded
-    return EmbeddingCache(folder, vision_fingerprint(model, processor), adapter_run.embedding_cache_dtype, shape)
+    key = fingerprint() if fingerprint else vision_fingerprint(model, processor)
+    return EmbeddingCache(folder, key, adapter_run.embedding_cache_dtype, shape)
 
 
 @torch.no_grad()
@@ -351,7 +354,10 @@ def run_baselines(
 ) -> Baselines:
     """Every baseline on predictions' images, scored against the fine-tuned captions (fine_tuned_correct)."""
     from classifier import blip_backbone
+    from embedding_cache import vision_fingerprint
 
+    # the encoder's weights hashed once, when the probe's cache or the classifier's cache key first needs them
+    vision_key = functools.cache(lambda: vision_fingerprint(zero_shot, processor))
     loaded = loaded or LoadedBaselines()
     out = Baselines()
     names = splits.labels.names
@@ -366,7 +372,12 @@ def run_baselines(
     else:
         try:
             probe = linear_probe(
-                zero_shot, processor, splits, records, batch, adapter_cache(adapter_run, zero_shot, processor)
+                zero_shot,
+                processor,
+                splits,
+                records,
+                batch,
+                adapter_cache(adapter_run, zero_shot, processor, vision_key),
             )
         except ValueError as e:
             logger.warning("linear probe skipped: %s", e)
@@ -384,7 +395,7 @@ def run_baselines(
     elif args.split != "test":
         out.numbers["lora_classifier"] = {"skipped": test_only}
     else:
-        backbones["lora_classifier"] = blip_backbone(zero_shot, processor, len(splits.labels))
+        backbones["lora_classifier"] = blip_backbone(zero_shot, processor, len(splits.labels), vision_key())
     for key, backbone in backbones.items():
         if backbone is None:
             if key in loaded.skipped:

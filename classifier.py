@@ -25,6 +25,7 @@ import torch
 
 from config import CLASSIFIER_DEFAULT
 from data import pixel_batches
+from devices import autocast_for, rng_fork_args
 from run_io import UserError, folder_model_type, is_local, load_baseline_model, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,9 @@ class LogitsOf(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def blip_backbone(model, processor, num_classes: int) -> Backbone:
-    """BLIP's vision encoder (a copy: `model` stays as it is) with a new head over `num_classes` classes."""
+def blip_backbone(model, processor, num_classes: int, fingerprint: Optional[str] = None) -> Backbone:
+    """BLIP's vision encoder (a copy: `model` stays as it is) with a new head over `num_classes` classes.
+    fingerprint: vision_fingerprint(model, processor), when the caller has it already."""
     from embedding_cache import vision_fingerprint
     from model import set_vision_attention
 
@@ -145,7 +147,11 @@ def blip_backbone(model, processor, num_classes: int) -> Backbone:
     with torch.random.fork_rng(devices=[]):  # the head is initialised again, seeded, when trained
         net = BlipVisionClassifier(vision, num_classes)
     return Backbone(
-        "BLIP vision encoder", net, processor.image_processor, ("qkv",), vision_fingerprint(model, processor)
+        "BLIP vision encoder",
+        net,
+        processor.image_processor,
+        ("qkv",),
+        fingerprint or vision_fingerprint(model, processor),
     )
 
 
@@ -274,18 +280,6 @@ def _build(backbone: Backbone, settings: ClassifierSettings, device, dtype) -> t
     return net
 
 
-def _rng_devices(device: torch.device) -> dict:
-    """fork_rng's arguments for the CPU's and `device`'s random state."""
-    if device.type != "cuda":
-        return {"devices": []}
-    return {"devices": [device.index if device.index is not None else torch.cuda.current_device()]}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    half = dtype in (torch.bfloat16, torch.float16)
-    return torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half)
-
-
 def pixel_tensor(records: list, image_processor, batch_size: int):
     """(pixel_values float16 (n, 3, H, W), labels (n,), {image_id: reason}) of the readable records, in order.
 
@@ -307,7 +301,7 @@ def logits_of(net, pixels: torch.Tensor, batch_size: int, device, dtype) -> torc
     """(n, num_classes) float32 logits on the CPU, in eval mode (no LoRA dropout)."""
     net.eval()
     out = []
-    with _autocast(device, dtype):
+    with autocast_for(device, dtype):
         for start in range(0, len(pixels), batch_size):
             out.append(net(pixels[start : start + batch_size].to(device, torch.float32)).float().cpu())
     return torch.cat(out)
@@ -345,7 +339,7 @@ def train_classifier(
         raise ValueError(f"the training images hold {len(set(train_y.tolist()))} class(es); a classifier needs two")
     steps_per_epoch = -(-len(train_y) // settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    with torch.random.fork_rng(**_rng_devices(device)):
+    with torch.random.fork_rng(**rng_fork_args(device)):
         torch.manual_seed(settings.seed)  # the head's and LoRA's initialisation, LoRA's dropout
         net = _build(backbone, settings, device, dtype)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -359,7 +353,7 @@ def train_classifier(
             losses = []
             for idx in torch.randperm(len(train_y), generator=order).split(settings.batch_size):
                 x, y = train_x[idx].to(device, torch.float32), train_y[idx].to(device)
-                with _autocast(device, dtype):
+                with autocast_for(device, dtype):
                     logits = net(x)
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -418,7 +412,7 @@ def predict(trained: TrainedClassifier, image_processor, records: list, batch_si
     logits = np.full((len(records), num_classes), np.nan, np.float32)
     where = {id(r): i for i, r in enumerate(records)}
     batches, bad = pixel_batches(records, image_processor, batch_size, device=device)
-    with _autocast(device, dtype):
+    with autocast_for(device, dtype):
         for batch, pixels in batches:
             logits[[where[id(r)] for r in batch]] = net(pixels.to(device, torch.float32)).float().cpu().numpy()
     seconds = time.perf_counter() - start
@@ -496,7 +490,7 @@ def load_classifier(
             weights = {name: f.get_tensor(name) for name in f.keys()}
         if info.get("key") != key or stored_key != key:
             raise ValueError("its files were saved under another key")
-        with torch.random.fork_rng(**_rng_devices(torch.device(device))):
+        with torch.random.fork_rng(**rng_fork_args(torch.device(device))):
             net = _build(backbone, settings, device, dtype)
         expected = {n: tuple(p.shape) for n, p in net.named_parameters() if p.requires_grad}
         if {n: tuple(t.shape) for n, t in weights.items()} != expected:

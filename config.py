@@ -250,6 +250,13 @@ class OptionParser(HfArgumentParser):
 
 
 OPTIONS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def is_options_file(arg: str) -> bool:
+    """An argument that names an options file (a YAML or JSON file), not a flag."""
+    return not arg.startswith("-") and arg.lower().endswith(OPTIONS_FILE_SUFFIXES)
+
+
 # What a run's own record (its run_config.json) does not carry into a re-run: what the machine chose (the
 # precision that --precision auto picked, pinned memory, and every device default in devices.DEVICE_DEFAULTS),
 # which the machine running it chooses again; what TrainingArguments derives from --output_dir (logging_dir, in
@@ -325,7 +332,7 @@ def _parse(types: tuple, argv=None) -> tuple:
     # allow_abbrev=False: `--model_name foo` must not silently stand for --model_name_or_path
     parser = OptionParser(types, allow_abbrev=False)
     from_file = {}
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(OPTIONS_FILE_SUFFIXES):
+    if argv and is_options_file(argv[0]):
         from_file = options_file(argv.pop(0), types, parser)
         parser.set_defaults(**from_file)
     try:
@@ -333,7 +340,7 @@ def _parse(types: tuple, argv=None) -> tuple:
         # a config no one typed and run_config.json's command would not show
         options = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:
-        raise UserError(str(e).strip().splitlines()[0]) from e
+        raise UserError(first_line(e)) from e
     return parser, given_options(parser, argv) | from_file.keys(), options
 
 

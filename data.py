@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from devices import device_setting
 from labels import OXFORD_PETS, LabelSet, from_class_names, with_label_names
-from run_io import UserError, hub_reachable, is_local, offline_hint
+from run_io import UserError, first_line, hub_reachable, is_local, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def _load_from_disk(path: str):
     try:
         return datasets.load_from_disk(path)
     except Exception as e:  # a missing split folder, garbled JSON, a truncated .arrow: datasets, json and pyarrow types
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        first = first_line(e)
         raise UserError(
             f"save_to_disk folder {path!r} is incomplete or corrupt ({type(e).__name__}: {first[:150]}); "
             "save the data set again (Dataset.save_to_disk) or pass another --dataset"

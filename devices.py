@@ -58,3 +58,19 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def rng_fork_args(device: torch.device) -> dict:
+    """torch.random.fork_rng's arguments for the CPU's and `device`'s random state."""
+    if device.type != "cuda":
+        return {"devices": []}  # the CPU's state is always forked
+    return {
+        "devices": [device.index if device.index is not None else torch.cuda.current_device()],
+        "device_type": "cuda",
+    }
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """The autocast context of a bf16 or fp16 run (a no-op in fp32)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half)

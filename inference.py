@@ -13,6 +13,7 @@ import torch
 from data import tokenize_captions
 from devices import device_setting
 from model import MAX_ERROR_CHARS
+from run_io import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def graphed_step(step, device):
         with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
             step()
     except RuntimeError as e:  # a torch or driver without graph support for some op: slower, same ids
-        graph_decoding.turn_off(f"capture failed: {str(e).splitlines()[0][:MAX_ERROR_CHARS]}")
+        graph_decoding.turn_off(f"capture failed: {first_line(e)[:MAX_ERROR_CHARS]}")
         if torch.cuda.is_available():
             torch.cuda.synchronize(device)
         return None

@@ -15,7 +15,7 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditi
 if TYPE_CHECKING:
     from peft import PeftModel
 
-from run_io import UserError, hub_reachable, is_local, offline_hint, same_source
+from run_io import UserError, first_line, hub_reachable, is_local, offline_hint, same_source
 
 logger = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
@@ -390,7 +390,7 @@ def load_lora_for_inference(
                 f"adapter {adapter_dir!r} was trained on a base model of another shape than {base!r} "
                 "(size mismatch); pass the right --model_name_or_path"
             ) from e
-        first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+        first = first_line(e) or type(e).__name__
         raise UserError(
             f"cannot load adapter {adapter_dir!r} ({type(e).__name__}: {first[:MAX_ERROR_CHARS]}); "
             "the file may be corrupt or truncated: re-save or re-train it"

@@ -35,7 +35,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from config import OPTIONS_FILE_SUFFIXES, PetConfig, check_seed
+from config import PetConfig, check_seed, is_options_file
 from data import die_with_parent
 from run_io import MOVING, UserError, check_output_dir, exclusive_lock, write_json_atomic
 from run_record import read_run_config
@@ -179,10 +179,6 @@ def option_name(arg: str) -> Optional[str]:
     return name[3:] if name.startswith("no_") else name
 
 
-def _options_file_like(arg: str) -> bool:
-    return not arg.startswith("-") and arg.lower().endswith(OPTIONS_FILE_SUFFIXES)
-
-
 def _takes_value(arg: str) -> bool:
     """A flag whose value may be the next argument (`--label_names names.json`)."""
     return arg.startswith("-") and "=" not in arg
@@ -195,7 +191,7 @@ def _pass_through(flag: str, text: str) -> list:
         raise UserError(f"--{flag} {text!r} cannot be split into flags ({e})") from None
     # an options file stands first in a script's command, where the sweep's own flags stand: its keys would
     # override the grid while sweep.md reports the grid's values
-    files = [a for i, a in enumerate(args) if _options_file_like(a) and (i == 0 or not _takes_value(args[i - 1]))]
+    files = [a for i, a in enumerate(args) if is_options_file(a) and (i == 0 or not _takes_value(args[i - 1]))]
     if files:
         raise UserError(
             f"--{flag} passes the options file {files[0]!r}, which a run cannot take after the sweep's flags; "

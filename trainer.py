@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
+from devices import autocast_for, rng_fork_args
 from inference import captions_from_embeddings, decoding_options, image_embeddings
 from model import (
     check_loaded_keys,
 )
-from run_io import UserError
+from run_io import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -260,14 +261,14 @@ class GraphedLoss:
                 # autocast off: the recorder refuses autocast's weight cache
                 with (
                     torch.autocast(args[0].device.type, enabled=False),
-                    torch.random.fork_rng(**_rng_fork(args[0].device)),
+                    torch.random.fork_rng(**rng_fork_args(args[0].device)),
                 ):
                     self.replay = torch.cuda.make_graphed_callables(self.recorded, sample)
             except Exception as e:
                 return self._eager_from_now(
                     "--cuda_graphs: recording the training step failed (%s: %s); it runs eagerly",
                     type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
+                    first_line(e)[:200],
                 )
             self.shapes = shapes
         if shapes != self.shapes:
@@ -297,7 +298,7 @@ class GraphedLoss:
         params = [p for p in self.eager.parameters() if p.requires_grad]
         results = []
         for loss_of in (self.replay, self.eager):
-            with torch.random.fork_rng(**_rng_fork(args[0].device)):
+            with torch.random.fork_rng(**rng_fork_args(args[0].device)):
                 loss = loss_of(*args)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 # copies: the replay's outputs live in the graph's buffers, which the next replay overwrites
@@ -332,16 +333,6 @@ class GraphedLoss:
             name,
         )
         return False
-
-
-def _rng_fork(device) -> dict:
-    """torch.random.fork_rng's arguments for the CPU's and `device`'s random state."""
-    if device.type != "cuda":
-        return {"devices": []}  # the CPU's state is always forked
-    return {
-        "devices": [device.index if device.index is not None else torch.cuda.current_device()],
-        "device_type": "cuda",
-    }
 
 
 def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -419,7 +410,7 @@ def check_checkpoint(model, path: str) -> None:
                 f"values, which could run code (refused unread; nothing ran); {fix}"
             ) from e
         except Exception as e:  # truncated or garbled: zip, pickle and json raise their own types
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            first = first_line(e)
             raise UserError(
                 f"checkpoint {path!r} cannot be read: its {name} is damaged ({type(e).__name__}: {first[:150]}); {fix}"
             ) from e
@@ -451,8 +442,7 @@ def autocast_dtype(args) -> torch.dtype:
 
 def autocast(args):
     """The autocast context of --bf16 / --fp16 (a no-op in fp32), for work done outside Trainer's step."""
-    dtype = autocast_dtype(args)
-    return torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return autocast_for(args.device, autocast_dtype(args))
 
 
 def fits_on_gpu(datasets, device, share: float = 0.5) -> bool:

@@ -241,7 +241,7 @@ def test_evaluate_demo_without_clip_says_skipped(demo_adapter, tmp_path):
     assert "CLIP zero-shot | skipped" in (out / "report.md").read_text()
 
 
-def test_the_lora_classifier_is_scored_cached_and_retrained_on_request(tiny_adapter, tmp_path):
+def test_the_lora_classifier_is_scored_cached_and_retrained_on_request(tiny_adapter, tmp_path, monkeypatch):
     """evaluate.py trains the classifier on the adapter's own split once, reuses it on the next run (same numbers,
     no training) and trains it again when asked."""
     out, cache = str(tmp_path / "eval"), str(tmp_path / "classifiers")
@@ -258,3 +258,10 @@ def test_the_lora_classifier_is_scored_cached_and_retrained_on_request(tiny_adap
     again = evaluate.main(argv)["metrics"]["lora_classifier"]
     assert again["cached"] and again["accuracy"] == first["accuracy"] and again["key"] == first["key"]
     assert not evaluate.main(argv + ["--classifier_baseline", "retrain"])["metrics"]["lora_classifier"]["cached"]
+    # the probe's embedding cache and the classifier's cache key share one hash of the encoder's weights
+    import embedding_cache
+
+    calls, hash_weights = [], embedding_cache.vision_fingerprint
+    monkeypatch.setattr(embedding_cache, "vision_fingerprint", lambda *a: calls.append(a) or hash_weights(*a))
+    assert "accuracy" in evaluate.main(argv + ["--linear_probe", "True"])["metrics"]["linear_probe"]
+    assert len(calls) == 1
