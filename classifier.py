@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
@@ -26,7 +25,7 @@ import torch
 from config import CLASSIFIER_DEFAULT
 from data import pixel_batches
 from devices import autocast_for, rng_fork_args
-from run_io import UserError, folder_model_type, is_local, load_baseline_model, write_json_atomic
+from run_io import UserError, atomic_path, folder_model_type, is_local, load_baseline_model, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -450,16 +449,8 @@ def save_classifier(folder: str, key: str, trained: TrainedClassifier) -> None:
 
     os.makedirs(folder, exist_ok=True)
     weights_path, info_path = _paths(folder, key)
-    fd, tmp = tempfile.mkstemp(prefix=".classifier-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(weights_path, ".classifier-", ".safetensors.tmp") as tmp:
         save_file(trained_weights(trained.net), tmp, metadata={"key": key})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, weights_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     info = {
         "key": key,
         "best_epoch": trained.best_epoch,

@@ -433,22 +433,32 @@ def _read_names(path: str) -> list:
         return []
 
 
-def write_json_atomic(path: str, value, prefix: str = ".saving-", suffix: str = ".json", indent=None) -> None:
-    """Write JSON complete or not at all: a temporary file (prefix...suffix, in the same folder), then a rename."""
+@contextmanager
+def atomic_path(path: str, prefix: str = ".saving-", suffix: str = ".tmp"):
+    """A temporary path in `path`'s folder to write a file to; renamed to `path` when the block ends, removed when
+    it fails: the file is there complete or not at all."""
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(path) or ".")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
-    with os.fdopen(fd, "w") as f:
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, value, prefix: str = ".saving-", suffix: str = ".json", indent=None) -> None:
+    """Write JSON complete or not at all (atomic_path)."""
+    with atomic_path(path, prefix, suffix) as tmp, open(tmp, "w") as f:
         json.dump(value, f, indent=indent, default=str)
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file complete or not at all: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".saving-", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a group that shares the folder
-    with os.fdopen(fd, "w") as f:
+    """Write a text file complete or not at all (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 class UserError(Exception):

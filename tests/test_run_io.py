@@ -563,3 +563,13 @@ def test_hub_reachable_connects_to_hf_endpoint(monkeypatch):
     assert not run_io.hub_reachable(timeout=2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not run_io.hub_reachable()
+
+
+def test_a_failed_atomic_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    from run_io import write_text_atomic
+
+    with pytest.raises(TypeError):
+        write_text_atomic(str(tmp_path / "report.md"), 42)  # not text: the write fails half-way
+    assert os.listdir(tmp_path) == []
+    write_text_atomic(str(tmp_path / "report.md"), "# done\n")
+    assert os.listdir(tmp_path) == ["report.md"] and oct(os.stat(tmp_path / "report.md").st_mode & 0o777) == "0o644"
