@@ -208,8 +208,11 @@ def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
     targets = next((t for t in ATTENTION_TARGETS if set(t) <= linears), None)
     if targets is None:
         raise UserError(f"{name!r} has no attention projections ({ATTENTION_TARGETS}) for LoRA; pass a transformer")
-    fingerprint = _weights_fingerprint(
-        model, model.config.to_json_string(), json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
+    from embedding_cache import tensors_fingerprint
+
+    body = {k: t for k, t in model.state_dict().items() if not k.startswith("classifier.")}  # the head is made anew
+    fingerprint = tensors_fingerprint(
+        body, model.config.to_json_string(), json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
     )
     return Backbone(name, LogitsOf(model), image_processor, targets, fingerprint)
 
@@ -217,19 +220,6 @@ def load_backbone(name: str, num_classes: int) -> Optional[Backbone]:
 def _head_linears(net: torch.nn.Module) -> list:
     head = net.classifier if hasattr(net, "classifier") else net.model.classifier
     return [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _weights_fingerprint(model: torch.nn.Module, *texts: str) -> str:
-    """A short key over `texts` and every tensor of `model` but its head (which training initialises anew)."""
-    h = hashlib.sha256()
-    for text in texts:
-        h.update(text.encode())
-    for name, t in sorted(model.state_dict().items()):
-        if name.startswith("classifier."):
-            continue
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------

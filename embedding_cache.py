@@ -309,12 +309,21 @@ def vision_fingerprint(model, processor) -> str:
     All of the encoder's tensors (parameters and buffers, by name, dtype and shape), not a sample: two
     encoders that differ in one middle layer must not share cached embeddings.
     """
+    return tensors_fingerprint(
+        model.vision_model.state_dict(),
+        model.config.vision_config.to_json_string(),
+        json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str),
+    )
+
+
+def tensors_fingerprint(state_dict: dict, *texts: str) -> str:
+    """A short key over `texts` and every tensor of `state_dict` (by name, dtype, shape and raw bytes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     h = hashlib.sha256()
-    h.update(model.config.vision_config.to_json_string().encode())
-    h.update(json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
-    tensors = sorted(model.vision_model.state_dict().items())
+    for text in texts:
+        h.update(text.encode())
+    tensors = sorted(state_dict.items())
     # hashlib lets go of the GIL on big buffers: the tensors are hashed side by side (~0.7 GB/s a core)
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = pool.map(_tensor_digest, [t for _, t in tensors])
