@@ -15,24 +15,15 @@ from transformers.models.blip.modeling_blip import BlipAttention, BlipForConditi
 if TYPE_CHECKING:
     from peft import PeftModel
 
-from run_io import UserError, first_line, hub_reachable, is_local, offline_hint, same_source
+from run_io import UserError, first_line, from_pretrained_kwargs, offline_hint, same_source
 
 logger = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 200  # of a library's exception text inside our one-line error: enough to name the problem
 
 
-def _local_or_cached(name: str, flag: str = "--model_name_or_path") -> dict:
-    """from_pretrained kwargs that fail fast offline instead of retrying for ~45 s."""
-    if os.path.isdir(name):
-        return {}
-    if is_local(name):  # path-like but no folder
-        raise UserError(f"model folder {name!r} does not exist; pass an existing folder to {flag} or a Hub id")
-    return {} if hub_reachable() else {"local_files_only": True}
-
-
 def load_processor(name_or_path: str) -> BlipProcessor:
     """BlipProcessor with the PIL image processor (torchvision is optional, so don't depend on it)."""
-    kwargs = _local_or_cached(name_or_path)
+    kwargs = from_pretrained_kwargs(name_or_path, "--model_name_or_path")
     try:
         image_processor = BlipImageProcessorPil.from_pretrained(name_or_path, **kwargs)
         tokenizer = BertTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -164,7 +155,7 @@ def set_vision_attention(
 
 
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> BlipForPetCaptioning:
-    kwargs = _local_or_cached(name_or_path)
+    kwargs = from_pretrained_kwargs(name_or_path, "--model_name_or_path")
     if os.path.isdir(name_or_path):
         if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
             # transformers would load the adapter's own base and apply the adapter: the "zero-shot" model

@@ -3,6 +3,7 @@ atomic JSON writes and path predicates (run_config.json itself is run_record.py'
 """
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -22,11 +23,16 @@ def is_local(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect instead of huggingface_hub's ~45 s of retries; UserError for an HF_ENDPOINT that is
-    not an http(s) URL with a valid port."""
+    """One quick TCP connect instead of huggingface_hub's ~45 s of retries (once per endpoint and process: an
+    offline run would wait `timeout` for each model it loads); UserError for an HF_ENDPOINT that is not an
+    http(s) URL with a valid port."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return _endpoint_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+@functools.cache
+def _endpoint_reachable(endpoint: str, timeout: float) -> bool:
     try:
         url = urlparse(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -63,13 +69,23 @@ def folder_model_type(folder: str):
         return None
 
 
+def from_pretrained_kwargs(name: str, flag: str) -> dict:
+    """from_pretrained's kwargs for a folder or Hub id: local_files_only when the Hub is unreachable, so that an
+    offline load fails at once instead of retrying for ~45 s. A path-like name that is no folder is one line."""
+    if os.path.isdir(name):
+        return {}
+    if is_local(name):
+        raise UserError(f"model folder {name!r} does not exist; pass an existing folder to {flag} or a Hub id")
+    return {} if hub_reachable() else {"local_files_only": True}
+
+
 def load_baseline_model(name: str, default: str, what: str, flag: str, load):
     """`load(**kwargs)` of a baseline's Hub id or folder (kwargs: local_files_only when the Hub is unreachable).
 
     The default model that cannot be loaded offline is None with one warning (the baseline is skipped); any
     other failure is one UserError line.
     """
-    kwargs = {} if os.path.isdir(name) or hub_reachable() else {"local_files_only": True}
+    kwargs = from_pretrained_kwargs(name, flag)
     try:
         return load(**kwargs)
     except OSError as e:

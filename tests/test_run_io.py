@@ -573,3 +573,19 @@ def test_a_failed_atomic_write_leaves_neither_the_file_nor_its_temporary(tmp_pat
     assert os.listdir(tmp_path) == []
     write_text_atomic(str(tmp_path / "report.md"), "# done\n")
     assert os.listdir(tmp_path) == ["report.md"] and oct(os.stat(tmp_path / "report.md").st_mode & 0o777) == "0o644"
+
+
+def test_the_hub_is_asked_once_per_endpoint_and_process(monkeypatch):
+    tries = []
+
+    def unreachable(address, timeout):
+        tries.append(address)
+        raise OSError("timed out")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(run_io.socket, "create_connection", unreachable)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    assert not any(run_io.hub_reachable(timeout=0.1) for _ in range(3))  # base, CLIP, classifier: one wait
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example.invalid")
+    assert not run_io.hub_reachable(timeout=0.1)
+    assert tries == [("hub.example.invalid", 443), ("mirror.example.invalid", 443)]
