@@ -25,7 +25,7 @@ from config import CLIP_DEFAULT
 from data import pixel_batches
 from embedding_cache import EmbeddingCache
 from labels import LabelSet
-from metrics import bootstrap_ci, format_ci, mcnemar
+from metrics import BASELINES, bootstrap_ci, format_ci, mcnemar
 from run_io import UserError, folder_model_type, is_local, load_baseline_model
 
 logger = logging.getLogger(__name__)
@@ -404,7 +404,7 @@ def run_baselines(
         try:
             result = run_classifier_baseline(args, backbone, splits, records, seed, device, dtype)
         except ValueError as e:
-            logger.warning("%s skipped: %s", LABELS[key], e)
+            logger.warning("%s skipped: %s", BASELINES[key], e)
             out.numbers[key] = {"skipped": str(e)}
             continue
         out.numbers[key] = {**_scored(result.pred, labels, fine_tuned_correct, args), **result.summary()}
@@ -458,17 +458,10 @@ def _names(pred, names) -> list:
 # ---------------------------------------------------------------------------
 # Report text
 
-LABELS = {
-    "linear_probe": "linear probe on frozen BLIP image features",
-    "lora_classifier": "LoRA classifier on BLIP's vision encoder (r=64 on qkv, linear head)",
-    "hub_classifier": "LoRA classifier on an image classifier backbone",
-    "clip_zero_shot": "CLIP zero-shot",
-}
-
 
 def _measured(numbers: dict):
     """(label, the baseline's numbers or None, its reason when skipped) for each baseline that was asked for."""
-    for key, label in LABELS.items():
+    for key, label in BASELINES.items():
         b = numbers.get(key)
         if b:
             if key == "hub_classifier":

@@ -13,6 +13,13 @@ import numpy as np
 from labels import UNKNOWN, LabelSet
 
 MODELS = ("zero_shot", "fine_tuned")  # the keys of every output: metrics.json, predictions.csv, attention_metrics.json
+# evaluate.py's baselines: their keys in metrics.json (and a sweep's summary), and what the reports call them
+BASELINES = {
+    "linear_probe": "linear probe on frozen BLIP image features",
+    "lora_classifier": "LoRA classifier on BLIP's vision encoder (r=64 on qkv, linear head)",
+    "hub_classifier": "LoRA classifier on an image classifier backbone",
+    "clip_zero_shot": "CLIP zero-shot",
+}
 
 
 def display(model_key: str) -> str:

@@ -8,12 +8,11 @@ import os
 
 import numpy as np
 
-from baselines import LABELS as BASELINE_LABELS
 from baselines import report_section, summary_lines
 from data import load_image
 from figures import figure
 from labels import LabelSet
-from metrics import MODELS, Metrics, Predictions, confusion, display, format_ci, label_index, matrix_labels
+from metrics import BASELINES, MODELS, Metrics, Predictions, confusion, display, format_ci, label_index, matrix_labels
 
 # A confusion matrix of more classes than this is drawn for its most confused classes only (the whole one
 # goes to a CSV file): 200 rows of labels and counts would be unreadable
@@ -308,7 +307,7 @@ def write_report(path: str, metrics: Metrics, info: dict, labels: LabelSet, tabl
     )
     baselines = (
         report_section(numbers, labels, info)
-        if "fine_tuned" in numbers and any(k in numbers for k in BASELINE_LABELS)
+        if "fine_tuned" in numbers and any(k in numbers for k in BASELINES)
         else ""
     )
     figures = "\n\n".join(f"### {caption}\n\n![{caption}]({name})" for name, caption in figure_captions(labels).items())

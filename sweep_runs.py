@@ -37,12 +37,11 @@ from typing import Optional
 
 from config import PetConfig, check_seed, is_options_file
 from data import die_with_parent
+from metrics import BASELINES
 from run_io import MOVING, UserError, check_output_dir, exclusive_lock, write_json_atomic
 from run_record import read_run_config
 
 # evaluate.py's baselines (metrics.json's keys), scored in one setting's runs only: they do not depend on the LoRA
-BASELINES = ("linear_probe", "lora_classifier", "hub_classifier", "clip_zero_shot")
-
 logger = logging.getLogger("sweep")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

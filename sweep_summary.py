@@ -6,10 +6,9 @@ import os
 import numpy as np
 
 from figures import figure
-from metrics import format_ci, mcnemar
+from metrics import BASELINES, format_ci, mcnemar
 from run_io import UserError, write_text_atomic
 from sweep_runs import (
-    BASELINES,
     Grid,
     Run,
     SweepConfig,
@@ -18,18 +17,6 @@ from sweep_runs import (
     same_setting,
     setting_name,
     write_json,
-)
-
-BASELINE_NAMES = dict(
-    zip(
-        BASELINES,
-        (
-            "linear probe on frozen BLIP features",
-            "LoRA classifier on BLIP's vision encoder",
-            "LoRA classifier on a Hub backbone",
-            "CLIP zero-shot",
-        ),
-    )
 )
 
 
@@ -163,7 +150,7 @@ def sweep_markdown(summary: dict) -> str:
         "| test likelihood top-1 | |"
     )
     base = (
-        "\n".join(f"| {BASELINE_NAMES[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
+        "\n".join(f"| {BASELINES[k]} | {v['n']} | {_ms(v)} |" for k, v in summary["baselines"].items())
         or "| (none scored) | - | - |"
     )
     paired = summary.get("paired_test")
@@ -226,7 +213,7 @@ def plot_sweep(summary: dict, path: str) -> None:
             stds = [s[key]["std"] or 0.0 for s in settings]
             ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=f"{label} {kind} accuracy (mean ± std)")
         for key, value in summary["baselines"].items():
-            ax.axhline(value["mean"], color="gray", linestyle=styles[key], label=f"{BASELINE_NAMES[key]} (test)")
+            ax.axhline(value["mean"], color="gray", linestyle=styles[key], label=f"{BASELINES[key]} (test)")
         ax.set_xticks(x, [s["name"].replace("_", "\n") for s in settings], fontsize=8)
         ax.set(
             ylabel=f"{kind} accuracy",
@@ -270,7 +257,7 @@ def results_page(metrics, path: str, eval_dir: str, sweep_dir: str, summary: dic
             ("fine-tuned BLIP + LoRA, likelihood ranking top-1", ft, "likelihood_top1"),
         )
     ]
-    for key, label in BASELINE_NAMES.items():
+    for key, label in BASELINES.items():
         b = metrics.get(key) or {}
         if "accuracy" in b:
             mc = b["mcnemar_vs_fine_tuned_caption"]
